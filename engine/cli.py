@@ -1,0 +1,110 @@
+"""Command line: vivace generate | info | random-pack. Bad input exits with code 2 and one line on stderr."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vivace.errors import VivaceError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vivace", description="Fast inference for token-based text-to-music models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate music from a prompt or a story")
+    gen.add_argument("prompt", nargs="?", help="text prompt (omit when --segment is used)")
+    gen.add_argument("--pack", required=True, help="pack directory")
+    gen.add_argument("--duration", type=float, help="seconds of audio")
+    gen.add_argument("--segment", nargs=2, action="append", metavar=("PROMPT", "SECONDS"),
+                     help="story mode: one segment; repeat for each (the condition switches at the boundaries)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, help="all stages (default: the pack's per-stage values)")
+    gen.add_argument("--top-k", type=int, dest="top_k")
+    gen.add_argument("--top-p", type=float, dest="top_p")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32")
+    gen.add_argument("-o", "--output", required=True, help="output .wav path")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    info = sub.add_parser("info", help="describe a pack")
+    info.add_argument("pack")
+
+    rand = sub.add_parser("random-pack", help="write a pack with random weights (tests, benchmarks)")
+    rand.add_argument("output")
+    rand.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
+    rand.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from vivace.audio import check_output_path, write_wav
+    from vivace.engine import Engine, Story
+    from vivace.events import AudioChunk, StageProgress
+
+    output = check_output_path(args.output)
+    if args.segment:
+        if args.prompt is not None:
+            raise VivaceError("give either a prompt or --segment entries, not both")
+        try:
+            prompt = Story(tuple((text, float(seconds)) for text, seconds in args.segment))
+        except ValueError:
+            raise VivaceError(f"--segment seconds must be numbers, got {[s for _, s in args.segment]}") from None
+    elif args.prompt is None:
+        raise VivaceError("a prompt (or --segment entries) is required")
+    else:
+        prompt = args.prompt
+    engine = Engine.from_pack(args.pack, device=args.device, dtype=args.dtype)
+    sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
+    events = engine.events(prompt, args.duration, seed=args.seed, **sampling)
+    show = not args.quiet and sys.stderr.isatty()
+    bars: dict = {}
+    pieces: list[np.ndarray] = []
+    try:
+        for event in events:
+            if isinstance(event, AudioChunk):
+                pieces.append(event.pcm)
+            elif isinstance(event, StageProgress) and show:
+                from tqdm import tqdm
+
+                bar = bars.get(event.stage)
+                if bar is None:
+                    bar = bars[event.stage] = tqdm(total=event.total, desc=f"{event.stage:>8}", unit="tok", leave=True)
+                bar.update(event.done - bar.n)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    audio = np.concatenate(pieces)
+    write_wav(output, audio, engine.sample_rate)
+    if not args.quiet:
+        print(f"wrote {output} ({len(audio) / engine.sample_rate:.2f} s at {engine.sample_rate} Hz)", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            _generate(args)
+        elif args.command == "info":
+            from vivace.engine import Engine
+
+            print(json.dumps(Engine.from_pack(args.pack).info(), indent=2))
+        elif args.command == "random-pack":
+            from vivace.testing import random_pack
+
+            print(random_pack(Path(args.output), preset=args.preset, seed=args.seed))
+    except VivaceError as exc:
+        print(f"vivace: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vivace: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

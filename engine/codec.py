@@ -1,0 +1,108 @@
+"""SoundStream decoder: RVQ codes -> embeddings -> causal SEANet decoder -> PCM.
+
+Every convolution is causal (left padding only; transposed convolutions trim their right overhang), so
+the samples of frame t depend only on frames <= t. A chunk decoded with `receptive_field_frames` of
+left context is therefore the same as the matching slice of one full decode.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vivace.config import CodecConfig
+
+
+class CausalConv1d(nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = (self.kernel_size[0] - 1) * self.dilation[0]
+        return super().forward(F.pad(x, (pad, 0)))
+
+    @property
+    def left_context(self) -> int:
+        return (self.kernel_size[0] - 1) * self.dilation[0]
+
+
+class CausalConvTranspose1d(nn.ConvTranspose1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        overhang = self.kernel_size[0] - self.stride[0]
+        y = super().forward(x)
+        return y[..., : y.shape[-1] - overhang] if overhang else y
+
+    @property
+    def left_context(self) -> int:
+        return math.ceil(self.kernel_size[0] / self.stride[0]) - 1
+
+
+class ResidualUnit(nn.Module):
+    def __init__(self, channels: int, kernel_size: int, dilation: int) -> None:
+        super().__init__()
+        self.conv1 = CausalConv1d(channels, channels // 2, kernel_size, dilation=dilation)
+        self.conv2 = CausalConv1d(channels // 2, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.elu(self.conv1(F.elu(x))))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, in_channels: int, ratio: int, config: CodecConfig) -> None:
+        super().__init__()
+        out_channels = in_channels // 2
+        self.upsample = CausalConvTranspose1d(in_channels, out_channels, 2 * ratio, stride=ratio)
+        self.residuals = nn.ModuleList(
+            ResidualUnit(out_channels, config.residual_kernel_size, d) for d in config.residual_dilations
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.upsample(F.elu(x))
+        for unit in self.residuals:
+            x = unit(x)
+        return x
+
+
+class SoundStreamDecoder(nn.Module):
+    def __init__(self, config: CodecConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.channels * 2 ** len(config.ratios)
+        self.codebooks = nn.Parameter(torch.zeros(config.num_levels, config.codebook_size, config.codebook_dim))
+        self.conv_in = CausalConv1d(config.codebook_dim, width, config.kernel_size)
+        blocks = []
+        for ratio in config.ratios:
+            blocks.append(DecoderBlock(width, ratio, config))
+            width //= 2
+        self.blocks = nn.ModuleList(blocks)
+        self.conv_out = CausalConv1d(width, 1, config.kernel_size)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, num_levels, frames] -> summed codebook vectors [B, codebook_dim, frames]."""
+        levels = torch.arange(codes.shape[1], device=codes.device).view(1, -1, 1)
+        flat = self.codebooks.view(-1, self.config.codebook_dim)
+        vectors = flat[levels * self.config.codebook_size + codes.long()]  # [B, L, T, D]
+        return vectors.sum(dim=1).transpose(1, 2)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, num_levels, frames] -> PCM [B, frames * hop_length]."""
+        x = self.conv_in(self.dequantize(codes))
+        for block in self.blocks:
+            x = block(x)
+        return self.conv_out(F.elu(x)).squeeze(1)
+
+    def receptive_field_frames(self) -> int:
+        """Frames of left context after which a frame's samples no longer depend on earlier frames."""
+        frames = self.conv_in.left_context
+        rate = 1  # samples per frame at the current layer's input
+        for block, ratio in zip(self.blocks, self.config.ratios):
+            frames += block.upsample.left_context / rate
+            rate *= ratio
+            frames += sum(unit.conv1.left_context for unit in block.residuals) / rate
+        frames += self.conv_out.left_context / rate
+        return math.ceil(frames) + 1
+
+    def decode_range(self, codes: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """PCM of frames [start, end) of codes [B, L, frames], reading only the left context it needs."""
+        context_start = max(0, start - self.receptive_field_frames())
+        pcm = self(codes[..., context_start:end])
+        return pcm[..., (start - context_start) * self.config.hop_length :]

@@ -1,0 +1,95 @@
+"""Token sampling with a counter-based random stream.
+
+Every draw uses one uniform number that depends only on (request seed, stream, step): the stream names
+the sequence inside the request (stage, window or chunk), the step is the token's position in it. A
+request's tokens therefore do not depend on batch composition, order, preemption or thread count.
+
+Semantics, per row (the C++ and GPU samplers implement the same):
+1. only logits in the row's allowed window [vocab_lo, vocab_hi) take part;
+2. temperature 0 picks the first maximum (greedy);
+3. otherwise p = softmax(logits / temperature) in float64, ordered by p descending (ties: lower id first);
+4. top_k > 0 keeps the first k; top_p < 1 keeps the shortest prefix whose renormalised mass reaches top_p;
+5. with u = uniform(seed, stream, step), the token is the first kept one whose cumulative mass exceeds
+   u times the kept mass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniform(seed: np.ndarray, stream: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Uniform float64 in [0, 1) from the 64-bit hash of (seed, stream, step); arrays broadcast."""
+    with np.errstate(over="ignore"):
+        seed64 = np.asarray(seed, dtype=np.uint64)
+        key = _mix64(seed64 + _GOLDEN)
+        key = _mix64(key ^ (np.asarray(stream, dtype=np.uint64) + _GOLDEN + _GOLDEN))
+        bits = _mix64(key ^ (np.asarray(step, dtype=np.uint64) * _GOLDEN))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def stream_id(*parts: int) -> int:
+    """Folds small non-negative integers (stage, window, row, ...) into one 64-bit stream id."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part) + 1) & _MASK64
+    return value
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling inputs for one decode step, as CPU tensors of length batch."""
+
+    temperature: torch.Tensor  # float64
+    top_k: torch.Tensor  # int64, 0 = off
+    top_p: torch.Tensor  # float64, 1.0 = off
+    vocab_lo: torch.Tensor  # int64
+    vocab_hi: torch.Tensor  # int64, exclusive
+    seed: np.ndarray  # uint64
+    stream: np.ndarray  # uint64
+    step: np.ndarray  # uint64
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Draws one token per row of logits [rows, vocab]; returns int64 token ids [rows]."""
+    rows, vocab = logits.shape
+    logits = logits.detach().to("cpu", torch.float64)
+    ids = torch.arange(vocab).unsqueeze(0)
+    allowed = (ids >= batch.vocab_lo.unsqueeze(1)) & (ids < batch.vocab_hi.unsqueeze(1))
+    logits = logits.masked_fill(~allowed, float("-inf"))
+
+    greedy = batch.temperature == 0
+    tokens = torch.argmax(logits, dim=1)
+    if bool(greedy.all()):
+        return tokens
+
+    temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
+    probs = torch.softmax(logits / temperature.unsqueeze(1), dim=1)
+    sorted_probs, order = torch.sort(probs, dim=1, descending=True, stable=True)
+    rank = torch.arange(vocab).unsqueeze(0)
+    keep = sorted_probs > 0
+    top_k = torch.where(batch.top_k > 0, batch.top_k, torch.full_like(batch.top_k, vocab))
+    keep &= rank < top_k.unsqueeze(1)
+    kept = sorted_probs * keep
+    mass_before = (torch.cumsum(kept, dim=1) - kept) / kept.sum(dim=1, keepdim=True)
+    keep &= (mass_before < batch.top_p.unsqueeze(1)) | (rank == 0)
+    kept = sorted_probs * keep
+    cumulative = torch.cumsum(kept, dim=1)
+    u = torch.from_numpy(uniform(batch.seed, batch.stream, batch.step))
+    threshold = u * cumulative[:, -1]
+    index = torch.searchsorted(cumulative, threshold.unsqueeze(1), right=True).squeeze(1)
+    last_kept = keep.sum(dim=1) - 1
+    index = torch.minimum(index, last_kept)
+    drawn = order.gather(1, index.unsqueeze(1)).squeeze(1)
+    return torch.where(greedy, tokens, drawn)

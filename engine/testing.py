@@ -1,0 +1,63 @@
+"""Packs with random weights, for tests and benchmarks (no download, deterministic per seed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vivace.codec import SoundStreamDecoder
+from vivace.config import CodecConfig, MusicLMConfig, PackConfig, TextConfig, TransformerConfig
+from vivace.errors import VivaceError
+from vivace.layout import MusicLMLayout
+from vivace.pack import STAGES, save_pack
+from vivace.text import BuiltinTextEncoder, TextConditioner
+from vivace.transformer import StageTransformer
+
+
+def preset_config(preset: str) -> PackConfig:
+    if preset == "tiny":
+        text = TextConfig(hash_buckets=512, hidden_dim=32, embed_dim=16, num_levels=12, codebook_size=32)
+        codec = CodecConfig(num_levels=12, codebook_size=32, codebook_dim=16, channels=4)
+        musiclm = MusicLMConfig(
+            semantic_vocab=64, semantic_window_s=2.0, semantic_stride_s=1.0, coarse_window_s=1.0,
+            coarse_stride_s=0.6, fine_chunk_s=0.5, max_duration_s=60.0,
+        )
+        stage = dict(num_layers=2, d_model=32, num_heads=2, d_ff=64, rel_num_buckets=8, rel_max_distance=32)
+    elif preset == "paper":
+        text = TextConfig(hash_buckets=8192, hidden_dim=256, embed_dim=128, num_levels=12, codebook_size=1024)
+        codec = CodecConfig(num_levels=12, codebook_size=1024, codebook_dim=128, channels=32)
+        musiclm = MusicLMConfig()
+        stage = dict(num_layers=24, d_model=1024, num_heads=16, d_ff=4096, rel_num_buckets=32, rel_max_distance=128)
+    else:
+        raise VivaceError(f"unknown preset {preset!r} (choose 'tiny' or 'paper')")
+    skeleton = PackConfig(family="musiclm", sample_rate=24000, stages={}, codec=codec, text=text, musiclm=musiclm)
+    layout = MusicLMLayout.of(skeleton)
+    stages = {}
+    for name in STAGES:
+        vocab, output_vocab = layout.vocab_sizes(name)
+        stages[name] = TransformerConfig(vocab_size=vocab, output_vocab_size=output_vocab, **stage)
+    return PackConfig(
+        family="musiclm", name=f"random-{preset}", sample_rate=24000, stages=stages, codec=codec, text=text, musiclm=musiclm
+    )
+
+
+def random_pack(
+    path: str | Path, family: str = "musiclm", preset: str = "tiny", seed: int = 0, dtype: torch.dtype | None = None
+) -> Path:
+    """Writes a pack with random weights. Paper-size packs are stored in bfloat16 unless dtype says otherwise."""
+    if family != "musiclm":
+        raise VivaceError(f"random_pack: unknown family {family!r}")
+    config = preset_config(preset)
+    storage = dtype or (torch.bfloat16 if preset == "paper" else torch.float32)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with torch.no_grad():
+            stages = {name: StageTransformer(config.stages[name]) for name in STAGES}
+            codec = SoundStreamDecoder(config.codec)
+            codec.codebooks.normal_(0.0, 1.0)
+            text = TextConditioner(config.text, BuiltinTextEncoder(config.text))
+            text.codebooks.normal_(0.0, config.text.embed_dim**-0.5)
+        return save_pack(path, config, stages, codec, text, storage_dtype=storage)
+    finally:
+        torch.random.set_rng_state(generator_state)

@@ -1,0 +1,36 @@
+"""vivace: fast inference for token-based text-to-music models."""
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+ext_modules = [
+    Pybind11Extension(
+        "vivace._C",
+        sorted(["csrc/module.cpp", "csrc/rvq_schedule.cpp"]),
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
+]
+
+setup(
+    name="vivace",
+    version="0.1.0",
+    description="Inference engine for token-based text-to-music models (MusicLM hierarchy, MusicGen)",
+    python_requires=">=3.10",
+    packages=["vivace", "vivace.kernels", "vivace.export"],
+    package_dir={"vivace": "engine", "vivace.kernels": "kernels", "vivace.export": "export"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "soundfile>=0.12",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "text": ["transformers>=4.40", "tokenizers>=0.15"],
+        "gpu": ["triton>=3.0"],
+        "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "tokenizers>=0.15", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["vivace=vivace.cli:main"]},
+)
