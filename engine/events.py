@@ -22,6 +22,7 @@ class WindowFinished:
     stage: str
     row: int
     index: int
+    tokens: tuple[int, ...]  # the window's generated output ids
 
 
 @dataclass(frozen=True)

@@ -196,7 +196,7 @@ class MusicLMPipeline:
                 state.semantic_done = window.new_start + len(new)
                 if seq in finished["semantic"]:
                     state.active["semantic"] = None
-                    events.append(WindowFinished("semantic", state.request.row, window.index))
+                    events.append(WindowFinished("semantic", state.request.row, window.index, tuple(seq.output_ids)))
             active = state.active["coarse"]
             if active is not None:
                 seq, window = active
@@ -207,12 +207,12 @@ class MusicLMPipeline:
                 state.coarse_done = window.new_start + frames
                 if seq in finished["coarse"]:
                     state.active["coarse"] = None
-                    events.append(WindowFinished("coarse", state.request.row, window.index))
+                    events.append(WindowFinished("coarse", state.request.row, window.index, tuple(seq.output_ids)))
         for seq in finished["fine"]:
             state, window = self._fine_owner.pop(seq.seq_id)
             state.fine[window.new_start : window.new_end] = np.asarray(seq.output_ids).reshape(window.num_new, -1) % cb
             state.fine_finished.add(window.index)
-            events.append(WindowFinished("fine", state.request.row, window.index))
+            events.append(WindowFinished("fine", state.request.row, window.index, tuple(seq.output_ids)))
         return events
 
     @torch.inference_mode()

@@ -109,5 +109,7 @@ def paged_decode_attention(
         scores = scores + distance_bias.float()[:, distance.clamp(0, max_distance)].permute(1, 0, 2)
     scores = scores.masked_fill((distance < 0).unsqueeze(1), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs.unsqueeze(2), values.float().permute(0, 2, 1, 3)).squeeze(2)  # [S, H, D]
+    # Slots past a sequence's length hold other data or garbage (possibly NaN): zero them, since 0 * NaN = NaN.
+    values = values.float().masked_fill((distance < 0)[:, :, None, None], 0.0)
+    out = torch.matmul(probs.unsqueeze(2), values.permute(0, 2, 1, 3)).squeeze(2)  # [S, H, D]
     return out.to(query.dtype)

@@ -1,0 +1,136 @@
+"""Decoding through the paged cache gives the logits of one dense forward over the whole sequence."""
+import random
+
+import pytest
+import torch
+
+from vivace.config import TransformerConfig
+from vivace.kv_cache import BlockAllocator, KVCachePool
+from vivace.transformer import AttentionBatch, CrossBatch, StageTransformer
+
+# float32 throughout: the paged and dense paths sum the same products in different orders, so agreement
+# is at rounding level (~1e-6 relative); 1e-5 leaves room without hiding an indexing error (those are O(1)).
+RTOL = 1e-5
+
+
+def make_model(position: str, cross: bool = False, seed: int = 0) -> StageTransformer:
+    torch.manual_seed(seed)
+    config = TransformerConfig(
+        num_layers=2, d_model=32, num_heads=4, d_ff=64, vocab_size=40, output_vocab_size=24,
+        position=position, max_positions=256, rel_num_buckets=8, rel_max_distance=16,
+        num_codebooks=2 if cross else 1, num_output_heads=2 if cross else 1,
+        cross_attention=cross, cross_dim=12 if cross else 0, attn_bias=cross, ffn_bias=cross,
+        norm="layernorm" if cross else "rmsnorm",
+    )
+    model = StageTransformer(config).eval()
+    model.refresh_derived()
+    return model
+
+
+class PagedDriver:
+    """Feeds sequences to the model in random-sized pieces through a shared block pool."""
+
+    def __init__(self, model: StageTransformer, block_size: int, num_blocks: int) -> None:
+        c = model.config
+        self.model = model
+        self.block_size = block_size
+        self.pool = KVCachePool(c.num_layers, num_blocks, block_size, c.num_heads, c.head_dim, torch.float32, "cpu")
+        self.pool.data.fill_(float("nan"))  # a read of an unwritten slot poisons the result
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.tables: dict[int, list[int]] = {}
+        self.done: dict[int, int] = {}
+
+    def run(self, pieces: list[tuple[int, torch.Tensor, int]], cross: CrossBatch | None) -> torch.Tensor:
+        """pieces: (seq id, all its tokens, number of new tokens this step)."""
+        rows, positions, slots, starts, lens, tables = [], [], [], [0], [], []
+        for seq_id, tokens, n_new in pieces:
+            table = self.tables.setdefault(seq_id, [])
+            start = self.done.get(seq_id, 0)
+            end = start + n_new
+            while len(table) * self.block_size < end:
+                table.append(self.allocator.allocate())
+            for pos in range(start, end):
+                rows.append(tokens[pos])
+                positions.append(pos)
+                slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            self.done[seq_id] = end
+            starts.append(len(rows))
+            lens.append(end)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        batch = AttentionBatch(
+            slot_mapping=torch.tensor(slots),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            context_lens=torch.tensor(lens, dtype=torch.int32),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            is_decode=all(n == 1 for _, _, n in pieces),
+            cross=cross,
+        )
+        hidden = self.model(torch.stack(rows), torch.tensor(positions), self.pool.layers(), batch)
+        return self.model.compute_logits(hidden)
+
+    def free(self, seq_id: int) -> None:
+        self.allocator.release(self.tables.pop(seq_id))
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+@pytest.mark.parametrize("position", ["t5_relative", "learned", "sinusoidal"])
+@torch.no_grad()
+def test_paged_decoding_matches_dense_forward(block_size: int, position: str) -> None:
+    rng = random.Random(block_size)
+    model = make_model(position)
+    lengths = [rng.randint(1, 150) for _ in range(12)]
+    seqs = {i: torch.randint(0, 40, (n, 1)) for i, n in enumerate(lengths)}
+    dense = {i: model.compute_logits(model.forward_dense(t.unsqueeze(0))[0]) for i, t in seqs.items()}
+    needed = sum(sorted(-(-n // block_size) for n in lengths)[-6:])  # room for any six at once, not for all
+    driver = PagedDriver(model, block_size, num_blocks=needed + 4)
+    pending = list(seqs)
+    active: list[int] = []
+    reused = False
+    while pending or active:
+        while pending and len(active) < 6:
+            active.append(pending.pop(0))
+        pieces = []
+        for seq_id in active:
+            remaining = lengths[seq_id] - driver.done.get(seq_id, 0)
+            n_new = 1 if rng.random() < 0.6 else rng.randint(1, remaining)
+            pieces.append((seq_id, seqs[seq_id], min(n_new, remaining)))
+        logits = driver.run(pieces, None)
+        offset = 0
+        for seq_id, _, n_new in pieces:
+            end = driver.done[seq_id]
+            got = logits[offset : offset + n_new]
+            assert relative_error(got, dense[seq_id][end - n_new : end]) <= RTOL
+            offset += n_new
+            if end == lengths[seq_id]:
+                driver.free(seq_id)
+                active.remove(seq_id)
+                reused = reused or bool(pending)
+    assert reused, "later sequences must run in blocks freed by earlier ones"
+    assert driver.allocator.num_free == driver.pool.num_blocks
+
+
+@torch.no_grad()
+def test_cross_attention_paged_matches_dense() -> None:
+    model = make_model("sinusoidal", cross=True)
+    lengths, enc_lens = [9, 23, 4], [5, 7, 3]
+    seqs = [torch.randint(0, 40, (n, 2)) for n in lengths]
+    encoder = torch.randn(3, 7, 12)
+    enc_mask = torch.arange(7).unsqueeze(0) < torch.tensor(enc_lens).unsqueeze(1)
+    keys, values = model.encode_cross(encoder)
+    driver = PagedDriver(model, 4, 64)
+    for step in range(max(lengths)):
+        live = [i for i in range(3) if step < lengths[i]]
+        token_seq = torch.tensor(live)
+        cross = CrossBatch([k[token_seq] for k in keys], [v[token_seq] for v in values], enc_mask[token_seq],
+                           torch.arange(len(live)))
+        logits = driver.run([(i, seqs[i], 1) for i in live], cross)
+        for row, i in enumerate(live):
+            dense = model.compute_logits(
+                model.forward_dense(seqs[i][: step + 1].unsqueeze(0), encoder[i : i + 1], enc_mask[i : i + 1])[0]
+            )
+            assert relative_error(logits[row], dense[step]) <= RTOL
