@@ -15,7 +15,8 @@ import torch
 
 from vivace.errors import VivaceError
 from vivace.kv_cache import BlockAllocator, KVCachePool, block_rows, prefix_hashes
-from vivace.sampling import SamplingBatch, sample
+from vivace.kernels.dispatch import sample
+from vivace.sampling import SamplingBatch
 from vivace.sequence import Sequence, SequenceStatus
 from vivace.transformer import AttentionBatch, StageTransformer
 

@@ -10,7 +10,7 @@ from vivace.config import CodecConfig, MusicLMConfig, PackConfig, TextConfig, Tr
 from vivace.errors import VivaceError
 from vivace.layout import MusicLMLayout
 from vivace.pack import STAGES, save_pack
-from vivace.text import BuiltinTextEncoder, TextConditioner
+from vivace.text import BuiltinTextEncoder, TextConditioner, TransformersTextEncoder
 from vivace.transformer import StageTransformer
 
 
@@ -42,12 +42,29 @@ def preset_config(preset: str) -> PackConfig:
 
 
 def random_pack(
-    path: str | Path, family: str = "musiclm", preset: str = "tiny", seed: int = 0, dtype: torch.dtype | None = None
+    path: str | Path,
+    family: str = "musiclm",
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    text_model: str | Path | None = None,
 ) -> Path:
-    """Writes a pack with random weights. Paper-size packs are stored in bfloat16 unless dtype says otherwise."""
+    """Writes a pack with random weights. Paper-size packs are stored in bfloat16 unless dtype says otherwise.
+
+    text_model: a local transformers encoder directory (model + tokenizer) to use as the text tower instead of
+    the built-in hashed one; it is copied into the pack and its projection and codebooks are random.
+    """
     if family != "musiclm":
         raise VivaceError(f"random_pack: unknown family {family!r}")
     config = preset_config(preset)
+    encoder: torch.nn.Module = BuiltinTextEncoder(config.text)
+    if text_model is not None:
+        from dataclasses import replace
+
+        probe = TransformersTextEncoder(config.text, Path(text_model))
+        text_config = replace(config.text, kind="transformers", hidden_dim=probe.model.config.hidden_size)
+        config = replace(config, text=text_config)
+        encoder = TransformersTextEncoder(text_config, Path(text_model))
     storage = dtype or (torch.bfloat16 if preset == "paper" else torch.float32)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -56,7 +73,9 @@ def random_pack(
             stages = {name: StageTransformer(config.stages[name]) for name in STAGES}
             codec = SoundStreamDecoder(config.codec)
             codec.codebooks.normal_(0.0, 1.0)
-            text = TextConditioner(config.text, BuiltinTextEncoder(config.text))
+            if text_model is None:
+                encoder = BuiltinTextEncoder(config.text)
+            text = TextConditioner(config.text, encoder)
             text.codebooks.normal_(0.0, config.text.embed_dim**-0.5)
         return save_pack(path, config, stages, codec, text, storage_dtype=storage)
     finally:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vivace.config import TransformerConfig
-from vivace.kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from vivace.kernels.dispatch import paged_decode_attention, paged_prefill_attention, store_kv
 from vivace.positions import distance_bias_table, sinusoidal_embedding, t5_relative_bucket
 
 

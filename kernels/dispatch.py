@@ -1,0 +1,95 @@
+"""Routes each op to its Triton kernel or its plain-torch reference, by the device of its first tensor.
+
+CUDA tensors get Triton whenever it imports. CPU tensors get the references, unless VIVACE_TRITON_INTERPRET=1
+asks for the Triton interpreter (how the kernels are tested without a GPU); TRITON_INTERPRET alone does not
+switch the engine's CPU path, so kernel tests that set it leave the rest of a test run on the references.
+The interpreter must be chosen before the first kernel module is imported in the process.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+from vivace.sampling import SamplingBatch
+
+
+def interpreter_requested() -> bool:
+    return os.environ.get("VIVACE_TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    if tensor.is_cuda:
+        return triton_importable()
+    if not interpreter_requested():
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"  # @triton.jit reads it when our kernel modules are imported
+    return triton_importable()
+
+
+def attention_ops(tensor: torch.Tensor) -> ModuleType:
+    """The module holding store_kv, paged_prefill_attention and paged_decode_attention for tensor's device."""
+    if use_triton(tensor):
+        from vivace.kernels import triton_paged_attention
+        return triton_paged_attention
+    from vivace.kernels import paged_attention
+    return paged_attention
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    attention_ops(key_cache).store_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    distance_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return attention_ops(query).paged_prefill_attention(
+        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, scale, distance_bias
+    )
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    distance_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return attention_ops(query).paged_decode_attention(
+        query, key_cache, value_cache, block_tables, context_lens, scale, distance_bias
+    )
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Tokens [rows] int64: on logits' device from the Triton sampler, on the CPU from the reference."""
+    if use_triton(logits):
+        from vivace.kernels import triton_sampling
+        return triton_sampling.sample(logits, batch)
+    from vivace import sampling
+    return sampling.sample(logits, batch)
