@@ -15,25 +15,73 @@ from torch import nn
 from vivace.config import CodecConfig
 
 
-class CausalConv1d(nn.Conv1d):
+def pad1d(x: torch.Tensor, left: int, right: int, mode: str = "constant") -> torch.Tensor:
+    """F.pad, except that reflect also works on inputs no longer than the pad: zeros go on the right first (EnCodec)."""
+    if mode != "reflect" or x.shape[-1] > max(left, right):
+        return F.pad(x, (left, right), mode)
+    extra = max(left, right) - x.shape[-1] + 1
+    padded = F.pad(F.pad(x, (0, extra)), (left, right), mode)
+    return padded[..., : padded.shape[-1] - extra]
+
+
+class PaddedConv1d(nn.Conv1d):
+    """Length-preserving conv: (k-1)*dilation samples of padding, all on the left when causal, else split with the
+    odd one on the left."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
+        causal: bool = True, pad_mode: str = "constant",
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, dilation=dilation)
+        total = (kernel_size - 1) * dilation
+        self.pad_left = total if causal else total - total // 2
+        self.pad_right = total - self.pad_left
+        self.pad_mode = pad_mode
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad = (self.kernel_size[0] - 1) * self.dilation[0]
-        return super().forward(F.pad(x, (pad, 0)))
+        return super().forward(pad1d(x, self.pad_left, self.pad_right, self.pad_mode))
+
+
+class CausalConv1d(PaddedConv1d):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, dilation)
 
     @property
     def left_context(self) -> int:
         return (self.kernel_size[0] - 1) * self.dilation[0]
 
 
-class CausalConvTranspose1d(nn.ConvTranspose1d):
+class TrimmedConvTranspose1d(nn.ConvTranspose1d):
+    """Transposed conv giving exactly stride samples per input sample: of the (k - stride) it overhangs,
+    `trim_right` are cut from the right end and the rest from the left."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, trim_right: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride)
+        self.trim_left = kernel_size - stride - trim_right
+        self.trim_right = trim_right
+
+    def trim(self, y: torch.Tensor) -> torch.Tensor:
+        return y[..., self.trim_left : y.shape[-1] - self.trim_right]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        overhang = self.kernel_size[0] - self.stride[0]
-        y = super().forward(x)
-        return y[..., : y.shape[-1] - overhang] if overhang else y
+        return self.trim(super().forward(x))
+
+
+class CausalConvTranspose1d(TrimmedConvTranspose1d):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, trim_right=kernel_size - stride)
 
     @property
     def left_context(self) -> int:
         return math.ceil(self.kernel_size[0] / self.stride[0]) - 1
+
+
+def dequantize(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """RVQ decode: codes [B, L, frames] with L <= levels of codebooks [levels, size, dim] -> summed vectors [B, dim, frames]."""
+    _, size, dim = codebooks.shape
+    levels = torch.arange(codes.shape[1], device=codes.device).view(1, -1, 1)
+    vectors = codebooks.view(-1, dim)[levels * size + codes.long()]  # [B, L, T, D]
+    return vectors.sum(dim=1).transpose(1, 2)
 
 
 class ResidualUnit(nn.Module):
@@ -78,10 +126,7 @@ class SoundStreamDecoder(nn.Module):
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, num_levels, frames] -> summed codebook vectors [B, codebook_dim, frames]."""
-        levels = torch.arange(codes.shape[1], device=codes.device).view(1, -1, 1)
-        flat = self.codebooks.view(-1, self.config.codebook_dim)
-        vectors = flat[levels * self.config.codebook_size + codes.long()]  # [B, L, T, D]
-        return vectors.sum(dim=1).transpose(1, 2)
+        return dequantize(self.codebooks, codes)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, num_levels, frames] -> PCM [B, frames * hop_length]."""

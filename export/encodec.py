@@ -1,0 +1,156 @@
+"""A transformers `EncodecModel` directory (config.json + model.safetensors or pytorch_model.bin, as
+`save_pretrained` writes it) -> (EncodecConfig, the vivace decoder's tensors in stored form).
+
+Only the decoder side is read: the decoder layers and each quantizer level's codebook `embed`; the encoder and the
+codebooks' training buffers are ignored. Weight norm may be stored either way transformers has written it: the
+legacy `conv.weight_g` / `conv.weight_v`, or the parametrization's `conv.parametrizations.weight.original0/1`.
+`normalize` only concerns encoding (per-chunk scales); generated codes are decoded with scale None.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from vivace.encodec import EncodecConfig, EncodecDecoder, encodec_stored_form
+from vivace.errors import PackError
+
+_LEGACY = {"weight_g": "weight_g", "weight_v": "weight_v"}
+_PARAMETRIZED = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
+_FIELDS = {  # vivace field -> transformers config key; a missing key takes transformers' default, which is ours
+    "codebook_size": "codebook_size", "num_filters": "num_filters", "upsampling_ratios": "upsampling_ratios",
+    "num_residual_layers": "num_residual_layers", "residual_kernel_size": "residual_kernel_size",
+    "dilation_growth_rate": "dilation_growth_rate", "compress": "compress", "use_conv_shortcut": "use_conv_shortcut",
+    "kernel_size": "kernel_size", "last_kernel_size": "last_kernel_size", "num_lstm_layers": "num_lstm_layers",
+    "causal": "use_causal_conv", "pad_mode": "pad_mode", "norm_type": "norm_type", "trim_right_ratio": "trim_right_ratio",
+    "audio_channels": "audio_channels", "sampling_rate": "sampling_rate",
+}
+
+
+def config_from_transformers(data: dict[str, Any], where: str = "config.json") -> EncodecConfig:
+    """A transformers EncodecConfig (as its config.json dict) -> the decoder's EncodecConfig."""
+    if not isinstance(data, dict) or data.get("model_type") != "encodec":
+        kind = data.get("model_type") if isinstance(data, dict) else None
+        raise PackError(f"{where}: model_type is {kind!r}, expected 'encodec' (a transformers EncodecModel)")
+    if data.get("chunk_length_s") is not None:
+        raise PackError(f"{where}: chunked EnCodec (chunk_length_s {data['chunk_length_s']}, overlap-add decode) is not supported")
+    defaults = EncodecConfig()
+    values: dict[str, Any] = {field: data.get(key, getattr(defaults, field)) for field, key in _FIELDS.items()}
+    if isinstance(values["upsampling_ratios"], list):
+        values["upsampling_ratios"] = tuple(values["upsampling_ratios"])
+    hidden_size = data.get("hidden_size", defaults.codebook_dim)
+    codebook_dim = data.get("codebook_dim") or hidden_size
+    if codebook_dim != hidden_size:
+        raise PackError(f"{where}: codebook_dim {codebook_dim} differs from hidden_size {hidden_size}; EnCodec's decoder reads the codebook sum")
+    bandwidths = data.get("target_bandwidths", (1.5, 3.0, 6.0, 12.0, 24.0))
+    if not isinstance(bandwidths, (list, tuple)) or not bandwidths or not all(isinstance(b, (int, float)) for b in bandwidths):
+        raise PackError(f"{where}: target_bandwidths must be a non-empty list of numbers, got {bandwidths!r}")
+    config = EncodecConfig(codebook_dim=codebook_dim, **values)
+    config.validate()
+    # transformers' num_quantizers: the levels that fit the largest bandwidth at ceil(frame rate), log2(size) bits each
+    bits = math.ceil(math.log2(config.codebook_size))
+    num_levels = int(1000 * bandwidths[-1] // (math.ceil(config.frame_rate) * bits))
+    if num_levels <= 0:
+        raise PackError(f"{where}: target_bandwidths {list(bandwidths)} leave no codebook level")
+    return replace(config, num_levels=num_levels)
+
+
+def _read_weights(src: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    file = src / "model.safetensors"
+    if file.is_file():
+        try:
+            return file, load_file(file)
+        except (SafetensorError, OSError) as exc:
+            raise PackError(f"{file}: unreadable ({exc})") from None
+    file = src / "pytorch_model.bin"
+    if file.is_file():
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            raise PackError(f"{file}: unreadable ({exc})") from None
+        if not isinstance(state, dict):
+            raise PackError(f"{file}: expected a state dict, got {type(state).__name__}")
+        return file, state
+    raise PackError(f"{src}: no model.safetensors or pytorch_model.bin (a sharded checkpoint is not supported)")
+
+
+def _module_sources(config: EncodecConfig) -> dict[str, str]:
+    """vivace convolution prefix -> transformers layer prefix (EncodecDecoder.layers counts the ELUs too)."""
+    sources = {"conv_in": "decoder.layers.0"}
+    index = 2  # layers.1 is the LSTM
+    for i in range(len(config.upsampling_ratios)):
+        sources[f"blocks.{i}.upsample"] = f"decoder.layers.{index + 1}"
+        index += 2
+        for j in range(config.num_residual_layers):
+            for ours, theirs in (("conv1", "block.1"), ("conv2", "block.3"), ("shortcut", "shortcut")):
+                sources[f"blocks.{i}.residuals.{j}.{ours}"] = f"decoder.layers.{index}.{theirs}"
+            index += 1
+    sources["conv_out"] = f"decoder.layers.{index + 1}"
+    return sources
+
+
+def _source_names(name: str, sources: dict[str, str], weight_norm_names: dict[str, str]) -> list[str]:
+    """Candidate transformers names of one stored vivace tensor, the checkpoint's own weight-norm spelling first."""
+    module, leaf = name.rsplit(".", 1)
+    if module == "lstm":
+        return [f"decoder.layers.1.lstm.{leaf}"]
+    if module.endswith(".norm"):
+        return [f"{sources[module[: -len('.norm')]]}.norm.{leaf}"]
+    if leaf in weight_norm_names:
+        other = _LEGACY if weight_norm_names is _PARAMETRIZED else _PARAMETRIZED
+        return [f"{sources[module]}.conv.{weight_norm_names[leaf]}", f"{sources[module]}.conv.{other[leaf]}"]
+    return [f"{sources[module]}.conv.{leaf}"]
+
+
+def _take(file: Path, state: dict[str, torch.Tensor], candidates: list[str], shape: tuple[int, ...]) -> tuple[str, torch.Tensor]:
+    found = next((c for c in candidates if c in state), None)
+    if found is None:
+        raise PackError(f"{file}: missing tensor {candidates[0]!r}")
+    tensor = state[found]
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+        got = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise PackError(f"{file}: tensor {found!r} has shape {got}, expected {list(shape)}")
+    if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+        raise PackError(f"{file}: tensor {found!r} is not a finite floating-point tensor")
+    return found, tensor
+
+
+def convert_encodec(src_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[EncodecConfig, dict[str, torch.Tensor]]:
+    """Reads a transformers EncodecModel directory; every decoder tensor is checked and a bad one named."""
+    src = Path(src_dir)
+    manifest = src / "config.json"
+    if not manifest.is_file():
+        raise PackError(f"{src}: not a transformers model directory (no config.json)")
+    try:
+        data = json.loads(manifest.read_text())
+    except json.JSONDecodeError as exc:
+        raise PackError(f"{manifest}: invalid JSON ({exc})") from None
+    config = config_from_transformers(data, str(manifest))
+    file, state = _read_weights(src)
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in encodec_stored_form(EncodecDecoder(config)).items()}
+    sources = _module_sources(config)
+    weight_norm_names = _PARAMETRIZED if any(".parametrizations.weight." in k for k in state) else _LEGACY
+    used: set[str] = set()
+    stored: dict[str, torch.Tensor] = {}
+    for name, shape in expected.items():
+        if name == "codebooks":
+            levels = [_take(file, state, [f"quantizer.layers.{i}.codebook.embed"], shape[1:]) for i in range(shape[0])]
+            used.update(source for source, _ in levels)
+            stored[name] = torch.stack([tensor for _, tensor in levels]).to(dtype).contiguous()
+            continue
+        source, tensor = _take(file, state, _source_names(name, sources, weight_norm_names), shape)
+        used.add(source)
+        stored[name] = tensor.to(dtype).contiguous()
+    for key in state:
+        ours = key.startswith("decoder.") or (key.startswith("quantizer.layers.") and key.endswith(".codebook.embed"))
+        if ours and key not in used:
+            raise PackError(f"{file}: unexpected tensor {key!r} (config.json does not describe these weights)")
+    return config, stored
