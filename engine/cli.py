@@ -1,4 +1,4 @@
-"""Command line: vivace generate | info | random-pack. Bad input exits with code 2 and one line on stderr."""
+"""Command line: vivace generate | info | random-pack | export onnx. Bad input exits with code 2 and one line on stderr."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     rand.add_argument("output")
     rand.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
     rand.add_argument("--seed", type=int, default=0)
+
+    export = sub.add_parser("export", help="write an exported form of a pack component into the pack")
+    formats = export.add_subparsers(dest="format", required=True)
+    onnx = formats.add_parser("onnx", help="the codec decoder as PACK/codec.onnx, checked against torch")
+    onnx.add_argument("pack")
+    onnx.add_argument("--opset", type=int, default=17)
     return parser
 
 
@@ -97,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vivace.testing import random_pack
 
             print(random_pack(Path(args.output), preset=args.preset, seed=args.seed))
+        elif args.command == "export":
+            from vivace.export.onnx_codec import export_pack_codec
+
+            print(json.dumps(export_pack_codec(args.pack, opset=args.opset)))
     except VivaceError as exc:
         print(f"vivace: error: {exc}", file=sys.stderr)
         return 2

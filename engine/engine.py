@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vivace.codec_backend import CodecBackend, TorchBackend, select_backend
 from vivace.config import SamplingParams
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event
@@ -62,8 +63,12 @@ def _check_seconds(value: Any, what: str, limit: float) -> float:
 
 
 class Engine:
-    def __init__(self, pack: Pack, device: torch.device, dtype: torch.dtype, block_size: int, kv_cache_gb: float) -> None:
+    def __init__(
+        self, pack: Pack, device: torch.device, dtype: torch.dtype, block_size: int, kv_cache_gb: float,
+        codec: CodecBackend | None = None,
+    ) -> None:
         self.pack = pack
+        self.codec = codec or TorchBackend(pack.codec)
         self.config = pack.config
         self.device = device
         self.dtype = dtype
@@ -78,7 +83,9 @@ class Engine:
         dtype: str = "float32",
         block_size: int = 16,
         kv_cache_gb: float = 4.0,
+        codec_backend: str = "auto",
     ) -> Engine:
+        """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codec_backend.select_backend)."""
         if dtype not in DTYPES:
             raise VivaceError(f"unknown dtype {dtype!r} (choose one of {sorted(set(DTYPES))})")
         if not isinstance(block_size, int) or block_size <= 0:
@@ -86,7 +93,9 @@ class Engine:
         if not kv_cache_gb > 0:
             raise VivaceError(f"kv_cache_gb must be > 0, got {kv_cache_gb!r}")
         torch_device = torch.device(device)
-        return cls(load_pack(path, DTYPES[dtype], torch_device), torch_device, DTYPES[dtype], block_size, kv_cache_gb)
+        pack = load_pack(path, DTYPES[dtype], torch_device)
+        codec = select_backend(pack, codec_backend, torch_device)
+        return cls(pack, torch_device, DTYPES[dtype], block_size, kv_cache_gb, codec)
 
     @property
     def sample_rate(self) -> int:
@@ -183,7 +192,7 @@ class Engine:
     def events(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **sampling: Any) -> Iterator[Event]:
         """Every event of a generation: window starts/ends, per-stage progress and audio chunks."""
         requests = self.requests(prompt, duration_s, seed, sampling)  # validated before the first event
-        return MusicLMPipeline(self.pack, self._runners()).run(requests)
+        return MusicLMPipeline(self.pack, self._runners(), self.codec).run(requests)
 
     def stream(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **sampling: Any) -> Iterator[AudioChunk]:
         """Audio chunks (row, start sample, float32 PCM) in order per row, each as soon as it is decoded."""
@@ -211,6 +220,7 @@ class Engine:
                 for name, s in c.stages.items()
             },
             "codec": {"levels": c.codec.num_levels, "codebook_size": c.codec.codebook_size, "hop_length": c.codec.hop_length},
+            "codec_backend": self.codec.describe(),
             "text": c.text.kind,
             "max_duration_s": c.musiclm.max_duration_s,
         }

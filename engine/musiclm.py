@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vivace.codec_backend import CodecBackend, FrameStream, TorchBackend
 from vivace.config import SamplingParams
 from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
 from vivace.layout import MusicLMLayout
@@ -53,11 +54,13 @@ class RowState:
     fine_started: set[int] = field(default_factory=set)
     fine_finished: set[int] = field(default_factory=set)
     next_audio: int = 0
+    audio: FrameStream | None = None  # the codec stream, fed the fine chunks in order
 
 
 class MusicLMPipeline:
-    def __init__(self, pack: Pack, runners: dict[str, StageRunner]) -> None:
+    def __init__(self, pack: Pack, runners: dict[str, StageRunner], codec: CodecBackend | None = None) -> None:
         self.pack = pack
+        self.codec = codec or TorchBackend(pack.codec)
         self.config = pack.config
         self.layout = MusicLMLayout.of(pack.config)
         self.runners = runners
@@ -221,9 +224,12 @@ class MusicLMPipeline:
         for state in states:
             while state.next_audio in state.fine_finished:
                 window = state.fine_plan[state.next_audio]
-                codes = np.concatenate([state.coarse[: window.new_end], state.fine[: window.new_end]], axis=1)
+                frames = slice(window.new_start, window.new_end)
+                codes = np.concatenate([state.coarse[frames], state.fine[frames]], axis=1)
                 codes_t = torch.from_numpy(codes.T.copy()).unsqueeze(0).to(self.pack.codec.codebooks.device)
-                pcm = self.pack.codec.decode_range(codes_t, window.new_start, window.new_end)[0]
+                if state.audio is None:
+                    state.audio = self.codec.stream()
+                pcm = state.audio.push(codes_t)[0]
                 chunks.append(AudioChunk(state.request.row, window.index, window.new_start * self.hop, pcm.float().cpu().numpy()))
                 state.next_audio += 1
         return chunks

@@ -30,6 +30,15 @@ STAGES = ("semantic", "coarse", "fine")
 TEXT_MODEL_DIR = "text"
 
 
+@dataclass(frozen=True)
+class CodecOnnx:
+    """pack.json's optional "codec_onnx" record, written by `vivace export onnx` once the file matched torch."""
+
+    file: str
+    opset: int
+    max_abs_error: float
+
+
 @dataclass
 class Pack:
     path: Path
@@ -37,6 +46,7 @@ class Pack:
     stages: dict[str, StageTransformer]
     codec: SoundStreamDecoder
     text: TextConditioner
+    codec_onnx: CodecOnnx | None = None
 
 
 def config_to_json(config: PackConfig) -> dict:
@@ -85,6 +95,20 @@ def read_config(path: str | Path) -> PackConfig:
     )
     validate_config(config)
     return config
+
+
+def read_codec_onnx(path: str | Path) -> CodecOnnx | None:
+    """The validated "codec_onnx" record of a pack (read_config has checked the rest of pack.json), or None."""
+    path = Path(path)
+    data = json.loads((path / "pack.json").read_text()).get("codec_onnx")
+    if data is None:
+        return None
+    record = from_dict(CodecOnnx, data, "codec_onnx")
+    if not isinstance(record.file, str) or Path(record.file).name != record.file or not (path / record.file).is_file():
+        raise PackError(f"{path}: codec_onnx.file {record.file!r} is not a file in the pack")
+    if isinstance(record.opset, bool) or not isinstance(record.opset, int) or not isinstance(record.max_abs_error, (int, float)):
+        raise PackError(f"{path}: codec_onnx needs an integer opset and a numeric max_abs_error")
+    return record
 
 
 def validate_config(config: PackConfig) -> None:
@@ -186,7 +210,7 @@ def load_pack(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
         stage = stage.to(device=device, dtype=dtype).eval()
         stage.refresh_derived()
         stages[name] = stage
-    codec = _materialize(lambda: SoundStreamDecoder(config.codec), _stored_codec, fold_weight_norm, path, "codec")
+    codec = load_codec(path, config)
     builtin = config.text.kind == "builtin"
     text = _materialize(
         lambda: TextConditioner(config.text, BuiltinTextEncoder(config.text) if builtin else nn.Identity()),
@@ -194,7 +218,14 @@ def load_pack(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     )
     if not builtin:
         text.encoder = _transformers_encoder(config.text, path)
-    return Pack(path, config, stages, codec.to(device).eval(), text.eval())
+    return Pack(path, config, stages, codec.to(device).eval(), text.eval(), read_codec_onnx(path))
+
+
+def load_codec(path: str | Path, config: PackConfig | None = None) -> SoundStreamDecoder:
+    """Only the codec of a pack (CPU, stored dtype), without loading the stages."""
+    path = Path(path)
+    config = config or read_config(path)
+    return _materialize(lambda: SoundStreamDecoder(config.codec), _stored_codec, fold_weight_norm, path, "codec").eval()
 
 
 def save_pack(

@@ -1,0 +1,167 @@
+"""Codec decoder speed per backend, in seconds of audio decoded per wall-clock second (higher is better).
+
+    python benchmarks/codec_speed.py [--presets tiny paper] [--seconds 9] [--repeats 5] [--threads 1]
+
+Methods, each over one clip of random codes at batch 1:
+  torch_full       SoundStreamDecoder on the whole clip at once
+  ort_full         onnxruntime (CPU provider) on the whole clip
+  torch_range      per chunk, SoundStreamDecoder.decode_range (re-decodes the receptive field of context)
+  torch_stream     per chunk, CodecStream (carried convolution state; the pipeline's torch backend)
+  ort_stream       per chunk, onnxruntime through ContextStream (the pipeline's onnxruntime backend)
+Chunks are the preset's fine chunk (tiny 0.5 s, paper 3 s: what the pipeline feeds) and --small-chunk frames
+(a low-latency stream). Decoders are random SoundStreamDecoders built from
+`vivace.testing.preset_config(preset).codec` (no pack is written). Each figure is the best of --repeats runs after
+one warm-up; streamed outputs are checked against the full decode first. torch and onnxruntime get the same
+number of threads (default 1: on a shared 2-core machine a second thread that has to wait for a busy core
+makes both libraries several times slower, and the figures unrepeatable). Results go to
+benchmarks/results/codec_speed-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+
+from vivace.codec import SoundStreamDecoder
+from vivace.codec_backend import ContextStream, FrameStream, OnnxRuntimeBackend, TorchBackend
+from vivace.codec_stream import CodecStream
+from vivace.export.onnx_codec import OPSET, export_codec
+from vivace.testing import preset_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    return result.stdout.strip() or "unknown"
+
+
+def best_time(run: Callable[[], object], repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def chunked(make_stream: Callable[[], FrameStream], codes: torch.Tensor, chunk: int) -> torch.Tensor:
+    stream = make_stream()
+    return torch.cat([stream.push(codes[..., t : t + chunk]) for t in range(0, codes.shape[-1], chunk)], dim=-1)
+
+
+def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, threads: int, workdir: Path) -> dict:
+    pack_config = preset_config(preset)
+    config = pack_config.codec
+    frame_rate = pack_config.sample_rate // config.hop_length
+    frames = round(seconds * frame_rate)
+    fine_chunk = round(pack_config.musiclm.fine_chunk_s * frame_rate)
+    torch.manual_seed(0)
+    codec = SoundStreamDecoder(config).eval()
+    with torch.no_grad():
+        codec.codebooks.normal_(0.0, 1.0)
+    codes = torch.randint(0, config.codebook_size, (1, config.num_levels, frames))
+    onnx_path = workdir / f"{preset}.onnx"
+    start = time.perf_counter()
+    export_error = export_codec(codec, onnx_path)
+    export_s = time.perf_counter() - start
+    torch_backend = TorchBackend(codec)
+    ort_backend = OnnxRuntimeBackend(codec, str(onnx_path), torch.device("cpu"), threads=threads)
+
+    def torch_range(chunk: int) -> torch.Tensor:
+        pieces = [codec.decode_range(codes[..., : t + chunk], t, min(t + chunk, frames)) for t in range(0, frames, chunk)]
+        return torch.cat(pieces, dim=-1)
+
+    runs: list[tuple[str, int, Callable[[], torch.Tensor]]] = [
+        ("torch_full", frames, lambda: torch_backend.decode(codes)),
+        ("ort_full", frames, lambda: ort_backend.decode(codes)),
+    ]
+    for chunk in (fine_chunk, small_chunk):
+        runs += [
+            ("torch_range", chunk, lambda c=chunk: torch_range(c)),
+            ("torch_stream", chunk, lambda c=chunk: chunked(lambda: CodecStream(codec), codes, c)),
+            ("ort_stream", chunk, lambda c=chunk: chunked(lambda: ContextStream(ort_backend), codes, c)),
+        ]
+    audio_s = frames * config.hop_length / pack_config.sample_rate
+    figures = []
+    with torch.inference_mode():
+        reference = torch_backend.decode(codes)
+        for method, chunk, run in runs:
+            error = float((run() - reference).abs().max())
+            figures.append({
+                "method": method, "chunk_frames": chunk, "max_abs_error_vs_torch_full": error,
+                "audio_s_per_s": audio_s / best_time(run, repeats),
+            })
+    return {
+        "preset": preset,
+        "codec_config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},
+        "params": sum(p.numel() for p in codec.parameters()),
+        "receptive_field_frames": codec.receptive_field_frames(),
+        "frame_rate": frame_rate,
+        "clip_s": audio_s,
+        "onnx_export_s": export_s,
+        "onnx_export_max_abs_error": export_error,
+        "figures": figures,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "paper"])
+    parser.add_argument("--seconds", type=float, default=9.0)
+    parser.add_argument("--small-chunk", type=int, default=5, dest="small_chunk", help="frames; besides the fine chunk")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [bench_preset(p, args.seconds, args.small_chunk, args.repeats, args.threads, Path(tmp)) for p in args.presets]
+    print(f"{'preset':<8}{'method':<14}{'chunk (frames)':>16}{'audio s / s':>14}{'max |err|':>12}")
+    for r in results:
+        for f in r["figures"]:
+            chunk = "whole clip" if f["method"].endswith("_full") else str(f["chunk_frames"])
+            print(f"{r['preset']:<8}{f['method']:<14}{chunk:>16}{f['audio_s_per_s']:>14.1f}{f['max_abs_error_vs_torch_full']:>12.1e}")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "benchmark": "codec_speed",
+        "date": now.isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "cpu": cpu_model(),
+        "threads": args.threads,
+        "cpu_cores": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+        "versions": {
+            "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+        },
+        "onnx_opset": OPSET,
+        "args": vars(args),
+        "results": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"codec_speed-{now.date().isoformat()}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Codec backends: who turns codes [B, levels, frames] into PCM [B, frames * hop].
+
+Every backend keeps SoundStreamDecoder's contract (`decode`, `decode_range`) and opens per-row streams for
+the pipeline. "torch" runs the module and streams with carried convolution state (CodecStream);
+"onnxruntime" runs PACK/codec.onnx (written by `vivace export onnx PACK`) and streams by re-decoding the
+receptive field of left context per chunk, since the exported graph is stateless.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from vivace.codec import SoundStreamDecoder
+from vivace.codec_stream import CodecStream
+from vivace.errors import VivaceError
+from vivace.pack import Pack
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+class FrameStream(Protocol):
+    def push(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, levels, frames] following the previous push -> PCM [B, frames * hop] of those frames."""
+        ...
+
+
+class CodecBackend(ABC):
+    name: str
+
+    def __init__(self, codec: SoundStreamDecoder) -> None:
+        self.codec = codec
+        self.hop_length = codec.config.hop_length
+        self.context_frames = codec.receptive_field_frames()
+
+    @abstractmethod
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, levels, frames] -> PCM [B, frames * hop] on the codes' device."""
+
+    def decode_range(self, codes: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """PCM of frames [start, end) of codes, decoding only the left context it needs."""
+        context_start = max(0, start - self.context_frames)
+        return self.decode(codes[..., context_start:end])[..., (start - context_start) * self.hop_length :]
+
+    def stream(self) -> FrameStream:
+        return ContextStream(self)
+
+    def describe(self) -> str:
+        return self.name
+
+
+class ContextStream:
+    """Streams any backend by keeping the last receptive field of codes and re-decoding it before each chunk."""
+
+    def __init__(self, backend: CodecBackend) -> None:
+        self.backend = backend
+        self.history: torch.Tensor | None = None
+
+    def push(self, codes: torch.Tensor) -> torch.Tensor:
+        joined = codes if self.history is None else torch.cat([self.history, codes], dim=-1)
+        context = joined.shape[-1] - codes.shape[-1]
+        keep = min(joined.shape[-1], self.backend.context_frames)
+        self.history = joined[..., joined.shape[-1] - keep :]
+        return self.backend.decode(joined)[..., context * self.backend.hop_length :]
+
+
+class TorchBackend(CodecBackend):
+    name = "torch"
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.codec(codes)
+
+    def stream(self) -> FrameStream:
+        return CodecStream(self.codec)
+
+
+class OnnxRuntimeBackend(CodecBackend):
+    """CPU execution provider; on a CUDA device also TensorRT/CUDA ones where onnxruntime-gpu offers them."""
+
+    name = "onnxruntime"
+
+    def __init__(self, codec: SoundStreamDecoder, onnx_path: str, device: torch.device, threads: int = 0) -> None:
+        """threads: onnxruntime's intra-op threads (0: its default, one per physical core)."""
+        super().__init__(codec)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise VivaceError("codec_backend 'onnxruntime' needs onnxruntime: pip install vivace[onnx]") from None
+        available = ort.get_available_providers()
+        gpu = [p for p in GPU_PROVIDERS if p in available] if device.type == "cuda" else []
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # between decodes the stage runner's torch threads need the cores that spinning workers would hold
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(onnx_path, options, providers=[*gpu, "CPUExecutionProvider"])
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.shape[-1] == 0:
+            return torch.zeros(codes.shape[0], 0, device=codes.device)
+        (pcm,) = self.session.run(None, {"codes": codes.detach().cpu().numpy().astype(np.int64, copy=False)})
+        return torch.from_numpy(pcm).to(codes.device)
+
+    def describe(self) -> str:
+        return f"{self.name} ({', '.join(self.session.get_providers())})"
+
+
+def select_backend(pack: Pack, name: str, device: torch.device) -> CodecBackend:
+    """The codec backend for codec_backend=name.
+
+    "auto" is a fixed preference: "onnxruntime" on a CUDA device when the pack has codec.onnx and onnxruntime
+    offers a TensorRT or CUDA execution provider there; "torch" otherwise. On the CPU, torch streaming with
+    carried state decoded the paper-size codec in 3 s chunks as fast as or faster than onnxruntime, which has to
+    re-decode each chunk's left context (benchmarks/codec_speed.py). A native "tensorrt" backend is not in this
+    build.
+    """
+    if name not in BACKENDS:
+        raise VivaceError(f"unknown codec_backend {name!r} (choose one of {', '.join(BACKENDS)})")
+    if name == "tensorrt":
+        raise VivaceError(
+            "codec_backend 'tensorrt' is not available in this build of vivace (no native TensorRT engine builder); "
+            "with pip install vivace[tensorrt] on a CUDA machine, codec_backend 'onnxruntime' runs codec.onnx through "
+            "onnxruntime-gpu's TensorRT execution provider"
+        )
+    providers = _onnxruntime_providers()
+    if name == "auto":
+        gpu = device.type == "cuda" and providers is not None and any(p in providers for p in GPU_PROVIDERS)
+        name = "onnxruntime" if gpu and pack.codec_onnx is not None else "torch"
+    if name == "torch":
+        return TorchBackend(pack.codec)
+    if providers is None:
+        raise VivaceError("codec_backend 'onnxruntime' needs onnxruntime: pip install vivace[onnx]")
+    if pack.codec_onnx is None:
+        raise VivaceError(f"codec_backend 'onnxruntime' needs {pack.path}/codec.onnx: run `vivace export onnx {pack.path}`")
+    return OnnxRuntimeBackend(pack.codec, str(pack.path / pack.codec_onnx.file), device)
+
+
+def _onnxruntime_providers() -> list[str] | None:
+    """onnxruntime's available execution providers, or None when it is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    return ort.get_available_providers()
