@@ -5,7 +5,7 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "vivace._C",
-        sorted(["csrc/module.cpp", "csrc/rvq_schedule.cpp"]),
+        sorted(["csrc/module.cpp", "csrc/prob_buckets.cpp", "csrc/row_kernels.cpp", "csrc/rvq_schedule.cpp", "csrc/sampler.cpp", "csrc/sampler_bindings.cpp", "csrc/thread_pool.cpp", "csrc/torch_numerics.cpp"]),
         cxx_std=17,
         extra_compile_args=["-O3"],
     ),
@@ -30,7 +30,12 @@ setup(
     extras_require={
         "text": ["transformers>=4.40", "tokenizers>=0.15"],
         "gpu": ["triton>=3.0"],
-        "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "tokenizers>=0.15", "triton>=3.0"],
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+        "tensorrt": ["onnx>=1.15", "onnxruntime-gpu>=1.17", "tensorrt>=10"],
+        "dev": [
+            "pytest>=7", "hypothesis>=6", "transformers>=4.40", "tokenizers>=0.15", "triton>=3.0",
+            "onnx>=1.15", "onnxruntime>=1.17",
+        ],
     },
     entry_points={"console_scripts": ["vivace=vivace.cli:main"]},
 )

@@ -1,0 +1,41 @@
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "prob_buckets.h"
+#include "torch_numerics.h"
+
+namespace vivace {
+
+struct SamplingParams {
+  double temperature;  // 0 = greedy
+  int64_t top_k;       // <= 0 = off
+  double top_p;        // >= 1 = off
+  int64_t vocab_lo;    // allowed window [vocab_lo, vocab_hi), already clipped to the vocabulary
+  int64_t vocab_hi;
+  uint64_t seed;
+  uint64_t stream;
+  uint64_t step;
+};
+
+enum class RowError { none, nan_logit, positive_inf_logit, no_finite_logit };
+
+// Per-thread working memory, grown to the vocabulary size on first use.
+struct SamplerScratch {
+  std::vector<double> logits;
+  std::vector<double> probs;
+  std::vector<double> padded;
+  ProbBuckets buckets;
+
+  double* logit_row(int64_t vocab) {
+    if (static_cast<int64_t>(logits.size()) < vocab) logits.resize(vocab);
+    return logits.data();
+  }
+};
+
+// Draws one token from the float64 logits in scratch.logit_row(vocab)[vocab_lo, vocab_hi) with the
+// semantics and rounding of vivace.sampling.sample. The row is overwritten.
+RowError sample_row(int64_t vocab, const SamplingParams& params, const TorchNumerics& numerics,
+                    SamplerScratch& scratch, int64_t* token);
+
+}  // namespace vivace

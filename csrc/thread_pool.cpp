@@ -1,0 +1,92 @@
+#include "thread_pool.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace vivace {
+namespace {
+
+class ThreadPool {
+ public:
+  void run(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
+    std::unique_lock<std::mutex> call(call_mutex_, std::try_to_lock);
+    if (!call.owns_lock() || threads <= 1 || n <= 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (static_cast<int>(workers_.size()) < threads - 1) workers_.emplace_back([this] { work_loop(); });
+      job_ = &fn;
+      size_ = n;
+      next_.store(0);
+      seats_ = threads - 1;
+      active_ = 0;
+      open_ = true;
+      ++generation_;
+    }
+    wake_.notify_all();
+    drain();
+    std::unique_lock<std::mutex> lock(mutex_);
+    open_ = false;
+    done_.wait(lock, [this] { return active_ == 0; });
+  }
+
+ private:
+  void drain() {
+    for (int64_t i = next_.fetch_add(1); i < size_; i = next_.fetch_add(1)) (*job_)(i);
+  }
+
+  void work_loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (!open_ || seats_ == 0) continue;
+      --seats_;
+      ++active_;
+      lock.unlock();
+      drain();
+      lock.lock();
+      if (--active_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex call_mutex_;
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t size_ = 0;
+  std::atomic<int64_t> next_{0};
+  int seats_ = 0;
+  int active_ = 0;
+  bool open_ = false;
+  uint64_t generation_ = 0;
+};
+
+// Never destroyed: workers sleep through interpreter shutdown. A forked child gets a fresh pool, since
+// the parent's workers do not exist there.
+ThreadPool& pool() {
+  static std::mutex guard;
+  static ThreadPool* instance = nullptr;
+  static pid_t owner = 0;
+  std::lock_guard<std::mutex> lock(guard);
+  if (!instance || owner != getpid()) {
+    instance = new ThreadPool();
+    owner = getpid();
+  }
+  return *instance;
+}
+
+}  // namespace
+
+void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn) { pool().run(n, threads, fn); }
+
+}  // namespace vivace
