@@ -33,7 +33,7 @@ setup(
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         "tensorrt": ["onnx>=1.15", "onnxruntime-gpu>=1.17", "tensorrt>=10"],
         "dev": [
-            "pytest>=7", "hypothesis>=6", "transformers>=4.40", "tokenizers>=0.15", "triton>=3.0",
+            "pytest>=7", "hypothesis>=6", "scipy>=1.10", "transformers>=4.40", "tokenizers>=0.15", "triton>=3.0",
             "onnx>=1.15", "onnxruntime>=1.17",
         ],
     },

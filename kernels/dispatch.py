@@ -87,9 +87,19 @@ def paged_decode_attention(
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Tokens [rows] int64: on logits' device from the Triton sampler, on the CPU from the reference."""
+    """Tokens [rows] int64 on logits' device: the Triton sampler on CUDA, the C++ sampler (vivace._C) on the CPU.
+
+    Both draw exactly the tokens of the plain-torch reference vivace.sampling.sample; there is no silent
+    fallback to it.
+    """
     if use_triton(logits):
         from vivace.kernels import triton_sampling
         return triton_sampling.sample(logits, batch)
-    from vivace import sampling
-    return sampling.sample(logits, batch)
+    from vivace import _C
+
+    tokens = _C.sample(
+        logits.detach().to("cpu", torch.float32),
+        batch.temperature.numpy(), batch.top_k.numpy(), batch.top_p.numpy(),
+        batch.vocab_lo.numpy(), batch.vocab_hi.numpy(), batch.seed, batch.stream, batch.step,
+    )
+    return torch.from_numpy(tokens).to(logits.device)

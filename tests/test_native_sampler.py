@@ -254,3 +254,22 @@ def test_invalid_inputs_raise_value_errors():
         call(np.full((2, 8), -np.inf, np.float32))
     with pytest.raises(ValueError, match="same shape"):
         _C.sample_guided(logits, np.zeros((2, 9), np.float32), np.ones(2), *args)
+
+
+def test_engine_samples_with_the_native_sampler_on_cpu(monkeypatch) -> None:
+    from vivace import _C
+    from vivace.kernels import dispatch
+    from vivace.sampling import SamplingBatch
+
+    calls = []
+    native = _C.sample
+    monkeypatch.setattr(_C, "sample", lambda *args: calls.append(1) or native(*args))
+    logits = torch.randn(3, 40)
+    batch = SamplingBatch(
+        temperature=torch.full((3,), 0.9, dtype=torch.float64), top_k=torch.zeros(3, dtype=torch.int64),
+        top_p=torch.ones(3, dtype=torch.float64), vocab_lo=torch.zeros(3, dtype=torch.int64),
+        vocab_hi=torch.full((3,), 40, dtype=torch.int64), seed=np.zeros(3, dtype=np.uint64),
+        stream=np.arange(3, dtype=np.uint64), step=np.zeros(3, dtype=np.uint64),
+    )
+    assert torch.equal(dispatch.sample(logits, batch), sample(logits, batch))
+    assert calls == [1]
