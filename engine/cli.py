@@ -1,4 +1,4 @@
-"""Command line: vivace generate | info | random-pack | export onnx. Bad input exits with code 2 and one line on stderr."""
+"""Command line: vivace generate | info | random-pack | export onnx | convert musicgen. Bad input exits with code 2 and one line on stderr."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, help="all stages (default: the pack's per-stage values)")
     gen.add_argument("--top-k", type=int, dest="top_k")
     gen.add_argument("--top-p", type=float, dest="top_p")
+    gen.add_argument("--guidance", type=float, dest="guidance_scale", help="MusicGen: classifier-free guidance scale (1 = off)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("-o", "--output", required=True, help="output .wav path")
@@ -44,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     onnx = formats.add_parser("onnx", help="the codec decoder as PACK/codec.onnx, checked against torch")
     onnx.add_argument("pack")
     onnx.add_argument("--opset", type=int, default=17)
+
+    convert = sub.add_parser("convert", help="convert a checkpoint of another format into a pack")
+    families = convert.add_subparsers(dest="family", required=True)
+    musicgen = families.add_parser("musicgen", help="a transformers MusicgenForConditionalGeneration directory (or hub id)")
+    musicgen.add_argument("src")
+    musicgen.add_argument("output")
+    musicgen.add_argument("--window", type=float, default=30.0, help="seconds one decoder window generates")
+    musicgen.add_argument("--stride", type=float, default=18.0, help="continuation stride in seconds")
     return parser
 
 
@@ -65,7 +74,8 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         prompt = args.prompt
     engine = Engine.from_pack(args.pack, device=args.device, dtype=args.dtype)
-    sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
+    keys = ("temperature", "top_k", "top_p", "guidance_scale")
+    sampling = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     events = engine.events(prompt, args.duration, seed=args.seed, **sampling)
     show = not args.quiet and sys.stderr.isatty()
     bars: dict = {}
@@ -103,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vivace.testing import random_pack
 
             print(random_pack(Path(args.output), preset=args.preset, seed=args.seed))
+        elif args.command == "convert":
+            from vivace.export.musicgen import convert_musicgen
+
+            print(convert_musicgen(args.src, args.output, window_s=args.window, stride_s=args.stride))
         elif args.command == "export":
             from vivace.export.onnx_codec import export_pack_codec
 

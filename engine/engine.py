@@ -94,6 +94,10 @@ class Engine:
             raise VivaceError(f"kv_cache_gb must be > 0, got {kv_cache_gb!r}")
         torch_device = torch.device(device)
         pack = load_pack(path, DTYPES[dtype], torch_device)
+        if pack.config.family == "musicgen":
+            from vivace.musicgen_engine import MusicGenEngine
+
+            return MusicGenEngine(pack, torch_device, DTYPES[dtype], block_size, kv_cache_gb, codec_backend)
         codec = select_backend(pack, codec_backend, torch_device)
         return cls(pack, torch_device, DTYPES[dtype], block_size, kv_cache_gb, codec)
 

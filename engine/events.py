@@ -11,10 +11,10 @@ class WindowStarted:
     stage: str
     row: int
     index: int
-    prefix_start: int  # semantic tokens (semantic stage) or acoustic frames (coarse, fine)
+    prefix_start: int  # semantic tokens (semantic stage) or acoustic frames (coarse, fine, MusicGen's decoder)
     new_start: int
     new_end: int
-    condition: tuple[int, ...]  # the conditioning (MT) codes the window reads; empty for the fine stage
+    condition: tuple[int, ...]  # the conditioning (MT) codes the window reads; empty for the fine stage; MusicGen: text token ids
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class WindowFinished:
     stage: str
     row: int
     index: int
-    tokens: tuple[int, ...]  # the window's generated output ids
+    tokens: tuple[int, ...]  # the window's generated output ids; MusicGen: the new codes, frame by frame (all codebooks)
 
 
 @dataclass(frozen=True)

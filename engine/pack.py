@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +24,9 @@ from vivace.layout import MusicLMLayout
 from vivace.text import BuiltinTextEncoder, TextConditioner, TransformersTextEncoder
 from vivace.transformer import StageTransformer
 from vivace.weights import expected_shapes, fold_weight_norm, fuse_attention, split_weight_norm, unfuse_attention
+
+if TYPE_CHECKING:
+    from vivace.musicgen_pack import MusicGenPack
 
 FORMAT_NAME = "vivace-pack"
 SCHEMA_VERSION = 1
@@ -63,7 +67,8 @@ def config_to_json(config: PackConfig) -> dict:
     }
 
 
-def read_config(path: str | Path) -> PackConfig:
+def read_manifest(path: str | Path) -> dict:
+    """pack.json with its format and version checked; the family's reader checks the rest."""
     path = Path(path)
     manifest = path / "pack.json"
     if not manifest.is_file():
@@ -76,6 +81,13 @@ def read_config(path: str | Path) -> PackConfig:
         raise PackError(f"{manifest}: format is {data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT_NAME!r}")
     if data.get("version") != SCHEMA_VERSION:
         raise PackError(f"{manifest}: unknown pack version {data.get('version')!r} (this vivace reads version {SCHEMA_VERSION})")
+    return data
+
+
+def read_config(path: str | Path) -> PackConfig:
+    path = Path(path)
+    manifest = path / "pack.json"
+    data = read_manifest(path)
     if data.get("family") != "musiclm":
         raise PackError(f"{manifest}: unknown family {data.get('family')!r}")
     for key in ("sample_rate", "stages", "codec", "text"):
@@ -201,8 +213,13 @@ def _materialize(
     return module
 
 
-def load_pack(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Pack:
+def load_pack(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Pack | MusicGenPack:
+    """A MusicLM pack, or a MusicGen pack when pack.json's family is "musicgen" (vivace.musicgen_pack)."""
     path = Path(path)
+    if read_manifest(path).get("family") == "musicgen":
+        from vivace.musicgen_pack import load_musicgen_pack
+
+        return load_musicgen_pack(path, dtype, device)
     config = read_config(path)
     stages = {}
     for name in STAGES:

@@ -102,7 +102,9 @@ class CrossAttention(nn.Module):
         """x [N, d]; keys/values [N, enc_len, H, D] already gathered per token; mask [N, enc_len]."""
         q = self.q_proj(x).view(-1, self.num_heads, 1, self.head_dim)
         scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * self.scale  # [N, H, 1, enc_len]
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        # transformers' additive mask is the dtype's minimum, not -inf: a row with every position masked (the
+        # null condition of classifier-free guidance) attends uniformly instead of turning into NaN
+        scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
         out = torch.matmul(torch.softmax(scores, dim=-1), values.transpose(1, 2))  # [N, H, 1, D]
         return self.o_proj(out.reshape(x.shape[0], -1))
 

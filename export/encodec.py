@@ -134,6 +134,14 @@ def convert_encodec(src_dir: str | Path, dtype: torch.dtype = torch.float32) -> 
         raise PackError(f"{manifest}: invalid JSON ({exc})") from None
     config = config_from_transformers(data, str(manifest))
     file, state = _read_weights(src)
+    return config, decoder_tensors(config, state, file, dtype=dtype)
+
+
+def decoder_tensors(
+    config: EncodecConfig, state: dict[str, torch.Tensor], file: Path, prefix: str = "", dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The decoder's stored-form tensors from a transformers EncodecModel state dict whose keys start with prefix
+    (MusicGen checkpoints nest the codec under "audio_encoder."); every tensor is checked and a bad one named."""
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in encodec_stored_form(EncodecDecoder(config)).items()}
     sources = _module_sources(config)
@@ -142,15 +150,19 @@ def convert_encodec(src_dir: str | Path, dtype: torch.dtype = torch.float32) -> 
     stored: dict[str, torch.Tensor] = {}
     for name, shape in expected.items():
         if name == "codebooks":
-            levels = [_take(file, state, [f"quantizer.layers.{i}.codebook.embed"], shape[1:]) for i in range(shape[0])]
+            levels = [_take(file, state, [f"{prefix}quantizer.layers.{i}.codebook.embed"], shape[1:]) for i in range(shape[0])]
             used.update(source for source, _ in levels)
             stored[name] = torch.stack([tensor for _, tensor in levels]).to(dtype).contiguous()
             continue
-        source, tensor = _take(file, state, _source_names(name, sources, weight_norm_names), shape)
+        candidates = [prefix + c for c in _source_names(name, sources, weight_norm_names)]
+        source, tensor = _take(file, state, candidates, shape)
         used.add(source)
         stored[name] = tensor.to(dtype).contiguous()
     for key in state:
-        ours = key.startswith("decoder.") or (key.startswith("quantizer.layers.") and key.endswith(".codebook.embed"))
+        local = key.removeprefix(prefix)
+        ours = key.startswith(prefix) and (
+            local.startswith("decoder.") or (local.startswith("quantizer.layers.") and local.endswith(".codebook.embed"))
+        )
         if ours and key not in used:
             raise PackError(f"{file}: unexpected tensor {key!r} (config.json does not describe these weights)")
-    return config, stored
+    return stored

@@ -1,0 +1,196 @@
+"""The MusicGen pipeline: one decoder over delay-interleaved EnCodec codebooks, with classifier-free guidance.
+
+Per request row the prompt is encoded once (text encoder -> projection -> cross-attention keys/values of every
+layer) and kept for the whole generation. With guidance (scale > 1) the row runs as a conditional sequence and
+a null-condition twin in the same batch and KV pool; their logits mix as null + (cond - null) * scale and one
+token per codebook is drawn for the pair, as transformers' generate does.
+
+Delay pattern: codebook k is shifted right by k steps behind a BOS column, so a window of T frames is T + K - 1
+steps; positions before codebook k starts and after it ends hold the pad/BOS id and are forced, whatever the
+heads draw (transformers' build_delay_pattern_mask / apply_delay_pattern_mask).
+
+Longer than one window (the model's trained context, window_s = 30 s): windowed continuation as in audiocraft.
+The first window generates window_s; every later one is a fresh sequence (positions from 0) whose prompt is the
+last window_s - stride_s of audio so far (12 s with the default 18 s stride), and generates up to stride_s more.
+Every row's audio is decoded once all of its frames exist: the 32 kHz EnCodec decoder is not causal, so a whole
+decode is what transformers' decode returns.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vivace._C import delay_pattern, undelay_pattern
+from vivace.config import SamplingParams
+from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
+from vivace.musicgen_pack import MusicGenPack
+from vivace.sampling import stream_id
+from vivace.sequence import CrossCondition, DelaySchedule, Sequence
+from vivace.stage_runner import StageRunner
+from vivace.windows import Window, plan_windows
+
+STAGE = "decoder"
+
+
+@dataclass(frozen=True)
+class MusicGenRequest:
+    row: int
+    prompt: str
+    duration_s: float
+    seed: int
+    sampling: SamplingParams
+    guidance_scale: float  # > 1: classifier-free guidance; 1: the conditional logits alone
+
+
+@dataclass
+class RowState:
+    request: MusicGenRequest
+    plan: list[Window]
+    codes: np.ndarray  # [num_codebooks, frames], -1 until generated
+    text_ids: tuple[int, ...]
+    cross: CrossCondition
+    null_cross: CrossCondition | None
+    next_window: int = 0
+    active: tuple[Sequence, Window] | None = None
+    done_frames: int = 0
+    decoded: bool = False
+
+
+def delayed_grid(codes: np.ndarray, pad_id: int) -> np.ndarray:
+    """codes [K, T] (-1 = not yet drawn) -> the window's positions [K, T + K]: a BOS column, then the delay pattern."""
+    shifted = delay_pattern(np.ascontiguousarray(codes, dtype=np.int64), pad_id)
+    return np.concatenate([np.full((codes.shape[0], 1), pad_id, dtype=np.int64), shifted], axis=1)
+
+
+def undelayed(grid: np.ndarray) -> np.ndarray:
+    """Inverse of delayed_grid: [K, T + K] -> codes [K, T]."""
+    return undelay_pattern(np.ascontiguousarray(grid[:, 1:], dtype=np.int64))
+
+
+class MusicGenPipeline:
+    def __init__(self, pack: MusicGenPack, runner: StageRunner) -> None:
+        self.pack = pack
+        self.config = pack.config
+        self.runner = runner
+        self.device = runner.device
+        self._next_seq_id = 0
+
+    def plan(self, frames: int) -> list[Window]:
+        """audiocraft's continuation: a full first window, then stride-sized steps, each with a fixed-length prompt."""
+        m = self.config.musicgen
+        window, stride = self.config.frames(m.window_s), self.config.frames(m.stride_s)
+        keep = window - stride
+        return [
+            Window(w.index, max(w.prefix_start, w.new_start - keep), w.new_start, w.new_end, 0)
+            for w in plan_windows(frames, window, stride, [0])
+        ]
+
+    @torch.inference_mode()
+    def _condition(self, prompt: str, guided: bool) -> tuple[tuple[int, ...], CrossCondition, CrossCondition | None]:
+        """The prompt's cross-attention keys/values; the null condition is transformers' zeroed encoder states
+        under an all-zero attention mask."""
+        decoder = self.pack.decoder
+        dtype = next(decoder.parameters()).dtype
+        states, ids = self.pack.text.encode(prompt)
+        states = states.to(self.device, dtype)
+
+        def condition(encoder_states: torch.Tensor, attend: bool) -> CrossCondition:
+            keys, values = decoder.encode_cross(encoder_states.unsqueeze(0))
+            mask = torch.full((encoder_states.shape[0],), attend, dtype=torch.bool, device=self.device)
+            return CrossCondition([k[0] for k in keys], [v[0] for v in values], mask)
+
+        null = condition(torch.zeros_like(states), False) if guided else None
+        return tuple(ids), condition(states, True), null
+
+    def _row_state(self, request: MusicGenRequest) -> RowState:
+        frames = self.config.frames(request.duration_s)
+        ids, cross, null = self._condition(request.prompt, request.guidance_scale > 1)
+        codes = np.full((self.config.num_codebooks, frames), -1, dtype=np.int64)
+        return RowState(request, self.plan(frames), codes, ids, cross, null)
+
+    def _sequence(self, state: RowState, window: Window) -> Sequence:
+        request = state.request
+        prompt_frames = window.new_start - window.prefix_start
+        codes = state.codes[:, window.prefix_start : window.new_end].copy()
+        grid = delayed_grid(codes, self.config.pad_id)
+        prompt = [tuple(int(i) for i in column) for column in grid[:, : prompt_frames + 1].T]
+        schedule = DelaySchedule(grid, prompt_frames + 1, self.config.pad_id)
+
+        def make(cross: CrossCondition, salt: tuple) -> Sequence:
+            self._next_seq_id += 1
+            return Sequence(
+                seq_id=self._next_seq_id, prompt=prompt, max_new_tokens=grid.shape[1] - len(prompt), schedule=schedule,
+                sampling=request.sampling, seed=request.seed, stream=stream_id(window.index),
+                priority=(window.new_start, request.row), cross=cross, cache_salt=salt,
+            )
+
+        seq = make(state.cross, ("text", request.prompt))
+        if state.null_cross is not None:
+            seq.guide(make(state.null_cross, ("null", len(state.text_ids))), request.guidance_scale)
+        return seq
+
+    def _schedule(self, states: list[RowState]) -> list[Event]:
+        events: list[Event] = []
+        for state in states:
+            if state.active is None and state.next_window < len(state.plan):
+                window = state.plan[state.next_window]
+                seq = self._sequence(state, window)
+                self.runner.add(seq)
+                state.active = (seq, window)
+                state.next_window += 1
+                events.append(WindowStarted(
+                    STAGE, state.request.row, window.index, window.prefix_start, window.new_start, window.new_end,
+                    state.text_ids,
+                ))
+        return events
+
+    def _collect(self, states: list[RowState], finished: list[Sequence]) -> list[Event]:
+        """Copies finished windows' codes into their rows; WindowFinished carries the new codes frame by frame."""
+        events: list[Event] = []
+        for state in states:
+            if state.active is None or state.active[0] not in finished:
+                continue
+            seq, window = state.active
+            codes = undelayed(np.asarray(seq.rows, dtype=np.int64).T)
+            new = codes[:, window.new_start - window.prefix_start :]
+            state.codes[:, window.new_start : window.new_end] = new
+            state.done_frames = window.new_end
+            state.active = None
+            events.append(WindowFinished(STAGE, state.request.row, window.index, tuple(new.T.reshape(-1).tolist())))
+        return events
+
+    @torch.inference_mode()
+    def _decode(self, states: list[RowState]) -> list[AudioChunk]:
+        chunks = []
+        for state in states:
+            if not state.decoded and state.done_frames == state.codes.shape[1]:
+                codes = torch.from_numpy(state.codes).unsqueeze(0).to(self.pack.codec.codebooks.device)
+                pcm = self.pack.codec(codes)[0]
+                chunks.append(AudioChunk(state.request.row, 0, 0, pcm.float().cpu().numpy()))
+                state.decoded = True
+        return chunks
+
+    def _progress(self, states: list[RowState]) -> StageProgress:
+        """Steps drawn so far against all steps of all windows of all rows."""
+        k = self.config.num_codebooks
+        total = sum(w.num_new + k - 1 for s in states for w in s.plan)
+        done = sum(w.num_new + k - 1 for s in states for w in s.plan[: s.next_window])
+        in_flight = sum(s.active[0].max_len - s.active[0].length for s in states if s.active is not None)
+        return StageProgress(STAGE, done - in_flight, total)
+
+    def run(self, requests: list[MusicGenRequest]) -> Iterator[Event]:
+        states = [self._row_state(request) for request in requests]
+        try:
+            while not all(s.decoded for s in states):
+                yield from self._schedule(states)
+                if not self.runner.has_work:
+                    raise RuntimeError("MusicGen pipeline stalled: no sequence to run but audio is missing")
+                finished = self.runner.step()
+                yield from self._collect(states, finished)
+                yield self._progress(states)
+                yield from self._decode(states)
+        finally:
+            self.runner.cancel_all()

@@ -1,0 +1,260 @@
+"""A transformers MusicgenForConditionalGeneration checkpoint -> a vivace MusicGen pack (`vivace convert musicgen`).
+
+The source is a directory as save_pretrained writes it: config.json, model.safetensors or pytorch_model.bin (either
+may be sharded with an index), generation_config.json and the tokenizer files. Every tensor is checked by name,
+shape and finiteness and the first bad one is named; the output is written to a temporary folder and renamed at
+the end, so a failed conversion leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from vivace.config import TransformerConfig
+from vivace.errors import PackError, VivaceError
+from vivace.export.encodec import _take, config_from_transformers, decoder_tensors
+from vivace.musicgen_pack import MusicGenConfig, MusicGenPackConfig, save_musicgen_pack, validate_musicgen_config
+from vivace.pack import _stored_stage
+from vivace.positions import sinusoidal_embedding
+from vivace.transformer import StageTransformer
+
+DECODER_PREFIX = "decoder.model.decoder."
+_LAYER_PARTS = {  # vivace module inside layers.{i} -> transformers module inside decoder.model.decoder.layers.{i}
+    "attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
+    "attn.o_proj": "self_attn.out_proj", "attn_norm": "self_attn_layer_norm",
+    "cross_attn.q_proj": "encoder_attn.q_proj", "cross_attn.k_proj": "encoder_attn.k_proj",
+    "cross_attn.v_proj": "encoder_attn.v_proj", "cross_attn.o_proj": "encoder_attn.out_proj",
+    "cross_norm": "encoder_attn_layer_norm", "ffn.fc1": "fc1", "ffn.fc2": "fc2", "ffn_norm": "final_layer_norm",
+}
+_POSITIONS = DECODER_PREFIX + "embed_positions.weights"  # written by older transformers; recomputed, but checked
+_POSITION_TOLERANCE = 1e-4
+
+
+def resolve_source(src: str | Path) -> Path:
+    """A local directory, or a hub id fetched with huggingface_hub (needs the network)."""
+    path = Path(src)
+    if path.is_dir():
+        return path
+    if path.exists() or str(src).count("/") != 1:
+        raise VivaceError(f"{src}: not a transformers model directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(src)))
+    except Exception as exc:  # noqa: BLE001 - any hub failure is reported as one line
+        raise VivaceError(f"{src}: not a local directory, and fetching it from the hub failed ({exc})") from None
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PackError(f"{file}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise PackError(f"{file}: expected a JSON object")
+    return data
+
+
+def _load_weight_file(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(file)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise PackError(f"{file}: unreadable ({exc})") from None
+    if not isinstance(state, dict):
+        raise PackError(f"{file}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def read_checkpoint(src: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the file named in errors, every tensor): a single file or the shards listed by an index."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (src / name).is_file():
+            return src / name, _load_weight_file(src / name)
+        index = src / f"{name}.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise PackError(f"{index}: no weight_map")
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (src / shard).is_file():
+                    raise PackError(f"{index}: shard {shard!r} is missing")
+                state.update(_load_weight_file(src / shard))
+            return index, state
+    raise PackError(f"{src}: no model.safetensors or pytorch_model.bin (nor a sharded index)")
+
+
+def _check_architecture(config: dict[str, Any], manifest: Path) -> None:
+    kind = config.get("model_type")
+    if kind == "musicgen":
+        return
+    architectures = config.get("architectures")
+    if kind == "musicgen_melody":
+        raise PackError(f"{manifest}: MusicGen-Melody checkpoints (model_type 'musicgen_melody') are not supported yet")
+    raise PackError(
+        f"{manifest}: unknown architecture (model_type {kind!r}, architectures {architectures!r}); "
+        "vivace converts transformers MusicgenForConditionalGeneration checkpoints (model_type 'musicgen')"
+    )
+
+
+def _special_ids(src: Path, decoder: Any, manifest: Path) -> None:
+    """MusicGen's pad and decoder-start (BOS) ids must both be the extra embedding row, codebook_size."""
+    generation = _read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
+    start = generation.get("decoder_start_token_id", getattr(decoder, "decoder_start_token_id", None))
+    start = decoder.bos_token_id if start is None else start
+    pad = generation.get("pad_token_id", decoder.pad_token_id)
+    for name, value in (("decoder_start_token_id", start), ("pad_token_id", pad)):
+        if value != decoder.vocab_size:
+            raise PackError(f"{manifest}: {name} is {value!r}; MusicGen's delay pattern needs it to be vocab_size {decoder.vocab_size}")
+
+
+def decoder_config(decoder: Any, manifest: Path) -> TransformerConfig:
+    """The decoder as a vivace stage; cross-attention reads d_model-wide states (projected when the text differs)."""
+    if decoder.audio_channels != 1:
+        raise PackError(f"{manifest}: stereo MusicGen (audio_channels {decoder.audio_channels}) is not supported")
+    if decoder.activation_function != "gelu":
+        raise PackError(f"{manifest}: decoder activation {decoder.activation_function!r} is not supported (only 'gelu')")
+    return TransformerConfig(
+        num_layers=decoder.num_hidden_layers, d_model=decoder.hidden_size, num_heads=decoder.num_attention_heads,
+        d_ff=decoder.ffn_dim, vocab_size=decoder.vocab_size + 1, output_vocab_size=decoder.vocab_size,
+        num_codebooks=decoder.num_codebooks, num_output_heads=decoder.num_codebooks, position="sinusoidal",
+        norm="layernorm", norm_eps=1e-5, activation="gelu", attn_bias=False, ffn_bias=False, final_norm=True,
+        cross_attention=True, cross_dim=decoder.hidden_size,
+    )
+
+
+def _decoder_source(name: str) -> str:
+    """transformers' name of one stored vivace decoder tensor."""
+    module, leaf = name.rsplit(".", 1)
+    kind, _, rest = module.partition(".")
+    if kind == "embed":
+        return f"{DECODER_PREFIX}embed_tokens.{rest}.{leaf}"
+    if kind == "heads":
+        return f"decoder.lm_heads.{rest}.{leaf}"
+    if kind == "final_norm":
+        return f"{DECODER_PREFIX}layer_norm.{leaf}"
+    index, _, part = rest.partition(".")
+    return f"{DECODER_PREFIX}layers.{index}.{_LAYER_PARTS[part]}.{leaf}"
+
+
+def decoder_tensors_from(config: TransformerConfig, state: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in _stored_stage(StageTransformer(config)).items()}
+    stored = {name: _take(file, state, [_decoder_source(name)], shape)[1].float().contiguous() for name, shape in expected.items()}
+    used = {_decoder_source(name) for name in expected} | {_POSITIONS}
+    for key in state:
+        if key.startswith("decoder.") and key not in used:
+            raise PackError(f"{file}: unexpected tensor {key!r} (config.json does not describe these weights)")
+    if _POSITIONS in state:
+        table = state[_POSITIONS]
+        ours = sinusoidal_embedding(torch.arange(table.shape[0]), config.d_model)
+        if table.shape != ours.shape or not bool(((table.float() - ours).abs() <= _POSITION_TOLERANCE).all()):
+            raise PackError(f"{file}: tensor {_POSITIONS!r} is not MusicGen's sinusoidal table")
+    return stored
+
+
+def text_encoder_from(text_config: Any, state: dict[str, torch.Tensor], file: Path) -> Any:
+    """The transformers text encoder with the checkpoint's "text_encoder." tensors; tied copies may be stored once."""
+    from transformers import AutoModelForTextEncoding
+
+    model = AutoModelForTextEncoding.from_config(text_config).eval()
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    alias_of = {name: names for names in aliases.values() for name in names}
+    loaded: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name, tensor in model.state_dict().items():
+        candidates = [f"text_encoder.{alias}" for alias in [name] + [a for a in alias_of.get(name, []) if a != name]]
+        _, value = _take(file, state, candidates, tuple(tensor.shape))
+        loaded[name] = value.float()
+        used.update(c for c in candidates if c in state)
+    for key in state:
+        if key.startswith("text_encoder.") and key not in used:
+            raise PackError(f"{file}: unexpected tensor {key!r} (config.json does not describe these weights)")
+    model.load_state_dict(loaded, strict=True)
+    return model
+
+
+def projection_from(state: dict[str, torch.Tensor], file: Path, text_hidden: int, d_model: int, present: bool) -> dict[str, torch.Tensor] | None:
+    if not present:
+        if any(key.startswith("enc_to_dec_proj.") for key in state):
+            raise PackError(f"{file}: unexpected tensor 'enc_to_dec_proj.weight' (the text and decoder widths match)")
+        return None
+    shapes = {"weight": (d_model, text_hidden), "bias": (d_model,)}
+    return {leaf: _take(file, state, [f"enc_to_dec_proj.{leaf}"], shape)[1].float().contiguous() for leaf, shape in shapes.items()}
+
+
+def convert_musicgen(
+    src: str | Path, out: str | Path, name: str = "", window_s: float = 30.0, stride_s: float = 18.0,
+) -> Path:
+    """Converts a MusicGen checkpoint into a pack at out (which must not exist or be empty); returns out."""
+    from transformers import AutoTokenizer, MusicgenConfig
+
+    source = resolve_source(src)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VivaceError(f"{out}: already exists and is not an empty directory")
+    manifest = source / "config.json"
+    if not manifest.is_file():
+        raise PackError(f"{source}: not a transformers model directory (no config.json)")
+    raw = _read_json(manifest)
+    _check_architecture(raw, manifest)
+    try:
+        config = MusicgenConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise PackError(f"{manifest}: not a valid MusicGen config ({exc})") from None
+    decoder, text_hidden = config.decoder, config.text_encoder.hidden_size
+    _special_ids(source, decoder, manifest)
+    projection = text_hidden != decoder.hidden_size
+    if projection and decoder.cross_attention_hidden_size is not None:
+        raise PackError(
+            f"{manifest}: cross_attention_hidden_size {decoder.cross_attention_hidden_size} with a text width "
+            f"({text_hidden}) other than the decoder's ({decoder.hidden_size}): transformers cannot run this model either"
+        )
+    stage = decoder_config(decoder, manifest)
+    codec_config = config_from_transformers(raw.get("audio_encoder"), f"{manifest} (audio_encoder)")
+    if codec_config.codebook_size != decoder.vocab_size or codec_config.num_levels < decoder.num_codebooks:
+        raise PackError(
+            f"{manifest}: the codec has {codec_config.num_levels} x {codec_config.codebook_size} codes, the decoder "
+            f"predicts {decoder.num_codebooks} x {decoder.vocab_size}"
+        )
+    pack_config = MusicGenPackConfig(
+        decoder=stage,
+        codec=codec_config,
+        musicgen=MusicGenConfig(text_hidden=text_hidden, projection=projection, window_s=window_s, stride_s=stride_s),
+        name=name or source.name,
+    )
+    validate_musicgen_config(pack_config)
+    file, state = read_checkpoint(source)
+    known = ("decoder.", "text_encoder.", "audio_encoder.", "enc_to_dec_proj.")
+    stray = next((key for key in state if not key.startswith(known)), None)
+    if stray is not None:
+        raise PackError(f"{file}: unexpected tensor {stray!r}")
+    decoder_stored = decoder_tensors_from(pack_config.decoder, state, file)
+    codec_stored = decoder_tensors(codec_config, state, file, prefix="audio_encoder.")
+    projection_stored = projection_from(state, file, text_hidden, decoder.hidden_size, projection)
+    text_encoder = text_encoder_from(config.text_encoder, state, file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise PackError(f"{source}: no usable tokenizer files ({exc})") from None
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        save_musicgen_pack(partial, pack_config, decoder_stored, codec_stored, projection_stored, text_encoder, tokenizer)
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out

@@ -1,0 +1,128 @@
+"""MusicGen packs against transformers' MusicgenForConditionalGeneration.generate: same greedy codes, same audio."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from musicgen_checkpoints import TinyMusicGen, tokenizer, write_checkpoint
+from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture
+from vivace import AudioChunk, Engine, WindowFinished, WindowStarted
+from vivace.export.musicgen import convert_musicgen
+from vivace.kv_cache import KVCachePool
+from vivace.musicgen import MusicGenPipeline
+from vivace.stage_runner import StageRunner
+
+CONFIGS = {
+    "projection": TinyMusicGen(seed=1),
+    "musicgen-layout": TinyMusicGen(  # 4 x 2048 codes at 32 kHz / 50 Hz, as the released models
+        codebook_size=2048, hidden=32, layers=3, heads=2, ffn=64, text_hidden=32, sampling_rate=32000,
+        ratios=(8, 5, 4, 4), seed=2,
+    ),
+    "three-codebooks": TinyMusicGen(  # no projection: the text width is the decoder's, set as cross_attention_hidden_size
+        codebook_size=128, num_codebooks=3, hidden=40, heads=5, text_hidden=40, cross_hidden=40, seed=3,
+    ),
+}
+PROMPTS = ("slow piano with drums", "loud rock guitar and bass")
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp(request.param)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src = write_checkpoint(root / "src", CONFIGS[request.param])
+    return src, convert_musicgen(src, root / "pack")
+
+
+def reference(src: Path, prompt: str, frames: int, prompt_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' greedy CFG codes [K, frames] (prompt frames included) and its decoded audio."""
+    from transformers import MusicgenForConditionalGeneration
+
+    model = MusicgenForConditionalGeneration.from_pretrained(src).eval()
+    captured = {}
+    decode = model.audio_encoder.decode
+
+    def spy(codes: torch.Tensor, *args, **kwargs):
+        captured["codes"] = codes[0, 0].clone()
+        return decode(codes, *args, **kwargs)
+
+    model.audio_encoder.decode = spy
+    inputs = dict(tokenizer()([prompt], return_tensors="pt"))
+    new = frames
+    if prompt_codes is not None:
+        inputs["decoder_input_ids"] = torch.from_numpy(prompt_codes)
+        new -= prompt_codes.shape[1]
+    k = model.decoder.num_codebooks
+    audio = model.generate(**inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=new + k - 1)
+    return captured["codes"].numpy(), audio[0, 0].numpy()
+
+
+def vivace_codes(events: list, num_codebooks: int) -> np.ndarray:
+    windows = [e for e in events if isinstance(e, WindowFinished)]
+    return np.concatenate([np.asarray(w.tokens).reshape(-1, num_codebooks).T for w in windows], axis=1)
+
+
+def test_greedy_guided_codes_and_audio_match_transformers(converted: tuple[Path, Path]) -> None:
+    src, pack = converted
+    engine = Engine.from_pack(pack)
+    frames = 37
+    events = list(engine.events(PROMPTS[0], frames / engine.config.frame_rate, seed=0, temperature=0.0, guidance_scale=3.0))
+    codes, audio = reference(src, PROMPTS[0], frames)
+    ours = vivace_codes(events, engine.config.num_codebooks)
+    assert ours.shape == codes.shape == (engine.config.num_codebooks, frames)
+    np.testing.assert_array_equal(ours, codes)
+    pcm = np.concatenate([e.pcm for e in events if isinstance(e, AudioChunk)])
+    assert pcm.shape == audio.shape
+    assert float(np.abs(pcm - audio).max()) <= 1e-4
+
+
+def test_continuation_windows_match_transformers_with_audio_prompts(tmp_path: Path) -> None:
+    """Windows of 40 frames with a 24-frame stride: each later window is transformers' generate with the last 16
+    frames as decoder_input_ids (audiocraft's extension)."""
+    spec = CONFIGS["projection"]
+    src = write_checkpoint(tmp_path / "src", spec)
+    pack = convert_musicgen(src, tmp_path / "pack", window_s=0.2, stride_s=0.12)
+    engine = Engine.from_pack(pack)
+    frames = 90  # windows: [0, 40), [40, 64) after [24, 40), [64, 88) after [48, 64), [88, 90) after [72, 88)
+    events = list(engine.events(PROMPTS[1], frames / engine.config.frame_rate, seed=0, temperature=0.0))
+    started = [(e.prefix_start, e.new_start, e.new_end) for e in events if isinstance(e, WindowStarted)]
+    assert started == [(0, 0, 40), (24, 40, 64), (48, 64, 88), (72, 88, 90)]
+    ours = vivace_codes(events, spec.num_codebooks)
+    expected, _ = reference(src, PROMPTS[1], 40)
+    for prefix_start, new_start, new_end in started[1:]:
+        window, _ = reference(src, PROMPTS[1], new_end - prefix_start, expected[:, prefix_start:new_start])
+        np.testing.assert_array_equal(window[:, : new_start - prefix_start], expected[:, prefix_start:new_start])
+        expected = np.concatenate([expected, window[:, new_start - prefix_start :]], axis=1)
+    np.testing.assert_array_equal(ours, expected)
+    from transformers import MusicgenForConditionalGeneration
+
+    codec = MusicgenForConditionalGeneration.from_pretrained(src).audio_encoder.eval()
+    with torch.no_grad():
+        audio = codec.decode(torch.from_numpy(expected)[None, None], [None]).audio_values[0, 0].numpy()
+    pcm = np.concatenate([e.pcm for e in events if isinstance(e, AudioChunk)])
+    assert float(np.abs(pcm - audio).max()) <= 1e-4
+
+
+def test_batch_equals_single_calls_and_survives_preemption(converted: tuple[Path, Path]) -> None:
+    """Sampled (top-k 250, temperature 1): a batch of guided pairs in one pool, squeezed so that pairs are preempted
+    and recomputed, gives each row what it gives alone."""
+    _, pack = converted
+    engine = Engine.from_pack(pack)
+    seconds = 30 / engine.config.frame_rate
+    batch = engine.generate(list(PROMPTS), seconds, seed=[5, 9])
+    single = [engine.generate(p, seconds, seed=s)[0] for p, s in zip(PROMPTS, (5, 9))]
+    np.testing.assert_array_equal(batch, np.stack(single))
+    c = engine.config.decoder
+    pool = KVCachePool(c.num_layers, 9, 16, c.num_heads, c.head_dim, torch.float32, "cpu")  # a pair needs 6 blocks
+    runner = StageRunner("decoder", engine.pack.decoder, pool, torch.device("cpu"))
+    requests = engine.requests(list(PROMPTS) * 2, seconds, [5, 9, 5, 9], {})
+    events = list(MusicGenPipeline(engine.pack, runner).run(requests))
+    assert runner.stats.preemptions > 0
+    pcm = {e.row: e.pcm for e in events if isinstance(e, AudioChunk)}
+    for row in range(4):
+        np.testing.assert_array_equal(pcm[row], single[row % 2])
+    assert not np.array_equal(single[0], single[1])
