@@ -1,9 +1,19 @@
+import os
+
+# Triton kernels are tested on the CPU through its interpreter, which must be chosen before anything
+# imports triton (transformers may, during collection). The engine's own CPU path ignores this variable.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest
+import torch
 
 from vivace import Engine
 from vivace.testing import random_pack
+
+# The test models are tiny: one thread is as fast, and a second one stalls badly when the other core is busy.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
