@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, dest="guidance_scale", help="MusicGen: classifier-free guidance scale (1 = off)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32")
+    gen.add_argument("--quantize", choices=["int8"], help="int8 weight-only stage linears")
     gen.add_argument("-o", "--output", required=True, help="output .wav path")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -73,7 +74,7 @@ def _generate(args: argparse.Namespace) -> None:
         raise VivaceError("a prompt (or --segment entries) is required")
     else:
         prompt = args.prompt
-    engine = Engine.from_pack(args.pack, device=args.device, dtype=args.dtype)
+    engine = Engine.from_pack(args.pack, device=args.device, dtype=args.dtype, quantize=args.quantize)
     keys = ("temperature", "top_k", "top_p", "guidance_scale")
     sampling = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     events = engine.events(prompt, args.duration, seed=args.seed, **sampling)

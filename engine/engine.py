@@ -17,6 +17,7 @@ from vivace.events import AudioChunk, Event
 from vivace.kv_cache import KVCachePool
 from vivace.musiclm import MusicLMPipeline, Request
 from vivace.pack import STAGES, Pack, load_pack
+from vivace.quant import check_quantize, quantize_pack
 from vivace.stage_runner import StageRunner
 
 DTYPES = {
@@ -84,8 +85,10 @@ class Engine:
         block_size: int = 16,
         kv_cache_gb: float = 4.0,
         codec_backend: str = "auto",
+        quantize: str | None = None,
     ) -> Engine:
-        """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codec_backend.select_backend)."""
+        """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codec_backend.select_backend).
+        quantize: None, or "int8" for int8 weight-only stage linears (see vivace.quant)."""
         if dtype not in DTYPES:
             raise VivaceError(f"unknown dtype {dtype!r} (choose one of {sorted(set(DTYPES))})")
         if not isinstance(block_size, int) or block_size <= 0:
@@ -93,7 +96,9 @@ class Engine:
         if not kv_cache_gb > 0:
             raise VivaceError(f"kv_cache_gb must be > 0, got {kv_cache_gb!r}")
         torch_device = torch.device(device)
+        check_quantize(quantize)
         pack = load_pack(path, DTYPES[dtype], torch_device)
+        quantize_pack(pack, quantize)
         if pack.config.family == "musicgen":
             from vivace.musicgen_engine import MusicGenEngine
 

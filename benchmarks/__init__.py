@@ -1,0 +1,1 @@
+"""Benchmark suites: python -m benchmarks [floor] [musiclm] [musicgen] [--quick]; results in benchmarks/results/."""

@@ -1,0 +1,45 @@
+"""python -m benchmarks [SUITE ...] [--quick] [--work-dir DIR] [--device DEV] [--threads N] [--musiclm-dtype DTYPE]
+
+Suites run in the order musiclm, musicgen, floor (the floor suite reads the others' newest results); each prints
+its tables and writes benchmarks/results/<suite>-<date>.json. Models are built once and cached in --work-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import Options
+
+SUITES = {"musiclm": "benchmarks.musiclm_suite", "musicgen": "benchmarks.musicgen_suite", "floor": "benchmarks.floor"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
+    parser.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="short clips and fewer batch sizes (a smoke run)")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/vivace-bench"), help="where built models are cached")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--musiclm-dtype", default="bfloat16", help="the MusicLM stages' dtype (the pack stores bfloat16)")
+    args = parser.parse_args()
+    unknown = sorted(set(args.suites) - set(SUITES))
+    if unknown:
+        parser.error(f"unknown suite {unknown[0]!r} (choose from {', '.join(SUITES)})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    options = Options(args.quick, args.work_dir, args.device, args.threads, args.musiclm_dtype)
+    chosen = [name for name in SUITES if name in args.suites] if args.suites else list(SUITES)
+    for name in chosen:
+        start = time.perf_counter()
+        print(f"== {name} ==", flush=True)
+        importlib.import_module(SUITES[name]).run(options)
+        print(f"({name}: {time.perf_counter() - start:.0f} s)\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

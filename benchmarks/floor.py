@@ -1,0 +1,200 @@
+"""Floor suite: what a decode step must cost on this machine if it only had to read its bytes once.
+
+Bandwidth, measured here:
+- copy: dst.copy_(src) of a large float32 tensor, bytes read + bytes written per second;
+- GEMV: y = x W^T over a chain of [4096, 1024] / [1024, 4096] weights far larger than the caches, weight bytes
+  per second, in float32, bfloat16 and int8 weight-only (vivace.quant.Int8Linear, the engine's path), at 1 row
+  and at 2 rows (a MusicGen guidance pair); on the CPU also the two int8 paths the engine does not take.
+Bytes per decode step of each model: the weights one step reads (the layers' linears and norms, the output heads,
+one embedding row per codebook; not the embedding tables, nor cross-attention's key/value projection, which runs
+once per request) plus the KV cache read at the step's context (self-attention, and cross-attention over the
+text for MusicGen), for every row of the step. floor ms/step = bytes / copy bandwidth; fraction = floor / measured,
+against the newest results of the musiclm and musicgen suites.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import Options, latest_result, release_memory, table, time_calls, write_result
+from benchmarks.musicgen_suite import DECODER
+from vivace.config import TransformerConfig
+from vivace.pack import STAGES
+from vivace.quant import Int8Linear
+from vivace.testing import preset_config
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MODES = {
+    "float32": ("float32", None), "bfloat16": ("bfloat16", None), "float16": ("float16", None),
+    "int8": ("float32", "int8"), "int8+bf16": ("bfloat16", "int8"),
+}
+QUICK = {"copy_mib": 256, "gemv_layers": 8, "repeats": 5}
+FULL = {"copy_mib": 1024, "gemv_layers": 24, "repeats": 20}
+
+
+def copy_bandwidth(device: str, mib: int, repeats: int) -> dict[str, float]:
+    src = torch.randn(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    times = time_calls(lambda: dst.copy_(src), device, repeats, warmup=2)
+    moved = 2 * src.numel() * 4
+    return {"gb_s": moved / min(times) / 1e9, "gb_s_median": moved / sorted(times)[len(times) // 2] / 1e9, "bytes": moved}
+
+
+def gemv_bandwidth(kind: str, rows: int, device: str, layers: int, repeats: int) -> dict[str, float]:
+    """Weight bytes per second of x [rows, in] @ W^T over `layers` pairs of [4096, 1024] and [1024, 4096] weights."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4096, 1024), (1024, 4096)] * layers
+    float_weights = [torch.randn(shape, generator=generator) for shape in shapes]
+    calls: list[Callable[[], torch.Tensor]] = []
+    weight_bytes = 0
+    for w in float_weights:
+        x = torch.randn(rows, w.shape[1], device=device)
+        if kind in ("float32", "bfloat16"):
+            dtype = getattr(torch, kind)
+            weight = w.to(device, dtype)
+            calls.append(lambda x=x.to(dtype), weight=weight: F.linear(x, weight))
+            weight_bytes += weight.numel() * weight.element_size()
+        else:
+            linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            linear.weight.data = w
+            q = Int8Linear.from_linear(linear).to(device)
+            if kind == "int8":
+                calls.append(lambda x=x, q=q: q(x))
+            elif kind == "int8 pack_mm float32 activations":
+                calls.append(lambda x=x, q=q: torch._weight_int8pack_mm(x, q.weight, q.scales))
+            else:
+                calls.append(lambda x=x, q=q: F.linear(x, q.weight.to(x.dtype)) * q.scales)
+            weight_bytes += q.weight.numel() + q.out_features * 2
+    del float_weights
+
+    def chain() -> None:
+        for call in calls:
+            call()
+
+    times = time_calls(chain, device, repeats, warmup=1)
+    return {"gb_s": weight_bytes / min(times) / 1e9, "gb_s_median": weight_bytes / sorted(times)[len(times) // 2] / 1e9,
+            "weight_bytes": weight_bytes}
+
+
+def step_bytes(config: TransformerConfig, mode: str, rows: int, context: float, enc_len: int = 0) -> dict[str, float]:
+    """Bytes one decode step reads: weights once, the KV cache (and cross-attention K/V) once per row."""
+    dtype, quantize = MODES[mode]
+    base = DTYPE_BYTES[dtype]
+    d, layers = config.d_model, config.num_layers
+    linears = [(3 * d, d), (d, d), (config.d_ff, d), (d, config.d_ff)]
+    if config.cross_attention:
+        linears += [(d, d), (d, d)]
+    norms = 3 if config.cross_attention else 2
+    norm_params = (2 if config.norm == "layernorm" else 1) * d
+    linear_params = layers * sum(o * i for o, i in linears) + config.num_output_heads * config.output_vocab_size * d
+    out_channels = layers * sum(o for o, _ in linears) + config.num_output_heads * config.output_vocab_size
+    linear_bytes = linear_params + 2 * out_channels if quantize == "int8" else linear_params * base
+    other = (layers * norms + 1) * norm_params * base + rows * config.num_codebooks * d * base
+    kv = rows * layers * 2 * d * base * (context + enc_len)
+    return {"weights": linear_bytes + other, "kv": kv, "total": linear_bytes + other + kv}
+
+
+def models() -> dict[str, TransformerConfig]:
+    paper = preset_config("paper")
+    found = {f"musiclm-paper {stage}": paper.stages[stage] for stage in STAGES}
+    found["musicgen-small"] = TransformerConfig(
+        num_layers=DECODER["num_hidden_layers"], d_model=DECODER["hidden_size"], num_heads=DECODER["num_attention_heads"],
+        d_ff=DECODER["ffn_dim"], vocab_size=DECODER["vocab_size"] + 1, output_vocab_size=DECODER["vocab_size"],
+        num_codebooks=DECODER["num_codebooks"], num_output_heads=DECODER["num_codebooks"], position="sinusoidal",
+        cross_attention=True, cross_dim=DECODER["hidden_size"],
+    )
+    return found
+
+
+def measured_steps() -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """ms/step figures of the newest musiclm and musicgen results, with their contexts and rows."""
+    figures: list[dict[str, Any]] = []
+    sources: dict[str, str] = {}
+    found = latest_result("musiclm")
+    if found is not None:
+        path, report = found
+        sources["musiclm"] = str(path)
+        dtype = report["config"]["dtype"]
+        for stage, r in report["results"]["stages"].items():
+            figures.append({"model": f"musiclm-paper {stage}", "engine": "vivace", "mode": dtype, "rows": 1,
+                            "context": r["context"], "enc_len": 0, "ms_per_step": r["ms_per_step"],
+                            "threads": report["config"]["threads"]})
+    found = latest_result("musicgen")
+    if found is not None:
+        path, report = found
+        sources["musicgen"] = str(path)
+        for r in report["results"]["runs"]:
+            figures.append({"model": "musicgen-small", "engine": r["engine"], "mode": r["mode"], "rows": 2,
+                            "context": r["mean_context"], "enc_len": r["enc_len"], "ms_per_step": r["ms_per_step"],
+                            "threads": report["config"]["threads"]})
+    return figures, sources
+
+
+def run(options: Options) -> dict[str, Any]:
+    settings = QUICK if options.quick else FULL
+    device = options.device
+    copy = copy_bandwidth(device, settings["copy_mib"], settings["repeats"])
+    release_memory()
+    kinds = ["float32", "bfloat16", "int8"]
+    if device == "cpu":
+        kinds += ["int8 pack_mm float32 activations", "int8 dequantize per call"]
+    gemv: dict[str, dict[int, dict[str, float]]] = {}
+    for kind in kinds:
+        gemv[kind] = {}
+        for rows in (1, 2):
+            layers = settings["gemv_layers"] if kind in ("float32", "bfloat16", "int8") else max(2, settings["gemv_layers"] // 4)
+            gemv[kind][rows] = gemv_bandwidth(kind, rows, device, layers, max(3, settings["repeats"] // 2))
+            release_memory()
+    print(table(
+        ["measurement", "GB/s (best)", "GB/s (median)"],
+        [["copy (read + write)", copy["gb_s"], copy["gb_s_median"]]]
+        + [[f"GEMV {kind}, {rows} row{'s' if rows > 1 else ''}", r["gb_s"], r["gb_s_median"]]
+           for kind, per_rows in gemv.items() for rows, r in per_rows.items()],
+        title=f"Memory bandwidth on {device}",
+    ))
+
+    figures, sources = measured_steps()
+    floors = []
+    for figure in figures:
+        config = models()[figure["model"]]
+        mode = figure["mode"]
+        need = step_bytes(config, mode, figure["rows"], figure["context"], figure["enc_len"])
+        measured_gemv = gemv.get("int8" if "int8" in mode else mode, {}).get(min(figure["rows"], 2))
+        floor_ms = need["total"] / (copy["gb_s"] * 1e9) * 1e3
+        gemv_floor_ms = need["total"] / (measured_gemv["gb_s"] * 1e9) * 1e3 if measured_gemv else None
+        floors.append({
+            **figure, "weight_mb": need["weights"] / 2**20, "kv_mb": need["kv"] / 2**20, "floor_ms": floor_ms,
+            "gemv_floor_ms": gemv_floor_ms, "fraction_of_floor": floor_ms / figure["ms_per_step"],
+            "fraction_of_gemv_floor": gemv_floor_ms / figure["ms_per_step"] if gemv_floor_ms else None,
+        })
+    reference = [
+        {"model": name, "mode": mode, **{k: v / 2**20 for k, v in step_bytes(config, mode, 1, 0).items()}}
+        for name, config in models().items() for mode in MODES if mode != "float16"
+    ]
+    print()
+    print(table(
+        ["model", "mode", "weights MB/step"],
+        [[r["model"], r["mode"], r["weights"]] for r in reference if r["model"] in ("musicgen-small", "musiclm-paper coarse")],
+        title="Weight bytes one decode step reads (batch 1; the three MusicLM stages differ only in their heads)",
+    ))
+    print()
+    print(table(
+        ["model", "engine", "mode", "rows", "context", "weights MB", "KV MB", "floor ms", "GEMV floor ms", "measured ms",
+         "of floor", "of GEMV floor"],
+        [[f["model"], f["engine"], f["mode"], f["rows"], f["context"], f["weight_mb"], f["kv_mb"], f["floor_ms"],
+          f["gemv_floor_ms"], f["ms_per_step"], f["fraction_of_floor"], f["fraction_of_gemv_floor"]] for f in floors],
+        title="Floor (bytes / copy bandwidth) against measured ms/step" + ("" if floors else ": no musiclm / musicgen results yet"),
+    ))
+    config = {
+        **settings, "copy": "dst.copy_(src), float32, bytes read + written, best of repeats",
+        "gemv": "F.linear / Int8Linear over [4096,1024],[1024,4096] pairs, weight (+ int8 scale) bytes, best of repeats",
+        "step_bytes": step_bytes.__doc__, "sources": sources,
+    }
+    results = {"copy": copy, "gemv": {k: {str(r): v for r, v in per.items()} for k, per in gemv.items()},
+               "bytes_per_step": reference, "floors": floors}
+    path = write_result("floor", options, config, results)
+    print(f"wrote {path}")
+    return results

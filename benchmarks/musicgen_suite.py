@@ -1,0 +1,260 @@
+"""MusicGen suite: a MusicGen-small-shaped random checkpoint through transformers' generate and through vivace.
+
+The checkpoint (built once with transformers, save_pretrained, then `vivace convert musicgen SRC OUT`):
+decoder 24 layers, width 1024, 16 heads, FFN 4096, 4 x 2048 codebooks (MusicGen-small's); EnCodec 32 kHz with
+facebook/encodec_32khz's configuration; a small random T5 text encoder (2 layers, width 256, 8 heads, FFN 1024,
+a word-level vocabulary of 43 words) projected to 1024 by enc_to_dec_proj. Random weights are rescaled so that
+the decoder's next-token distributions are peaked rather than uniform (unit-gain linears, heads giving logits
+of standard deviation ~2): agreement figures then measure numerical drift on a random model, not quality.
+
+Runs, all with the same weights, prompt, seed, top-k 250, temperature 1 and guidance 3.0 (conditional and null
+rows in one batch), at batch 1, each after one short untimed warm-up generation:
+- transformers MusicgenForConditionalGeneration.generate in float32; ms/step from a logits processor that
+  stamps every step; its audio comes back at the end, so time to first audio is the whole call;
+- vivace in float32, bfloat16, int8 (int8 weight-only stage linears, float32 elsewhere) and int8+bf16;
+  ms/step from the pipeline's StageProgress events (one per decode step); time to first audio from the
+  first AudioChunk (engine.stream is engine.events filtered to AudioChunk; MusicGen's EnCodec is not causal,
+  so a row's audio arrives once all its frames exist).
+Agreement of each reduced-byte mode against float32: float32 greedy sequences (temperature 0, guidance 3.0)
+are generated once; every mode then runs them teacher-forced (forward_dense, conditional and null rows, logits
+mixed as null + 3 * (cond - null)) and is compared with float32 on the drawn (not forced) positions: the share
+of positions whose argmax is the float32 greedy token, and the mean KL(float32 || mode) of the full next-token
+distributions (temperature 1, before top-k).
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import ROOT, Options, PeakRSS, release_memory, table, write_result
+from vivace import AudioChunk, Engine, WindowFinished
+from vivace.events import StageProgress
+from vivace.musicgen import delayed_grid
+
+WORDS = (
+    "a the slow fast mellow upbeat piano drums jazz rock ambient pads with and in of bass guitar strings choir loud "
+    "soft hip hop lo-fi beat trio solo cello synth arpeggio warm bright dark epic calm groove melody harmony"
+).split()
+PROMPTS = ("mellow lo-fi hip hop beat with a warm piano", "epic strings and choir with loud drums")
+MODES = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("float32", "int8"), "int8+bf16": ("bfloat16", "int8")}
+QUICK = {"seconds": 0.2, "agreement_s": 0.5, "agreement_prompts": 2}
+FULL = {"seconds": 10.0, "agreement_s": 5.0, "agreement_prompts": 2}
+GUIDANCE, TOP_K = 3.0, 250
+WARMUP_STEPS = 4  # one short untimed generation per engine first: weights paged in, lazy initialisation done
+HEAD_LOGIT_STD = 2.0
+TEXT = {"d_model": 256, "d_kv": 32, "d_ff": 1024, "num_layers": 2, "num_heads": 8}
+DECODER = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "ffn_dim": 4096, "num_codebooks": 4, "vocab_size": 2048}
+ENCODEC_32KHZ = {
+    "sampling_rate": 32000, "codebook_size": 2048, "codebook_dim": 128, "num_filters": 64, "hidden_size": 128,
+    "num_lstm_layers": 2, "upsampling_ratios": [8, 5, 4, 4], "target_bandwidths": [2.2], "use_causal_conv": False,
+    "use_conv_shortcut": False, "compress": 2, "norm_type": "weight_norm",
+}
+
+
+def tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_checkpoint(path: Path) -> None:
+    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration, T5Config
+
+    torch.manual_seed(0)
+    pad = DECODER["vocab_size"]
+    text = T5Config(vocab_size=len(WORDS) + 3, relative_attention_num_buckets=32, **TEXT)
+    decoder = MusicgenDecoderConfig(
+        pad_token_id=pad, bos_token_id=pad, decoder_start_token_id=pad, max_position_embeddings=2048, **DECODER
+    )
+    config = MusicgenConfig(text_encoder=text, audio_encoder=EncodecConfig(**ENCODEC_32KHZ), decoder=decoder)
+    model = MusicgenForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for linear in [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)] + [model.enc_to_dec_proj]:
+            linear.weight.normal_(0.0, linear.in_features**-0.5)
+        for head in model.decoder.lm_heads:
+            head.weight.normal_(0.0, HEAD_LOGIT_STD * head.in_features**-0.5)
+        for level in model.audio_encoder.quantizer.layers:  # transformers leaves the codebooks at zero
+            level.codebook.embed.normal_()
+    model.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+
+
+def ensure_models(work_dir: Path) -> tuple[Path, Path]:
+    src, pack = work_dir / "musicgen-small-random", work_dir / "musicgen-small-pack"
+    if not (src / "config.json").is_file():
+        print(f"building the MusicGen-small-shaped random checkpoint in {src} (once)", flush=True)
+        partial = work_dir / "musicgen-small-random.partial"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            build_checkpoint(partial)
+        partial.rename(src)
+    if not (pack / "pack.json").is_file():
+        print(f"converting it: vivace convert musicgen {src} {pack}", flush=True)
+        subprocess.run([sys.executable, "-m", "vivace", "convert", "musicgen", str(src), str(pack)], check=True, cwd=ROOT)
+    return src, pack
+
+
+def transformers_run(src: Path, prompt: str, seconds: float, device: str) -> dict[str, Any]:
+    from transformers import LogitsProcessor, LogitsProcessorList, MusicgenForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            stamps.append(time.perf_counter())
+            return scores
+
+    hf_logging.set_verbosity_error()
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        model = MusicgenForConditionalGeneration.from_pretrained(src).to(device).eval()
+        load_s = time.perf_counter() - start
+        inputs = tokenizer()([prompt], return_tensors="pt").to(device)
+        k = model.decoder.num_codebooks
+        frames = round(seconds * model.config.audio_encoder.frame_rate)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.generate(**inputs, do_sample=True, top_k=TOP_K, guidance_scale=GUIDANCE, max_new_tokens=WARMUP_STEPS)
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            audio = model.generate(
+                **inputs, do_sample=True, top_k=TOP_K, guidance_scale=GUIDANCE, max_new_tokens=frames + k - 1,
+                logits_processor=LogitsProcessorList([Stamp()]),
+            )
+            total = time.perf_counter() - start
+    rate = model.config.audio_encoder.sampling_rate
+    del model
+    release_memory()
+    return {
+        "engine": "transformers", "mode": "float32", "load_s": load_s, **_timing(stamps, start, total, total),
+        "audio_s": audio.shape[-1] / rate, "enc_len": int(inputs["input_ids"].shape[1]), **memory.record(),
+    }
+
+
+def _timing(stamps: list[float], start: float, total: float, first_audio: float | None) -> dict[str, Any]:
+    intervals = np.diff(stamps) * 1e3
+    return {
+        "steps": len(stamps), "first_step_s": stamps[0] - start, "ms_per_step": float(np.median(intervals)),
+        "ms_per_step_min": float(intervals.min()), "wall_s": total, "time_to_first_audio_s": first_audio,
+        "mean_context": 1 + len(stamps) / 2,
+    }
+
+
+def vivace_run(engine: Engine, prompt: str, seconds: float) -> dict[str, Any]:
+    engine.generate(prompt, WARMUP_STEPS / engine.config.frame_rate, seed=1, top_k=TOP_K, guidance_scale=GUIDANCE)
+    stamps: list[float] = []
+    samples, first = 0, None
+    start = time.perf_counter()
+    for event in engine.events(prompt, seconds, seed=0, top_k=TOP_K, guidance_scale=GUIDANCE):
+        if isinstance(event, StageProgress):
+            stamps.append(time.perf_counter())
+        elif isinstance(event, AudioChunk):
+            first = first if first is not None else time.perf_counter() - start
+            samples += len(event.pcm)
+    total = time.perf_counter() - start
+    enc_len = len(engine.pack.text.encode(prompt)[1])
+    return {**_timing(stamps, start, total, first), "audio_s": samples / engine.sample_rate, "enc_len": enc_len}
+
+
+def greedy_grids(engine: Engine, prompts: list[str], seconds: float) -> list[np.ndarray]:
+    """Float32 greedy guided codes of each prompt, as the decoder's delayed input grid [K, frames + K]."""
+    k, pad = engine.config.num_codebooks, engine.config.pad_id
+    windows: dict[int, list[np.ndarray]] = {}
+    for event in engine.events(prompts, seconds, seed=0, temperature=0.0, guidance_scale=GUIDANCE):
+        if isinstance(event, WindowFinished):
+            windows.setdefault(event.row, []).append(np.asarray(event.tokens).reshape(-1, k).T)
+    return [delayed_grid(np.concatenate(windows[row], axis=1), pad) for row in range(len(prompts))]
+
+
+@torch.inference_mode()
+def teacher_forced(engine: Engine, prompt: str, grid: np.ndarray) -> torch.Tensor:
+    """Guided next-token logits [positions, K, vocab] (float32) with the grid's columns as inputs."""
+    decoder = engine.pack.decoder
+    dtype = next(decoder.parameters()).dtype
+    states, _ = engine.pack.text.encode(prompt)
+    states = states.to(engine.device, dtype)
+    encoder = torch.stack([states, torch.zeros_like(states)])
+    mask = torch.tensor([[True] * len(states), [False] * len(states)], device=engine.device)
+    ids = torch.from_numpy(grid[:, :-1].T.copy()).to(engine.device).unsqueeze(0).expand(2, -1, -1)
+    logits = decoder.compute_logits(decoder.forward_dense(ids, encoder, mask).flatten(0, 1)).float()
+    cond, null = logits.view(2, ids.shape[1], *logits.shape[1:])
+    return null + (cond - null) * GUIDANCE
+
+
+def agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor], grids: list[np.ndarray], pad: int) -> dict[str, Any]:
+    hits, kls, drawn = [], [], 0
+    for ref, cand, grid in zip(reference, candidate, grids):
+        targets = torch.from_numpy(grid[:, 1:].T.copy())  # [positions, K]
+        valid = targets != pad
+        hits.append((cand.argmax(-1) == targets)[valid].double())
+        log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
+        kls.append((log_p.exp() * (log_p - log_q)).sum(-1)[valid].double())
+        drawn += int(valid.sum())
+    return {"greedy_agreement": float(torch.cat(hits).mean()), "mean_kl": float(torch.cat(kls).mean()), "tokens": drawn}
+
+
+def run(options: Options) -> dict[str, Any]:
+    settings = QUICK if options.quick else FULL
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    src, pack = ensure_models(options.work_dir)
+    prompt, seconds = PROMPTS[0], settings["seconds"]
+    agreement_prompts = list(PROMPTS[: settings["agreement_prompts"]])
+    runs = [transformers_run(src, prompt, seconds, options.device)]
+    reference: list[torch.Tensor] = []
+    grids: list[np.ndarray] = []
+    for mode, (dtype, quantize) in MODES.items():
+        with PeakRSS() as memory:
+            start = time.perf_counter()
+            engine = Engine.from_pack(pack, device=options.device, dtype=dtype, quantize=quantize)
+            load_s = time.perf_counter() - start
+            result = {"engine": "vivace", "mode": mode, "dtype": dtype, "quantize": quantize, "load_s": load_s}
+            result.update(vivace_run(engine, prompt, seconds))
+        result.update(memory.record())
+        if mode == "float32":
+            grids = greedy_grids(engine, agreement_prompts, settings["agreement_s"])
+            reference = [teacher_forced(engine, p, g) for p, g in zip(agreement_prompts, grids)]
+        logits = [teacher_forced(engine, p, g) for p, g in zip(agreement_prompts, grids)]
+        result["agreement"] = agreement(reference, logits, grids, engine.config.pad_id)
+        runs.append(result)
+        del engine, logits
+        release_memory()
+
+    base = runs[0]["ms_per_step"]
+    rows = []
+    for r in runs:
+        a = r.get("agreement")
+        rows.append([
+            r["engine"], r["mode"], r["ms_per_step"], r["ms_per_step_min"], r["wall_s"] / r["audio_s"],
+            r["time_to_first_audio_s"], r["peak_rss_mb"], base / r["ms_per_step"],
+            a["greedy_agreement"] if a else None, a["mean_kl"] if a else None,
+        ])
+    print(table(
+        ["engine", "mode", "ms/step", "min ms", "RTF", "first audio s", "peak RSS MB", "vs HF", "greedy agree", "mean KL"],
+        rows, title=f"MusicGen-small-shaped, {seconds} s clip, batch 1 with guidance {GUIDANCE} (2 rows), top-k {TOP_K}",
+    ))
+    config = {
+        "source": str(src), "pack": str(pack), "prompt": prompt, "seconds": seconds, "seed": 0, "guidance_scale": GUIDANCE,
+        "top_k": TOP_K, "temperature": 1.0, "modes": {m: {"dtype": d, "quantize": q} for m, (d, q) in MODES.items()},
+        "agreement_prompts": agreement_prompts, "agreement_s": settings["agreement_s"],
+        "checkpoint": {"decoder": DECODER, "text_encoder_t5": TEXT, "text_vocab_words": len(WORDS), "encodec": ENCODEC_32KHZ,
+                       "head_logit_std": HEAD_LOGIT_STD},
+        "ms_per_step_method": "median interval between consecutive decode steps (transformers: a stamping LogitsProcessor; "
+                              "vivace: StageProgress events), the first step (text encoding, prefill) excluded",
+    }
+    path = write_result("musicgen", options, config, {"runs": runs})
+    print(f"wrote {path}")
+    return {"runs": runs}
