@@ -1,6 +1,7 @@
 """Routes each op to its Triton kernel or its plain-torch reference, by the device of its first tensor.
 
-CUDA tensors get Triton whenever it imports. CPU tensors get the references, unless VIVACE_TRITON_INTERPRET=1
+CUDA tensors get Triton whenever it imports. CPU tensors get the CPU decode path (cpu_paged_attention, tested
+against the reference) and the reference prefill, unless VIVACE_TRITON_INTERPRET=1
 asks for the Triton interpreter (how the kernels are tested without a GPU); TRITON_INTERPRET alone does not
 switch the engine's CPU path, so kernel tests that set it leave the rest of a test run on the references.
 The interpreter must be chosen before the first kernel module is imported in the process.
@@ -43,6 +44,9 @@ def attention_ops(tensor: torch.Tensor) -> ModuleType:
     if use_triton(tensor):
         from vivace.kernels import triton_paged_attention
         return triton_paged_attention
+    if tensor.device.type == "cpu":
+        from vivace.kernels import cpu_paged_attention
+        return cpu_paged_attention
     from vivace.kernels import paged_attention
     return paged_attention
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from vivace.kernels import dispatch
+from vivace.kernels import cpu_paged_attention
 from vivace.kernels import paged_attention as ref
 from vivace.kernels import triton_paged_attention as tpa
 
@@ -222,8 +223,8 @@ def test_prefill_fp16_head_dim_128_long_chunks() -> None:
 def test_dispatch_picks_triton_only_when_asked_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.zeros(1)
     monkeypatch.delenv("VIVACE_TRITON_INTERPRET", raising=False)
-    assert not dispatch.use_triton(cpu)  # TRITON_INTERPRET=1 alone leaves the engine on the references
-    assert dispatch.attention_ops(cpu) is ref
+    assert not dispatch.use_triton(cpu)  # TRITON_INTERPRET=1 alone leaves the engine on its CPU path
+    assert dispatch.attention_ops(cpu) is cpu_paged_attention
     monkeypatch.setenv("VIVACE_TRITON_INTERPRET", "1")
     assert dispatch.use_triton(cpu)
     assert dispatch.attention_ops(cpu) is tpa
