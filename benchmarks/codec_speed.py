@@ -1,6 +1,6 @@
 """Codec decoder speed per backend, in seconds of audio decoded per wall-clock second (higher is better).
 
-    python benchmarks/codec_speed.py [--presets tiny paper] [--seconds 9] [--repeats 5] [--threads 1]
+    python -m benchmarks.codec_speed [--presets tiny paper] [--seconds 9] [--repeats 5] [--threads 1]
 
 Methods, each over one clip of random codes at batch 1:
   torch_full       SoundStreamDecoder on the whole clip at once
@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from benchmarks.common import cpu_model, git
 from vivace.codec import SoundStreamDecoder
 from vivace.codec_backend import ContextStream, FrameStream, OnnxRuntimeBackend, TorchBackend
 from vivace.codec_stream import CodecStream
@@ -40,18 +40,6 @@ from vivace.export.onnx_codec import OPSET, export_codec
 from vivace.testing import preset_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    return result.stdout.strip() or "unknown"
 
 
 def best_time(run: Callable[[], object], repeats: int) -> float:
@@ -144,7 +132,7 @@ def main() -> None:
     record = {
         "benchmark": "codec_speed",
         "date": now.isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        "git_commit": git("rev-parse", "HEAD"),
         "cpu": cpu_model(),
         "threads": args.threads,
         "cpu_cores": os.cpu_count(),

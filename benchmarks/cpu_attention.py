@@ -1,6 +1,6 @@
 """CPU paged decode attention: the plain-torch reference against vivace's CPU path, per layer.
 
-python benchmarks/cpu_attention.py   (prints a table; shapes of the MusicLM paper-size stages: 16 heads x 64)
+python -m benchmarks.cpu_attention   (prints a table; shapes of the MusicLM paper-size stages: 16 heads x 64)
 """
 from __future__ import annotations
 

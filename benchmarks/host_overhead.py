@@ -1,6 +1,6 @@
 """Host time to sample one decode step: vivace._C.sample vs the Python reference vivace.sampling.sample.
 
-Run from the repository root: python benchmarks/host_overhead.py
+Run from the repository root: python -m benchmarks.host_overhead
 Prints a table and writes benchmarks/results/host_overhead-<date>.json.
 """
 from __future__ import annotations
@@ -9,7 +9,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import cpu_model, git
 from vivace import _C
 from vivace.sampling import SamplingBatch, sample
 
@@ -30,24 +30,6 @@ LOGIT_STD = 3.0
 MIN_SECONDS = 0.25
 MIN_CALLS = {"native": 200, "python": 5}
 TARGET = dict(batch=64, vocab=1024, params="top_k=250", us_per_step=50.0)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def median_us(call, steps: list, kind: str) -> float:
@@ -122,7 +104,7 @@ def main() -> None:
         "device": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()},
-        "git_commit": git_commit(),
+        "git_commit": git("rev-parse", "HEAD"),
         "config": {"batches": BATCHES, "vocabs": VOCABS, "params": PARAMS, "logits": f"normal(0, {LOGIT_STD}) float32, whole vocabulary allowed",
                    "timing": f"median wall time of one call over >= {MIN_SECONDS} s and >= {MIN_CALLS} calls, step varied per call",
                    "native": "vivace._C.sample, numpy inputs, num_threads 1 and 0 (= hardware threads, capped by rows)",

@@ -209,7 +209,7 @@ def test_prefill_matches_reference(
 
 def test_prefill_fp16_head_dim_128_long_chunks() -> None:
     gen = torch.Generator().manual_seed(13)
-    context_lens, query_lens = [150, 90], [100, 90]  # several query tiles per sequence
+    context_lens = [150, 90]  # queries: the last 100 and 90 positions, several query tiles per sequence
     key_cache, value_cache, block_tables = paged_cache(context_lens, 16, 1, 128, torch.float16, gen)
     starts = torch.tensor([0, 100, 190], dtype=torch.int32)
     query = torch.randn(190, 1, 128, generator=gen).half()
