@@ -18,7 +18,7 @@ from torch import nn
 from vivace.codec import PaddedConv1d, TrimmedConvTranspose1d, dequantize
 from vivace.config import from_dict, to_dict
 from vivace.errors import PackError
-from vivace.weights import expected_shapes, fold_weight_norm, split_weight_norm
+from vivace.weights import check_tensors, expected_shapes, fold_weight_norm, split_weight_norm
 
 NormType = Literal["weight_norm", "time_group_norm"]
 PAD_MODES = ("constant", "reflect", "replicate", "circular")
@@ -192,12 +192,11 @@ def load_encodec_decoder(
     device: str | torch.device = "cpu", where: str | Path = "encodec",
 ) -> EncodecDecoder:
     """Checks every stored tensor's name, shape and values (the first mismatch is named), folds the weight norm."""
-    from vivace.pack import _check_tensors  # deferred: pack.py is where MusicGen packs will import this module
 
     config.validate()
     with torch.device("meta"):
         module = EncodecDecoder(config)
-    _check_tensors("codec", Path(where), stored, expected_shapes(encodec_stored_form(module)))
+    check_tensors("codec", Path(where), stored, expected_shapes(encodec_stored_form(module)))
     module.load_state_dict(fold_weight_norm(stored), strict=True, assign=True)
     module = module.to(device=device, dtype=dtype).eval()
     module.lstm.flatten_parameters()  # cuDNN wants one contiguous weight chunk; a no-op on the CPU

@@ -23,7 +23,7 @@ from vivace.errors import PackError
 from vivace.layout import MusicLMLayout
 from vivace.text import BuiltinTextEncoder, TextConditioner, TransformersTextEncoder
 from vivace.transformer import StageTransformer
-from vivace.weights import expected_shapes, fold_weight_norm, fuse_attention, split_weight_norm, unfuse_attention
+from vivace.weights import check_tensors, expected_shapes, fold_weight_norm, fuse_attention, split_weight_norm, unfuse_attention
 
 if TYPE_CHECKING:
     from vivace.musicgen_pack import MusicGenPack
@@ -176,20 +176,6 @@ def _transformers_encoder(config: TextConfig, path: Path) -> nn.Module:
     return TransformersTextEncoder(config, directory)
 
 
-def _check_tensors(component: str, file: Path, stored: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
-    for name, shape in expected.items():
-        if name not in stored:
-            raise PackError(f"{file}: missing tensor {name!r} of component {component!r}")
-        if tuple(stored[name].shape) != shape:
-            raise PackError(f"{file}: tensor {name!r} has shape {list(stored[name].shape)}, expected {list(shape)}")
-    for name in stored:
-        if name not in expected:
-            raise PackError(f"{file}: unexpected tensor {name!r} in component {component!r}")
-    for name, tensor in stored.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise PackError(f"{file}: tensor {name!r} holds NaN or infinite values")
-
-
 def _load_component(path: Path, component: str, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     file = path / f"{component}.safetensors"
     if not file.is_file():
@@ -198,7 +184,7 @@ def _load_component(path: Path, component: str, expected: dict[str, tuple[int, .
         stored = load_file(file)
     except (SafetensorError, OSError) as exc:
         raise PackError(f"{file}: unreadable ({exc})") from None
-    _check_tensors(component, file, stored, expected)
+    check_tensors(component, file, stored, expected)
     return stored
 
 

@@ -6,7 +6,11 @@ weight norm into plain convolution weights, so every runtime path reads fused we
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from vivace.errors import PackError
 
 _SELF_PARTS = ("q_proj", "k_proj", "v_proj")
 _CROSS_PARTS = ("k_proj", "v_proj")
@@ -74,3 +78,19 @@ def fold_weight_norm(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def expected_shapes(stored_form: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in stored_form.items()}
+
+
+def check_tensors(component: str, file: Path, stored: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Stored tensors against the expected names and shapes: the first missing, mis-shaped, unexpected or
+    non-finite tensor is named."""
+    for name, shape in expected.items():
+        if name not in stored:
+            raise PackError(f"{file}: missing tensor {name!r} of component {component!r}")
+        if tuple(stored[name].shape) != shape:
+            raise PackError(f"{file}: tensor {name!r} has shape {list(stored[name].shape)}, expected {list(shape)}")
+    for name in stored:
+        if name not in expected:
+            raise PackError(f"{file}: unexpected tensor {name!r} in component {component!r}")
+    for name, tensor in stored.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise PackError(f"{file}: tensor {name!r} holds NaN or infinite values")

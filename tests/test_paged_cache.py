@@ -4,27 +4,13 @@ import random
 import pytest
 import torch
 
-from vivace.config import TransformerConfig
 from vivace.kv_cache import BlockAllocator, KVCachePool
+from stage_models import make_model
 from vivace.transformer import AttentionBatch, CrossBatch, StageTransformer
 
 # float32 throughout: the paged and dense paths sum the same products in different orders, so agreement
 # is at rounding level (~1e-6 relative); 1e-5 leaves room without hiding an indexing error (those are O(1)).
 RTOL = 1e-5
-
-
-def make_model(position: str, cross: bool = False, seed: int = 0) -> StageTransformer:
-    torch.manual_seed(seed)
-    config = TransformerConfig(
-        num_layers=2, d_model=32, num_heads=4, d_ff=64, vocab_size=40, output_vocab_size=24,
-        position=position, max_positions=256, rel_num_buckets=8, rel_max_distance=16,
-        num_codebooks=2 if cross else 1, num_output_heads=2 if cross else 1,
-        cross_attention=cross, cross_dim=12 if cross else 0, attn_bias=cross, ffn_bias=cross,
-        norm="layernorm" if cross else "rmsnorm",
-    )
-    model = StageTransformer(config).eval()
-    model.refresh_derived()
-    return model
 
 
 class PagedDriver:

@@ -7,7 +7,7 @@ from vivace.config import SamplingParams
 from vivace.kv_cache import KVCachePool
 from vivace.sequence import Sequence, TimeMajorSchedule
 from vivace.stage_runner import StageRunner
-from test_paged_cache import make_model
+from stage_models import make_model
 
 SCHEDULE = TimeMajorSchedule(num_levels=2, codebook_size=12, input_offset=16)
 
