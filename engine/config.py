@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from vivace.errors import PackError, VivaceError
@@ -164,3 +166,14 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
 
 def to_dict(record: Any) -> dict[str, Any]:
     return dataclasses.asdict(record)
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; any failure is one PackError naming the file."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PackError(f"{file}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise PackError(f"{file}: expected a JSON object")
+    return data

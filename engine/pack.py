@@ -16,9 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-
 from vivace.codec import SoundStreamDecoder
-from vivace.config import CodecConfig, MusicLMConfig, PackConfig, TextConfig, TransformerConfig, from_dict, to_dict
+from vivace.config import CodecConfig, MusicLMConfig, PackConfig, TextConfig, TransformerConfig, from_dict, read_json_object, to_dict
 from vivace.errors import PackError
 from vivace.layout import MusicLMLayout
 from vivace.text import BuiltinTextEncoder, TextConditioner, TransformersTextEncoder
@@ -73,12 +72,9 @@ def read_manifest(path: str | Path) -> dict:
     manifest = path / "pack.json"
     if not manifest.is_file():
         raise PackError(f"{path}: not a pack (no pack.json)")
-    try:
-        data = json.loads(manifest.read_text())
-    except json.JSONDecodeError as exc:
-        raise PackError(f"{manifest}: invalid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise PackError(f"{manifest}: format is {data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT_NAME!r}")
+    data = read_json_object(manifest)
+    if data.get("format") != FORMAT_NAME:
+        raise PackError(f"{manifest}: format is {data.get('format')!r}, expected {FORMAT_NAME!r}")
     if data.get("version") != SCHEMA_VERSION:
         raise PackError(f"{manifest}: unknown pack version {data.get('version')!r} (this vivace reads version {SCHEMA_VERSION})")
     return data
@@ -112,7 +108,7 @@ def read_config(path: str | Path) -> PackConfig:
 def read_codec_onnx(path: str | Path) -> CodecOnnx | None:
     """The validated "codec_onnx" record of a pack (read_config has checked the rest of pack.json), or None."""
     path = Path(path)
-    data = json.loads((path / "pack.json").read_text()).get("codec_onnx")
+    data = read_json_object(path / "pack.json").get("codec_onnx")
     if data is None:
         return None
     record = from_dict(CodecOnnx, data, "codec_onnx")

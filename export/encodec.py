@@ -8,7 +8,6 @@ legacy `conv.weight_g` / `conv.weight_v`, or the parametrization's `conv.paramet
 """
 from __future__ import annotations
 
-import json
 import math
 import pickle
 from dataclasses import replace
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-
+from vivace.config import read_json_object
 from vivace.encodec import EncodecConfig, EncodecDecoder, encodec_stored_form
 from vivace.errors import PackError
 
@@ -128,11 +127,7 @@ def convert_encodec(src_dir: str | Path, dtype: torch.dtype = torch.float32) -> 
     manifest = src / "config.json"
     if not manifest.is_file():
         raise PackError(f"{src}: not a transformers model directory (no config.json)")
-    try:
-        data = json.loads(manifest.read_text())
-    except json.JSONDecodeError as exc:
-        raise PackError(f"{manifest}: invalid JSON ({exc})") from None
-    config = config_from_transformers(data, str(manifest))
+    config = config_from_transformers(read_json_object(manifest), str(manifest))
     file, state = _read_weights(src)
     return config, decoder_tensors(config, state, file, dtype=dtype)
 

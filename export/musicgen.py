@@ -7,7 +7,6 @@ the end, so a failed conversion leaves nothing behind.
 """
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 from pathlib import Path
@@ -16,8 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-
-from vivace.config import TransformerConfig
+from vivace.config import TransformerConfig, read_json_object
 from vivace.errors import PackError, VivaceError
 from vivace.export.encodec import _take, config_from_transformers, decoder_tensors
 from vivace.musicgen_pack import MusicGenConfig, MusicGenPackConfig, save_musicgen_pack, validate_musicgen_config
@@ -52,16 +50,6 @@ def resolve_source(src: str | Path) -> Path:
         raise VivaceError(f"{src}: not a local directory, and fetching it from the hub failed ({exc})") from None
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PackError(f"{file}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise PackError(f"{file}: expected a JSON object")
-    return data
-
-
 def _load_weight_file(file: Path) -> dict[str, torch.Tensor]:
     try:
         if file.suffix == ".safetensors":
@@ -81,7 +69,7 @@ def read_checkpoint(src: Path) -> tuple[Path, dict[str, torch.Tensor]]:
             return src / name, _load_weight_file(src / name)
         index = src / f"{name}.index.json"
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise PackError(f"{index}: no weight_map")
             state: dict[str, torch.Tensor] = {}
@@ -108,7 +96,7 @@ def _check_architecture(config: dict[str, Any], manifest: Path) -> None:
 
 def _special_ids(src: Path, decoder: Any, manifest: Path) -> None:
     """MusicGen's pad and decoder-start (BOS) ids must both be the extra embedding row, codebook_size."""
-    generation = _read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
+    generation = read_json_object(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
     start = generation.get("decoder_start_token_id", getattr(decoder, "decoder_start_token_id", None))
     start = decoder.bos_token_id if start is None else start
     pad = generation.get("pad_token_id", decoder.pad_token_id)
@@ -207,7 +195,7 @@ def convert_musicgen(
     manifest = source / "config.json"
     if not manifest.is_file():
         raise PackError(f"{source}: not a transformers model directory (no config.json)")
-    raw = _read_json(manifest)
+    raw = read_json_object(manifest)
     _check_architecture(raw, manifest)
     try:
         config = MusicgenConfig.from_pretrained(source, local_files_only=True)
