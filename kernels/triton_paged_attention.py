@@ -23,6 +23,15 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
 
 
 @triton.jit
+def _paged_tile(cache_ptr, block, row, head, dims, mask, stride_b, stride_r, stride_h):
+    """One head's [tokens, head_dim] tile of a paged cache, tokens given by their (block, row) slots."""
+    return tl.load(
+        cache_ptr + block[:, None] * stride_b + row[:, None] * stride_r + head * stride_h + dims[None, :],
+        mask=mask, other=0.0,
+    )
+
+
+@triton.jit
 def _store_kv_kernel(
     key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -107,8 +116,7 @@ def _decode_partition_kernel(
         block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         row = pos % BLOCK_SIZE
         mask2 = valid[:, None] & dim_mask[None, :]
-        k = tl.load(key_cache_ptr + block[:, None] * stride_kb + row[:, None] * stride_kr + head * stride_kh
-                    + dims[None, :], mask=mask2, other=0.0).to(tl.float32)
+        k = _paged_tile(key_cache_ptr, block, row, head, dims, mask2, stride_kb, stride_kr, stride_kh).to(tl.float32)
         s = tl.sum(k * q[None, :], axis=1)
         if HAS_BIAS:
             distance = tl.minimum(context_len - 1 - pos, max_distance)
@@ -118,8 +126,7 @@ def _decode_partition_kernel(
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new)
-        v = tl.load(value_cache_ptr + block[:, None] * stride_vb + row[:, None] * stride_vr + head * stride_vh
-                    + dims[None, :], mask=mask2, other=0.0).to(tl.float32)
+        v = _paged_tile(value_cache_ptr, block, row, head, dims, mask2, stride_vb, stride_vr, stride_vh).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l = l * alpha + tl.sum(p, axis=0)
         m = m_new
@@ -277,8 +284,7 @@ def _prefill_kernel(
         block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         row = pos % BLOCK_SIZE
         mask2 = valid[:, None] & dim_mask[None, :]
-        k = tl.load(key_cache_ptr + block[:, None] * stride_kb + row[:, None] * stride_kr + head * stride_kh
-                    + dims[None, :], mask=mask2, other=0.0).to(q.dtype)
+        k = _paged_tile(key_cache_ptr, block, row, head, dims, mask2, stride_kb, stride_kr, stride_kh).to(q.dtype)
         if UPCAST_DOT:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -294,8 +300,7 @@ def _prefill_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(value_cache_ptr + block[:, None] * stride_vb + row[:, None] * stride_vr + head * stride_vh
-                    + dims[None, :], mask=mask2, other=0.0).to(q.dtype)
+        v = _paged_tile(value_cache_ptr, block, row, head, dims, mask2, stride_vb, stride_vr, stride_vh).to(q.dtype)
         p_low = p.to(q.dtype)
         if UPCAST_DOT:
             pv = tl.dot(p_low.to(tl.float32), v.to(tl.float32), input_precision="ieee")

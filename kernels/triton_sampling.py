@@ -52,6 +52,17 @@ def _uniform_kernel(seed_ptr, stream_ptr, step_ptr, out_ptr, n, BLOCK: tl.conste
 
 
 @triton.jit
+def _nucleus_block(probs_row, rank, vocab, top_k, top_k_mass, top_p, carry, kept_carry):
+    """One block of sorted ranks: which are kept by top-k then top-p, their running kept mass, the carries."""
+    p = tl.load(probs_row + rank, mask=rank < vocab, other=0.0)
+    kept = tl.where((p > 0) & (rank < top_k), p, 0.0)
+    cumulative = tl.cumsum(kept, axis=0) + carry
+    keep = (kept > 0) & (((cumulative - kept) / top_k_mass < top_p) | (rank == 0))
+    kept_cumulative = tl.cumsum(tl.where(keep, p, 0.0), axis=0) + kept_carry
+    return keep, kept_cumulative, tl.max(cumulative, axis=0), tl.max(kept_cumulative, axis=0)
+
+
+@triton.jit
 def _draw_kernel(
     sorted_probs_ptr, order_ptr, top_k_ptr, top_p_ptr, seed_ptr, stream_ptr, step_ptr, out_ptr,
     vocab, stride_p, stride_o,
@@ -77,13 +88,9 @@ def _draw_kernel(
     num_kept = tl.zeros([], tl.int32)
     for first in range(0, vocab, BLOCK_V):
         rank = first + tl.arange(0, BLOCK_V)
-        p = tl.load(probs_row + rank, mask=rank < vocab, other=0.0)
-        kept = tl.where((p > 0) & (rank < top_k), p, 0.0)
-        cumulative = tl.cumsum(kept, axis=0) + carry
-        keep = (kept > 0) & (((cumulative - kept) / top_k_mass < top_p) | (rank == 0))
-        kept_cumulative = tl.cumsum(tl.where(keep, p, 0.0), axis=0) + kept_mass
-        carry = tl.max(cumulative, axis=0)
-        kept_mass = tl.max(kept_cumulative, axis=0)
+        keep, kept_cumulative, carry, kept_mass = _nucleus_block(
+            probs_row, rank, vocab, top_k, top_k_mass, top_p, carry, kept_mass
+        )
         num_kept += tl.sum(keep.to(tl.int32), axis=0)
 
     threshold = u * kept_mass
@@ -92,13 +99,9 @@ def _draw_kernel(
     kept_carry = tl.zeros([], tl.float64)
     for first in range(0, vocab, BLOCK_V):
         rank = first + tl.arange(0, BLOCK_V)
-        p = tl.load(probs_row + rank, mask=rank < vocab, other=0.0)
-        kept = tl.where((p > 0) & (rank < top_k), p, 0.0)
-        cumulative = tl.cumsum(kept, axis=0) + carry
-        keep = (kept > 0) & (((cumulative - kept) / top_k_mass < top_p) | (rank == 0))
-        kept_cumulative = tl.cumsum(tl.where(keep, p, 0.0), axis=0) + kept_carry
-        carry = tl.max(cumulative, axis=0)
-        kept_carry = tl.max(kept_cumulative, axis=0)
+        keep, kept_cumulative, carry, kept_carry = _nucleus_block(
+            probs_row, rank, vocab, top_k, top_k_mass, top_p, carry, kept_carry
+        )
         index += tl.sum(((kept_cumulative <= threshold) & (rank < vocab)).to(tl.int32), axis=0)
 
     index = tl.minimum(index, num_kept - 1)
