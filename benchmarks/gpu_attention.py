@@ -10,6 +10,7 @@ the plain-torch reference on this device. Results go to benchmarks/results/gpu_a
 from __future__ import annotations
 
 import argparse
+import functools
 import datetime
 import json
 import platform
@@ -126,8 +127,9 @@ def main() -> None:
                 partition = tpa._partition_size(batch, args.num_heads, tables.shape[1] * args.block_size)
                 for distance_bias in (None, bias):
                     ms = do_bench(
-                        lambda: tpa.paged_decode_attention(
-                            query, key_cache, value_cache, tables, lens, head_dim ** -0.5, distance_bias
+                        functools.partial(
+                            tpa.paged_decode_attention,
+                            query, key_cache, value_cache, tables, lens, head_dim ** -0.5, distance_bias,
                         ),
                         warmup=25, rep=200, return_mode="median",
                     )
