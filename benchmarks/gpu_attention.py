@@ -10,8 +10,8 @@ the plain-torch reference on this device. Results go to benchmarks/results/gpu_a
 from __future__ import annotations
 
 import argparse
-import functools
 import datetime
+import functools
 import json
 import platform
 import re
@@ -25,7 +25,6 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
-
 from vivace.kernels import paged_attention as ref  # noqa: E402
 from vivace.kernels import triton_paged_attention as tpa  # noqa: E402
 
