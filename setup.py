@@ -5,7 +5,7 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "vivace._C",
-        sorted(["csrc/module.cpp", "csrc/prob_buckets.cpp", "csrc/row_kernels.cpp", "csrc/rvq_schedule.cpp", "csrc/sampler.cpp", "csrc/sampler_bindings.cpp", "csrc/thread_pool.cpp", "csrc/torch_numerics.cpp"]),
+        sorted(["csrc/module.cpp", "csrc/paged_attention.cpp", "csrc/prob_buckets.cpp", "csrc/row_kernels.cpp", "csrc/rvq_schedule.cpp", "csrc/sampler.cpp", "csrc/sampler_bindings.cpp", "csrc/thread_pool.cpp", "csrc/torch_numerics.cpp"]),
         cxx_std=17,
         extra_compile_args=["-O3"],
     ),

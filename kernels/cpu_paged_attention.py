@@ -1,20 +1,23 @@
-"""Paged decode attention for the CPU: the reference's semantics with one gather and one attention call.
+"""Paged decode attention for the CPU: the reference's semantics (paged_attention.py) without its copies.
 
-The reference (paged_attention.py) gathers through advanced indexing and copies keys and values several
-times to upcast, mask and permute; on a CPU that copying, not the weights, dominated a decode step at long
-contexts and large batches. Here each context is gathered once with index_select (several times faster than
-advanced indexing on the CPU) and attended by one float32 scaled_dot_product_attention call on strided views,
-with the T5 bias (and the length mask) as its additive mask. Half-precision caches are upcast once after the
-gather: torch's CPU attention is several times slower in bfloat16 than in float32.
+float32 caches go to vivace._C.paged_decode_attention, a C++ kernel that reads each context in place through
+its block table (never a slot past its end) and runs a float32 softmax per (sequence, head), on torch's
+intra-op thread count once the contexts are long enough to pay for a second thread.
 
-Small batches of contexts are padded and attended together; large ones go sequence by sequence, because a
-padded gather of many megabytes is a fresh allocation that page-faults on every step.
+Other dtypes and devices take torch_decode_attention. Each context is gathered once with index_select (the
+reference's advanced indexing is several times slower on the CPU) and attended by one float32
+scaled_dot_product_attention call on strided views, with the T5 bias (and the length mask) as its additive
+mask. Half-precision caches are upcast once after the gather: torch's CPU attention is several times slower
+in bfloat16 than in float32. Small batches of contexts are padded and attended together; large ones go
+sequence by sequence, because a padded gather of many megabytes is a fresh allocation that page-faults on
+every step.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from vivace._C import paged_decode_attention as _native_decode
 from vivace.kernels.paged_attention import paged_prefill_attention, store_kv
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kv"]
@@ -40,6 +43,27 @@ def paged_decode_attention(
     scale: float,
     distance_bias: torch.Tensor | None = None,  # [num_heads, max_distance + 1]
 ) -> torch.Tensor:
+    if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (query, key_cache, value_cache)):
+        out = _native_decode(
+            query.contiguous().numpy(), key_cache.numpy(), value_cache.numpy(),
+            block_tables.to(torch.int32).contiguous().numpy(), context_lens.to(torch.int32).contiguous().numpy(),
+            scale, None if distance_bias is None else distance_bias.float().contiguous().numpy(),
+            torch.get_num_threads(),
+        )
+        return torch.from_numpy(out)
+    return torch_decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale, distance_bias)
+
+
+def torch_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    distance_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The torch path, for any dtype and device."""
     num_seqs, num_heads, head_dim = query.shape
     block_size = key_cache.shape[1]
     lens = context_lens.tolist()

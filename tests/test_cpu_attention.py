@@ -1,7 +1,8 @@
-"""The CPU decode path against the plain-torch reference (both its padded and its per-sequence form)."""
+"""The CPU decode paths (the C++ kernel for float32, torch's for the rest) against the plain-torch reference."""
 import pytest
 import torch
 
+from vivace import _C
 from vivace.kernels import cpu_paged_attention as cpu
 from vivace.kernels import paged_attention as ref
 
@@ -10,15 +11,9 @@ from vivace.kernels import paged_attention as ref
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size", [1, 16, 32])
-@pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("padded_limit", [0, 1 << 40])  # every batch per sequence / every batch padded
-def test_decode_matches_reference(monkeypatch, dtype, block_size, with_bias, padded_limit) -> None:
-    monkeypatch.setattr(cpu, "PADDED_GATHER_LIMIT", padded_limit)
-    gen = torch.Generator().manual_seed(block_size + 7 * with_bias)
-    heads, head_dim = 4, 16
-    lengths = [1, 37, block_size, 90, 5]
+def paged_case(seed: int, lengths: list[int], block_size: int, heads: int, head_dim: int, dtype=torch.float32):
+    """query, key_cache, value_cache, block_tables, context_lens: blocks in random order, every unused slot NaN."""
+    gen = torch.Generator().manual_seed(seed)
     per_seq = [-(-n // block_size) for n in lengths]
     num_blocks = sum(per_seq) + 6
     key_cache = torch.full((num_blocks, block_size, heads, head_dim), float("nan"), dtype=dtype)
@@ -32,11 +27,89 @@ def test_decode_matches_reference(monkeypatch, dtype, block_size, with_bias, pad
         key_cache.view(-1, heads, head_dim)[rows] = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
         value_cache.view(-1, heads, head_dim)[rows] = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
     query = torch.randn(len(lengths), heads, head_dim, generator=gen).to(dtype)
-    bias = torch.randn(heads, 33, generator=gen) if with_bias else None
-    lens = torch.tensor(lengths, dtype=torch.int32)
-    out = cpu.paged_decode_attention(query, key_cache, value_cache, tables, lens, 0.3, bias)
+    return query, key_cache, value_cache, tables, torch.tensor(lengths, dtype=torch.int32)
+
+
+def reference(query, key_cache, value_cache, tables, lens, scale, bias) -> torch.Tensor:
     # the reference zeroes unused value slots but computes scores on them, so it gets NaN-free caches
-    expected = ref.paged_decode_attention(query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0), tables, lens, 0.3, bias)
+    return ref.paged_decode_attention(query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0), tables, lens, scale, bias)
+
+
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("padded_limit", [0, 1 << 40])  # every batch per sequence / every batch padded
+def test_torch_path_matches_reference(monkeypatch, dtype, block_size, with_bias, padded_limit) -> None:
+    monkeypatch.setattr(cpu, "PADDED_GATHER_LIMIT", padded_limit)
+    args = paged_case(block_size + 7 * with_bias, [1, 37, block_size, 90, 5], block_size, 4, 16, dtype)
+    bias = torch.randn(4, 33, generator=torch.Generator().manual_seed(block_size)) if with_bias else None
+    out = cpu.torch_decode_attention(*args, 0.3, bias)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    error = ((out.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
-    assert error <= TOLERANCE[dtype]
+    assert relative_error(out, reference(*args, 0.3, bias)) <= TOLERANCE[dtype]
+
+
+def test_half_precision_takes_the_torch_path() -> None:
+    args = paged_case(3, [1, 40, 17], 16, 4, 16, torch.bfloat16)
+    assert torch.equal(cpu.paged_decode_attention(*args, 0.3), cpu.torch_decode_attention(*args, 0.3))
+
+
+def batch_lengths(batch: int, block_size: int, seed: int) -> list[int]:
+    """Ragged lengths with a context of 1 and one of exactly four blocks."""
+    if batch == 1:
+        return [4 * block_size]
+    rest = torch.randint(1, 300, (batch - 2,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [1, 4 * block_size, *rest]
+
+
+# The kernel's logits match the reference's float32 dot products to ~sqrt(head_dim) * 2**-24 of |q||k|, its exp
+# is within 1 ulp and it sums weights and weighted values in float64 (per block in float32); the reference sums
+# in float32 over up to 300 keys. Both land ~1e-6 of the largest output apart; 1e-5 leaves room for the order.
+@pytest.mark.parametrize("head_dim", [24, 64, 128])  # 24: sixteen lanes and a tail
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("batch", [1, 3, 17])
+@pytest.mark.parametrize("bias_width", [0, 33])  # 33: saturates beyond distance 32
+def test_native_decode_matches_reference(head_dim, block_size, batch, bias_width) -> None:
+    seed = head_dim + block_size + batch + bias_width
+    args = paged_case(seed, batch_lengths(batch, block_size, seed), block_size, 4, head_dim)
+    bias = torch.randn(4, bias_width, generator=torch.Generator().manual_seed(seed)) * 2 if bias_width else None
+    out = cpu.paged_decode_attention(*args, head_dim**-0.5 * 2, bias)
+    assert out.dtype == torch.float32 and out.shape == args[0].shape and torch.isfinite(out).all()
+    assert relative_error(out, reference(*args, head_dim**-0.5 * 2, bias)) <= 1e-5
+
+
+def native(query, key_cache, value_cache, tables, lens, bias, threads: int) -> torch.Tensor:
+    arrays = (t.numpy() for t in (query, key_cache, value_cache, tables, lens))
+    return torch.from_numpy(_C.paged_decode_attention(*arrays, 0.125, bias.numpy(), threads))
+
+
+def test_native_rows_do_not_depend_on_batch_or_threads() -> None:
+    # long enough (2 * 6 * ~700 * 4 * 64 floats) that 2 and 4 threads are really used, split by heads
+    query, key_cache, value_cache, tables, lens = paged_case(5, [700, 1, 650, 800, 33, 720], 16, 4, 64)
+    bias = torch.randn(4, 129)
+    single = native(query, key_cache, value_cache, tables, lens, bias, 1)
+    for threads in (2, 4):
+        assert torch.equal(native(query, key_cache, value_cache, tables, lens, bias, threads), single)
+    for s in range(len(lens)):
+        alone = native(query[s : s + 1], key_cache, value_cache, tables[s : s + 1], lens[s : s + 1], bias, 1)
+        assert torch.equal(alone[0], single[s])
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    shuffled = native(query[order], key_cache, value_cache, tables[order], lens[order], bias, 2)
+    assert torch.equal(shuffled, single[order])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(lens=torch.tensor([0, 40, 17], dtype=torch.int32)), "context_lens\\[0\\] = 0"),
+    (lambda a: a.update(lens=torch.tensor([1, 49, 17], dtype=torch.int32)), "context_lens\\[1\\] = 49"),
+    (lambda a: a["tables"].__setitem__((2, 1), 99), "block_tables\\[2, 1\\] = 99"),
+    (lambda a: a.update(key_cache=a["key_cache"].transpose(0, 1).contiguous().transpose(0, 1)), "C-contiguous"),
+    (lambda a: a.update(value_cache=a["value_cache"][:, :8].contiguous()), "same shape"),
+])
+def test_native_rejects_bad_inputs(change, message) -> None:
+    args = dict(zip(["query", "key_cache", "value_cache", "tables", "lens"], paged_case(4, [1, 40, 17], 16, 4, 16)))
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        cpu.paged_decode_attention(*args.values(), 0.3)

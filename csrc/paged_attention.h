@@ -1,0 +1,31 @@
+#pragma once
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+namespace vivace {
+
+// One float32 decode step over a paged KV cache (NHD: [num_blocks, block_size, num_heads, head_dim]), with
+// the semantics of vivace.kernels.paged_attention.paged_decode_attention. Only the first context_lens[s]
+// slots of sequence s are read. distance_bias, when not null, is [num_heads, bias_width].
+struct PagedDecode {
+  const float* query;  // [num_seqs, num_heads, head_dim]
+  const float* key_cache;
+  const float* value_cache;
+  const int32_t* block_tables;  // [num_seqs, max_blocks]
+  const int32_t* context_lens;  // [num_seqs], each in [1, max_blocks * block_size]
+  const float* distance_bias;
+  float* out;  // [num_seqs, num_heads, head_dim]
+  int64_t num_seqs, num_heads, head_dim, block_size, max_blocks, bias_width;
+  float scale;
+};
+
+// Runs every (sequence, head) on up to `threads` threads; each output row depends only on its own inputs, not on
+// the batch or `threads`. Lengths and block ids are not checked here (the binding checks them). Throws
+// std::bad_alloc if its scratch cannot grow.
+void paged_decode_attention(const PagedDecode& problem, int threads);
+
+// _C.paged_decode_attention.
+void register_paged_attention(pybind11::module_& m);
+
+}  // namespace vivace
