@@ -103,6 +103,9 @@ class TextConfig:
     num_levels: int = 12
     codebook_size: int = 1024
     max_length: int = 64  # transformers: tokenizer truncation
+    # transformers: an installed Python package whose model/ folder holds the encoder, instead of the pack's text/
+    # folder (keeps a large, shared encoder out of the pack)
+    encoder_package: str = ""
 
 
 @dataclass(frozen=True)

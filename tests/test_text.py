@@ -52,3 +52,25 @@ def test_transformers_tower_in_pack(bert_dir: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(pack.text.embed(prompts), embedding, rtol=1e-5, atol=1e-6)
     audio = Engine.from_pack(pack_dir).generate(prompts[0], 0.6, seed=1)
     assert audio.shape == (1, round(0.6 * 24000)) and np.isfinite(audio).all()
+
+
+def test_transformers_tower_from_an_installed_package(bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from dataclasses import replace
+
+    from vivace.errors import PackError
+    from vivace.pack import save_pack
+
+    package = tmp_path / "site" / "fake_text_tower"
+    shutil.copytree(bert_dir, package / "model")
+    (package / "__init__.py").write_text("")
+    in_pack = load_pack(random_pack(tmp_path / "in_pack", text_model=bert_dir))
+    config = replace(in_pack.config, text=replace(in_pack.config.text, encoder_package="fake_text_tower"))
+    out = save_pack(tmp_path / "by_package", config, in_pack.stages, in_pack.codec, in_pack.text)
+    assert not (out / "text").exists()
+    with pytest.raises(PackError, match="'fake_text_tower' is not installed"):
+        load_pack(out)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    by_package = load_pack(out)
+    prompts = ["slow piano in d minor", "fast jazz trio"]
+    torch.testing.assert_close(by_package.text.embed(prompts), in_pack.text.embed(prompts), rtol=0, atol=0)
