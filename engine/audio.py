@@ -1,4 +1,5 @@
-"""WAV output that never leaves a partial file: checked before generation, written to a temp file, renamed."""
+"""WAV output that never leaves a partial file (checked before generation, written to a temp file, renamed), and
+reading reference audio."""
 from __future__ import annotations
 
 import os
@@ -39,3 +40,15 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """A sound file (WAV, FLAC, ... as soundfile reads them) -> float32 PCM [channels, samples] and its sample rate."""
+    path = Path(path)
+    if not path.is_file():
+        raise VivaceError(f"audio file {path} does not exist")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as exc:
+        raise VivaceError(f"{path}: unreadable audio ({exc})") from None
+    return np.ascontiguousarray(data.T), int(rate)

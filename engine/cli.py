@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, dest="top_k")
     gen.add_argument("--top-p", type=float, dest="top_p")
     gen.add_argument("--guidance", type=float, dest="guidance_scale", help="MusicGen: classifier-free guidance scale (1 = off)")
+    gen.add_argument("--melody", help="MusicGen-Melody: a reference sound file (WAV, FLAC, ...) whose chroma conditions the music")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--quantize", choices=["int8"], help="int8 weight-only stage linears")
@@ -49,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert a checkpoint of another format into a pack")
     families = convert.add_subparsers(dest="family", required=True)
-    musicgen = families.add_parser("musicgen", help="a transformers MusicgenForConditionalGeneration directory (or hub id)")
+    musicgen = families.add_parser(
+        "musicgen", help="a transformers MusicgenForConditionalGeneration or MusicgenMelodyForConditionalGeneration directory (or hub id)",
+    )
     musicgen.add_argument("src")
     musicgen.add_argument("output")
     musicgen.add_argument("--window", type=float, default=30.0, help="seconds one decoder window generates")
@@ -77,6 +80,8 @@ def _generate(args: argparse.Namespace) -> None:
     engine = Engine.from_pack(args.pack, device=args.device, dtype=args.dtype, quantize=args.quantize)
     keys = ("temperature", "top_k", "top_p", "guidance_scale")
     sampling = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.melody is not None:
+        sampling["melody"] = args.melody
     events = engine.events(prompt, args.duration, seed=args.seed, **sampling)
     show = not args.quiet and sys.stderr.isatty()
     bars: dict = {}

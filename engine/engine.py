@@ -139,6 +139,8 @@ class Engine:
 
     def _sampling(self, overrides: dict[str, Any]) -> dict[str, SamplingParams]:
         stage_overrides = overrides.pop("stage_sampling", None) or {}
+        if any(overrides.pop(key, None) is not None for key in ("melody", "melody_sample_rate")):
+            raise VivaceError(f"pack {self.config.name!r} is a MusicLM pack: a melody needs a MusicGen-Melody pack")
         unknown = sorted(set(overrides) - set(SAMPLING_KEYS))
         if unknown:
             raise VivaceError(f"unknown sampling argument {unknown[0]!r} (expected {', '.join(SAMPLING_KEYS)} or stage_sampling)")

@@ -5,6 +5,10 @@ layer) and kept for the whole generation. With guidance (scale > 1) the row runs
 a null-condition twin in the same batch and KV pool; their logits mix as null + (cond - null) * scale and one
 token per codebook is drawn for the pair, as transformers' generate does.
 
+MusicGen-Melody (vivace.musicgen_melody) is conditioned by a prefix of input embeddings instead of cross-attention:
+the chroma of a reference audio and the text states, in front of the codes; the null twin reads the null chroma
+and zeroed text states. The prefix occupies the first positions and cache slots of every window's sequence.
+
 Delay pattern: codebook k is shifted right by k steps behind a BOS column, so a window of T frames is T + K - 1
 steps; positions before codebook k starts and after it ends hold the pad/BOS id and are forced, whatever the
 heads draw (transformers' build_delay_pattern_mask / apply_delay_pattern_mask).
@@ -17,8 +21,8 @@ decode is what transformers' decode returns.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +30,7 @@ import torch
 from vivace._C import delay_pattern, undelay_pattern
 from vivace.config import SamplingParams
 from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
+from vivace.musicgen_melody import MelodyPrefixes
 from vivace.musicgen_pack import MusicGenPack
 from vivace.sampling import stream_id
 from vivace.sequence import CrossCondition, DelaySchedule, Sequence
@@ -43,6 +48,17 @@ class MusicGenRequest:
     seed: int
     sampling: SamplingParams
     guidance_scale: float  # > 1: classifier-free guidance; 1: the conditional logits alone
+    melody: torch.Tensor | None = field(default=None, compare=False)  # melody packs: mono, at the chroma extractor's rate
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a row's sequences read besides their codes (cross-attention keys/values, or a prefix of input
+    embeddings) and the cache salt that keeps cached blocks of other conditions apart."""
+
+    salt: Hashable
+    cross: CrossCondition | None = None
+    prefix: torch.Tensor | None = None
 
 
 @dataclass
@@ -51,8 +67,9 @@ class RowState:
     plan: list[Window]
     codes: np.ndarray  # [num_codebooks, frames], -1 until generated
     text_ids: tuple[int, ...]
-    cross: CrossCondition
-    null_cross: CrossCondition | None
+    text_states: torch.Tensor  # [tokens, d_model], projected, float32
+    condition: Condition | None  # the same for every window (None: a melody that changes per window)
+    null: Condition | None  # guidance's null condition
     next_window: int = 0
     active: tuple[Sequence, Window] | None = None
     done_frames: int = 0
@@ -76,6 +93,7 @@ class MusicGenPipeline:
         self.config = pack.config
         self.runner = runner
         self.device = runner.device
+        self.melody = MelodyPrefixes(pack) if pack.config.melody is not None else None
         self._next_seq_id = 0
 
     def plan(self, frames: int) -> list[Window]:
@@ -89,27 +107,43 @@ class MusicGenPipeline:
         ]
 
     @torch.inference_mode()
-    def _condition(self, prompt: str, guided: bool) -> tuple[tuple[int, ...], CrossCondition, CrossCondition | None]:
-        """The prompt's cross-attention keys/values; the null condition is transformers' zeroed encoder states
-        under an all-zero attention mask."""
+    def _cross(self, states: torch.Tensor, salt: Hashable, attend: bool) -> Condition:
+        """Cross-attention keys/values of encoder states; masked out (attend False) for the null condition."""
         decoder = self.pack.decoder
-        dtype = next(decoder.parameters()).dtype
-        states, ids = self.pack.text.encode(prompt)
-        states = states.to(self.device, dtype)
+        states = states.to(self.device, next(decoder.parameters()).dtype)
+        keys, values = decoder.encode_cross(states.unsqueeze(0))
+        mask = torch.full((states.shape[0],), attend, dtype=torch.bool, device=self.device)
+        return Condition(salt, cross=CrossCondition([k[0] for k in keys], [v[0] for v in values], mask))
 
-        def condition(encoder_states: torch.Tensor, attend: bool) -> CrossCondition:
-            keys, values = decoder.encode_cross(encoder_states.unsqueeze(0))
-            mask = torch.full((encoder_states.shape[0],), attend, dtype=torch.bool, device=self.device)
-            return CrossCondition([k[0] for k in keys], [v[0] for v in values], mask)
-
-        null = condition(torch.zeros_like(states), False) if guided else None
-        return tuple(ids), condition(states, True), null
+    def _prefix(self, chroma: torch.Tensor, states: torch.Tensor, salt: Hashable) -> Condition:
+        assert self.melody is not None
+        return Condition((*salt, self.melody.key(chroma)), prefix=self.melody.prefix(chroma, states))
 
     def _row_state(self, request: MusicGenRequest) -> RowState:
+        """The text is encoded once per row. The null condition is transformers': zeroed encoder states under an
+        all-zero attention mask (MusicGen), the null chroma and zeroed text states (MusicGen-Melody)."""
         frames = self.config.frames(request.duration_s)
-        ids, cross, null = self._condition(request.prompt, request.guidance_scale > 1)
+        states, ids = self.pack.text.encode(request.prompt)
+        guided = request.guidance_scale > 1
+        salt, null_salt = ("text", request.prompt), ("null", len(ids))
+        plan = self.plan(frames)
+        condition: Condition | None
+        if self.melody is None:
+            condition = self._cross(states, salt, True)
+            null = self._cross(torch.zeros_like(states), null_salt, False) if guided else None
+        else:
+            null = self._prefix(self.melody.chroma(None, None), torch.zeros_like(states), null_salt) if guided else None
+            per_window = request.melody is not None and len(plan) > 1
+            condition = None if per_window else self._prefix(self.melody.chroma(request.melody, None), states, salt)
         codes = np.full((self.config.num_codebooks, frames), -1, dtype=np.int64)
-        return RowState(request, self.plan(frames), codes, ids, cross, null)
+        return RowState(request, plan, codes, tuple(ids), states, condition, null)
+
+    def _condition(self, state: RowState, window: Window) -> Condition:
+        if state.condition is not None:
+            return state.condition
+        assert self.melody is not None
+        chroma = self.melody.chroma(state.request.melody, window.prefix_start / self.config.frame_rate)
+        return self._prefix(chroma, state.text_states, ("text", state.request.prompt))
 
     def _sequence(self, state: RowState, window: Window) -> Sequence:
         request = state.request
@@ -119,17 +153,18 @@ class MusicGenPipeline:
         prompt = [tuple(int(i) for i in column) for column in grid[:, : prompt_frames + 1].T]
         schedule = DelaySchedule(grid, prompt_frames + 1, self.config.pad_id)
 
-        def make(cross: CrossCondition, salt: tuple) -> Sequence:
+        def make(condition: Condition) -> Sequence:
             self._next_seq_id += 1
             return Sequence(
                 seq_id=self._next_seq_id, prompt=prompt, max_new_tokens=grid.shape[1] - len(prompt), schedule=schedule,
                 sampling=request.sampling, seed=request.seed, stream=stream_id(window.index),
-                priority=(window.new_start, request.row), cross=cross, cache_salt=salt,
+                priority=(window.new_start, request.row), cross=condition.cross, cache_salt=condition.salt,
+                prefix=condition.prefix,
             )
 
-        seq = make(state.cross, ("text", request.prompt))
-        if state.null_cross is not None:
-            seq.guide(make(state.null_cross, ("null", len(state.text_ids))), request.guidance_scale)
+        seq = make(self._condition(state, window))
+        if state.null is not None:
+            seq.guide(make(state.null), request.guidance_scale)
         return seq
 
     def _schedule(self, states: list[RowState]) -> list[Event]:
@@ -154,7 +189,7 @@ class MusicGenPipeline:
             if state.active is None or state.active[0] not in finished:
                 continue
             seq, window = state.active
-            codes = undelayed(np.asarray(seq.rows, dtype=np.int64).T)
+            codes = undelayed(np.asarray(seq.rows[seq.prefix_len :], dtype=np.int64).T)
             new = codes[:, window.new_start - window.prefix_start :]
             state.codes[:, window.new_start : window.new_end] = new
             state.done_frames = window.new_end

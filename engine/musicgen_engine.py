@@ -1,4 +1,5 @@
-"""The Engine API over a MusicGen pack: generate / stream / events with guidance_scale and the sampling overrides."""
+"""The Engine API over a MusicGen pack: generate / stream / events with guidance_scale, the sampling overrides and,
+for MusicGen-Melody packs, a reference melody."""
 from __future__ import annotations
 
 import math
@@ -8,11 +9,13 @@ from typing import Any
 
 import torch
 
+from vivace.config import to_dict
 from vivace.engine import SAMPLING_KEYS, Engine, PromptLike, Story, _check_prompt, _check_seconds
 from vivace.errors import VivaceError
 from vivace.events import Event
 from vivace.kv_cache import KVCachePool
 from vivace.musicgen import STAGE, MusicGenPipeline, MusicGenRequest
+from vivace.musicgen_melody import MelodyLike, load_melody
 from vivace.musicgen_pack import MusicGenPack
 from vivace.stage_runner import StageRunner
 
@@ -33,27 +36,54 @@ class MusicGenEngine(Engine):
         self.block_size = block_size
         self.kv_cache_gb = kv_cache_gb
 
-    def max_sequence_tokens(self, stage: str = STAGE) -> int:
-        """Positions of the longest window: its frames plus the delay pattern's K - 1 steps and the BOS column."""
-        return self.config.frames(self.config.musicgen.window_s) + self.config.num_codebooks
+    def max_sequence_tokens(self, stage: str = STAGE, prefix: int = 0) -> int:
+        """Positions of the longest window: a melody prefix, its frames, the delay pattern's K - 1 steps and the BOS
+        column."""
+        return prefix + self.config.frames(self.config.musicgen.window_s) + self.config.num_codebooks
 
-    def _runner(self) -> StageRunner:
+    def prefix_tokens(self, prompt: str) -> int:
+        """Positions a melody pack's prefix takes for this prompt (chroma_length + its text tokens); 0 otherwise."""
+        melody = self.config.melody
+        return 0 if melody is None else melody.chroma_length + self.pack.text.num_tokens(prompt)
+
+    def _runner(self, prefix: int = 0) -> StageRunner:
         cfg = self.config.decoder
         per_block = KVCachePool.bytes_per_block(cfg.num_layers, self.block_size, cfg.num_heads, cfg.head_dim, self.dtype)
         budget = int(self.kv_cache_gb * 2**30 // per_block)
-        pair = 2 * -(-self.max_sequence_tokens() // self.block_size)  # a guided window runs as two rows
+        pair = 2 * -(-self.max_sequence_tokens(prefix=prefix) // self.block_size)  # a guided window runs as two rows
         if budget < pair:
             raise VivaceError(f"kv_cache_gb={self.kv_cache_gb} leaves room for {budget} KV blocks; one guided window needs {pair}")
         pool = KVCachePool(cfg.num_layers, min(budget, 64 * pair), self.block_size, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
         return StageRunner(STAGE, self.pack.decoder, pool, self.device)
 
+    def _melodies(self, melody: Any, sample_rate: Any, rows: int) -> list[torch.Tensor | None]:
+        """One reference per row (mono, at the chroma extractor's rate): a single melody serves every row, a list
+        gives each row its own (None: text only)."""
+        melody_config = self.config.melody
+        if melody_config is None:
+            if melody is not None or sample_rate is not None:
+                raise VivaceError(f"pack {self.config.name!r} is not a MusicGen-Melody pack: it takes no melody")
+            return [None] * rows
+        if sample_rate is not None and melody is None:
+            raise VivaceError("melody_sample_rate was given without a melody")
+        per_row: list[MelodyLike | None] = list(melody) if isinstance(melody, (list, tuple)) else [melody] * rows
+        if len(per_row) != rows:
+            raise VivaceError(f"got {len(per_row)} melodies for {rows} prompts")
+        loaded: dict[int, torch.Tensor] = {}  # the same melody object is read once
+        for item in per_row:
+            if item is not None and id(item) not in loaded:
+                loaded[id(item)] = load_melody(item, sample_rate, melody_config.chroma)
+        return [None if item is None else loaded[id(item)] for item in per_row]
+
     def requests(
         self, prompt: PromptLike, duration_s: float | None, seed: int | Sequence[int], sampling: dict[str, Any]
     ) -> list[MusicGenRequest]:  # type: ignore[override]
-        """Validates a call's arguments (sampling may hold guidance_scale) and turns them into one request per row."""
+        """Validates a call's arguments (sampling may hold guidance_scale, melody and melody_sample_rate) and turns
+        them into one request per row."""
         m = self.config.musicgen
         sampling = dict(sampling)
         guidance_scale = sampling.pop("guidance_scale", None)
+        melody, melody_rate = sampling.pop("melody", None), sampling.pop("melody_sample_rate", None)
         if isinstance(prompt, Story) or (isinstance(prompt, (list, tuple)) and any(not isinstance(p, str) for p in prompt)):
             raise VivaceError("story mode (segments with their own prompts) is not supported by MusicGen packs")
         rows = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
@@ -69,21 +99,32 @@ class MusicGenEngine(Engine):
             raise VivaceError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
         if unknown:
-            raise VivaceError(f"unknown sampling argument {unknown[0]!r} (expected guidance_scale, {', '.join(SAMPLING_KEYS)})")
+            expected = f"guidance_scale, {', '.join(SAMPLING_KEYS)}" + (", melody, melody_sample_rate" if self.config.melody else "")
+            raise VivaceError(f"unknown sampling argument {unknown[0]!r} (expected {expected})")
         params = replace(m.sampling, **{k: v for k, v in sampling.items() if v is not None})
         params.validate()
         seeds = self._seeds(seed, len(rows))
+        texts = [_check_prompt(text) for text in rows]
+        melodies = self._melodies(melody, melody_rate, len(rows))
         return [
-            MusicGenRequest(row, _check_prompt(text), duration, seeds[row], params, float(scale))
-            for row, text in enumerate(rows)
+            MusicGenRequest(row, text, duration, seeds[row], params, float(scale), melodies[row])
+            for row, text in enumerate(texts)
         ]
 
-    def events(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **sampling: Any) -> Iterator[Event]:
+    def events(
+        self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, *,
+        melody: MelodyLike | Sequence[MelodyLike | None] | None = None, melody_sample_rate: int | None = None,
+        **sampling: Any,
+    ) -> Iterator[Event]:
         """WindowStarted / WindowFinished per continuation window (stage "decoder", in frames), StageProgress per
         step and one AudioChunk per row once all its frames exist. sampling: guidance_scale (the pack's default
-        3.0; 1 turns guidance off), temperature (0 = greedy), top_k, top_p."""
-        requests = self.requests(prompt, duration_s, seed, sampling)
-        return MusicGenPipeline(self.pack, self._runner()).run(requests)
+        3.0; 1 turns guidance off), temperature (0 = greedy), top_k, top_p.
+
+        melody (MusicGen-Melody packs only; optional there): a sound file, or PCM [samples] / [channels, samples]
+        at melody_sample_rate, for every row, or a list with one per row (None: text only)."""
+        requests = self.requests(prompt, duration_s, seed, {**sampling, "melody": melody, "melody_sample_rate": melody_sample_rate})
+        prefix = max(self.prefix_tokens(r.prompt) for r in requests)
+        return MusicGenPipeline(self.pack, self._runner(prefix)).run(requests)
 
     def info(self) -> dict[str, Any]:
         c, d, m = self.config, self.config.decoder, self.config.musicgen
@@ -101,6 +142,7 @@ class MusicGenEngine(Engine):
             },
             "codec": {"levels": c.codec.num_levels, "codebook_size": c.codec.codebook_size, "hop_length": c.codec.hop_length},
             "text": type(self.pack.text.encoder).__name__,
+            **({"melody": to_dict(c.melody)} if c.melody is not None else {}),
             "guidance_scale": m.guidance_scale,
             "sampling": {"temperature": m.sampling.temperature, "top_k": m.sampling.top_k, "top_p": m.sampling.top_p},
             "window_s": m.window_s,

@@ -2,16 +2,20 @@
 
 decoder.safetensors     the decoder as a vivace stage in stored form (separate q/k/v): num_codebooks summed input
                         embeddings of codebook_size + 1 rows (the last is pad/BOS), sinusoidal positions,
-                        cross-attention in every layer, one output head per codebook
+                        cross-attention in every layer (none in a melody pack), one output head per codebook
 codec.safetensors       the EnCodec decoder in its stored form (vivace.encodec)
 projection.safetensors  transformers' enc_to_dec_proj, when the text encoder's width differs from the decoder's
+chroma_projection.safetensors   melody packs: audio_enc_to_dec_proj, when num_chroma differs from the decoder's width
 text/                   the transformers text encoder (T5) and its tokenizer, as save_pretrained wrote them
+
+A MusicGen-Melody pack has a "melody" record in pack.json: its condition is not cross-attention but a prefix of
+input embeddings (the projected chroma of a reference, then the projected text states) in front of the codes.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from vivace.chroma import ChromaConfig
 from vivace.config import SamplingParams, TransformerConfig, from_dict, to_dict
 from vivace.encodec import EncodecConfig, EncodecDecoder, encodec_config_from_dict, encodec_config_to_dict, encodec_stored_form, load_encodec_decoder
 from vivace.errors import PackError
@@ -28,8 +33,8 @@ from vivace.transformer import StageTransformer
 from vivace.weights import expected_shapes, fuse_attention
 
 FAMILY = "musicgen"
-DECODER, CODEC, PROJECTION = "decoder", "codec", "projection"
-TOP_KEYS = ("format", "version", "family", "name", "sample_rate", "decoder", "codec", "musicgen")
+DECODER, CODEC, PROJECTION, CHROMA_PROJECTION = "decoder", "codec", "projection", "chroma_projection"
+TOP_KEYS = ("format", "version", "family", "name", "sample_rate", "decoder", "codec", "musicgen", "melody")
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,22 @@ class MusicGenConfig:
 
 
 @dataclass(frozen=True)
+class MelodyConfig:
+    """MusicGen-Melody's prefix: chroma_length rows of projected chroma (a shorter chroma repeats, a longer one is
+    cut), then the projected text states."""
+
+    chroma_length: int = 235
+    projection: bool = True  # audio_enc_to_dec_proj maps num_chroma to d_model (present when they differ)
+    chroma: ChromaConfig = ChromaConfig()
+
+
+@dataclass(frozen=True)
 class MusicGenPackConfig:
     decoder: TransformerConfig
     codec: EncodecConfig
     musicgen: MusicGenConfig
     name: str = ""
+    melody: MelodyConfig | None = None  # a MusicGen-Melody pack
     family: str = field(default=FAMILY, init=False)
 
     @property
@@ -81,14 +97,17 @@ class MusicGenPack:
     decoder: StageTransformer
     codec: EncodecDecoder
     text: MusicGenText
+    chroma_projection: nn.Linear | None = None  # melody packs whose num_chroma differs from d_model
 
 
 def validate_musicgen_config(config: MusicGenPackConfig) -> None:
     d, m, codec = config.decoder, config.musicgen, config.codec
     d.validate(DECODER)
     codec.validate()
-    if d.position != "sinusoidal" or not d.cross_attention or d.norm != "layernorm" or not d.final_norm:
-        raise PackError("decoder: MusicGen needs sinusoidal positions, cross-attention, layernorm and a final norm")
+    if d.position != "sinusoidal" or d.norm != "layernorm" or not d.final_norm:
+        raise PackError("decoder: MusicGen needs sinusoidal positions, layernorm and a final norm")
+    if d.cross_attention == (config.melody is not None):
+        raise PackError(f"decoder: a {'melody' if config.melody else 'MusicGen'} pack needs cross_attention {config.melody is None}")
     if d.num_output_heads != d.num_codebooks:
         raise PackError(f"decoder: {d.num_codebooks} codebooks need as many output heads, got {d.num_output_heads}")
     if d.output_vocab_size != codec.codebook_size or d.vocab_size != codec.codebook_size + 1:
@@ -98,11 +117,13 @@ def validate_musicgen_config(config: MusicGenPackConfig) -> None:
         )
     if d.num_codebooks > codec.num_levels:
         raise PackError(f"decoder: {d.num_codebooks} codebooks but the codec has {codec.num_levels} levels")
-    if d.cross_dim != d.d_model or (m.text_hidden != d.d_model and not m.projection):
+    if (d.cross_attention and d.cross_dim != d.d_model) or (m.text_hidden != d.d_model and not m.projection):
         raise PackError(
-            f"decoder: cross-attention reads {d.cross_dim}-wide states; the text encoder gives {m.text_hidden} "
-            f"({'with' if m.projection else 'without'} a projection to d_model {d.d_model})"
+            f"decoder: the condition must be d_model {d.d_model} wide (cross_dim {d.cross_dim}); the text encoder gives "
+            f"{m.text_hidden} ({'with' if m.projection else 'without'} a projection)"
         )
+    if config.melody is not None:
+        validate_melody_config(config.melody, d.d_model)
     for key in ("window_s", "stride_s", "max_duration_s"):
         value = getattr(m, key)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or config.frames(value) <= 0:
@@ -112,6 +133,15 @@ def validate_musicgen_config(config: MusicGenPackConfig) -> None:
     if not isinstance(m.guidance_scale, (int, float)) or not m.guidance_scale >= 1:
         raise PackError(f"musicgen.guidance_scale must be >= 1, got {m.guidance_scale!r}")
     m.sampling.validate()
+
+
+def validate_melody_config(melody: MelodyConfig, d_model: int) -> None:
+    c = melody.chroma
+    for key, value in [("chroma_length", melody.chroma_length), *((f"chroma.{k}", getattr(c, k)) for k in vars(c))]:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise PackError(f"melody.{key} must be a positive integer, got {value!r}")
+    if not isinstance(melody.projection, bool) or (c.num_chroma != d_model and not melody.projection):
+        raise PackError(f"melody: {c.num_chroma} chroma bins need a projection to d_model {d_model}, got projection {melody.projection!r}")
 
 
 def config_to_json(config: MusicGenPackConfig) -> dict[str, Any]:
@@ -124,7 +154,16 @@ def config_to_json(config: MusicGenPackConfig) -> dict[str, Any]:
         "decoder": to_dict(config.decoder),
         "codec": encodec_config_to_dict(config.codec),
         "musicgen": to_dict(config.musicgen),
+        **({"melody": to_dict(config.melody)} if config.melody is not None else {}),
     }
+
+
+def _melody_from_dict(data: Any) -> MelodyConfig:
+    if not isinstance(data, dict):
+        raise PackError(f"melody: expected an object, got {type(data).__name__}")
+    record = dict(data)
+    chroma = from_dict(ChromaConfig, record.pop("chroma", {}), "melody.chroma")
+    return replace(from_dict(MelodyConfig, record, "melody"), chroma=chroma)
 
 
 def read_musicgen_config(path: str | Path) -> MusicGenPackConfig:
@@ -144,6 +183,7 @@ def read_musicgen_config(path: str | Path) -> MusicGenPackConfig:
         codec=encodec_config_from_dict(data["codec"], "codec"),
         musicgen=from_dict(MusicGenConfig, data["musicgen"], "musicgen"),
         name=str(data.get("name", "")),
+        melody=_melody_from_dict(data["melody"]) if "melody" in data else None,
     )
     if data["sample_rate"] != config.sample_rate:
         raise PackError(f"{manifest}: sample_rate {data['sample_rate']!r} differs from the codec's {config.sample_rate}")
@@ -151,8 +191,8 @@ def read_musicgen_config(path: str | Path) -> MusicGenPackConfig:
     return config
 
 
-def _projection(config: MusicGenPackConfig) -> nn.Linear:
-    return nn.Linear(config.musicgen.text_hidden, config.decoder.d_model)
+def _linear(path: Path, component: str, in_features: int, out_features: int) -> nn.Linear:
+    return _materialize(lambda: nn.Linear(in_features, out_features), lambda m: dict(m.state_dict()), dict, path, component)
 
 
 def load_musicgen_pack(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> MusicGenPack:
@@ -167,13 +207,15 @@ def load_musicgen_pack(path: str | Path, dtype: torch.dtype = torch.float32, dev
         expected = expected_shapes(encodec_stored_form(EncodecDecoder(config.codec)))
     stored = _load_component(path, CODEC, expected)
     codec = load_encodec_decoder(config.codec, stored, torch.float32, device, path / f"{CODEC}.safetensors")
-    projection = None
-    if config.musicgen.projection:
-        projection = _materialize(lambda: _projection(config), lambda m: dict(m.state_dict()), dict, path, PROJECTION)
+    d_model, melody = config.decoder.d_model, config.melody
+    projection = _linear(path, PROJECTION, config.musicgen.text_hidden, d_model) if config.musicgen.projection else None
+    chroma_projection = None
+    if melody is not None and melody.projection:
+        chroma_projection = _linear(path, CHROMA_PROJECTION, melody.chroma.num_chroma, d_model).to(device)
     if not (path / TEXT_MODEL_DIR).is_dir():
         raise PackError(f"{path}: missing the text encoder folder {TEXT_MODEL_DIR}/")
     text = MusicGenText(path / TEXT_MODEL_DIR, projection).to(device)
-    return MusicGenPack(path, config, decoder, codec, text)
+    return MusicGenPack(path, config, decoder, codec, text, chroma_projection)
 
 
 def save_musicgen_pack(
@@ -184,14 +226,20 @@ def save_musicgen_pack(
     projection: dict[str, torch.Tensor] | None,
     text_encoder: Any,
     tokenizer: Any,
+    chroma_projection: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes stored-form tensors, the text encoder and tokenizer (save_pretrained) and, last, pack.json."""
     validate_musicgen_config(config)
-    if (projection is not None) != config.musicgen.projection:
-        raise PackError(f"musicgen.projection is {config.musicgen.projection} but projection tensors were {'given' if projection else 'not given'}")
+    for key, flag, tensors in [
+        ("musicgen.projection", config.musicgen.projection, projection),
+        ("melody.projection", config.melody is not None and config.melody.projection, chroma_projection),
+    ]:
+        if (tensors is not None) != flag:
+            raise PackError(f"{key} is {flag} but its tensors were {'given' if tensors is not None else 'not given'}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    components = {DECODER: decoder, CODEC: codec, **({PROJECTION: projection} if projection is not None else {})}
+    optional = {PROJECTION: projection, CHROMA_PROJECTION: chroma_projection}
+    components = {DECODER: decoder, CODEC: codec, **{k: v for k, v in optional.items() if v is not None}}
     for component, tensors in components.items():
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / f"{component}.safetensors"))
     text_encoder.save_pretrained(path / TEXT_MODEL_DIR)

@@ -17,13 +17,22 @@ class MusicGenText(nn.Module):
     def __init__(self, directory: Path, projection: nn.Linear | None) -> None:
         super().__init__()
         from transformers import AutoModelForTextEncoding, AutoTokenizer
+        from transformers.utils import logging
 
+        bars = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()  # a weight-loading bar on stderr would break the CLI's one-line errors
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             self.encoder = AutoModelForTextEncoding.from_pretrained(directory, local_files_only=True).eval()
         except (OSError, ValueError) as exc:
             raise PackError(f"{directory}: the text encoder or tokenizer does not load ({exc})") from None
+        finally:
+            if bars:
+                logging.enable_progress_bar()
         self.projection = projection
+
+    def num_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer([prompt])["input_ids"][0])
 
     @torch.inference_mode()
     def encode(self, prompt: str) -> tuple[torch.Tensor, list[int]]:

@@ -116,11 +116,18 @@ class Sequence:
         priority: tuple[int, ...],
         cross: CrossCondition | None = None,
         cache_salt: Hashable = None,
+        prefix: torch.Tensor | None = None,
     ) -> None:
-        """cache_salt names what the keys and values depend on besides the tokens (the cross-attention condition):
-        cached prefix blocks are only shared between sequences with equal salts."""
+        """cache_salt names what the keys and values depend on besides the tokens (the cross-attention condition, a
+        prefix's embeddings): cached prefix blocks are only shared between sequences with equal salts.
+
+        prefix [P, d_model]: input embeddings of P leading positions, read by the model instead of token embeddings
+        (MusicGen-Melody's condition). They occupy cache slots like prompt tokens; their rows hold zeros."""
         self.seq_id = seq_id
-        self.rows: list[tuple[int, ...]] = [row if isinstance(row, tuple) else (row,) for row in prompt]
+        rows = [row if isinstance(row, tuple) else (row,) for row in prompt]
+        self.prefix = prefix
+        self.prefix_len = 0 if prefix is None else prefix.shape[0]
+        self.rows: list[tuple[int, ...]] = [(0,) * len(rows[0])] * self.prefix_len + rows
         self.prompt_len = len(self.rows)
         self.max_len = self.prompt_len + max_new_tokens
         self.schedule = schedule

@@ -22,7 +22,7 @@ from vivace.kv_cache import BlockAllocator, KVCachePool, block_rows, prefix_hash
 from vivace.kernels.dispatch import sample
 from vivace.sampling import SamplingBatch
 from vivace.sequence import CrossCondition, Sequence, SequenceStatus
-from vivace.transformer import AttentionBatch, CrossBatch, StageTransformer
+from vivace.transformer import AttentionBatch, CrossBatch, PrefixBatch, StageTransformer
 
 Sampler = Callable[[torch.Tensor, SamplingBatch], torch.Tensor]
 
@@ -211,6 +211,7 @@ class StageRunner:
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
             is_decode=is_decode,
             cross=self._cross_batch(members, query_start),
+            prefix=self._prefix_batch(members, query_start),
         )
         input_ids = torch.tensor(rows, dtype=torch.int64, device=device)
         hidden = self.model(input_ids, torch.tensor(positions, device=device), self.kv_caches, batch)
@@ -256,6 +257,19 @@ class StageRunner:
         counts = torch.tensor(np.diff(query_start), device=self.device)
         token_seq = torch.repeat_interleave(torch.arange(len(members), device=self.device), counts)
         return CrossBatch(cached.keys, cached.values, cached.enc_mask, token_seq)
+
+    def _prefix_batch(self, members: list[Sequence], query_start: list[int]) -> PrefixBatch | None:
+        """The prefix embeddings of the positions this forward computes: only prefills (a prompt's start) reach them."""
+        index: list[torch.Tensor] = []
+        embeds: list[torch.Tensor] = []
+        for i, seq in enumerate(members):
+            start = seq.length - (query_start[i + 1] - query_start[i])
+            if seq.prefix is not None and start < seq.prefix_len:
+                index.append(torch.arange(query_start[i], query_start[i] + seq.prefix_len - start))
+                embeds.append(seq.prefix[start:])
+        if not index:
+            return None
+        return PrefixBatch(torch.cat(index).to(self.device), torch.cat(embeds))
 
     @staticmethod
     def _sampling_batch(seqs: list[Sequence], num_heads: int) -> SamplingBatch:

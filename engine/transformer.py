@@ -28,8 +28,16 @@ class CrossBatch:
 
 
 @dataclass(frozen=True)
+class PrefixBatch:
+    """Input embeddings that replace the token embeddings of some of a forward's tokens (sequences' prefixes)."""
+
+    token_index: torch.Tensor  # [n] int64, positions in the forward's flattened tokens
+    embeds: torch.Tensor  # [n, d_model]
+
+
+@dataclass(frozen=True)
 class AttentionBatch:
-    """Where one forward's tokens sit in the paged cache."""
+    """Where one forward's tokens sit in the paged cache, and what conditions them besides their ids."""
 
     slot_mapping: torch.Tensor  # [num_tokens] int64
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
@@ -37,6 +45,7 @@ class AttentionBatch:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     is_decode: bool  # one query token per sequence
     cross: CrossBatch | None = None
+    prefix: PrefixBatch | None = None
 
 
 class Linear(nn.Linear):
@@ -168,11 +177,14 @@ class StageTransformer(nn.Module):
             table = distance_bias_table(self.rel_bias.weight.detach().float(), self.config.rel_max_distance)
             self.distance_bias = table.to(self.rel_bias.weight.device)
 
-    def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids [..., num_codebooks], positions [...] -> [..., d_model]."""
+    def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix: PrefixBatch | None = None) -> torch.Tensor:
+        """input_ids [..., num_codebooks], positions [...] -> [..., d_model]; prefix embeddings (flattened tokens
+        only) take the place of their tokens' embeddings and get positions like them."""
         h = self.embed[0](input_ids[..., 0])
         for c in range(1, len(self.embed)):
             h = h + self.embed[c](input_ids[..., c])
+        if prefix is not None:
+            h = h.index_copy(0, prefix.token_index, prefix.embeds.to(h.dtype))
         if self.pos_embed is not None:
             h = h + self.pos_embed(positions)
         elif self.config.position == "sinusoidal":
@@ -187,7 +199,7 @@ class StageTransformer(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         batch: AttentionBatch,
     ) -> torch.Tensor:
-        h = self.embed_tokens(input_ids, positions)
+        h = self.embed_tokens(input_ids, positions, batch.prefix)
         for i, layer in enumerate(self.layers):
             h = h + layer.attn(layer.attn_norm(h), kv_caches[i], batch, self.distance_bias)
             if layer.cross_attn is not None:

@@ -1,9 +1,11 @@
-"""A transformers MusicgenForConditionalGeneration checkpoint -> a vivace MusicGen pack (`vivace convert musicgen`).
+"""A transformers MusicgenForConditionalGeneration or MusicgenMelodyForConditionalGeneration checkpoint -> a vivace
+MusicGen pack (`vivace convert musicgen`).
 
 The source is a directory as save_pretrained writes it: config.json, model.safetensors or pytorch_model.bin (either
-may be sharded with an index), generation_config.json and the tokenizer files. Every tensor is checked by name,
-shape and finiteness and the first bad one is named; the output is written to a temporary folder and renamed at
-the end, so a failed conversion leaves nothing behind.
+may be sharded with an index), generation_config.json and the tokenizer files (and, for MusicGen-Melody, the feature
+extractor's preprocessor_config.json; facebook/musicgen-melody's settings when it is absent). Every tensor is checked
+by name, shape and finiteness and the first bad one is named; the output is written to a temporary folder and renamed
+at the end, so a failed conversion leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from vivace.chroma import ChromaConfig
 from vivace.config import TransformerConfig, read_json_object
 from vivace.errors import PackError, VivaceError
 from vivace.export.encodec import _take, config_from_transformers, decoder_tensors
-from vivace.musicgen_pack import MusicGenConfig, MusicGenPackConfig, save_musicgen_pack, validate_musicgen_config
+from vivace.musicgen_pack import MelodyConfig, MusicGenConfig, MusicGenPackConfig, save_musicgen_pack, validate_musicgen_config
 from vivace.pack import _stored_stage
 from vivace.positions import sinusoidal_embedding
 from vivace.transformer import StageTransformer
@@ -81,16 +84,14 @@ def read_checkpoint(src: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     raise PackError(f"{src}: no model.safetensors or pytorch_model.bin (nor a sharded index)")
 
 
-def _check_architecture(config: dict[str, Any], manifest: Path) -> None:
+def _is_melody(config: dict[str, Any], manifest: Path) -> bool:
     kind = config.get("model_type")
-    if kind == "musicgen":
-        return
-    architectures = config.get("architectures")
-    if kind == "musicgen_melody":
-        raise PackError(f"{manifest}: MusicGen-Melody checkpoints (model_type 'musicgen_melody') are not supported yet")
+    if kind in ("musicgen", "musicgen_melody"):
+        return kind == "musicgen_melody"
     raise PackError(
-        f"{manifest}: unknown architecture (model_type {kind!r}, architectures {architectures!r}); "
-        "vivace converts transformers MusicgenForConditionalGeneration checkpoints (model_type 'musicgen')"
+        f"{manifest}: unknown architecture (model_type {kind!r}, architectures {config.get('architectures')!r}); "
+        "vivace converts transformers MusicgenForConditionalGeneration and MusicgenMelodyForConditionalGeneration "
+        "checkpoints (model_type 'musicgen' or 'musicgen_melody')"
     )
 
 
@@ -105,10 +106,12 @@ def _special_ids(src: Path, decoder: Any, manifest: Path) -> None:
             raise PackError(f"{manifest}: {name} is {value!r}; MusicGen's delay pattern needs it to be vocab_size {decoder.vocab_size}")
 
 
-def decoder_config(decoder: Any, manifest: Path) -> TransformerConfig:
-    """The decoder as a vivace stage; cross-attention reads d_model-wide states (projected when the text differs)."""
+def decoder_config(decoder: Any, manifest: Path, melody: bool = False) -> TransformerConfig:
+    """The decoder as a vivace stage. MusicGen's cross-attention reads d_model-wide states (projected when the text
+    differs); MusicGen-Melody's decoder has no cross-attention (its condition is a prefix of input embeddings)."""
     if decoder.audio_channels != 1:
-        raise PackError(f"{manifest}: stereo MusicGen (audio_channels {decoder.audio_channels}) is not supported")
+        name = "MusicGen-Melody" if melody else "MusicGen"
+        raise PackError(f"{manifest}: stereo {name} (audio_channels {decoder.audio_channels}) is not supported")
     if decoder.activation_function != "gelu":
         raise PackError(f"{manifest}: decoder activation {decoder.activation_function!r} is not supported (only 'gelu')")
     return TransformerConfig(
@@ -116,7 +119,7 @@ def decoder_config(decoder: Any, manifest: Path) -> TransformerConfig:
         d_ff=decoder.ffn_dim, vocab_size=decoder.vocab_size + 1, output_vocab_size=decoder.vocab_size,
         num_codebooks=decoder.num_codebooks, num_output_heads=decoder.num_codebooks, position="sinusoidal",
         norm="layernorm", norm_eps=1e-5, activation="gelu", attn_bias=False, ffn_bias=False, final_norm=True,
-        cross_attention=True, cross_dim=decoder.hidden_size,
+        cross_attention=not melody, cross_dim=0 if melody else decoder.hidden_size,
     )
 
 
@@ -173,20 +176,43 @@ def text_encoder_from(text_config: Any, state: dict[str, torch.Tensor], file: Pa
     return model
 
 
-def projection_from(state: dict[str, torch.Tensor], file: Path, text_hidden: int, d_model: int, present: bool) -> dict[str, torch.Tensor] | None:
+def projection_from(
+    state: dict[str, torch.Tensor], file: Path, name: str, in_features: int, d_model: int, present: bool,
+) -> dict[str, torch.Tensor] | None:
+    """The nn.Linear `name` (enc_to_dec_proj, audio_enc_to_dec_proj), which transformers creates only when its input
+    width differs from d_model."""
     if not present:
-        if any(key.startswith("enc_to_dec_proj.") for key in state):
-            raise PackError(f"{file}: unexpected tensor 'enc_to_dec_proj.weight' (the text and decoder widths match)")
+        stray = next((key for key in state if key.startswith(f"{name}.")), None)
+        if stray is not None:
+            raise PackError(f"{file}: unexpected tensor {stray!r} (its input is already d_model {d_model} wide)")
         return None
-    shapes = {"weight": (d_model, text_hidden), "bias": (d_model,)}
-    return {leaf: _take(file, state, [f"enc_to_dec_proj.{leaf}"], shape)[1].float().contiguous() for leaf, shape in shapes.items()}
+    shapes = {"weight": (d_model, in_features), "bias": (d_model,)}
+    return {leaf: _take(file, state, [f"{name}.{leaf}"], shape)[1].float().contiguous() for leaf, shape in shapes.items()}
+
+
+def melody_config(src: Path, config: Any, d_model: int, manifest: Path) -> MelodyConfig:
+    """The chroma prefix's settings: config.json's num_chroma / chroma_length and the feature extractor's
+    preprocessor_config.json (facebook/musicgen-melody's settings when the file is absent)."""
+    file = src / "preprocessor_config.json"
+    extractor = read_json_object(file) if file.is_file() else {}
+    defaults = ChromaConfig()
+    rate = extractor.get("sampling_rate", defaults.sample_rate)
+    chunk = extractor.get("chunk_length", defaults.max_samples // defaults.sample_rate)
+    chroma = ChromaConfig(
+        sample_rate=rate, n_fft=extractor.get("n_fft", defaults.n_fft), hop_length=extractor.get("hop_length", defaults.hop_length),
+        num_chroma=extractor.get("num_chroma", config.num_chroma),
+        max_samples=chunk * rate if isinstance(chunk, int) and isinstance(rate, int) else chunk,
+    )
+    if chroma.num_chroma != config.num_chroma:
+        raise PackError(f"{file}: num_chroma {chroma.num_chroma} differs from {manifest.name}'s {config.num_chroma}")
+    return MelodyConfig(chroma_length=config.chroma_length, projection=config.num_chroma != d_model, chroma=chroma)
 
 
 def convert_musicgen(
     src: str | Path, out: str | Path, name: str = "", window_s: float = 30.0, stride_s: float = 18.0,
 ) -> Path:
-    """Converts a MusicGen checkpoint into a pack at out (which must not exist or be empty); returns out."""
-    from transformers import AutoTokenizer, MusicgenConfig
+    """Converts a MusicGen or MusicGen-Melody checkpoint into a pack at out (which must not exist or be empty)."""
+    from transformers import AutoTokenizer, MusicgenConfig, MusicgenMelodyConfig
 
     source = resolve_source(src)
     out = Path(out)
@@ -196,20 +222,21 @@ def convert_musicgen(
     if not manifest.is_file():
         raise PackError(f"{source}: not a transformers model directory (no config.json)")
     raw = read_json_object(manifest)
-    _check_architecture(raw, manifest)
+    melody = _is_melody(raw, manifest)
     try:
-        config = MusicgenConfig.from_pretrained(source, local_files_only=True)
+        config = (MusicgenMelodyConfig if melody else MusicgenConfig).from_pretrained(source, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise PackError(f"{manifest}: not a valid MusicGen config ({exc})") from None
+        raise PackError(f"{manifest}: not a valid {'MusicGen-Melody' if melody else 'MusicGen'} config ({exc})") from None
     decoder, text_hidden = config.decoder, config.text_encoder.hidden_size
     _special_ids(source, decoder, manifest)
     projection = text_hidden != decoder.hidden_size
-    if projection and decoder.cross_attention_hidden_size is not None:
+    cross_hidden = getattr(decoder, "cross_attention_hidden_size", None)
+    if projection and cross_hidden is not None:
         raise PackError(
-            f"{manifest}: cross_attention_hidden_size {decoder.cross_attention_hidden_size} with a text width "
+            f"{manifest}: cross_attention_hidden_size {cross_hidden} with a text width "
             f"({text_hidden}) other than the decoder's ({decoder.hidden_size}): transformers cannot run this model either"
         )
-    stage = decoder_config(decoder, manifest)
+    stage = decoder_config(decoder, manifest, melody)
     codec_config = config_from_transformers(raw.get("audio_encoder"), f"{manifest} (audio_encoder)")
     if codec_config.codebook_size != decoder.vocab_size or codec_config.num_levels < decoder.num_codebooks:
         raise PackError(
@@ -221,16 +248,21 @@ def convert_musicgen(
         codec=codec_config,
         musicgen=MusicGenConfig(text_hidden=text_hidden, projection=projection, window_s=window_s, stride_s=stride_s),
         name=name or source.name,
+        melody=melody_config(source, config, decoder.hidden_size, manifest) if melody else None,
     )
     validate_musicgen_config(pack_config)
     file, state = read_checkpoint(source)
-    known = ("decoder.", "text_encoder.", "audio_encoder.", "enc_to_dec_proj.")
+    known = ("decoder.", "text_encoder.", "audio_encoder.", "enc_to_dec_proj.") + (("audio_enc_to_dec_proj.",) if melody else ())
     stray = next((key for key in state if not key.startswith(known)), None)
     if stray is not None:
         raise PackError(f"{file}: unexpected tensor {stray!r}")
     decoder_stored = decoder_tensors_from(pack_config.decoder, state, file)
     codec_stored = decoder_tensors(codec_config, state, file, prefix="audio_encoder.")
-    projection_stored = projection_from(state, file, text_hidden, decoder.hidden_size, projection)
+    projection_stored = projection_from(state, file, "enc_to_dec_proj", text_hidden, decoder.hidden_size, projection)
+    chroma_stored = None
+    if pack_config.melody is not None:
+        m = pack_config.melody
+        chroma_stored = projection_from(state, file, "audio_enc_to_dec_proj", m.chroma.num_chroma, decoder.hidden_size, m.projection)
     text_encoder = text_encoder_from(config.text_encoder, state, file)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
@@ -239,7 +271,7 @@ def convert_musicgen(
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        save_musicgen_pack(partial, pack_config, decoder_stored, codec_stored, projection_stored, text_encoder, tokenizer)
+        save_musicgen_pack(partial, pack_config, decoder_stored, codec_stored, projection_stored, text_encoder, tokenizer, chroma_stored)
         if out.exists():
             out.rmdir()
         partial.rename(out)

@@ -1,12 +1,20 @@
-"""Small random transformers MusicGen checkpoints (config, weights, tokenizer) for the MusicGen tests; no download."""
+"""Small random transformers MusicGen and MusicGen-Melody checkpoints (config, weights, tokenizer, feature extractor)
+for the MusicGen tests, and transformers' greedy generation as the reference; no download."""
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
+from torchaudio_standin import melody_feature_extractor
 
 WORDS = "a the slow fast piano drums jazz rock ambient pads with and in of bass guitar strings choir loud soft".split()
 
@@ -24,6 +32,12 @@ class TinyMusicGen:
     sampling_rate: int = 3200
     ratios: tuple[int, ...] = (4, 4)
     seed: int = 0
+    melody: bool = False  # MusicgenMelodyForConditionalGeneration (cross_hidden does not apply)
+    num_chroma: int = 12
+    chroma_length: int = 20
+    n_fft: int = 512  # the feature extractor's STFT
+    hop_length: int = 128
+    chunk_length: int = 2  # seconds of reference the feature extractor keeps
 
 
 def tokenizer():
@@ -38,7 +52,10 @@ def tokenizer():
 
 
 def build_model(spec: TinyMusicGen):
-    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration, T5Config
+    from transformers import (
+        EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration, MusicgenMelodyConfig,
+        MusicgenMelodyDecoderConfig, MusicgenMelodyForConditionalGeneration, T5Config,
+    )
 
     torch.manual_seed(spec.seed)
     hop = math.prod(spec.ratios)
@@ -54,17 +71,26 @@ def build_model(spec: TinyMusicGen):
         codebook_dim=16, num_lstm_layers=1,
     )
     pad = spec.codebook_size
-    decoder = MusicgenDecoderConfig(
+    decoder = dict(
         vocab_size=spec.codebook_size, hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
         ffn_dim=spec.ffn, num_codebooks=spec.num_codebooks, pad_token_id=pad, bos_token_id=pad, decoder_start_token_id=pad,
-        max_position_embeddings=256, cross_attention_hidden_size=spec.cross_hidden,
+        max_position_embeddings=256,
     )
-    model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=text, audio_encoder=audio, decoder=decoder)).eval()
+    if spec.melody:
+        config = MusicgenMelodyConfig(
+            text_encoder=text, audio_encoder=audio, decoder=MusicgenMelodyDecoderConfig(**decoder),
+            num_chroma=spec.num_chroma, chroma_length=spec.chroma_length,
+        )
+        model = MusicgenMelodyForConditionalGeneration(config).eval()
+    else:
+        decoder_config = MusicgenDecoderConfig(**decoder, cross_attention_hidden_size=spec.cross_hidden)
+        model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=text, audio_encoder=audio, decoder=decoder_config)).eval()
     with torch.no_grad():
-        # unit-gain projections instead of the 0.02 init: the text condition must visibly move the logits, and
-        # larger logits keep greedy choices away from near-ties
+        # unit-gain projections instead of the 0.02 init: the condition must visibly move the logits, and larger
+        # logits keep greedy choices away from near-ties
+        projections = [getattr(model, name) for name in ("enc_to_dec_proj", "audio_enc_to_dec_proj") if hasattr(model, name)]
         linears = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
-        for linear in linears + ([model.enc_to_dec_proj] if hasattr(model, "enc_to_dec_proj") else []):
+        for linear in linears + projections:
             linear.weight.normal_(0, linear.in_features**-0.5)
         for head in model.decoder.lm_heads:
             head.weight.normal_(0, 0.5)
@@ -73,11 +99,67 @@ def build_model(spec: TinyMusicGen):
     return model
 
 
+def feature_extractor(spec: TinyMusicGen):
+    return melody_feature_extractor(
+        feature_size=spec.num_chroma, num_chroma=spec.num_chroma, sampling_rate=spec.sampling_rate, n_fft=spec.n_fft,
+        hop_length=spec.hop_length, chunk_length=spec.chunk_length,
+    )
+
+
 def write_checkpoint(path: Path, spec: TinyMusicGen = TinyMusicGen()) -> Path:
     model = build_model(spec)
     model.save_pretrained(path)
     tokenizer().save_pretrained(path)
+    if spec.melody:
+        feature_extractor(spec).save_pretrained(path)
     return path
+
+
+def copy_of(source: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(source, tmp_path / "src"))
+
+
+def edit_weights(src: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
+    state = load_file(src / "model.safetensors")
+    edit(state)
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+
+
+def edit_config(src: Path, edit: Callable[[dict], object], file: str = "config.json") -> None:
+    data = json.loads((src / file).read_text())
+    edit(data)
+    (src / file).write_text(json.dumps(data))
+
+
+def reference(src: Path, prompt: str, frames: int, **inputs) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' greedy guided codes [K, frames] (prompt frames included) and its decoded audio. inputs:
+    decoder_input_ids (prompt codes [K, T]) or input_features (a melody checkpoint's chroma)."""
+    from transformers import AutoConfig, MusicgenForConditionalGeneration, MusicgenMelodyForConditionalGeneration
+
+    melody = AutoConfig.from_pretrained(src).model_type == "musicgen_melody"
+    model = (MusicgenMelodyForConditionalGeneration if melody else MusicgenForConditionalGeneration).from_pretrained(src).eval()
+    captured = {}
+    decode = model.audio_encoder.decode
+
+    def spy(codes: torch.Tensor, *args, **kwargs):
+        captured["codes"] = codes[0, 0].clone()
+        return decode(codes, *args, **kwargs)
+
+    model.audio_encoder.decode = spy
+    new = frames - (inputs["decoder_input_ids"].shape[1] if "decoder_input_ids" in inputs else 0)
+    k = model.decoder.num_codebooks
+    with torch.no_grad():
+        audio = model.generate(
+            **tokenizer()([prompt], return_tensors="pt"), **inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=new + k - 1,
+        )
+    return captured["codes"].numpy(), audio[0, 0].numpy()
+
+
+def vivace_codes(events: list, num_codebooks: int) -> np.ndarray:
+    from vivace import WindowFinished
+
+    windows = [e for e in events if isinstance(e, WindowFinished)]
+    return np.concatenate([np.asarray(w.tokens).reshape(-1, num_codebooks).T for w in windows], axis=1)
 
 
 @pytest.fixture(scope="module", autouse=True)

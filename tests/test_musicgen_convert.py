@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 
-from musicgen_checkpoints import TinyMusicGen, build_model, tokenizer, write_checkpoint
+from musicgen_checkpoints import TinyMusicGen, build_model, copy_of, edit_config, edit_weights, tokenizer, write_checkpoint
 from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture
 from vivace import Engine, PackError, VivaceError
 from vivace.cli import main
@@ -24,22 +23,6 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return write_checkpoint(tmp_path_factory.mktemp("musicgen") / "src", TinyMusicGen(seed=4))
-
-
-def copy_of(source: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(source, tmp_path / "src"))
-
-
-def edit_weights(src: Path, edit) -> None:
-    state = load_file(src / "model.safetensors")
-    edit(state)
-    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
-
-
-def edit_config(src: Path, edit, file: str = "config.json") -> None:
-    data = json.loads((src / file).read_text())
-    edit(data)
-    (src / file).write_text(json.dumps(data))
 
 
 def test_pack_layout_and_cli(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,7 +128,6 @@ def test_unreadable_or_absent_weights(source: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("edit,message", [
     (lambda d: d.update(model_type="bark", architectures=["BarkModel"]), r"unknown architecture \(model_type 'bark'"),
-    (lambda d: d.update(model_type="musicgen_melody"), "MusicGen-Melody checkpoints .* not supported"),
     (lambda d: d["decoder"].update(audio_channels=2, num_codebooks=8), "stereo MusicGen"),
     (lambda d: d["decoder"].update(activation_function="relu"), "decoder activation 'relu' is not supported"),
     (lambda d: d.update(decoder_start_token_id=0), "decoder_start_token_id is 0"),

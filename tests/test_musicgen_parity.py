@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from musicgen_checkpoints import TinyMusicGen, tokenizer, write_checkpoint
+from musicgen_checkpoints import TinyMusicGen, reference, vivace_codes, write_checkpoint
 from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture
-from vivace import AudioChunk, Engine, WindowFinished, WindowStarted
+from vivace import AudioChunk, Engine, WindowStarted
 from vivace.export.musicgen import convert_musicgen
 from vivace.kv_cache import KVCachePool
 from vivace.musicgen import MusicGenPipeline
@@ -36,34 +36,6 @@ def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         warnings.simplefilter("ignore")
         src = write_checkpoint(root / "src", CONFIGS[request.param])
     return src, convert_musicgen(src, root / "pack")
-
-
-def reference(src: Path, prompt: str, frames: int, prompt_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """transformers' greedy CFG codes [K, frames] (prompt frames included) and its decoded audio."""
-    from transformers import MusicgenForConditionalGeneration
-
-    model = MusicgenForConditionalGeneration.from_pretrained(src).eval()
-    captured = {}
-    decode = model.audio_encoder.decode
-
-    def spy(codes: torch.Tensor, *args, **kwargs):
-        captured["codes"] = codes[0, 0].clone()
-        return decode(codes, *args, **kwargs)
-
-    model.audio_encoder.decode = spy
-    inputs = dict(tokenizer()([prompt], return_tensors="pt"))
-    new = frames
-    if prompt_codes is not None:
-        inputs["decoder_input_ids"] = torch.from_numpy(prompt_codes)
-        new -= prompt_codes.shape[1]
-    k = model.decoder.num_codebooks
-    audio = model.generate(**inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=new + k - 1)
-    return captured["codes"].numpy(), audio[0, 0].numpy()
-
-
-def vivace_codes(events: list, num_codebooks: int) -> np.ndarray:
-    windows = [e for e in events if isinstance(e, WindowFinished)]
-    return np.concatenate([np.asarray(w.tokens).reshape(-1, num_codebooks).T for w in windows], axis=1)
 
 
 def test_greedy_guided_codes_and_audio_match_transformers(converted: tuple[Path, Path]) -> None:
@@ -94,7 +66,8 @@ def test_continuation_windows_match_transformers_with_audio_prompts(tmp_path: Pa
     ours = vivace_codes(events, spec.num_codebooks)
     expected, _ = reference(src, PROMPTS[1], 40)
     for prefix_start, new_start, new_end in started[1:]:
-        window, _ = reference(src, PROMPTS[1], new_end - prefix_start, expected[:, prefix_start:new_start])
+        prompt_codes = torch.from_numpy(expected[:, prefix_start:new_start])
+        window, _ = reference(src, PROMPTS[1], new_end - prefix_start, decoder_input_ids=prompt_codes)
         np.testing.assert_array_equal(window[:, : new_start - prefix_start], expected[:, prefix_start:new_start])
         expected = np.concatenate([expected, window[:, new_start - prefix_start :]], axis=1)
     np.testing.assert_array_equal(ours, expected)

@@ -96,3 +96,26 @@ def test_cancel_returns_blocks_and_leaves_others_intact() -> None:
             runner.step()
     assert seqs[1].output_ids == reference[1].output_ids
     assert runner.allocator.num_free == 64
+
+
+def test_prefix_embeddings_are_cached_and_recomputed_like_prompt_tokens() -> None:
+    """The token embeddings of a prompt's first tokens, given as a prefix of input embeddings (MusicGen-Melody's
+    condition), draw what the prompt itself draws, also when a tight pool preempts and recomputes the sequences."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(40) for _ in range(rng.randint(7, 14))] for _ in range(6)]
+    plain = make_sequences(prompts, 24)
+    run_all(make_runner(num_blocks=200), plain)
+    for num_blocks in (200, 24):
+        runner = make_runner(num_blocks)
+        with torch.no_grad():
+            prefixes = [runner.model.embed[0](torch.tensor(p[:5])) for p in prompts]
+        seqs = [
+            Sequence(i, p[5:], 24, SCHEDULE, SamplingParams(temperature=1.0, top_k=8), seed=7, stream=i, priority=(i,),
+                     cache_salt=("prefix", i), prefix=prefix)
+            for i, (p, prefix) in enumerate(zip(prompts, prefixes))
+        ]
+        run_all(runner, seqs)
+        assert [s.output_ids for s in seqs] == [s.output_ids for s in plain]
+        assert all(s.rows[5:] == p.rows[5:] for s, p in zip(seqs, plain))
+        assert runner.allocator.num_free == num_blocks
+    assert runner.stats.preemptions > 0
