@@ -1,0 +1,43 @@
+"""The demo pack's configuration: token layout, stage sizes, windows and sampling defaults."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from common import (
+    CODEC,
+    MT_CODEBOOK,
+    MT_LEVELS,
+    SAMPLE_RATE,
+    SEMANTIC_RATE,
+    SEMANTIC_VOCAB,
+)
+from mulan import TEXT_CONFIG
+from vivace.config import MusicLMConfig, PackConfig, SamplingParams, TransformerConfig
+from vivace.layout import MusicLMLayout
+
+FRAME_RATE = SAMPLE_RATE // CODEC.hop_length
+CROP_SECONDS = {"semantic": 10.0, "coarse": 2.0, "fine": 1.0}
+MUSICLM = MusicLMConfig(
+    semantic_vocab=SEMANTIC_VOCAB, semantic_rate=SEMANTIC_RATE, coarse_levels=4, fine_levels=8,
+    semantic_window_s=CROP_SECONDS["semantic"], semantic_stride_s=CROP_SECONDS["semantic"] / 2,
+    coarse_window_s=CROP_SECONDS["coarse"], coarse_stride_s=CROP_SECONDS["coarse"] / 2,
+    fine_chunk_s=CROP_SECONDS["fine"], max_duration_s=300.0,
+    semantic_sampling=SamplingParams(temperature=1.0, top_k=50),
+    coarse_sampling=SamplingParams(temperature=0.95, top_k=50),
+    fine_sampling=SamplingParams(temperature=0.4),
+)
+STAGE_SHAPE = dict(num_layers=4, d_model=256, num_heads=4, d_ff=1024, rel_num_buckets=32, rel_max_distance=128)
+
+
+def pack_config(name: str = "vivace-demo") -> PackConfig:
+    skeleton = PackConfig(family="musiclm", sample_rate=SAMPLE_RATE, stages={}, codec=CODEC, text=TEXT_CONFIG, musiclm=MUSICLM)
+    layout = MusicLMLayout.of(skeleton)
+    stages = {}
+    for stage in ("semantic", "coarse", "fine"):
+        vocab, output_vocab = layout.vocab_sizes(stage)
+        stages[stage] = TransformerConfig(vocab_size=vocab, output_vocab_size=output_vocab, **STAGE_SHAPE)
+    return replace(skeleton, stages=stages, name=name)
+
+
+LAYOUT = MusicLMLayout.of(pack_config())
+assert LAYOUT.mt_levels == MT_LEVELS and LAYOUT.mt_codebook == MT_CODEBOOK

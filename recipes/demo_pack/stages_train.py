@@ -1,0 +1,128 @@
+"""Trains one MusicLM stage (semantic, coarse or fine) with teacher forcing on sequences laid out exactly as
+vivace's pipeline feeds them (vivace.layout): the stage is vivace's StageTransformer, trained through its dense
+forward, so the trained module is the inference module.
+
+semantic: [MT] [S of a 10 s crop]                          -> S
+coarse:   [MT] [S of a 2 s crop] [A levels 1-4, time-major] -> A coarse
+fine:     [A coarse of a 1 s crop] [A levels 5-12]          -> A fine
+
+MT comes from the audio tower on the surrounding 10 s (mt_codes.npy); A from the trained codec (codes.npy).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import SEMANTIC_RATE, Dataset
+from pack_config import CROP_SECONDS, FRAME_RATE, LAYOUT, pack_config
+from vivace.transformer import StageTransformer
+
+MT_CENTERS_S = np.array([5.0, 7.5, 10.0, 12.5, 15.0])  # centres of the 10 s crops behind mt_codes.npy
+
+
+class StageData:
+    def __init__(self, data_dir: Path, stage: str, pieces: np.ndarray) -> None:
+        self.stage = stage
+        self.pieces = pieces
+        self.semantic = np.load(data_dir / "semantic.npy").astype(np.int64)
+        self.mt = np.load(data_dir / "mt_codes.npy").astype(np.int64)
+        self.codes = np.load(data_dir / "codes.npy").astype(np.int64) if stage != "semantic" else None
+        self.seconds = self.semantic.shape[1] / SEMANTIC_RATE
+
+    def sample(self, rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.example(int(rng.choice(self.pieces)), rng) for _ in range(batch)]
+        return torch.tensor(np.stack([r[0] for r in rows])), torch.tensor(np.stack([r[1] for r in rows]))
+
+    def example(self, piece: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids [T], targets [T] with -100 where nothing is predicted) of one random crop."""
+        crop = CROP_SECONDS[self.stage]
+        start_s = rng.integers(0, int((self.seconds - crop) * SEMANTIC_RATE) + 1) / SEMANTIC_RATE
+        s0, s1 = round(start_s * SEMANTIC_RATE), round((start_s + crop) * SEMANTIC_RATE)
+        f0, f1 = round(start_s * FRAME_RATE), round((start_s + crop) * FRAME_RATE)
+        mt_index = int(np.abs(MT_CENTERS_S - (start_s + crop / 2)).argmin())
+        mt = np.array(LAYOUT.mt_tokens(self.mt[piece, mt_index].tolist()))
+        cb = LAYOUT.acoustic_codebook
+        if self.stage == "semantic":
+            prompt, out = mt, self.semantic[piece, s0:s1]
+            offset = LAYOUT.semantic_offset
+        elif self.stage == "coarse":
+            prompt = np.concatenate([mt, self.semantic[piece, s0:s1] + LAYOUT.semantic_offset])
+            out = (self.codes[piece, f0:f1, : LAYOUT.coarse_levels] + np.arange(LAYOUT.coarse_levels) * cb).reshape(-1)
+            offset = LAYOUT.coarse_offset
+        else:
+            coarse = self.codes[piece, f0:f1, : LAYOUT.coarse_levels]
+            prompt = (coarse + np.arange(LAYOUT.coarse_levels) * cb).reshape(-1)
+            out = (self.codes[piece, f0:f1, LAYOUT.coarse_levels :] + np.arange(LAYOUT.fine_levels) * cb).reshape(-1)
+            offset = LAYOUT.fine_offset
+        inputs = np.concatenate([prompt, out + offset])
+        targets = np.full(len(inputs), -100)
+        targets[len(prompt) - 1 : -1] = out  # position i predicts token i + 1
+        return inputs, targets
+
+
+def evaluate(model: StageTransformer, data: StageData, batches: int, batch: int) -> float:
+    rng = np.random.default_rng(1234)
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for _ in range(batches):
+            inputs, targets = data.sample(rng, batch)
+            logits = model.compute_logits(model.forward_dense(inputs.unsqueeze(-1)).flatten(0, 1))[:, 0]
+            losses.append(F.cross_entropy(logits, targets.reshape(-1)).item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("stage", choices=["semantic", "coarse", "fine"])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    dataset = Dataset.load(args.data)
+    train = StageData(args.data, args.stage, dataset.train_indices)
+    test = StageData(args.data, args.stage, dataset.test_indices)
+    model = StageTransformer(pack_config().stages[args.stage])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    warmup_s = 60.0
+    begin = time.time()
+    budget = args.minutes * 60
+    step = 0
+    while (elapsed := time.time() - begin) < budget:
+        lr = args.lr * min(1.0, elapsed / warmup_s) * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = train.sample(rng, args.batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.forward_dense(inputs.unsqueeze(-1))
+        keep = targets.reshape(-1) >= 0
+        logits = model.compute_logits(hidden.flatten(0, 1)[keep].float())[:, 0]
+        loss = F.cross_entropy(logits, targets.reshape(-1)[keep])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 25 == 0:
+            print(f"{args.stage} step {step} loss {loss.item():.3f} lr {lr:.2e} ({(budget - elapsed) / 60:.1f} min left)", flush=True)
+        if step % 200 == 0:
+            torch.save(model.state_dict(), args.out)
+    torch.save(model.state_dict(), args.out)
+    print(f"{args.stage}: {step} steps; held-out loss {evaluate(model, test, 8, args.batch):.3f} nats/token")
+
+
+if __name__ == "__main__":
+    main()
