@@ -26,6 +26,12 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
     """Writes float32 PCM [samples] or [channels, samples] as 32-bit float WAV, atomically."""
     path = check_output_path(path)
@@ -34,6 +40,7 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
     os.close(fd)
     try:
         sf.write(tmp, data, sample_rate, subtype="FLOAT", format="WAV")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would have
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

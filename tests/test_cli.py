@@ -1,5 +1,6 @@
 """CLI: bad input exits 2 with one line, and no WAV (or temp file) is left behind."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,9 @@ def test_generate_writes_a_wav(tiny_pack: Path, tmp_path: Path) -> None:
     assert main(["generate", "--pack", str(tiny_pack), "calm piano", "--duration", "1.2", "--seed", "4", "-o", str(out), "--quiet"]) == 0
     audio, rate = sf.read(out)
     assert rate == 24000 and len(audio) == round(1.2 * 24000)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
 
 
 def test_story_from_the_command_line(tiny_pack: Path, tmp_path: Path) -> None:
