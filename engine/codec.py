@@ -129,8 +129,12 @@ class SoundStreamDecoder(nn.Module):
         return dequantize(self.codebooks, codes)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, num_levels, frames] -> PCM [B, frames * hop_length]."""
-        x = self.conv_in(self.dequantize(codes))
+        """codes [B, levels <= num_levels, frames] -> PCM [B, frames * hop_length]."""
+        return self.decode_vectors(self.dequantize(codes))
+
+    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Summed codebook vectors [B, codebook_dim, frames] -> PCM [B, frames * hop_length]."""
+        x = self.conv_in(vectors)
         for block in self.blocks:
             x = block(x)
         return self.conv_out(F.elu(x)).squeeze(1)

@@ -211,7 +211,7 @@ class StageRunner:
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
             is_decode=is_decode,
             cross=self._cross_batch(members, query_start),
-            prefix=self._prefix_batch(members, query_start),
+            prefix=None if is_decode else self._prefix_batch(members, query_start),  # prefixes sit inside prompts
         )
         input_ids = torch.tensor(rows, dtype=torch.int64, device=device)
         hidden = self.model(input_ids, torch.tensor(positions, device=device), self.kv_caches, batch)
