@@ -9,10 +9,9 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from common import CODEC, HOP, Dataset
+from common import CODEC, HOP, Dataset, add_run_options, start_run
 from torch import nn
 from vivace.codec import SoundStreamDecoder
 
@@ -118,14 +117,6 @@ class ResidualVQ(nn.Module):
         self.codebooks[level] = self.embed_sum[level] / self.cluster_size[level].clamp(min=1e-5).unsqueeze(1)
 
 
-def decode_latent(decoder: SoundStreamDecoder, latent: torch.Tensor) -> torch.Tensor:
-    """SoundStreamDecoder.forward after its dequantisation step."""
-    x = decoder.conv_in(latent)
-    for block in decoder.blocks:
-        x = block(x)
-    return decoder.conv_out(F.elu(x)).squeeze(1)
-
-
 def stft_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     loss = predicted.new_zeros(())
     for n_fft in (256, 512, 1024, 2048):
@@ -143,16 +134,13 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=40.0)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop-frames", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_options(parser)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--resume", type=Path, help="start from this checkpoint")
     parser.add_argument("--decoder-only", action="store_true",
                         help="freeze the encoder and RVQ (codes already extracted stay valid) and train the decoder on")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    rng = start_run(args)
     data = Dataset.load(args.data)
     train = data.train_indices
     encoder, quantizer, decoder = Encoder(), ResidualVQ(), SoundStreamDecoder(CODEC)
@@ -178,7 +166,7 @@ def main() -> None:
         levels = CODEC.num_levels if rng.random() < 0.5 else int(rng.integers(1, CODEC.num_levels + 1))
         with torch.set_grad_enabled(not args.decoder_only):
             quantised, _, commitment = quantizer(encoder(audio), levels)
-        output = decode_latent(decoder, quantised)
+        output = decoder.decode_vectors(quantised)
         reconstruction = stft_loss(output, audio) + 0.1 * F.l1_loss(output, audio)
         loss = reconstruction + 0.25 * commitment
         optimizer.zero_grad(set_to_none=True)

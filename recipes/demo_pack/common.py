@@ -1,6 +1,7 @@
 """Shared pieces of the recipe: the dataset on disk, spectral features, and the recipe's fixed configuration."""
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,3 +69,15 @@ def log_mel(audio: torch.Tensor, n_fft: int = 1024, hop: int = 480, n_mels: int 
     mel = mel_filterbank(n_fft, n_mels).to(audio.device) @ spec
     frames = audio.shape[-1] // hop
     return torch.log(mel[..., :frames] + 1e-6).transpose(-1, -2).reshape(*audio.shape[:-1], frames, n_mels)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def start_run(args: argparse.Namespace) -> np.random.Generator:
+    """Applies --threads and --seed; returns the run's numpy generator."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return np.random.default_rng(args.seed)

@@ -15,7 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import EMBED_DIM, MT_CODEBOOK, MT_LEVELS, SAMPLE_RATE, Dataset, log_mel
+from common import (
+    EMBED_DIM,
+    MT_CODEBOOK,
+    MT_LEVELS,
+    SAMPLE_RATE,
+    Dataset,
+    add_run_options,
+    log_mel,
+    start_run,
+)
 from sklearn.cluster import KMeans
 from torch import nn
 from vivace.config import TextConfig
@@ -81,12 +90,9 @@ def main() -> None:
     parser.add_argument("work", type=Path)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_options(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    rng = start_run(args)
     data = Dataset.load(args.data)
     train, test = data.train_indices, data.test_indices
     mels = piece_mels(data)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import SEMANTIC_RATE, Dataset
+from common import SEMANTIC_RATE, Dataset, add_run_options, start_run
 from pack_config import CROP_SECONDS, FRAME_RATE, LAYOUT, pack_config
 from vivace.transformer import StageTransformer
 
@@ -26,13 +26,16 @@ MT_CENTERS_S = np.array([5.0, 7.5, 10.0, 12.5, 15.0])  # centres of the 10 s cro
 
 
 class StageData:
-    def __init__(self, data_dir: Path, stage: str, pieces: np.ndarray) -> None:
+    """Random training crops of one stage from the pieces given: semantic [pieces, tokens], mt [pieces, crops, 12],
+    codes [pieces, frames, 12] (acoustic stages only)."""
+
+    def __init__(self, stage: str, pieces: np.ndarray, semantic: np.ndarray, mt: np.ndarray, codes: np.ndarray | None) -> None:
         self.stage = stage
         self.pieces = pieces
-        self.semantic = np.load(data_dir / "semantic.npy").astype(np.int64)
-        self.mt = np.load(data_dir / "mt_codes.npy").astype(np.int64)
-        self.codes = np.load(data_dir / "codes.npy").astype(np.int64) if stage != "semantic" else None
-        self.seconds = self.semantic.shape[1] / SEMANTIC_RATE
+        self.semantic = semantic
+        self.mt = mt
+        self.codes = codes
+        self.seconds = semantic.shape[1] / SEMANTIC_RATE
 
     def sample(self, rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.example(int(rng.choice(self.pieces)), rng) for _ in range(batch)]
@@ -86,15 +89,15 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_options(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    rng = start_run(args)
     dataset = Dataset.load(args.data)
-    train = StageData(args.data, args.stage, dataset.train_indices)
-    test = StageData(args.data, args.stage, dataset.test_indices)
+    semantic = np.load(args.data / "semantic.npy").astype(np.int64)
+    mt = np.load(args.data / "mt_codes.npy").astype(np.int64)
+    codes = None if args.stage == "semantic" else np.asarray(dataset.codes, dtype=np.int64)
+    train = StageData(args.stage, dataset.train_indices, semantic, mt, codes)
+    test = StageData(args.stage, dataset.test_indices, semantic, mt, codes)
     model = StageTransformer(pack_config().stages[args.stage])
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     warmup_s = 60.0
