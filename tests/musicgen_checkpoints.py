@@ -119,10 +119,11 @@ def copy_of(source: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(source, tmp_path / "src"))
 
 
-def edit_weights(src: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
-    state = load_file(src / "model.safetensors")
+def edit_weights(src: Path, edit: Callable[[dict[str, torch.Tensor]], object], file: str = "model.safetensors") -> None:
+    """Edits a safetensors file of a checkpoint (or, with file, of a pack) in place."""
+    state = load_file(src / file)
     edit(state)
-    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(src / file), metadata={"format": "pt"})
 
 
 def edit_config(src: Path, edit: Callable[[dict], object], file: str = "config.json") -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from musicgen_checkpoints import TinyMusicGen, build_model, copy_of, edit_config, edit_weights, tokenizer, write_checkpoint
 from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture
@@ -141,14 +141,10 @@ def test_unsupported_checkpoints_fail_clearly(edit, message: str, source: Path, 
 
 def test_damaged_pack_is_named_on_load(source: Path, tmp_path: Path) -> None:
     pack = convert_musicgen(source, tmp_path / "pack")
-    stored = load_file(pack / "decoder.safetensors")
-    stored.pop("layers.1.cross_attn.v_proj.weight")
-    save_file(stored, str(pack / "decoder.safetensors"))
+    edit_weights(pack, lambda state: state.pop("layers.1.cross_attn.v_proj.weight"), "decoder.safetensors")
     with pytest.raises(PackError, match="missing tensor 'layers.1.cross_attn.v_proj.weight' of component 'decoder'"):
         Engine.from_pack(pack)
-    data = json.loads((pack / "pack.json").read_text())
-    data["musicgen"]["loudness"] = 1
-    (pack / "pack.json").write_text(json.dumps(data))
+    edit_config(pack, lambda data: data["musicgen"].update(loudness=1), "pack.json")
     with pytest.raises(PackError, match="musicgen: unknown key 'loudness'"):
         Engine.from_pack(pack)
 
