@@ -32,6 +32,14 @@ VECTOR_LOOP void guide(const float* cond, const float* uncond, int64_t n, double
   }
 }
 
+VECTOR_LOOP void guide_float32(const float* cond, const float* uncond, int64_t n, float scale, double* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float difference = cond[i] - uncond[i];
+    const float scaled = difference * scale;
+    out[i] = static_cast<double>(uncond[i] + scaled);  // separate roundings: the build does not contract (setup.py)
+  }
+}
+
 VECTOR_LOOP void divide(double* x, int64_t n, double divisor) {
   for (int64_t i = 0; i < n; ++i) x[i] /= divisor;
 }

@@ -11,6 +11,10 @@ void widen(const float* x, int64_t n, double* out);
 // out[i] = uncond[i] + scale * (cond[i] - uncond[i]) in float64.
 void guide(const float* cond, const float* uncond, int64_t n, double scale, double* out);
 
+// out[i] = uncond[i] + (cond[i] - uncond[i]) * scale, each operation rounded to float32 (torch's float32 tensor
+// arithmetic with a Python scalar, as the guidance mix of float32 logits runs in torch), widened to float64.
+void guide_float32(const float* cond, const float* uncond, int64_t n, float scale, double* out);
+
 // x[i] /= temperature (skipped for 1); returns the maximum, or NaN if any x[i] is NaN.
 double scale_and_max(double* x, int64_t n, double temperature);
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <thread>
 
 #include "counter_rng.h"
 #include "row_kernels.h"
@@ -129,6 +130,24 @@ RowError sample_row(int64_t vocab, const SamplingParams& params, const TorchNume
     return RowError::none;
   *token = exact_draw(buckets, vocab, params.top_p, u, numerics, scratch.padded);
   return RowError::none;
+}
+
+std::string describe_row_error(const std::string& what, const SamplingParams& params, RowError error) {
+  const std::string window =
+      "vocab window [" + std::to_string(params.vocab_lo) + ", " + std::to_string(params.vocab_hi) + ")";
+  switch (error) {
+    case RowError::nan_logit: return what + " has a NaN inside its " + window;
+    case RowError::positive_inf_logit: return what + " reaches +inf inside its " + window + " after dividing by the temperature";
+    case RowError::no_finite_logit: return what + " is -inf everywhere inside its " + window;
+    default: return what + " failed";
+  }
+}
+
+int sampling_threads(int requested, int64_t rows, int64_t vocab) {
+  constexpr int64_t kLogitsPerThread = 8192;
+  static const int hardware_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads = requested > 0 ? requested : hardware_threads;
+  return static_cast<int>(std::min<int64_t>({threads, rows, std::max<int64_t>(1, rows * vocab / kLogitsPerThread)}));
 }
 
 }  // namespace vivace

@@ -1,5 +1,6 @@
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "prob_buckets.h"
@@ -37,5 +38,12 @@ struct SamplerScratch {
 // semantics and rounding of vivace.sampling.sample. The row is overwritten.
 RowError sample_row(int64_t vocab, const SamplingParams& params, const TorchNumerics& numerics,
                     SamplerScratch& scratch, int64_t* token);
+
+// One line naming the row (`what`), its window and what is wrong with its logits.
+std::string describe_row_error(const std::string& what, const SamplingParams& params, RowError error);
+
+// Threads worth waking for rows x vocab logits: requested (0 = one per hardware thread), capped by the rows and
+// by the work (a second thread costs more to wake than a few thousand logits take).
+int sampling_threads(int requested, int64_t rows, int64_t vocab);
 
 }  // namespace vivace

@@ -20,9 +20,6 @@ namespace py = pybind11;
 template <class T>
 using Column = py::array_t<T, py::array::c_style>;
 
-// Below this many logits a second thread costs more to wake than it saves.
-constexpr int64_t kLogitsPerThread = 8192;
-
 std::string shape_of(const py::array& array) {
   std::string text = "(";
   for (py::ssize_t d = 0; d < array.ndim(); ++d) text += (d ? ", " : "") + std::to_string(array.shape(d));
@@ -70,18 +67,14 @@ std::string guess_capability() {
   return "DEFAULT";
 }
 
-// The kernels torch runs here decide the reference's rounding; asked once, with the GIL held.
-const TorchNumerics& torch_numerics() {
-  static TorchNumerics numerics = [] {
-    std::string capability;
-    try {
-      capability = py::module_::import("torch.backends.cpu").attr("get_cpu_capability")().cast<std::string>();
-    } catch (const py::error_already_set&) {
-      capability = guess_capability();
-    }
-    return numerics_for(capability);
-  }();
-  return numerics;
+TorchNumerics probe_torch_numerics() {
+  std::string capability;
+  try {
+    capability = py::module_::import("torch.backends.cpu").attr("get_cpu_capability")().cast<std::string>();
+  } catch (const py::error_already_set&) {
+    capability = guess_capability();
+  }
+  return numerics_for(capability);
 }
 
 struct RowColumns {
@@ -109,17 +102,6 @@ std::vector<SamplingParams> row_params(const RowColumns& c, int64_t rows, int64_
   return params;
 }
 
-std::string row_error(const char* what, int64_t r, const SamplingParams& p, RowError error) {
-  const std::string row = std::string(what) + " row " + std::to_string(r);
-  const std::string window = "vocab window [" + std::to_string(p.vocab_lo) + ", " + std::to_string(p.vocab_hi) + ")";
-  switch (error) {
-    case RowError::nan_logit: return row + " has a NaN inside its " + window;
-    case RowError::positive_inf_logit: return row + " reaches +inf inside its " + window + " after dividing by the temperature";
-    case RowError::no_finite_logit: return row + " is -inf everywhere inside its " + window;
-    default: return row + " failed";
-  }
-}
-
 // fill(r, x, lo, hi) writes row r's float64 logits into x[lo, hi).
 template <class Fill>
 py::array_t<int64_t> run(const char* what, int64_t rows, int64_t vocab, const RowColumns& columns, int num_threads,
@@ -127,9 +109,7 @@ py::array_t<int64_t> run(const char* what, int64_t rows, int64_t vocab, const Ro
   if (num_threads < 0) throw py::value_error("num_threads must be >= 0 (0 = one per hardware thread)");
   const std::vector<SamplingParams> params = row_params(columns, rows, vocab);
   const TorchNumerics& numerics = torch_numerics();
-  static const int hardware_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  int threads = num_threads ? num_threads : hardware_threads;
-  threads = static_cast<int>(std::min<int64_t>({threads, rows, std::max<int64_t>(1, rows * vocab / kLogitsPerThread)}));
+  const int threads = sampling_threads(num_threads, rows, vocab);
 
   py::array_t<int64_t> tokens(rows);
   int64_t* out = tokens.mutable_data();
@@ -149,7 +129,8 @@ py::array_t<int64_t> run(const char* what, int64_t rows, int64_t vocab, const Ro
   }
   for (int64_t r = 0; r < rows; ++r) {
     if (out_of_memory[r]) throw std::bad_alloc();
-    if (errors[r] != RowError::none) throw py::value_error(row_error(what, r, params[r], errors[r]));
+    if (errors[r] != RowError::none)
+      throw py::value_error(describe_row_error(std::string(what) + " row " + std::to_string(r), params[r], errors[r]));
   }
   return tokens;
 }
@@ -198,6 +179,11 @@ py::array_t<int64_t> sample_guided(py::handle cond_logits, py::handle uncond_log
 }
 
 }  // namespace
+
+const TorchNumerics& torch_numerics() {
+  static const TorchNumerics numerics = probe_torch_numerics();
+  return numerics;
+}
 
 void register_sampler(py::module_& m) {
   m.def("sample", &sample, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),

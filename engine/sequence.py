@@ -2,18 +2,20 @@
 
 Each position holds one input row of num_codebooks ids (one id for single-stream stages). Each step the stage
 draws one token per output head; the sequence's schedule says which vocabulary window each head may draw from,
-what the drawn tokens become as the next input row, and what is recorded as output.
+what the drawn tokens become as the next input row, and what is recorded as output. The schedules, the token rows
+and the cache bookkeeping live in vivace._C (TokenSchedule, SequenceState); this module describes them.
 """
 from __future__ import annotations
 
 import enum
 from collections.abc import Hashable, Sequence as Seq
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
+from vivace import _C
 from vivace.config import SamplingParams
 
 
@@ -21,22 +23,6 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not in the cache: new, or preempted and to be recomputed
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class Schedule(Protocol):
-    num_heads: int
-
-    def windows(self, new_index: int) -> list[tuple[int, int]]:
-        """Allowed output window [lo, hi) of each head for the new_index-th generated step."""
-        ...
-
-    def input_row(self, new_index: int, drawn: tuple[int, ...]) -> tuple[int, ...]:
-        """The input row that the drawn tokens (one per head) become."""
-        ...
-
-    def output(self, new_index: int, drawn: tuple[int, ...]) -> Any:
-        """What the sequence records in output_ids for this step."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -52,18 +38,8 @@ class TimeMajorSchedule:
     first_level: int = 0  # level of the first generated token
     num_heads: int = 1
 
-    def window(self, new_index: int) -> tuple[int, int]:
-        level = (self.first_level + new_index) % self.num_levels
-        return level * self.codebook_size, (level + 1) * self.codebook_size
-
-    def windows(self, new_index: int) -> list[tuple[int, int]]:
-        return [self.window(new_index)]
-
-    def input_row(self, new_index: int, drawn: tuple[int, ...]) -> tuple[int, ...]:
-        return (self.input_offset + drawn[0],)
-
-    def output(self, new_index: int, drawn: tuple[int, ...]) -> int:
-        return drawn[0]
+    def native(self) -> _C.TokenSchedule:
+        return _C.TokenSchedule.time_major(self.num_levels, self.codebook_size, self.input_offset, self.first_level)
 
 
 @dataclass(frozen=True)
@@ -83,15 +59,11 @@ class DelaySchedule:
     def num_heads(self) -> int:
         return self.grid.shape[0]
 
-    def windows(self, new_index: int) -> list[tuple[int, int]]:
-        return [(0, self.vocab_size)] * self.num_heads
+    def native(self) -> _C.TokenSchedule:
+        return _C.TokenSchedule.delay(np.ascontiguousarray(self.grid, dtype=np.int64), self.first, self.vocab_size)
 
-    def input_row(self, new_index: int, drawn: tuple[int, ...]) -> tuple[int, ...]:
-        forced = self.grid[:, self.first + new_index]
-        return tuple(int(f) if f >= 0 else int(d) for f, d in zip(forced, drawn))
 
-    def output(self, new_index: int, drawn: tuple[int, ...]) -> tuple[int, ...]:
-        return self.input_row(new_index, drawn)
+Schedule = TimeMajorSchedule | DelaySchedule
 
 
 @dataclass(frozen=True)
@@ -104,6 +76,9 @@ class CrossCondition:
 
 
 class Sequence:
+    """A stage's view of one stream: scheduling and conditioning in Python, tokens and cache bookkeeping in
+    vivace._C.SequenceState (`state`), which the decode batch advances without Python work per step."""
+
     def __init__(
         self,
         seq_id: int,
@@ -124,12 +99,11 @@ class Sequence:
         prefix [P, d_model]: input embeddings of P leading positions, read by the model instead of token embeddings
         (MusicGen-Melody's condition). They occupy cache slots like prompt tokens; their rows hold zeros."""
         self.seq_id = seq_id
-        rows = [row if isinstance(row, tuple) else (row,) for row in prompt]
+        rows = np.asarray(prompt, dtype=np.int64).reshape(len(prompt), -1)
         self.prefix = prefix
         self.prefix_len = 0 if prefix is None else prefix.shape[0]
-        self.rows: list[tuple[int, ...]] = [(0,) * len(rows[0])] * self.prefix_len + rows
-        self.prompt_len = len(self.rows)
-        self.max_len = self.prompt_len + max_new_tokens
+        rows = np.concatenate([np.zeros((self.prefix_len, rows.shape[1]), dtype=np.int64), rows])
+        self.state = _C.SequenceState(schedule.native(), rows, len(rows) + max_new_tokens)
         self.schedule = schedule
         self.sampling = sampling
         self.seed = seed
@@ -140,9 +114,6 @@ class Sequence:
         self.null: Sequence | None = None  # classifier-free guidance: the null-condition twin, stepped in lockstep
         self.guidance_scale = 1.0
         self.status = SequenceStatus.WAITING
-        self.block_table: list[int] = []
-        self.num_cached = 0  # leading tokens whose keys/values are in the cache
-        self.output_ids: list[Any] = []  # what the schedule records per step (an output id for single-head stages)
 
     def guide(self, null: Sequence, guidance_scale: float) -> None:
         """Pairs this (conditional) sequence with its null-condition twin: each step both rows run, their logits
@@ -157,24 +128,62 @@ class Sequence:
 
     @property
     def length(self) -> int:
-        return len(self.rows)
+        return self.state.length
+
+    @property
+    def prompt_len(self) -> int:
+        return self.state.prompt_len
+
+    @property
+    def max_len(self) -> int:
+        return self.state.max_len
 
     @property
     def num_new(self) -> int:
-        return len(self.output_ids)
+        return self.state.num_new
 
     @property
     def is_finished(self) -> bool:
-        return self.length >= self.max_len
+        return self.state.finished
+
+    @property
+    def num_cached(self) -> int:
+        """Leading positions whose keys/values are in the cache."""
+        return self.state.num_cached
+
+    @num_cached.setter
+    def num_cached(self, value: int) -> None:
+        self.state.num_cached = value
+
+    @property
+    def block_table(self) -> list[int]:
+        """The cache blocks holding the sequence's positions (a copy; assign to change it)."""
+        return self.state.block_table
+
+    @block_table.setter
+    def block_table(self, blocks: list[int]) -> None:
+        self.state.block_table = blocks
+
+    def token_array(self, begin: int = 0) -> np.ndarray:
+        """Input rows [begin, length) as int64 [n, num_codebooks]."""
+        return self.state.rows(begin)
+
+    @property
+    def rows(self) -> list[tuple[int, ...]]:
+        return [tuple(row) for row in self.state.rows().tolist()]
+
+    def output_array(self) -> np.ndarray:
+        """What the generated steps recorded: output ids [num_new] (one-head schedules) or rows [num_new, K]."""
+        return self.state.outputs()
+
+    @property
+    def output_ids(self) -> list[Any]:
+        outputs = self.output_array().tolist()
+        return outputs if outputs and isinstance(outputs[0], int) else [tuple(row) for row in outputs]
 
     def append(self, drawn: int | tuple[int, ...]) -> None:
-        drawn = drawn if isinstance(drawn, tuple) else (drawn,)
-        index = self.num_new
-        self.output_ids.append(self.schedule.output(index, drawn))
-        self.rows.append(self.schedule.input_row(index, drawn))
+        """Appends the row the drawn ids (one per head) become; the decode batch does this for running sequences."""
+        self.state.append(np.asarray(drawn, dtype=np.int64).reshape(-1))
 
     def next_windows(self) -> list[tuple[int, int]]:
-        return self.schedule.windows(self.num_new)
-
-    def next_window(self) -> tuple[int, int]:
-        return self.next_windows()[0]
+        return [tuple(w) for w in self.state.next_windows().tolist()]

@@ -5,26 +5,28 @@ when the pool is empty (their blocks are freed and their tokens recomputed when 
 sequences are admitted in priority order while their blocks fit, and prefilled in one forward; the other
 running sequences decode one token each in a second forward.
 
+The decode forward reads its inputs from a vivace._C.DecodeBatch, built once per batch composition: a step is
+prepare() (every row's last token, position, cache slot and context) -> forward -> sample_and_advance(logits)
+(guidance mix, draw, append, stop check). Python touches a running sequence only when it crosses into a new
+cache block or the batch changes.
+
 A guided sequence (classifier-free guidance) is scheduled as one unit with its null twin: both rows are
 admitted, preempted and run together, their logits mixed, and the token drawn once is fed to both.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from vivace import _C
 from vivace.errors import VivaceError
+from vivace.kernels.dispatch import sample_and_advance
 from vivace.kv_cache import BlockAllocator, KVCachePool, block_rows, prefix_hashes
-from vivace.kernels.dispatch import sample
-from vivace.sampling import SamplingBatch
 from vivace.sequence import CrossCondition, Sequence, SequenceStatus
 from vivace.transformer import AttentionBatch, CrossBatch, PrefixBatch, StageTransformer
-
-Sampler = Callable[[torch.Tensor, SamplingBatch], torch.Tensor]
 
 
 @dataclass
@@ -44,6 +46,31 @@ class PrefixPlan:
     num_blocks: int
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """The running batch as the decode loop sees it, rebuilt only when its sequences change."""
+
+    seqs: list[Sequence]
+    batch: _C.DecodeBatch
+    inputs: tuple[torch.Tensor, ...]  # input_ids, positions, slot_mapping, block_tables, context_lens (batch's arrays)
+    query_start_loc: torch.Tensor
+    cross: CrossBatch | None
+
+
+def decode_batch(seqs: list[Sequence], block_size: int) -> _C.DecodeBatch:
+    """One group per sequence: its rows (itself and its null twin) and how it draws."""
+    return _C.DecodeBatch(
+        block_size,
+        [[member.state for member in seq.members] for seq in seqs],
+        temperature=np.array([seq.sampling.temperature for seq in seqs], dtype=np.float64),
+        top_k=np.array([seq.sampling.top_k for seq in seqs], dtype=np.int64),
+        top_p=np.array([seq.sampling.top_p for seq in seqs], dtype=np.float64),
+        seed=np.array([seq.seed for seq in seqs], dtype=np.uint64),
+        stream=np.array([seq.stream for seq in seqs], dtype=np.uint64),
+        guidance_scale=np.array([seq.guidance_scale for seq in seqs], dtype=np.float64),
+    )
+
+
 class StageRunner:
     def __init__(
         self,
@@ -51,7 +78,6 @@ class StageRunner:
         model: StageTransformer,
         pool: KVCachePool,
         device: torch.device,
-        sampler: Sampler = sample,
     ) -> None:
         self.name = name
         self.model = model
@@ -60,11 +86,11 @@ class StageRunner:
         self.allocator = BlockAllocator(pool.num_blocks, pool.block_size)
         self.block_size = pool.block_size
         self.device = device
-        self.sampler = sampler
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.stats = StepStats()
         self._cross_memo: tuple[list[CrossCondition], CrossBatch] | None = None  # the last step's, reused while unchanged
+        self._plan: DecodePlan | None = None  # the decode batch of the running sequences; None when they change
 
     @property
     def has_work(self) -> bool:
@@ -74,6 +100,8 @@ class StageRunner:
         return -(-num_tokens // self.block_size)
 
     def add(self, seq: Sequence) -> None:
+        if seq.max_len <= seq.length:
+            raise VivaceError(f"stage {self.name!r}: sequence {seq.seq_id} has no token to generate")
         needed = self.blocks_for(seq.max_len) * len(seq.members)
         if needed > self.pool.num_blocks:
             raise VivaceError(
@@ -88,6 +116,7 @@ class StageRunner:
         """Drops a sequence wherever it is and returns its blocks."""
         if seq in self.running:
             self.running.remove(seq)
+            self._plan = None
         if seq in self.waiting:
             self.waiting.remove(seq)
         self._release(seq)
@@ -105,6 +134,7 @@ class StageRunner:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._plan = None
         self._release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
@@ -115,7 +145,18 @@ class StageRunner:
         return sum(self.blocks_for(m.length) - len(m.block_table) for m in seq.members)
 
     def _reserve_decode_slots(self) -> list[Sequence]:
-        """Gives every running sequence room for its next token, preempting from the least urgent end."""
+        """Gives every running sequence room for its next token, preempting from the least urgent end.
+
+        While the batch is unchanged only the sequences that cross into a new block are visited."""
+        plan = self._plan
+        if plan is not None:
+            missing = plan.batch.missing_blocks()
+            if not missing.any():
+                return plan.seqs
+            if int(missing.sum()) <= self.allocator.num_free:
+                for index in np.flatnonzero(missing).tolist():
+                    self._extend(plan.seqs[index])
+                return plan.seqs
         self.running.sort(key=lambda s: s.priority)
         scheduled: list[Sequence] = []
         for seq in list(self.running):
@@ -126,11 +167,14 @@ class StageRunner:
                 if seq.status is not SequenceStatus.RUNNING:
                     break
             if seq.status is SequenceStatus.RUNNING:
-                for member in seq.members:
-                    if len(member.block_table) < self.blocks_for(member.length):
-                        member.block_table.append(self.allocator.allocate())
+                self._extend(seq)
                 scheduled.append(seq)
         return scheduled
+
+    def _extend(self, seq: Sequence) -> None:
+        for member in seq.members:
+            while len(member.block_table) < self.blocks_for(member.length):
+                member.state.add_block(self.allocator.allocate())
 
     def _prefix_plan(self, seq: Sequence) -> PrefixPlan:
         shareable = (seq.length - 1) // self.block_size  # the block of the last token is always computed
@@ -167,6 +211,7 @@ class StageRunner:
             seq.status = SequenceStatus.RUNNING
             self.waiting.pop(0)
             self.running.append(seq)
+            self._plan = None
             admitted.append(seq)
         return admitted
 
@@ -174,73 +219,87 @@ class StageRunner:
     def step(self) -> list[Sequence]:
         """Runs one step; returns the sequences that finished in it."""
         decode = self._reserve_decode_slots()
+        plan = self._decode_plan(decode) if decode else None  # before admission changes the running set
         prefill = self._admit()
         if not decode and not prefill and self.waiting:
             raise VivaceError(f"stage {self.name!r}: the KV pool cannot hold the next sequence; raise kv_cache_gb")
+        finished: list[Sequence] = []
         if prefill:
-            self._forward(prefill, is_decode=False)
-        if decode:
-            self._forward(decode, is_decode=True)
-        finished = [seq for seq in prefill + decode if seq.is_finished]
+            finished += self._prefill(prefill)
+        if plan is not None:
+            finished += self._decode(plan)
         for seq in finished:
             self.running.remove(seq)
             self._release(seq)
             seq.status = SequenceStatus.FINISHED
+        if finished:
+            self._plan = None
         return finished
 
-    def _forward(self, seqs: list[Sequence], is_decode: bool) -> None:
+    def _decode_plan(self, seqs: list[Sequence]) -> DecodePlan:
+        if self._plan is not None and self._plan.seqs is seqs:
+            return self._plan
+        batch = decode_batch(seqs, self.block_size)
+        arrays = batch.prepare()
         members = [member for seq in seqs for member in seq.members]
-        rows: list[tuple[int, ...]] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        for seq in members:
-            start = seq.length - 1 if is_decode else seq.num_cached
-            for pos in range(start, seq.length):
-                rows.append(seq.rows[pos])
-                positions.append(pos)
-                slots.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            query_start.append(len(rows))
-        max_blocks = max(len(seq.block_table) for seq in members)
-        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in members]
+        query_start = list(range(len(members) + 1))
+        self._plan = DecodePlan(
+            seqs=seqs,
+            batch=batch,
+            inputs=tuple(torch.from_numpy(array) for array in arrays),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=self.device),
+            cross=self._cross_batch(members, query_start),
+        )
+        return self._plan
+
+    def _decode(self, plan: DecodePlan) -> list[Sequence]:
+        """One token for every sequence of the plan: prepare -> forward -> sample and advance, no Python per row."""
+        plan.batch.prepare()  # refills the arrays behind plan.inputs
+        input_ids, positions, slot_mapping, block_tables, context_lens = (t.to(self.device) for t in plan.inputs)
+        batch = AttentionBatch(
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            context_lens=context_lens,
+            query_start_loc=plan.query_start_loc,
+            is_decode=True,
+            cross=plan.cross,
+        )
+        hidden = self.model(input_ids, positions, self.kv_caches, batch)
+        logits = self.model.compute_logits(hidden).float()
+        finished = sample_and_advance(plan.batch, logits)
+        self.stats.decode_tokens += plan.batch.num_members
+        return [plan.seqs[index] for index in finished.tolist()]
+
+    def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Computes the uncached part of each admitted row's prompt in one forward and draws its first token."""
+        members = [member for seq in seqs for member in seq.members]
+        pieces = [member.token_array(member.num_cached) for member in members]
+        positions = [torch.arange(member.num_cached, member.length) for member in members]
+        query_start = np.cumsum([0] + [len(piece) for piece in pieces]).tolist()
+        slots = [
+            torch.tensor(member.block_table, dtype=torch.int64)[pos // self.block_size] * self.block_size
+            + pos % self.block_size
+            for member, pos in zip(members, positions)
+        ]
+        max_blocks = max(len(member.block_table) for member in members)
+        tables = [member.block_table + [0] * (max_blocks - len(member.block_table)) for member in members]
         device = self.device
         batch = AttentionBatch(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            slot_mapping=torch.cat(slots).to(device),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-            context_lens=torch.tensor([seq.length for seq in members], dtype=torch.int32, device=device),
+            context_lens=torch.tensor([member.length for member in members], dtype=torch.int32, device=device),
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
-            is_decode=is_decode,
+            is_decode=False,
             cross=self._cross_batch(members, query_start),
-            prefix=None if is_decode else self._prefix_batch(members, query_start),  # prefixes sit inside prompts
+            prefix=self._prefix_batch(members, query_start),
         )
-        input_ids = torch.tensor(rows, dtype=torch.int64, device=device)
-        hidden = self.model(input_ids, torch.tensor(positions, device=device), self.kv_caches, batch)
+        input_ids = torch.from_numpy(np.concatenate(pieces)).to(device)
+        hidden = self.model(input_ids, torch.cat(positions).to(device), self.kv_caches, batch)
         last = torch.tensor(query_start[1:], device=device) - 1
-        logits = self._guided_logits(seqs, self.model.compute_logits(hidden[last]).float())
-        num_heads = logits.shape[1]
-        tokens = self.sampler(logits.flatten(0, 1), self._sampling_batch(seqs, num_heads)).view(-1, num_heads).tolist()
-        for seq, drawn in zip(seqs, tokens):
-            for member in seq.members:
-                member.num_cached = member.length
-                member.append(tuple(drawn))
-        if is_decode:
-            self.stats.decode_tokens += len(members)
-        else:
-            self.stats.prefill_tokens += len(rows)
-
-    @staticmethod
-    def _guided_logits(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """[member rows, heads, vocab] -> [seqs, heads, vocab]. A guided pair mixes its rows as transformers'
-        ClassifierFreeGuidanceLogitsProcessor does: null + (cond - null) * guidance_scale, in float32."""
-        if all(seq.null is None for seq in seqs):
-            return logits
-        first_rows = np.cumsum([0] + [len(seq.members) for seq in seqs[:-1]]).tolist()
-        out = logits[first_rows]
-        for i, (seq, row) in enumerate(zip(seqs, first_rows)):
-            if seq.null is not None:
-                cond, null = logits[row], logits[row + 1]
-                out[i] = null + (cond - null) * seq.guidance_scale
-        return out
+        logits = self.model.compute_logits(hidden[last]).float()
+        finished = sample_and_advance(decode_batch(seqs, self.block_size), logits)
+        self.stats.prefill_tokens += len(input_ids)
+        return [seqs[index] for index in finished.tolist()]
 
     def _cross_batch(self, members: list[Sequence], query_start: list[int]) -> CrossBatch | None:
         if members[0].cross is None:
@@ -270,23 +329,3 @@ class StageRunner:
         if not index:
             return None
         return PrefixBatch(torch.cat(index).to(self.device), torch.cat(embeds))
-
-    @staticmethod
-    def _sampling_batch(seqs: list[Sequence], num_heads: int) -> SamplingBatch:
-        """One row per (sequence, head); head h of a step at position p draws with counter p * num_heads + h."""
-        windows = [window for seq in seqs for window in seq.next_windows()]
-
-        def per_row(values: Iterable) -> list:
-            return [value for value in values for _ in range(num_heads)]
-
-        steps = [seq.length * num_heads + h for seq in seqs for h in range(num_heads)]
-        return SamplingBatch(
-            temperature=torch.tensor(per_row(s.sampling.temperature for s in seqs), dtype=torch.float64),
-            top_k=torch.tensor(per_row(s.sampling.top_k for s in seqs), dtype=torch.int64),
-            top_p=torch.tensor(per_row(s.sampling.top_p for s in seqs), dtype=torch.float64),
-            vocab_lo=torch.tensor([w[0] for w in windows], dtype=torch.int64),
-            vocab_hi=torch.tensor([w[1] for w in windows], dtype=torch.int64),
-            seed=np.array(per_row(s.seed for s in seqs), dtype=np.uint64),
-            stream=np.array(per_row(s.stream for s in seqs), dtype=np.uint64),
-            step=np.array(steps, dtype=np.uint64),
-        )

@@ -12,8 +12,10 @@ import functools
 import os
 from types import ModuleType
 
+import numpy as np
 import torch
 
+from vivace import _C
 from vivace.sampling import SamplingBatch
 
 
@@ -107,3 +109,32 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         batch.vocab_lo.numpy(), batch.vocab_hi.numpy(), batch.seed, batch.stream, batch.step,
     )
     return torch.from_numpy(tokens).to(logits.device)
+
+
+def sample_and_advance(decode_batch: _C.DecodeBatch, logits: torch.Tensor) -> np.ndarray:
+    """Draws this step's tokens from logits [members, heads, vocab] float32 and appends them to the batch's
+    sequences; returns the indices of the groups that finished.
+
+    On the CPU this is one vivace._C call (guidance mix, sampling, append). With Triton the guidance mix runs in
+    torch and the Triton sampler draws on the device; the tokens come to the host for the batch to advance.
+    Both draw what vivace.sampling.sample draws from the same mixed logits.
+    """
+    if not use_triton(logits):
+        return decode_batch.sample_and_advance(logits.detach().to("cpu", torch.float32).contiguous().numpy())
+    from vivace.kernels import triton_sampling
+
+    lead, null, scale = decode_batch.guidance()
+    mixed = logits[torch.from_numpy(lead).to(logits.device)]
+    guided = np.flatnonzero(null >= 0)
+    if guided.size:
+        cond = mixed[torch.from_numpy(guided).to(logits.device)]
+        uncond = logits[torch.from_numpy(null[guided]).to(logits.device)]
+        weight = torch.from_numpy(scale[guided]).to(logits.device, torch.float32)[:, None, None]
+        mixed[torch.from_numpy(guided).to(logits.device)] = uncond + (cond - uncond) * weight
+    rows = decode_batch.sampling_rows()
+    tokens = triton_sampling.sample(mixed.flatten(0, 1), SamplingBatch(
+        temperature=torch.from_numpy(rows["temperature"]), top_k=torch.from_numpy(rows["top_k"]),
+        top_p=torch.from_numpy(rows["top_p"]), vocab_lo=torch.from_numpy(rows["vocab_lo"]),
+        vocab_hi=torch.from_numpy(rows["vocab_hi"]), seed=rows["seed"], stream=rows["stream"], step=rows["step"],
+    ))
+    return decode_batch.advance(tokens.view(decode_batch.num_groups, decode_batch.num_heads).cpu().numpy())
