@@ -189,7 +189,7 @@ class MusicGenPipeline:
             if state.active is None or state.active[0] not in finished:
                 continue
             seq, window = state.active
-            codes = undelayed(np.asarray(seq.rows[seq.prefix_len :], dtype=np.int64).T)
+            codes = undelayed(seq.token_array(seq.prefix_len).T)
             new = codes[:, window.new_start - window.prefix_start :]
             state.codes[:, window.new_start : window.new_end] = new
             state.done_frames = window.new_end

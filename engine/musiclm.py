@@ -194,28 +194,29 @@ class MusicLMPipeline:
             active = state.active["semantic"]
             if active is not None:
                 seq, window = active
-                new = seq.output_ids
+                new = seq.output_array()
                 state.semantic[window.new_start : window.new_start + len(new)] = new
                 state.semantic_done = window.new_start + len(new)
                 if seq in finished["semantic"]:
                     state.active["semantic"] = None
-                    events.append(WindowFinished("semantic", state.request.row, window.index, tuple(seq.output_ids)))
+                    events.append(WindowFinished("semantic", state.request.row, window.index, tuple(new.tolist())))
             active = state.active["coarse"]
             if active is not None:
                 seq, window = active
-                frames = len(seq.output_ids) // layout.coarse_levels
-                new = np.asarray(seq.output_ids[: frames * layout.coarse_levels], dtype=np.int64)
-                new = new.reshape(frames, layout.coarse_levels) % cb
+                drawn = seq.output_array()
+                frames = len(drawn) // layout.coarse_levels
+                new = drawn[: frames * layout.coarse_levels].reshape(frames, layout.coarse_levels) % cb
                 state.coarse[window.new_start : window.new_start + frames] = new
                 state.coarse_done = window.new_start + frames
                 if seq in finished["coarse"]:
                     state.active["coarse"] = None
-                    events.append(WindowFinished("coarse", state.request.row, window.index, tuple(seq.output_ids)))
+                    events.append(WindowFinished("coarse", state.request.row, window.index, tuple(drawn.tolist())))
         for seq in finished["fine"]:
             state, window = self._fine_owner.pop(seq.seq_id)
-            state.fine[window.new_start : window.new_end] = np.asarray(seq.output_ids).reshape(window.num_new, -1) % cb
+            drawn = seq.output_array()
+            state.fine[window.new_start : window.new_end] = drawn.reshape(window.num_new, -1) % cb
             state.fine_finished.add(window.index)
-            events.append(WindowFinished("fine", state.request.row, window.index, tuple(seq.output_ids)))
+            events.append(WindowFinished("fine", state.request.row, window.index, tuple(drawn.tolist())))
         return events
 
     @torch.inference_mode()
