@@ -29,15 +29,15 @@ void bucket_ids(const double* probs, int64_t n, double p_max, uint16_t* out) {
 
 }  // namespace
 
-void ProbBuckets::build(const double* probs, int64_t lo, int64_t hi, double p_max, int64_t limit) {
-  const int64_t n = hi - lo;
+void ProbBuckets::build_from(const double* probs, int64_t n, const int64_t* ids, int64_t id_base, double p_max,
+                             int64_t limit) {
   if (static_cast<int64_t>(bucket_.size()) < n) {
     bucket_.resize(n);
     items_.resize(n);
     picked_.resize(n + 8);
   }
   uint16_t* bucket = bucket_.data();
-  bucket_ids(probs + lo, n, p_max, bucket);
+  bucket_ids(probs, n, p_max, bucket);
 
   // Two interleaved histograms keep runs of one bucket off a single store-to-load chain.
   int32_t counts[2][kNone + 1] = {};
@@ -69,18 +69,35 @@ void ProbBuckets::build(const double* probs, int64_t lo, int64_t hi, double p_ma
   double floor;
   std::memcpy(&floor, &floor_bits, sizeof floor);
   int64_t* picked = picked_.data();
-  const int64_t m = indices_at_least(probs, lo, hi, std::max(floor, std::numeric_limits<double>::denorm_min()), picked);
+  const int64_t m = indices_at_least(probs, 0, n, std::max(floor, std::numeric_limits<double>::denorm_min()), picked);
   int64_t cursor[kBuckets];
   std::copy(start_, start_ + last + 1, cursor);
   Candidate* items = items_.data();
-  for (int64_t i = 0; i < m; ++i) items[cursor[bucket[picked[i] - lo]]++] = {probs[picked[i]], picked[i]};
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t j = picked[i];
+    items[cursor[bucket[j]]++] = {probs[j], ids ? ids[j] : id_base + j};
+  }
 
   kept_ = wanted;
-  mass_ = wanted == positive ? sum(probs + lo, n) : -1.0;
+  mass_ = wanted == positive ? sum(probs, n) : -1.0;
   if (kept_ < offset) {
     sort_bucket(last);
     count_[last] = static_cast<int32_t>(kept_ - start_[last]);
   }
+}
+
+void ProbBuckets::drop_last() {
+  sort_bucket(last_);
+  --kept_;
+  --count_[last_];
+  mass_known_[last_] = false;
+  mass_ = -1.0;
+  while (last_ >= 0 && count_[last_] == 0) --last_;
+}
+
+const Candidate& ProbBuckets::ranked_at(int64_t position) {
+  sort_bucket(bucket_of(position));
+  return items_[position];
 }
 
 double ProbBuckets::mass() {

@@ -14,7 +14,17 @@ class ProbBuckets {
   static constexpr int kBuckets = 512;
 
   // Keeps the first min(limit, #positive) of probs[lo, hi) in rank order; all are <= p_max.
-  void build(const double* probs, int64_t lo, int64_t hi, double p_max, int64_t limit);
+  void build(const double* probs, int64_t lo, int64_t hi, double p_max, int64_t limit) {
+    build_from(probs + lo, hi - lo, nullptr, lo, p_max, limit);
+  }
+  // The same over n candidates: values[j] with token id ids[j].
+  void build_candidates(const double* values, const int64_t* ids, int64_t n, double p_max, int64_t limit) {
+    build_from(values, n, ids, 0, p_max, limit);
+  }
+  // Drops the last kept candidate in rank order.
+  void drop_last();
+  // The kept candidate at a rank-order position.
+  const Candidate& ranked_at(int64_t position);
 
   int64_t size() const { return kept_; }
   // Total probability of the kept candidates, summed in an unspecified order.
@@ -32,6 +42,8 @@ class ProbBuckets {
   const Candidate* items() const { return items_.data(); }
 
  private:
+  // ids == nullptr: the candidate at position j is token id_base + j.
+  void build_from(const double* values, int64_t n, const int64_t* ids, int64_t id_base, double p_max, int64_t limit);
   void sort_bucket(int b);
   double bucket_mass(int b);
   int bucket_of(int64_t position) const;

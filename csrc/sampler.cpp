@@ -28,19 +28,14 @@ int64_t greedy_token(const double* x, int64_t lo, int64_t hi) {
   return best < 0 ? 0 : best;
 }
 
-// probs[lo, hi) = torch.softmax(x / temperature) over the masked row, rounded as torch rounds it.
-RowError softmax(double* x, int64_t lo, int64_t hi, double temperature, const TorchNumerics& numerics,
-                 double* probs, double* p_max) {
-  const double max = scale_and_max(x + lo, hi - lo, temperature);
-  if (std::isnan(max)) return RowError::nan_logit;
-  if (max == kInf) return RowError::positive_inf_logit;
-  if (max == -kInf) return RowError::no_finite_logit;
-
+// probs[lo, hi) = torch.softmax(x / temperature) over the masked row, rounded as torch rounds it; x already holds
+// x / temperature and max is its maximum (finite).
+void softmax(const double* x, int64_t lo, int64_t hi, double max, const TorchNumerics& numerics, double* probs,
+             double* p_max) {
   shifted_exp(x + lo, max, probs + lo, hi - lo, numerics.sleef_exp);
   const double inverse = 1.0 / lane_sum(probs, lo, hi, numerics.softmax_lanes);
   multiply(probs + lo, hi - lo, inverse);
   *p_max = inverse;  // the maximum logit has exp(0) == 1
-  return RowError::none;
 }
 
 // The reference's steps 4-5 on the rank-ordered kept candidates, operation for operation.
@@ -80,7 +75,7 @@ int64_t exact_draw(ProbBuckets& buckets, int64_t vocab, double top_p, double u, 
 // keeps and where u lands, and the answer is accepted only when every such decision clears a margin
 // that bounds the reference's float64 rounding (running sums and torch's cascaded sum over at most
 // k + vocab terms). Returns false when a decision is too close to call.
-bool certified_draw(ProbBuckets& buckets, int64_t vocab, double top_p, double u, int64_t* token) {
+bool certified_draw(ProbBuckets& buckets, int64_t vocab, double top_p, double u, int64_t* position) {
   const int64_t k = buckets.size();
   const double mass = buckets.mass();
   const double slack = 8.0 * static_cast<double>(k + vocab + 16) * 0x1p-53;
@@ -102,11 +97,70 @@ bool certified_draw(ProbBuckets& buckets, int64_t vocab, double top_p, double u,
   double before;
   const int64_t index = buckets.find_mass(u * kept_lo - margin, true, &before);
   if (index >= kept || !(before + ranked[index].prob > u * kept_hi + margin)) return false;
-  *token = ranked[index].id;
+  *position = index;
   return true;
 }
 
 constexpr int64_t kExactBelow = 32;
+
+// Exp values (before normalisation) far enough apart that their probabilities cannot round to one value, which the
+// reference would rank by token id whatever their order here.
+bool separated(double e_high, double e_low) { return e_high > e_low * (1.0 + 0x1p-46); }
+
+// top_k sampling without the softmax of the whole row. Probabilities are exp(x - max) times one common factor
+// (1 / the row's sum), and top-k, top-p and the draw only compare probabilities with each other or with shares
+// of the kept mass, so exp values stand in for them: up to rounding, which certified_draw's margin covers, and
+// up to ties, which the guards below refuse. Candidates are every x above a threshold that leaves at least
+// top_k + 1 of them; only they are exponentiated (with the reference's exp). Returns false, leaving x as it
+// was, whenever a decision is too close to call; the full path then decides.
+bool sample_top_k(const double* x, int64_t vocab, int64_t lo, int64_t hi, double max, const SamplingParams& params,
+                  double u, const TorchNumerics& numerics, SamplerScratch& scratch, int64_t* token) {
+  const int64_t n = hi - lo, k = params.top_k;
+  if (k < kExactBelow || 4 * k > n) return false;
+  // A histogram of max - x (in 1/8 steps) over every 4th x estimates where the (k + 1)-th largest x lies; the
+  // threshold then steps down until at least k + 1 candidates are above it.
+  constexpr int kBins = 256, kStride = 4;
+  constexpr double kBinsPerUnit = 8.0;  // 256 bins reach 32 below the maximum
+  if (static_cast<int64_t>(scratch.bins.size()) < n) scratch.bins.resize(n);
+  if (static_cast<int64_t>(scratch.picked.size()) < n + 8) scratch.picked.resize(n + 8);
+  uint16_t* bins = scratch.bins.data();
+  int64_t* picked = scratch.picked.data();
+  depth_bins(x + lo, n, max, kBinsPerUnit, kBins - 1, bins);
+  int32_t counts[kBins] = {};
+  for (int64_t i = 0; i < n; i += kStride) ++counts[bins[i]];
+  const int64_t wanted = (k + 1) * 9 / (8 * kStride) + 1;  // an eighth more than the sample's share
+  int64_t covered = 0;
+  int last = -1;
+  while (covered < wanted && last < kBins - 2) covered += counts[++last];
+  int64_t m = 0;
+  for (; last < kBins - 1; last += 2) {
+    // bins 0..last hold x >= max - (last + 1) / 8 up to rounding, which the extra 1/128 absorbs
+    m = indices_at_least(x, lo, hi, max - (last + 1.0625) / kBinsPerUnit, picked);
+    if (m >= k + 1) break;
+  }
+  if (m < k + 1) return false;  // the cut lies in the open-ended last bin
+  if (static_cast<int64_t>(scratch.padded.size()) < 2 * m) scratch.padded.resize(2 * m);
+  double* candidate_x = scratch.padded.data();
+  double* candidate_e = candidate_x + m;
+  for (int64_t j = 0; j < m; ++j) candidate_x[j] = x[picked[j]];
+  shifted_exp(candidate_x, max, candidate_e, m, numerics.sleef_exp);
+
+  ProbBuckets& buckets = scratch.buckets;
+  buckets.build_candidates(candidate_e, picked, m, 1.0, k + 1);
+  if (buckets.size() != k + 1) return false;  // exp underflowed to 0 among the first k + 1
+  const double first_out = buckets.min_prob();  // the (k + 1)-th; SLEEF's exp is within 1 ulp, so every
+  buckets.drop_last();                          // x outside the candidates has an exp at most this (1 + 2^-51)
+  const double last_kept = buckets.min_prob();
+  if (!separated(last_kept, first_out) || !(last_kept >= 0x1p-990)) return false;
+
+  int64_t position;
+  if (!certified_draw(buckets, vocab, params.top_p, u, &position)) return false;
+  const double chosen = buckets.ranked_at(position).prob;
+  if (position > 0 && !separated(buckets.ranked_at(position - 1).prob, chosen)) return false;
+  if (position + 1 < k && !separated(chosen, buckets.ranked_at(position + 1).prob)) return false;
+  *token = buckets.ranked_at(position).id;
+  return true;
+}
 
 }  // namespace
 
@@ -118,16 +172,23 @@ RowError sample_row(int64_t vocab, const SamplingParams& params, const TorchNume
     *token = greedy_token(x, lo, hi);
     return RowError::none;
   }
+  const double max = scale_and_max(x + lo, hi - lo, params.temperature);
+  if (std::isnan(max)) return RowError::nan_logit;
+  if (max == kInf) return RowError::positive_inf_logit;
+  if (max == -kInf) return RowError::no_finite_logit;
+  const double u = counter_uniform(params.seed, params.stream, params.step);
+  if (sample_top_k(x, vocab, lo, hi, max, params, u, numerics, scratch, token)) return RowError::none;
+
   if (static_cast<int64_t>(scratch.probs.size()) < vocab) scratch.probs.resize(vocab);
   double p_max;
-  const RowError error = softmax(x, lo, hi, params.temperature, numerics, scratch.probs.data(), &p_max);
-  if (error != RowError::none) return error;
-
+  softmax(x, lo, hi, max, numerics, scratch.probs.data(), &p_max);
   ProbBuckets& buckets = scratch.buckets;
   buckets.build(scratch.probs.data(), lo, hi, p_max, params.top_k > 0 ? params.top_k : vocab);
-  const double u = counter_uniform(params.seed, params.stream, params.step);
-  if (buckets.size() >= kExactBelow && certified_draw(buckets, vocab, params.top_p, u, token))
+  int64_t position;
+  if (buckets.size() >= kExactBelow && certified_draw(buckets, vocab, params.top_p, u, &position)) {
+    *token = buckets.items()[position].id;
     return RowError::none;
+  }
   *token = exact_draw(buckets, vocab, params.top_p, u, numerics, scratch.padded);
   return RowError::none;
 }

@@ -26,6 +26,8 @@ struct SamplerScratch {
   std::vector<double> logits;
   std::vector<double> probs;
   std::vector<double> padded;
+  std::vector<uint16_t> bins;
+  std::vector<int64_t> picked;
   ProbBuckets buckets;
 
   double* logit_row(int64_t vocab) {

@@ -91,6 +91,38 @@ def test_matches_reference_token_for_token_on_random_rows():
     assert checked > 1000
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties at the cut", "adjacent floats", "large logits", "guided"])
+def test_top_k_candidate_path_matches_reference_token_for_token(kind):
+    """Rows with top_k >= 32 and at most a quarter of the window kept are decided from the candidates above a
+    threshold (only they are exponentiated). Their tokens must still be the reference's, also where the cut or the
+    drawn token sits among exact ties or among logits one float32 step apart (the path then defers to the full one)."""
+    rng = np.random.default_rng(["normal", "ties at the cut", "adjacent floats", "large logits", "guided"].index(kind))
+    rows, vocab = 256, 1024
+    x = rng.normal(0, 3, (rows, vocab))
+    if kind == "ties at the cut":
+        x = np.round(x * 2) / 2  # about 40 tokens share each value
+    elif kind == "adjacent floats":
+        base = np.float32(rng.normal(0, 1, (rows, 1)))
+        x = (base + np.arange(vocab)[None, :] % 64 * np.spacing(np.abs(base))).astype(np.float32)
+        x += np.float32(0.25) * (np.arange(vocab) // 64)
+    elif kind == "large logits":
+        x = x * 40 + 3000
+    logits = x.astype(np.float32)
+    b = make_batch(
+        rows, temperature=rng.choice([0.4, 1.0, 1.7], rows), top_k=rng.choice([32, 50, 250], rows),
+        top_p=rng.choice([1.0, 1.0, 0.9, 0.5], rows), vocab_lo=0, vocab_hi=vocab, rng=rng,
+    )
+    if kind == "guided":
+        uncond = rng.normal(0, 3, (rows, vocab)).astype(np.float32)
+        scale = np.full(rows, 3.0)
+        got = _C.sample_guided(logits, uncond, scale, b.temperature, b.top_k, b.top_p, b.vocab_lo, b.vocab_hi,
+                               b.seed, b.stream, b.step)
+        mixed = torch.from_numpy(uncond).double() + 3.0 * (torch.from_numpy(logits).double() - torch.from_numpy(uncond).double())
+        np.testing.assert_array_equal(got, sample(mixed, b).numpy())
+        return
+    np.testing.assert_array_equal(native(logits, b), sample(torch.from_numpy(logits), b).numpy())
+
+
 def test_greedy_matches_reference_argmax():
     rng = np.random.default_rng(7)
     logits = random_logits(rng, 64, 1024)
