@@ -407,3 +407,26 @@ def test_bad_step_inputs_are_refused_with_one_line_and_leave_the_batch_intact():
         batch.advance(np.zeros((1, 2), np.int64))
     finished = batch.sample_and_advance(np.zeros((1, 1, 8), np.float32))
     assert finished.tolist() == [] and groups[0][0].length == 3
+
+
+def test_device_path_draws_what_the_cpu_path_draws(monkeypatch):
+    """The GPU path's step (guidance mix in torch, the Triton sampler on sampling_rows(), advance(drawn)), run here
+    under the Triton interpreter, gives the same rows as sample_and_advance."""
+    monkeypatch.setenv("VIVACE_TRITON_INTERPRET", "1")
+    from vivace.kernels import dispatch
+
+    assert dispatch.use_triton(torch.zeros(1))
+    rng = random.Random(5)
+    vocab, heads = 40, 2
+    seqs = random_sequences(rng, 6, vocab=vocab, heads=heads, guided_share=0.5)
+    steps = logit_steps(np.random.default_rng(5), seqs, vocab, heads)[:3]
+    expected = run_native([RefSequence(**{**s.__dict__, "rows": [list(r) for r in s.rows]}) for s in seqs], steps, 1)
+    groups = native_states(seqs)
+    live = list(range(len(seqs)))
+    for logits in steps:
+        batch = native_batch([seqs[i] for i in live], [groups[i] for i in live])
+        rows = [r for i in live for r in member_rows(seqs, i)]
+        finished = set(dispatch.sample_and_advance(batch, logits[rows].contiguous()).tolist())
+        live = [g for k, g in enumerate(live) if k not in finished]
+    assert [group[0].rows().tolist() for group in groups] == expected
+    assert any(s.guided for s in seqs)
