@@ -8,18 +8,29 @@ receptive field of left context per chunk, since the exported graph is stateless
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
-from vivace.codec import SoundStreamDecoder
+from vivace.codec import PaddedConv1d, SoundStreamDecoder
 from vivace.codec_stream import CodecStream
 from vivace.errors import VivaceError
 from vivace.pack import Pack
 
+if TYPE_CHECKING:
+    from vivace.musicgen_pack import MusicGenPack
+
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def min_frames(codec: nn.Module) -> int:
+    """The fewest frames an exported graph of codec decodes: 1, or for reflect padding one more than the widest pad
+    (the exporter traces pad1d's long-input branch)."""
+    pads = [max(m.pad_left, m.pad_right) for m in codec.modules() if isinstance(m, PaddedConv1d) and m.pad_mode == "reflect"]
+    return max(pads, default=0) + 1
 
 
 class FrameStream(Protocol):
@@ -31,10 +42,12 @@ class FrameStream(Protocol):
 class CodecBackend(ABC):
     name: str
 
-    def __init__(self, codec: SoundStreamDecoder) -> None:
+    def __init__(self, codec: nn.Module) -> None:
+        """codec: SoundStreamDecoder (causal, with a receptive field) or EncodecDecoder (decoded whole)."""
         self.codec = codec
         self.hop_length = codec.config.hop_length
-        self.context_frames = codec.receptive_field_frames()
+        field = getattr(codec, "receptive_field_frames", None)
+        self.context_frames = field() if callable(field) else None
 
     @abstractmethod
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -42,10 +55,12 @@ class CodecBackend(ABC):
 
     def decode_range(self, codes: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """PCM of frames [start, end) of codes, decoding only the left context it needs."""
-        context_start = max(0, start - self.context_frames)
+        context_start = 0 if self.context_frames is None else max(0, start - self.context_frames)
         return self.decode(codes[..., context_start:end])[..., (start - context_start) * self.hop_length :]
 
     def stream(self) -> FrameStream:
+        if self.context_frames is None:
+            raise VivaceError(f"{type(self.codec).__name__} has no bounded receptive field: it decodes whole, not by chunks")
         return ContextStream(self)
 
     def describe(self) -> str:
@@ -83,9 +98,10 @@ class OnnxRuntimeBackend(CodecBackend):
 
     name = "onnxruntime"
 
-    def __init__(self, codec: SoundStreamDecoder, onnx_path: str, device: torch.device, threads: int = 0) -> None:
+    def __init__(self, codec: nn.Module, onnx_path: str, device: torch.device, threads: int = 0) -> None:
         """threads: onnxruntime's intra-op threads (0: its default, one per physical core)."""
         super().__init__(codec)
+        self.min_frames = min_frames(codec)
         try:
             import onnxruntime as ort
         except ImportError:
@@ -101,6 +117,10 @@ class OnnxRuntimeBackend(CodecBackend):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.shape[-1] == 0:
             return torch.zeros(codes.shape[0], 0, device=codes.device)
+        if codes.shape[-1] < self.min_frames:
+            # the graph refuses inputs shorter than its reflect pads (EnCodec: under 4-7 frames); the module decodes them
+            with torch.inference_mode():
+                return self.codec(codes)
         (pcm,) = self.session.run(None, {"codes": codes.detach().cpu().numpy().astype(np.int64, copy=False)})
         return torch.from_numpy(pcm).to(codes.device)
 
@@ -108,7 +128,7 @@ class OnnxRuntimeBackend(CodecBackend):
         return f"{self.name} ({', '.join(self.session.get_providers())})"
 
 
-def select_backend(pack: Pack, name: str, device: torch.device) -> CodecBackend:
+def select_backend(pack: Pack | MusicGenPack, name: str, device: torch.device) -> CodecBackend:
     """The codec backend for codec_backend=name.
 
     "auto" is a fixed preference: "onnxruntime" on a CUDA device when the pack has codec.onnx and onnxruntime

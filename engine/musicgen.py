@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from vivace._C import delay_pattern, undelay_pattern
+from vivace.codec_backend import CodecBackend, TorchBackend
 from vivace.config import SamplingParams
 from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
 from vivace.musicgen_melody import MelodyPrefixes
@@ -88,8 +89,9 @@ def undelayed(grid: np.ndarray) -> np.ndarray:
 
 
 class MusicGenPipeline:
-    def __init__(self, pack: MusicGenPack, runner: StageRunner) -> None:
+    def __init__(self, pack: MusicGenPack, runner: StageRunner, codec: CodecBackend | None = None) -> None:
         self.pack = pack
+        self.codec = codec or TorchBackend(pack.codec)
         self.config = pack.config
         self.runner = runner
         self.device = runner.device
@@ -203,7 +205,7 @@ class MusicGenPipeline:
         for state in states:
             if not state.decoded and state.done_frames == state.codes.shape[1]:
                 codes = torch.from_numpy(state.codes).unsqueeze(0).to(self.pack.codec.codebooks.device)
-                pcm = self.pack.codec(codes)[0]
+                pcm = self.codec.decode(codes)[0]
                 chunks.append(AudioChunk(state.request.row, 0, 0, pcm.float().cpu().numpy()))
                 state.decoded = True
         return chunks

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from vivace.codec_backend import select_backend
 from vivace.config import to_dict
 from vivace.engine import SAMPLING_KEYS, Engine, PromptLike, Story, _check_prompt, _check_seconds
 from vivace.errors import VivaceError
@@ -27,8 +28,7 @@ class MusicGenEngine(Engine):
         self, pack: MusicGenPack, device: torch.device, dtype: torch.dtype, block_size: int, kv_cache_gb: float,
         codec_backend: str = "auto",
     ) -> None:
-        if codec_backend not in ("auto", "torch"):
-            raise VivaceError(f"codec_backend {codec_backend!r}: MusicGen packs decode EnCodec with torch ('auto' or 'torch')")
+        self.codec = select_backend(pack, codec_backend, device)
         self.pack = pack  # type: ignore[assignment]
         self.config = pack.config  # type: ignore[assignment]
         self.device = device
@@ -124,7 +124,7 @@ class MusicGenEngine(Engine):
         at melody_sample_rate, for every row, or a list with one per row (None: text only)."""
         requests = self.requests(prompt, duration_s, seed, {**sampling, "melody": melody, "melody_sample_rate": melody_sample_rate})
         prefix = max(self.prefix_tokens(r.prompt) for r in requests)
-        return MusicGenPipeline(self.pack, self._runner(prefix)).run(requests)
+        return MusicGenPipeline(self.pack, self._runner(prefix), self.codec).run(requests)
 
     def info(self) -> dict[str, Any]:
         c, d, m = self.config, self.config.decoder, self.config.musicgen
@@ -141,6 +141,7 @@ class MusicGenEngine(Engine):
                 "params": sum(p.numel() for p in self.pack.decoder.parameters()),
             },
             "codec": {"levels": c.codec.num_levels, "codebook_size": c.codec.codebook_size, "hop_length": c.codec.hop_length},
+            "codec_backend": self.codec.describe(),
             "text": type(self.pack.text.encoder).__name__,
             **({"melody": to_dict(c.melody)} if c.melody is not None else {}),
             "guidance_scale": m.guidance_scale,

@@ -28,13 +28,16 @@ from vivace.config import SamplingParams, TransformerConfig, from_dict, to_dict
 from vivace.encodec import EncodecConfig, EncodecDecoder, encodec_config_from_dict, encodec_config_to_dict, encodec_stored_form, load_encodec_decoder
 from vivace.errors import PackError
 from vivace.musicgen_text import MusicGenText
-from vivace.pack import FORMAT_NAME, SCHEMA_VERSION, TEXT_MODEL_DIR, _load_component, _materialize, _stored_stage, read_manifest
+from vivace.pack import (
+    FORMAT_NAME, SCHEMA_VERSION, TEXT_MODEL_DIR, CodecOnnx, _load_component, _materialize, _stored_stage, read_codec_onnx,
+    read_manifest,
+)
 from vivace.transformer import StageTransformer
 from vivace.weights import expected_shapes, fuse_attention
 
 FAMILY = "musicgen"
 DECODER, CODEC, PROJECTION, CHROMA_PROJECTION = "decoder", "codec", "projection", "chroma_projection"
-TOP_KEYS = ("format", "version", "family", "name", "sample_rate", "decoder", "codec", "musicgen", "melody")
+TOP_KEYS = ("format", "version", "family", "name", "sample_rate", "decoder", "codec", "musicgen", "melody", "codec_onnx")
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class MusicGenPack:
     codec: EncodecDecoder
     text: MusicGenText
     chroma_projection: nn.Linear | None = None  # melody packs whose num_chroma differs from d_model
+    codec_onnx: CodecOnnx | None = None  # codec.onnx, written by `vivace export onnx`
 
 
 def validate_musicgen_config(config: MusicGenPackConfig) -> None:
@@ -203,10 +207,7 @@ def load_musicgen_pack(path: str | Path, dtype: torch.dtype = torch.float32, dev
     decoder = _materialize(lambda: StageTransformer(config.decoder), _stored_stage, fuse_attention, path, DECODER)
     decoder = decoder.to(device=device, dtype=dtype).eval()
     decoder.refresh_derived()
-    with torch.device("meta"):
-        expected = expected_shapes(encodec_stored_form(EncodecDecoder(config.codec)))
-    stored = _load_component(path, CODEC, expected)
-    codec = load_encodec_decoder(config.codec, stored, torch.float32, device, path / f"{CODEC}.safetensors")
+    codec = load_musicgen_codec(path).to(device)
     d_model, melody = config.decoder.d_model, config.melody
     projection = _linear(path, PROJECTION, config.musicgen.text_hidden, d_model) if config.musicgen.projection else None
     chroma_projection = None
@@ -215,7 +216,17 @@ def load_musicgen_pack(path: str | Path, dtype: torch.dtype = torch.float32, dev
     if not (path / TEXT_MODEL_DIR).is_dir():
         raise PackError(f"{path}: missing the text encoder folder {TEXT_MODEL_DIR}/")
     text = MusicGenText(path / TEXT_MODEL_DIR, projection).to(device)
-    return MusicGenPack(path, config, decoder, codec, text, chroma_projection)
+    return MusicGenPack(path, config, decoder, codec, text, chroma_projection, read_codec_onnx(path))
+
+
+def load_musicgen_codec(path: str | Path) -> EncodecDecoder:
+    """Only the EnCodec decoder of a MusicGen pack (CPU, float32), without the decoder transformer or text tower."""
+    path = Path(path)
+    config = read_musicgen_config(path)
+    with torch.device("meta"):
+        expected = expected_shapes(encodec_stored_form(EncodecDecoder(config.codec)))
+    stored = _load_component(path, CODEC, expected)
+    return load_encodec_decoder(config.codec, stored, torch.float32, "cpu", path / f"{CODEC}.safetensors").eval()
 
 
 def save_musicgen_pack(

@@ -2,7 +2,8 @@
 
 Any decoder module with `config.num_levels` and `config.codebook_size` exports: the MusicLM pack's SoundStream
 codec and EnCodec (whose LSTM the exporter writes as an ONNX LSTM). The reflect padding of `pad1d` is traced
-on its long-input branch, so an EnCodec graph needs more frames than its widest reflect pad (`min_frames`).
+on its long-input branch, so an EnCodec graph needs more frames than its widest reflect pad (`min_frames`); the
+onnxruntime backend decodes shorter inputs with the module.
 
 Uses torch's TorchScript exporter (dynamo=False): deprecated since torch 2.9 but present, it needs no
 onnxscript (the dynamo exporter does) and exports these graphs with symbolic batch and frame
@@ -23,8 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from vivace.codec import PaddedConv1d
+from vivace.codec_backend import min_frames
+from vivace.config import read_json_object
 from vivace.errors import VivaceError
+from vivace.musicgen_pack import FAMILY as MUSICGEN, load_musicgen_codec
 from vivace.pack import load_codec
 
 ONNX_FILE = "codec.onnx"
@@ -37,12 +40,6 @@ def require(module: str) -> ModuleType:
         return __import__(module)
     except ImportError:
         raise VivaceError(f"the ONNX codec needs the {module!r} package: pip install vivace[onnx]") from None
-
-
-def min_frames(codec: nn.Module) -> int:
-    """The fewest frames the exported graph decodes: 1, or for reflect padding one more than the widest pad."""
-    pads = [max(m.pad_left, m.pad_right) for m in codec.modules() if isinstance(m, PaddedConv1d) and m.pad_mode == "reflect"]
-    return max(pads, default=0) + 1
 
 
 def _field_frames(codec: nn.Module) -> int:
@@ -110,9 +107,11 @@ def export_codec(codec: nn.Module, path: str | Path, opset: int = OPSET) -> floa
 
 
 def export_pack_codec(pack_path: str | Path, opset: int = OPSET) -> dict:
-    """Exports PACK's codec to PACK/codec.onnx and records it in pack.json under "codec_onnx"."""
+    """Exports PACK's codec (SoundStream, or EnCodec for a MusicGen pack) to PACK/codec.onnx and records it in
+    pack.json under "codec_onnx"."""
     pack_path = Path(pack_path)
-    codec = load_codec(pack_path)
+    family = read_json_object(pack_path / "pack.json").get("family")
+    codec = load_musicgen_codec(pack_path) if family == MUSICGEN else load_codec(pack_path)
     error = export_codec(codec, pack_path / ONNX_FILE, opset)
     record = {"file": ONNX_FILE, "opset": opset, "max_abs_error": error}
     manifest = pack_path / "pack.json"
