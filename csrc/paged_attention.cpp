@@ -13,6 +13,10 @@
 
 #include "thread_pool.h"
 
+// The build compiles without contraction (setup.py) for the sampler's exact arithmetic; this kernel's float32 sums
+// carry their own tolerance, so it lets the compiler fuse multiply-adds.
+#pragma GCC optimize("fp-contract=fast")
+
 #if defined(__x86_64__) && defined(__GNUC__)
 // Comparisons may then be if-converted into vector selects; no result changes.
 #define VECTOR_LOOP \
