@@ -16,8 +16,10 @@ heads draw (transformers' build_delay_pattern_mask / apply_delay_pattern_mask).
 Longer than one window (the model's trained context, window_s = 30 s): windowed continuation as in audiocraft.
 The first window generates window_s; every later one is a fresh sequence (positions from 0) whose prompt is the
 last window_s - stride_s of audio so far (12 s with the default 18 s stride), and generates up to stride_s more.
-Every row's audio is decoded once all of its frames exist: the 32 kHz EnCodec decoder is not causal, so a whole
-decode is what transformers' decode returns.
+By default every row's audio is decoded once all of its frames exist: the 32 kHz EnCodec decoder is not causal, so
+a whole decode is what transformers' decode returns. With chunk_frames set (Engine.stream), a row's audio comes in
+chunks as soon as each chunk's frames and `context_frames` after it are drawn, each decoded with up to
+`context_frames` on either side (vivace.encodec_stream's overlap; its error bound applies).
 """
 from __future__ import annotations
 
@@ -75,6 +77,9 @@ class RowState:
     active: tuple[Sequence, Window] | None = None
     done_frames: int = 0
     decoded: bool = False
+    ready_frames: int = 0  # leading frames whose codes are all drawn (finished windows and the active one's prefix)
+    emitted_frames: int = 0  # streamed audio so far
+    next_chunk: int = 0
 
 
 def delayed_grid(codes: np.ndarray, pad_id: int) -> np.ndarray:
@@ -89,9 +94,15 @@ def undelayed(grid: np.ndarray) -> np.ndarray:
 
 
 class MusicGenPipeline:
-    def __init__(self, pack: MusicGenPack, runner: StageRunner, codec: CodecBackend | None = None) -> None:
+    def __init__(
+        self, pack: MusicGenPack, runner: StageRunner, codec: CodecBackend | None = None,
+        chunk_frames: int | None = None, context_frames: int = 16,
+    ) -> None:
+        """chunk_frames: stream each row's audio in chunks of this many frames (None: one whole decode per row)."""
         self.pack = pack
         self.codec = codec or TorchBackend(pack.codec)
+        self.chunk_frames = chunk_frames
+        self.context_frames = context_frames
         self.config = pack.config
         self.runner = runner
         self.device = runner.device
@@ -204,10 +215,49 @@ class MusicGenPipeline:
         chunks = []
         for state in states:
             if not state.decoded and state.done_frames == state.codes.shape[1]:
-                codes = torch.from_numpy(state.codes).unsqueeze(0).to(self.pack.codec.codebooks.device)
-                pcm = self.codec.decode(codes)[0]
+                pcm = self.codec.decode(self._codes(state, 0, state.codes.shape[1]))[0]
                 chunks.append(AudioChunk(state.request.row, 0, 0, pcm.float().cpu().numpy()))
                 state.decoded = True
+        return chunks
+
+    def _codes(self, state: RowState, start: int, end: int) -> torch.Tensor:
+        return torch.from_numpy(state.codes[:, start:end].copy()).unsqueeze(0).to(self.pack.codec.codebooks.device)
+
+    def _track(self, states: list[RowState]) -> None:
+        """Copies the frames the active windows have completed so far: frame t of a window is complete once the
+        delay pattern's last codebook has drawn it, K - 1 steps after the first."""
+        k = self.config.num_codebooks
+        for state in states:
+            state.ready_frames = state.done_frames
+            if state.active is None:
+                continue
+            seq, window = state.active
+            complete = seq.length - seq.prefix_len - k  # grid columns filled, less the BOS column and the K - 1 lag
+            if complete > 0:
+                grid = seq.token_array(seq.prefix_len).T
+                state.codes[:, window.prefix_start : window.prefix_start + complete] = undelayed(grid[:, : complete + k])
+                state.ready_frames = max(state.ready_frames, window.prefix_start + complete)
+
+    @torch.inference_mode()
+    def _stream(self, states: list[RowState]) -> list[AudioChunk]:
+        """Every chunk whose frames and right context exist, decoded with its context on both sides."""
+        assert self.chunk_frames is not None
+        self._track(states)
+        chunks = []
+        hop, context = self.config.codec.hop_length, self.context_frames
+        for state in states:
+            total = state.codes.shape[1]
+            while state.emitted_frames < total:
+                start = state.emitted_frames
+                end = min(start + self.chunk_frames, total)
+                high = min(total, end + context)
+                if state.ready_frames < high:
+                    break
+                low = max(0, start - context)
+                pcm = self.codec.decode(self._codes(state, low, high))[0, (start - low) * hop : (end - low) * hop]
+                chunks.append(AudioChunk(state.request.row, state.next_chunk, start * hop, pcm.float().cpu().numpy()))
+                state.emitted_frames, state.next_chunk = end, state.next_chunk + 1
+            state.decoded = state.emitted_frames == total
         return chunks
 
     def _progress(self, states: list[RowState]) -> StageProgress:
@@ -228,6 +278,6 @@ class MusicGenPipeline:
                 finished = self.runner.step()
                 yield from self._collect(states, finished)
                 yield self._progress(states)
-                yield from self._decode(states)
+                yield from (self._decode(states) if self.chunk_frames is None else self._stream(states))
         finally:
             self.runner.cancel_all()
