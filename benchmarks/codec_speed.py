@@ -1,15 +1,18 @@
 """Codec decoder speed per backend, in seconds of audio decoded per wall-clock second (higher is better).
 
-    python -m benchmarks.codec_speed [--presets tiny paper] [--seconds 9] [--repeats 5] [--threads 1]
+    python -m benchmarks.codec_speed [--presets tiny paper encodec32] [--seconds 9] [--repeats 5] [--threads 1]
 
-Methods, each over one clip of random codes at batch 1:
+Methods for the SoundStream presets (tiny, paper), each over one clip of random codes at batch 1:
   torch_full       SoundStreamDecoder on the whole clip at once
   ort_full         onnxruntime (CPU provider) on the whole clip
   torch_range      per chunk, SoundStreamDecoder.decode_range (re-decodes the receptive field of context)
   torch_stream     per chunk, CodecStream (carried convolution state; the pipeline's torch backend)
   ort_stream       per chunk, onnxruntime through ContextStream (the pipeline's onnxruntime backend)
 Chunks are the preset's fine chunk (tiny 0.5 s, paper 3 s: what the pipeline feeds) and --small-chunk frames
-(a low-latency stream). Decoders are random SoundStreamDecoders built from
+(a low-latency stream). For "encodec32" (MusicGen's 32 kHz EnCodec decoder at its released size, random weights):
+  torch_full / ort_full   the whole clip, as MusicGen's generate decodes it
+  torch_overlap / ort_overlap   1 s chunks with 16 frames of context on either side, as MusicGen's stream decodes
+The SoundStream decoders are random SoundStreamDecoders built from
 `vivace.testing.preset_config(preset).codec` (no pack is written). Each figure is the best of --repeats runs after
 one warm-up; streamed outputs are checked against the full decode first. torch and onnxruntime get the same
 number of threads (default 1: on a shared 2-core machine a second thread that has to wait for a busy core
@@ -36,6 +39,8 @@ from benchmarks.common import cpu_model, git
 from vivace.codec import SoundStreamDecoder
 from vivace.codec_backend import ContextStream, FrameStream, OnnxRuntimeBackend, TorchBackend
 from vivace.codec_stream import CodecStream
+from vivace.encodec import EncodecConfig, EncodecDecoder
+from vivace.encodec_stream import decode_overlapped
 from vivace.export.onnx_codec import OPSET, export_codec
 from vivace.testing import preset_config
 
@@ -112,9 +117,64 @@ def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, th
     }
 
 
+class _Decoder:
+    """A backend as decode_overlapped sees a decoder: its config and codes -> PCM."""
+
+    def __init__(self, backend: OnnxRuntimeBackend, config: EncodecConfig) -> None:
+        self.backend, self.config = backend, config
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.backend.decode(codes)
+
+
+def bench_encodec(seconds: float, repeats: int, threads: int, workdir: Path) -> dict:
+    config = EncodecConfig.musicgen_32khz()
+    torch.manual_seed(0)
+    codec = EncodecDecoder(config).eval()
+    with torch.no_grad():
+        codec.codebooks.normal_(0.0, 1.0)
+    frame_rate = config.sampling_rate / config.hop_length
+    frames = round(seconds * frame_rate)
+    codes = torch.randint(0, config.codebook_size, (1, config.num_levels, frames))
+    onnx_path = workdir / "encodec32.onnx"
+    start = time.perf_counter()
+    export_error = export_codec(codec, onnx_path)
+    export_s = time.perf_counter() - start
+    torch_backend = TorchBackend(codec)
+    ort_backend = OnnxRuntimeBackend(codec, str(onnx_path), torch.device("cpu"), threads=threads)
+    chunk, context = round(frame_rate), 16
+    runs: list[tuple[str, int, Callable[[], torch.Tensor]]] = [
+        ("torch_full", frames, lambda: torch_backend.decode(codes)),
+        ("ort_full", frames, lambda: ort_backend.decode(codes)),
+        ("torch_overlap", chunk, lambda: decode_overlapped(codec, codes, chunk, context, context)),
+        ("ort_overlap", chunk, lambda: decode_overlapped(_Decoder(ort_backend, config), codes, chunk, context, context)),
+    ]
+    audio_s = frames * config.hop_length / config.sampling_rate
+    figures = []
+    with torch.inference_mode():
+        reference = torch_backend.decode(codes)
+        for method, size, run in runs:
+            error = float((run() - reference).abs().max())
+            figures.append({
+                "method": method, "chunk_frames": size, "max_abs_error_vs_torch_full": error,
+                "audio_s_per_s": audio_s / best_time(run, repeats),
+            })
+    return {
+        "preset": "encodec32",
+        "codec_config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},
+        "params": sum(p.numel() for p in codec.parameters()),
+        "context_frames": context,
+        "frame_rate": frame_rate,
+        "clip_s": audio_s,
+        "onnx_export_s": export_s,
+        "onnx_export_max_abs_error": export_error,
+        "figures": figures,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "paper"])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "paper", "encodec32"], choices=["tiny", "paper", "encodec32"])
     parser.add_argument("--seconds", type=float, default=9.0)
     parser.add_argument("--small-chunk", type=int, default=5, dest="small_chunk", help="frames; besides the fine chunk")
     parser.add_argument("--repeats", type=int, default=5)
@@ -122,12 +182,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        results = [bench_preset(p, args.seconds, args.small_chunk, args.repeats, args.threads, Path(tmp)) for p in args.presets]
-    print(f"{'preset':<8}{'method':<14}{'chunk (frames)':>16}{'audio s / s':>14}{'max |err|':>12}")
+        results = [
+            bench_encodec(args.seconds, args.repeats, args.threads, Path(tmp)) if p == "encodec32"
+            else bench_preset(p, args.seconds, args.small_chunk, args.repeats, args.threads, Path(tmp))
+            for p in args.presets
+        ]
+    print(f"{'preset':<10}{'method':<14}{'chunk (frames)':>16}{'audio s / s':>14}{'max |err|':>12}")
     for r in results:
         for f in r["figures"]:
             chunk = "whole clip" if f["method"].endswith("_full") else str(f["chunk_frames"])
-            print(f"{r['preset']:<8}{f['method']:<14}{chunk:>16}{f['audio_s_per_s']:>14.1f}{f['max_abs_error_vs_torch_full']:>12.1e}")
+            print(f"{r['preset']:<10}{f['method']:<14}{chunk:>16}{f['audio_s_per_s']:>14.1f}{f['max_abs_error_vs_torch_full']:>12.1e}")
     now = datetime.datetime.now(datetime.timezone.utc)
     record = {
         "benchmark": "codec_speed",

@@ -131,11 +131,12 @@ class OnnxRuntimeBackend(CodecBackend):
 def select_backend(pack: Pack | MusicGenPack, name: str, device: torch.device) -> CodecBackend:
     """The codec backend for codec_backend=name.
 
-    "auto" is a fixed preference: "onnxruntime" on a CUDA device when the pack has codec.onnx and onnxruntime
-    offers a TensorRT or CUDA execution provider there; "torch" otherwise. On the CPU, torch streaming with
-    carried state decoded the paper-size codec in 3 s chunks as fast as or faster than onnxruntime, which has to
-    re-decode each chunk's left context (benchmarks/codec_speed.py). A native "tensorrt" backend is not in this
-    build.
+    "auto" is a fixed preference: "onnxruntime" when the pack has codec.onnx and either the device is CUDA and
+    onnxruntime offers a TensorRT or CUDA execution provider there, or the codec is EnCodec (MusicGen packs: on
+    the CPU onnxruntime decoded the 32 kHz EnCodec 1.8x faster than torch, benchmarks/codec_speed.py); "torch"
+    otherwise. For the SoundStream codec on the CPU, torch streaming with carried state decoded the paper-size codec
+    in 3 s chunks as fast as or faster than onnxruntime, which has to re-decode each chunk's left context. A native
+    "tensorrt" backend is not in this build.
     """
     if name not in BACKENDS:
         raise VivaceError(f"unknown codec_backend {name!r} (choose one of {', '.join(BACKENDS)})")
@@ -148,7 +149,8 @@ def select_backend(pack: Pack | MusicGenPack, name: str, device: torch.device) -
     providers = _onnxruntime_providers()
     if name == "auto":
         gpu = device.type == "cuda" and providers is not None and any(p in providers for p in GPU_PROVIDERS)
-        name = "onnxruntime" if gpu and pack.codec_onnx is not None else "torch"
+        encodec = not isinstance(pack.codec, SoundStreamDecoder) and providers is not None
+        name = "onnxruntime" if (gpu or encodec) and pack.codec_onnx is not None else "torch"
     if name == "torch":
         return TorchBackend(pack.codec)
     if providers is None:
