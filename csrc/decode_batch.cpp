@@ -1,6 +1,7 @@
 #include "decode_batch.h"
 
 #include <algorithm>
+#include <limits>
 #include <new>
 #include <stdexcept>
 
@@ -83,6 +84,40 @@ std::vector<SamplingParams> DecodeBatch::sampling_rows() const {
     }
   }
   return rows;
+}
+
+int64_t DecodeBatch::steps_left() const {
+  int64_t left = std::numeric_limits<int64_t>::max();
+  for (const auto& group : groups_) left = std::min(left, group[0]->max_len() - group[0]->length());
+  return groups_.empty() ? 0 : left;
+}
+
+DecodeBatch::StepPlan DecodeBatch::plan_steps(int64_t steps) const {
+  if (steps < 0 || steps > steps_left())
+    throw std::out_of_range("plan_steps: " + std::to_string(steps) + " steps, but a group has only " +
+                            std::to_string(steps_left()) + " left");
+  const int64_t g_count = num_groups(), h_count = num_heads_, k_count = num_codebooks_;
+  StepPlan plan;
+  plan.vocab_lo.reserve(steps * g_count * h_count);
+  plan.vocab_hi.reserve(steps * g_count * h_count);
+  plan.step.reserve(steps * g_count * h_count);
+  plan.forced.reserve(steps * g_count * k_count);
+  for (int64_t i = 0; i < steps; ++i) {
+    for (int64_t g = 0; g < g_count; ++g) {
+      const SequenceState& lead = *groups_[g][0];
+      const TokenSchedule& schedule = lead.schedule();
+      for (int64_t h = 0; h < h_count; ++h) {
+        const auto [lo, hi] = schedule.window(lead.num_new() + i, h);
+        plan.vocab_lo.push_back(lo);
+        plan.vocab_hi.push_back(hi);
+        plan.step.push_back(static_cast<uint64_t>(lead.length() + i) * h_count + h);
+      }
+      for (int64_t k = 0; k < k_count; ++k) plan.forced.push_back(schedule.forced(lead.num_new() + i, k));
+    }
+  }
+  for (int64_t g = 0; g < g_count; ++g)
+    for (int64_t k = 0; k < k_count; ++k) plan.offset.push_back(groups_[g][0]->schedule().offset(k));
+  return plan;
 }
 
 std::vector<int64_t> DecodeBatch::advance(const int64_t* drawn) {

@@ -52,6 +52,16 @@ class DecodeBatch {
   void prepare(const StepInputs& out) const;
   // One entry per (group, head), group-major: the window of this step and the draw's counter (step) included.
   std::vector<SamplingParams> sampling_rows() const;
+  // What the next `steps` steps need on a device that draws and advances without the host: per step and
+  // (group, head) the window and the draw's counter, per step and (group, codebook) the forced id (-1: offset +
+  // drawn), per (group, codebook) the offset. Every group must have `steps` steps left.
+  struct StepPlan {
+    std::vector<int64_t> vocab_lo, vocab_hi, forced, offset;
+    std::vector<uint64_t> step;
+  };
+  StepPlan plan_steps(int64_t steps) const;
+  // Steps every group still has to go.
+  int64_t steps_left() const;
   // Appends drawn [groups, heads] to every member; returns the groups that reached their length.
   std::vector<int64_t> advance(const int64_t* drawn);
   // Draws [groups, heads] from float32 logits [members, heads, vocab] with the semantics of vivace.sampling.sample.

@@ -153,6 +153,25 @@ class PyDecodeBatch {
     return py::make_tuple(lead, null, scale);
   }
 
+  py::dict plan_steps(int64_t steps) const {
+    const DecodeBatch::StepPlan plan = batch_.plan_steps(steps);
+    const int64_t rows = batch_.num_groups() * batch_.num_heads();
+    const int64_t g = batch_.num_groups(), k = batch_.num_codebooks();
+    auto filled = [](const auto& values, std::vector<py::ssize_t> shape) {
+      using T = typename std::decay_t<decltype(values)>::value_type;
+      Array<T> out(shape);
+      std::copy(values.begin(), values.end(), out.mutable_data());
+      return out;
+    };
+    py::dict out;
+    out["vocab_lo"] = filled(plan.vocab_lo, {steps, rows});
+    out["vocab_hi"] = filled(plan.vocab_hi, {steps, rows});
+    out["step"] = filled(plan.step, {steps, rows});
+    out["forced"] = filled(plan.forced, {steps, g, k});
+    out["offset"] = filled(plan.offset, {g, k});
+    return out;
+  }
+
   Array<int64_t> advance(py::handle drawn) {
     Array<int64_t> ids = checked<int64_t>(drawn, "drawn", "int64", 2);
     if (ids.shape(0) != batch_.num_groups() || ids.shape(1) != batch_.num_heads())
@@ -286,6 +305,11 @@ void register_decode(py::module_& m) {
            "block_tables [M, table_width] int32, context_lens [M] int32): the same arrays every call.")
       .def("sampling_rows", &PyDecodeBatch::sampling_rows,
            "Per (group, head) sampling inputs of this step, for a sampler elsewhere (the GPU's): a dict of arrays.")
+      .def_property_readonly("steps_left", [](PyDecodeBatch& b) { return b.batch().steps_left(); })
+      .def("plan_steps", &PyDecodeBatch::plan_steps, py::arg("steps"),
+           "The next `steps` steps for a device that draws and advances on its own: vocab_lo, vocab_hi, step\n"
+           "[steps, groups * heads]; forced [steps, groups, K] (-1: offset + drawn) and offset [groups, K]. The\n"
+           "input row of step i is where(forced[i] >= 0, forced[i], offset + drawn).")
       .def("guidance", &PyDecodeBatch::guidance,
            "(lead member [G], null member [G] or -1, guidance_scale [G]): how each group's logits are formed.")
       .def("advance", &PyDecodeBatch::advance, py::arg("drawn"),

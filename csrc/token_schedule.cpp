@@ -48,6 +48,14 @@ std::pair<int64_t, int64_t> TokenSchedule::window(int64_t new_index, int64_t hea
   return {level * codebook_size_, (level + 1) * codebook_size_};
 }
 
+int64_t TokenSchedule::forced(int64_t new_index, int64_t k) const {
+  if (!is_delay_) return -1;
+  if (new_index < 0 || new_index >= max_steps())
+    throw std::out_of_range("delay schedule: step " + std::to_string(new_index) + " is past the grid's " +
+                            std::to_string(max_steps()) + " steps");
+  return grid_[k * grid_len_ + first_ + new_index];
+}
+
 void TokenSchedule::input_row(int64_t new_index, const int64_t* drawn, int64_t* row) const {
   if (!is_delay_) {
     row[0] = input_offset_ + drawn[0];

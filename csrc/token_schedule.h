@@ -26,6 +26,10 @@ class TokenSchedule {
   std::pair<int64_t, int64_t> window(int64_t new_index, int64_t head) const;
   // row[k] for the new_index-th step's drawn[k], one per head.
   void input_row(int64_t new_index, const int64_t* drawn, int64_t* row) const;
+  // The input row as forced(step, k) >= 0 ? forced : offset(k) + drawn[k]: the same rule as input_row, in a form
+  // a device can apply to tokens it drew itself.
+  int64_t forced(int64_t new_index, int64_t k) const;
+  int64_t offset(int64_t k) const { return is_delay_ ? 0 : input_offset_; }
   // Output id of a stored input row: the inverse of input_row for the drawn ids that were kept.
   int64_t output_of(int64_t input_id) const { return is_delay_ ? input_id : input_id - input_offset_; }
 

@@ -18,7 +18,7 @@ from vivace.kv_cache import KVCachePool
 from vivace.musiclm import MusicLMPipeline, Request
 from vivace.pack import STAGES, Pack, load_pack
 from vivace.quant import check_quantize, quantize_pack
-from vivace.stage_runner import StageRunner
+from vivace.stage_runner import DecodeOptions, StageRunner
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -66,9 +66,10 @@ def _check_seconds(value: Any, what: str, limit: float) -> float:
 class Engine:
     def __init__(
         self, pack: Pack, device: torch.device, dtype: torch.dtype, block_size: int, kv_cache_gb: float,
-        codec: CodecBackend | None = None,
+        codec: CodecBackend | None = None, decode: DecodeOptions = DecodeOptions(),
     ) -> None:
         self.pack = pack
+        self.decode_options = decode
         self.codec = codec or TorchBackend(pack.codec)
         self.config = pack.config
         self.device = device
@@ -86,9 +87,14 @@ class Engine:
         kv_cache_gb: float = 4.0,
         codec_backend: str = "auto",
         quantize: str | None = None,
+        steps_per_sync: int = 1,
+        cuda_graphs: bool = False,
     ) -> Engine:
         """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codec_backend.select_backend).
-        quantize: None, or "int8" for int8 weight-only stage linears (see vivace.quant)."""
+        quantize: None, or "int8" for int8 weight-only stage linears (see vivace.quant).
+        steps_per_sync > 1: decode that many steps per host sync on the device (Triton sampling and advance, see
+        vivace.device_decode); cuda_graphs: capture them as CUDA graphs. Both are for CUDA devices and are not yet
+        verified on a GPU; the default (1, False) is the per-step path with the C++ decode batch."""
         if dtype not in DTYPES:
             raise VivaceError(f"unknown dtype {dtype!r} (choose one of {sorted(set(DTYPES))})")
         if not isinstance(block_size, int) or block_size <= 0:
@@ -97,14 +103,16 @@ class Engine:
             raise VivaceError(f"kv_cache_gb must be > 0, got {kv_cache_gb!r}")
         torch_device = torch.device(device)
         check_quantize(quantize)
+        decode = DecodeOptions(steps_per_sync, cuda_graphs)
+        decode.validate(torch_device)
         pack = load_pack(path, DTYPES[dtype], torch_device)
         quantize_pack(pack, quantize)
         if pack.config.family == "musicgen":
             from vivace.musicgen_engine import MusicGenEngine
 
-            return MusicGenEngine(pack, torch_device, DTYPES[dtype], block_size, kv_cache_gb, codec_backend)
+            return MusicGenEngine(pack, torch_device, DTYPES[dtype], block_size, kv_cache_gb, codec_backend, decode)
         codec = select_backend(pack, codec_backend, torch_device)
-        return cls(pack, torch_device, DTYPES[dtype], block_size, kv_cache_gb, codec)
+        return cls(pack, torch_device, DTYPES[dtype], block_size, kv_cache_gb, codec, decode)
 
     @property
     def sample_rate(self) -> int:
@@ -134,7 +142,7 @@ class Engine:
                 )
             num_blocks = int(min(budget // per_block, 64 * longest))
             pool = KVCachePool(cfg.num_layers, num_blocks, self.block_size, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
-            runners[stage] = StageRunner(stage, self.pack.stages[stage], pool, self.device)
+            runners[stage] = StageRunner(stage, self.pack.stages[stage], pool, self.device, self.decode_options)
         return runners
 
     def _sampling(self, overrides: dict[str, Any]) -> dict[str, SamplingParams]:

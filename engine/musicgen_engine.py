@@ -19,7 +19,7 @@ from vivace.kv_cache import KVCachePool
 from vivace.musicgen import STAGE, MusicGenPipeline, MusicGenRequest
 from vivace.musicgen_melody import MelodyLike, load_melody
 from vivace.musicgen_pack import MusicGenPack
-from vivace.stage_runner import StageRunner
+from vivace.stage_runner import DecodeOptions, StageRunner
 
 
 CONTEXT_FRAMES = 16  # overlap on each side of a streamed chunk (0.32 s at 50 frames/s)
@@ -30,9 +30,10 @@ class MusicGenEngine(Engine):
 
     def __init__(
         self, pack: MusicGenPack, device: torch.device, dtype: torch.dtype, block_size: int, kv_cache_gb: float,
-        codec_backend: str = "auto",
+        codec_backend: str = "auto", decode: DecodeOptions = DecodeOptions(),
     ) -> None:
         self.codec = select_backend(pack, codec_backend, device)
+        self.decode_options = decode
         self.pack = pack  # type: ignore[assignment]
         self.config = pack.config  # type: ignore[assignment]
         self.device = device
@@ -58,7 +59,7 @@ class MusicGenEngine(Engine):
         if budget < pair:
             raise VivaceError(f"kv_cache_gb={self.kv_cache_gb} leaves room for {budget} KV blocks; one guided window needs {pair}")
         pool = KVCachePool(cfg.num_layers, min(budget, 64 * pair), self.block_size, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
-        return StageRunner(STAGE, self.pack.decoder, pool, self.device)
+        return StageRunner(STAGE, self.pack.decoder, pool, self.device, self.decode_options)
 
     def _melodies(self, melody: Any, sample_rate: Any, rows: int) -> list[torch.Tensor | None]:
         """One reference per row (mono, at the chroma extractor's rate): a single melody serves every row, a list

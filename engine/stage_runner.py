@@ -23,10 +23,31 @@ from torch.nn.utils.rnn import pad_sequence
 
 from vivace import _C
 from vivace.errors import VivaceError
-from vivace.kernels.dispatch import sample_and_advance
+from vivace.device_decode import DeviceDecodeLoop
+from vivace.kernels.dispatch import sample_and_advance, use_triton
 from vivace.kv_cache import BlockAllocator, KVCachePool, block_rows, prefix_hashes
 from vivace.sequence import CrossCondition, Sequence, SequenceStatus
 from vivace.transformer import AttentionBatch, CrossBatch, PrefixBatch, StageTransformer
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How decode steps run. steps_per_sync > 1: up to that many steps per host sync on the device
+    (vivace.device_decode; Triton on CUDA, or the Triton interpreter); cuda_graphs: those steps as one CUDA graph."""
+
+    steps_per_sync: int = 1
+    cuda_graphs: bool = False
+
+    def validate(self, device: torch.device) -> None:
+        if isinstance(self.steps_per_sync, bool) or not isinstance(self.steps_per_sync, int) or self.steps_per_sync < 1:
+            raise VivaceError(f"steps_per_sync must be an integer >= 1, got {self.steps_per_sync!r}")
+        if self.cuda_graphs and (device.type != "cuda" or self.steps_per_sync < 2):
+            raise VivaceError("cuda_graphs needs a CUDA device and steps_per_sync >= 2")
+        if self.steps_per_sync > 1 and not use_triton(torch.empty(0, device=device)):
+            raise VivaceError(
+                "steps_per_sync > 1 samples on the device with Triton: it needs a CUDA device with triton installed "
+                "(pip install vivace[gpu]), or VIVACE_TRITON_INTERPRET=1 on the CPU"
+            )
 
 
 @dataclass
@@ -34,6 +55,7 @@ class StepStats:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     preemptions: int = 0
+    device_runs: int = 0  # runs of several decode steps per host sync
 
 
 @dataclass(frozen=True)
@@ -78,8 +100,10 @@ class StageRunner:
         model: StageTransformer,
         pool: KVCachePool,
         device: torch.device,
+        options: DecodeOptions = DecodeOptions(),
     ) -> None:
         self.name = name
+        self.options = options
         self.model = model
         self.pool = pool
         self.kv_caches = pool.layers()
@@ -91,6 +115,7 @@ class StageRunner:
         self.stats = StepStats()
         self._cross_memo: tuple[list[CrossCondition], CrossBatch] | None = None  # the last step's, reused while unchanged
         self._plan: DecodePlan | None = None  # the decode batch of the running sequences; None when they change
+        self._loop: DeviceDecodeLoop | None = None  # device buffers of the last plan run several steps at a time
 
     @property
     def has_work(self) -> bool:
@@ -227,7 +252,8 @@ class StageRunner:
         if prefill:
             finished += self._prefill(prefill)
         if plan is not None:
-            finished += self._decode(plan)
+            steps = self._steps_per_sync(plan)
+            finished += self._decode(plan) if steps == 1 else self._decode_on_device(plan, steps)
         for seq in finished:
             self.running.remove(seq)
             self._release(seq)
@@ -268,6 +294,36 @@ class StageRunner:
         logits = self.model.compute_logits(hidden).float()
         finished = sample_and_advance(plan.batch, logits)
         self.stats.decode_tokens += plan.batch.num_members
+        return [plan.seqs[index] for index in finished.tolist()]
+
+    def _steps_per_sync(self, plan: DecodePlan) -> int:
+        """How many steps the plan runs before the next host sync: up to options.steps_per_sync, as long as no group
+        finishes earlier and the blocks of all of them can be reserved now (block tables are fixed inside a run)."""
+        steps = min(self.options.steps_per_sync, plan.batch.steps_left)
+        if steps <= 1:
+            return 1
+        members = [member for seq in plan.seqs for member in seq.members]
+        needed = sum(max(0, self.blocks_for(m.length + steps - 1) - len(m.block_table)) for m in members)
+        if needed > self.allocator.num_free:
+            return 1
+        for member in members:
+            while len(member.block_table) < self.blocks_for(member.length + steps - 1):
+                member.state.add_block(self.allocator.allocate())
+        return steps
+
+    def _decode_on_device(self, plan: DecodePlan, steps: int) -> list[Sequence]:
+        """`steps` tokens for every sequence of the plan with one host sync (vivace.device_decode)."""
+        loop = self._loop
+        if loop is None or loop.batch is not plan.batch:
+            loop = self._loop = DeviceDecodeLoop(
+                self.model, self.kv_caches, plan.batch, plan.cross, self.block_size, self.device,
+                self.options.steps_per_sync, capture=self.options.cuda_graphs,
+            )
+        drawn = loop.run(steps)
+        for tokens in drawn:
+            finished = plan.batch.advance(tokens)  # groups finish only at the last step (steps <= steps_left)
+        self.stats.decode_tokens += plan.batch.num_members * steps
+        self.stats.device_runs += 1
         return [plan.seqs[index] for index in finished.tolist()]
 
     def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:

@@ -430,3 +430,29 @@ def test_device_path_draws_what_the_cpu_path_draws(monkeypatch):
         live = [g for k, g in enumerate(live) if k not in finished]
     assert [group[0].rows().tolist() for group in groups] == expected
     assert any(s.guided for s in seqs)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_step_plans_describe_the_steps_ahead(heads):
+    """plan_steps(n): each step's windows and counters as sampling_rows gives them at that step, and next rows
+    where(forced >= 0, forced, offset + drawn) as advance appends them."""
+    rng = random.Random(20 + heads)
+    seqs = random_sequences(rng, 5, vocab=50, heads=heads, guided_share=0.4)
+    groups = native_states(seqs)
+    batch = native_batch(seqs, groups)
+    steps = batch.steps_left
+    assert steps == min(s.max_len - len(s.rows) for s in seqs) >= 1
+    plan = batch.plan_steps(steps)
+    with pytest.raises(IndexError, match="only"):
+        batch.plan_steps(steps + 1)
+    draws = np.random.default_rng(heads)
+    for i in range(steps):
+        rows = batch.sampling_rows()
+        assert rows["vocab_lo"].tolist() == plan["vocab_lo"][i].tolist()
+        assert rows["vocab_hi"].tolist() == plan["vocab_hi"][i].tolist()
+        assert rows["step"].tolist() == plan["step"][i].tolist()
+        drawn = draws.integers(0, 50, (len(seqs), heads))
+        expected = np.where(plan["forced"][i] >= 0, plan["forced"][i], plan["offset"] + drawn)
+        batch.advance(drawn)
+        assert [group[0].rows()[-1].tolist() for group in groups] == expected.tolist()
+        assert all((group[-1].rows()[-1] == group[0].rows()[-1]).all() for group in groups)

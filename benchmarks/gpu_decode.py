@@ -1,0 +1,99 @@
+"""Decode steps per host sync and CUDA graphs, end to end: the same greedy tokens, and the time each mode takes.
+
+    python -m benchmarks.gpu_decode [--preset paper] [--dtype bfloat16] [--seconds 2] [--steps-per-sync 16]
+
+Modes, each a fresh Engine on one random-weight pack (vivace.testing.random_pack), greedy decoding:
+  per step         steps_per_sync 1: one host round trip per step (the C++ decode batch; Triton sampling on CUDA)
+  device loop      steps_per_sync N: N steps per host sync (vivace.device_decode)
+  device + graphs  the same N steps replayed as one CUDA graph (CUDA only)
+The tokens of every window must be identical across modes (checked before any figure is written). Wall time is the
+best of --repeats whole generations after one warm-up; stage steps are the decode steps of all stages. On the CPU
+(--device cpu) it runs through the Triton interpreter, for checking the script, not for speed.
+Results go to benchmarks/results/gpu_decode-<device>-<date>.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import cpu_model, git, gpu_name, versions
+from vivace import Engine
+from vivace.events import StageProgress, WindowFinished
+from vivace.testing import random_pack
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def generate(engine: Engine, seconds: float) -> tuple[list, int, float]:
+    """Window tokens, decode steps of every stage, wall seconds."""
+    start = time.perf_counter()
+    tokens, steps = [], 0
+    for event in engine.events("a slow piano piece", duration_s=seconds, seed=0, temperature=0.0):
+        if isinstance(event, WindowFinished):
+            tokens.append((event.stage, event.window, event.tokens))
+        elif isinstance(event, StageProgress):
+            steps += 1
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return tokens, steps, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="paper", choices=["tiny", "paper"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--steps-per-sync", type=int, default=16, dest="steps_per_sync")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/...)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device here: pass --device cpu (with VIVACE_TRITON_INTERPRET=1) to check the script")
+    if device.type == "cpu":
+        os.environ["VIVACE_TRITON_INTERPRET"] = "1"
+    modes = [("per step", 1, False), ("device loop", args.steps_per_sync, False)]
+    if device.type == "cuda":
+        modes.append(("device + graphs", args.steps_per_sync, True))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pack = random_pack(Path(tmp) / "pack", preset=args.preset, seed=0)
+        reference = None
+        for name, steps_per_sync, graphs in modes:
+            engine = Engine.from_pack(pack, device=args.device, dtype=args.dtype, steps_per_sync=steps_per_sync, cuda_graphs=graphs)
+            tokens, ticks, _ = generate(engine, args.seconds)  # warm-up: compiles, captures
+            if reference is None:
+                reference = tokens
+            elif tokens != reference:
+                sys.exit(f"mode {name!r} drew other tokens than 'per step': nothing written")
+            best = min(generate(engine, args.seconds)[2] for _ in range(args.repeats))
+            rows.append({"mode": name, "steps_per_sync": steps_per_sync, "cuda_graphs": graphs, "ticks": ticks,
+                         "wall_s": best, "audio_s_per_s": args.seconds / best})
+            print(f"{name:<16} steps/sync {steps_per_sync:>3}  wall {best:8.3f} s  {args.seconds / best:7.3f} s of audio per s")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "benchmark": "gpu_decode",
+        "date": now.isoformat(timespec="seconds"),
+        "device": {"type": device.type, "gpu": gpu_name(), "cpu": cpu_model()},
+        "versions": versions(),
+        "git_commit": git("rev-parse", "HEAD"),
+        "config": vars(args) | {"out": str(args.out), "sampling": "greedy", "tokens": "identical across modes"},
+        "results": rows,
+    }
+    out = args.out or RESULTS / f"gpu_decode-{device.type}-{now.date().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

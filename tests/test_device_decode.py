@@ -1,0 +1,117 @@
+"""Several decode steps per host sync (vivace.device_decode) draw what one step per sync draws.
+
+Run on the CPU through the Triton interpreter (VIVACE_TRITON_INTERPRET=1 routes the engine's attention and sampling
+to the Triton kernels), so both sides run the same kernels; CUDA graphs need a GPU and are not exercised here."""
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from musicgen_checkpoints import TinyMusicGen, write_checkpoint
+from stage_models import make_model
+from vivace import Engine, VivaceError
+from vivace.config import SamplingParams
+from vivace.events import WindowFinished
+from vivace.export.musicgen import convert_musicgen
+from vivace.kv_cache import KVCachePool
+from vivace.sequence import DelaySchedule, Sequence, TimeMajorSchedule
+from vivace.stage_runner import DecodeOptions, StageRunner
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIVACE_TRITON_INTERPRET", "1")
+
+
+def run(seqs: list[Sequence], steps_per_sync: int, num_blocks: int, cross: bool = False) -> StageRunner:
+    model = make_model("t5_relative" if not cross else "sinusoidal", cross=cross, seed=3)
+    c = model.config
+    pool = KVCachePool(c.num_layers, num_blocks, 4, c.num_heads, c.head_dim, torch.float32, "cpu")
+    pool.data.fill_(float("nan"))  # a slot read before it is written poisons the logits
+    runner = StageRunner("test", model, pool, torch.device("cpu"), DecodeOptions(steps_per_sync=steps_per_sync))
+    for seq in seqs:
+        runner.add(seq)
+    with torch.no_grad():
+        while runner.has_work:
+            runner.step()
+    assert runner.allocator.num_free == num_blocks
+    return runner
+
+
+def time_major(prompts: list[list[int]]) -> list[Sequence]:
+    schedule = TimeMajorSchedule(num_levels=2, codebook_size=12, input_offset=16)
+    return [
+        Sequence(i, p, 9 + 2 * i, schedule, SamplingParams(temperature=1.0, top_k=8 if i % 2 else 0), seed=7, stream=i, priority=(i,))
+        for i, p in enumerate(prompts)
+    ]
+
+
+@pytest.mark.parametrize("num_blocks", [200, 14])
+def test_time_major_sequences_draw_the_same_tokens(num_blocks: int) -> None:
+    """Sequences of different lengths finish at different steps; a tight pool makes runs fall back to single steps
+    (and preempt)."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(40) for _ in range(rng.randint(3, 9))] for _ in range(4)]
+    single = time_major(prompts)
+    run(single, 1, num_blocks)
+    several = time_major(prompts)
+    runner = run(several, 5, num_blocks)
+    assert [s.output_ids for s in several] == [s.output_ids for s in single]
+    assert runner.stats.device_runs > 0
+
+
+def test_guided_delay_pattern_sequences_draw_the_same_tokens() -> None:
+    """MusicGen's shape: two codebooks under a delay grid, guided pairs with cross-attention conditions."""
+    from vivace.sequence import CrossCondition
+
+    def sequences() -> list[Sequence]:
+        torch.manual_seed(1)
+        model = make_model("sinusoidal", cross=True, seed=3)
+        out = []
+        for i in range(3):
+            length = 12 + 3 * i
+            grid = np.full((2, length), -1, dtype=np.int64)
+            grid[:, 0] = 24
+            grid[1, 1] = 24
+            prompt = [tuple(grid[:, 0])]
+            schedule = DelaySchedule(grid, 1, 24)
+            states = torch.randn(1, 5, 12)
+            with torch.no_grad():
+                keys, values = model.encode_cross(states)
+            cond = CrossCondition([k[0] for k in keys], [v[0] for v in values], torch.ones(5, dtype=torch.bool))
+            null = CrossCondition([k[0] * 0 for k in keys], [v[0] * 0 for v in values], torch.zeros(5, dtype=torch.bool))
+            sampling = SamplingParams(temperature=1.0, top_k=10)
+            seq = Sequence(2 * i, prompt, length - 1, schedule, sampling, seed=5, stream=i, priority=(i,), cross=cond, cache_salt=("c", i))
+            seq.guide(Sequence(2 * i + 1, prompt, length - 1, schedule, sampling, seed=5, stream=i, priority=(i,), cross=null, cache_salt=("n", i)), 3.0)
+            out.append(seq)
+        return out
+
+    single, several = sequences(), sequences()
+    run(single, 1, 200, cross=True)
+    assert run(several, 4, 200, cross=True).stats.device_runs > 0
+    assert [s.rows for s in several] == [s.rows for s in single]
+    assert [s.null.rows for s in several] == [s.rows for s in single]
+
+
+def test_musicgen_engine_with_steps_per_sync(tmp_path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src = write_checkpoint(tmp_path / "src", TinyMusicGen(seed=8))
+    pack = convert_musicgen(src, tmp_path / "pack")
+
+    def tokens(engine: Engine) -> list:
+        return [e.tokens for e in engine.events(["soft piano", "drums"], duration_s=0.1, seed=2) if isinstance(e, WindowFinished)]
+
+    assert tokens(Engine.from_pack(pack, steps_per_sync=8)) == tokens(Engine.from_pack(pack))
+
+
+def test_options_are_checked(monkeypatch: pytest.MonkeyPatch, tiny_pack) -> None:
+    with pytest.raises(VivaceError, match="steps_per_sync must be an integer"):
+        Engine.from_pack(tiny_pack, steps_per_sync=0)
+    with pytest.raises(VivaceError, match="cuda_graphs needs a CUDA device"):
+        Engine.from_pack(tiny_pack, steps_per_sync=4, cuda_graphs=True)
+    monkeypatch.delenv("VIVACE_TRITON_INTERPRET")
+    with pytest.raises(VivaceError, match="samples on the device with Triton"):
+        Engine.from_pack(tiny_pack, steps_per_sync=4)
