@@ -7,8 +7,10 @@ Modes, each a fresh Engine on one random-weight pack (vivace.testing.random_pack
   device loop      steps_per_sync N: N steps per host sync (vivace.device_decode)
   device + graphs  the same N steps replayed as one CUDA graph (CUDA only)
 The tokens of every window must be identical across modes (checked before any figure is written). Wall time is the
-best of --repeats whole generations after one warm-up; stage steps are the decode steps of all stages. On the CPU
-(--device cpu) it runs through the Triton interpreter, for checking the script, not for speed.
+best of --repeats whole generations after one warm-up; ticks are the pipeline's steps (fewer with several steps
+per sync). On the CPU it runs through the Triton interpreter, for checking the script, not for speed:
+    TRITON_INTERPRET=1 VIVACE_TRITON_INTERPRET=1 python -m benchmarks.gpu_decode --device cpu --preset tiny \
+        --dtype float32 --seconds 0.5 --steps-per-sync 8 --repeats 1 --out /tmp/gpu_decode.json
 Results go to benchmarks/results/gpu_decode-<device>-<date>.json (or --out).
 """
 from __future__ import annotations
@@ -33,12 +35,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def generate(engine: Engine, seconds: float) -> tuple[list, int, float]:
-    """Window tokens, decode steps of every stage, wall seconds."""
+    """Window tokens, pipeline ticks, wall seconds."""
     start = time.perf_counter()
     tokens, steps = [], 0
     for event in engine.events("a slow piano piece", duration_s=seconds, seed=0, temperature=0.0):
         if isinstance(event, WindowFinished):
-            tokens.append((event.stage, event.window, event.tokens))
+            tokens.append((event.stage, event.row, event.index, event.tokens))
         elif isinstance(event, StageProgress):
             steps += 1
     if engine.device.type == "cuda":
@@ -59,8 +61,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here: pass --device cpu (with VIVACE_TRITON_INTERPRET=1) to check the script")
-    if device.type == "cpu":
-        os.environ["VIVACE_TRITON_INTERPRET"] = "1"
+    if device.type == "cpu" and not (os.environ.get("TRITON_INTERPRET") == os.environ.get("VIVACE_TRITON_INTERPRET") == "1"):
+        sys.exit("on the CPU set TRITON_INTERPRET=1 and VIVACE_TRITON_INTERPRET=1 (before triton is imported)")
     modes = [("per step", 1, False), ("device loop", args.steps_per_sync, False)]
     if device.type == "cuda":
         modes.append(("device + graphs", args.steps_per_sync, True))

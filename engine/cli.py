@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--quantize", choices=["int8"], help="int8 weight-only stage linears")
+    gen.add_argument("--codec-backend", default="auto", dest="codec_backend", help="auto | torch | onnxruntime | tensorrt")
+    gen.add_argument("--steps-per-sync", type=int, default=1, dest="steps_per_sync",
+                     help="CUDA: decode steps per host sync (not yet verified on a GPU)")
+    gen.add_argument("--cuda-graphs", action="store_true", dest="cuda_graphs", help="CUDA: replay those steps as CUDA graphs")
     gen.add_argument("-o", "--output", required=True, help="output .wav path")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -77,7 +81,10 @@ def _generate(args: argparse.Namespace) -> None:
         raise VivaceError("a prompt (or --segment entries) is required")
     else:
         prompt = args.prompt
-    engine = Engine.from_pack(args.pack, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    engine = Engine.from_pack(
+        args.pack, device=args.device, dtype=args.dtype, quantize=args.quantize, codec_backend=args.codec_backend,
+        steps_per_sync=args.steps_per_sync, cuda_graphs=args.cuda_graphs,
+    )
     keys = ("temperature", "top_k", "top_p", "guidance_scale")
     sampling = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.melody is not None:

@@ -59,6 +59,9 @@ def broken_pack(tiny_pack: Path, tmp_path: Path, kind: str) -> Path:
         (["x", "--duration", "1", "--top-p", "1.5"], "top_p"),
         (["x", "--duration", "1", "--seed", "-4"], "seed"),
         (["x"], "duration_s is required"),
+        (["x", "--duration", "1", "--steps-per-sync", "0"], "steps_per_sync must be an integer >= 1"),
+        (["x", "--duration", "1", "--steps-per-sync", "4", "--cuda-graphs"], "cuda_graphs needs a CUDA device"),
+        (["x", "--duration", "1", "--codec-backend", "tensorrt"], "codec_backend 'tensorrt' is not available"),
     ],
 )
 def test_bad_arguments_exit_2_without_output(tiny_pack: Path, tmp_path: Path, capsys, args: list, message: str) -> None:
