@@ -57,6 +57,21 @@ def best_time(run: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+@torch.inference_mode()
+def measure(runs: list[tuple[str, int, Callable[[], torch.Tensor]]], full: Callable[[], torch.Tensor], audio_s: float,
+            repeats: int) -> list[dict]:
+    """Each run's error against the whole-clip torch decode, then its speed in seconds of audio per second."""
+    reference = full()
+    figures = []
+    for method, chunk, run in runs:
+        error = float((run() - reference).abs().max())
+        figures.append({
+            "method": method, "chunk_frames": chunk, "max_abs_error_vs_torch_full": error,
+            "audio_s_per_s": audio_s / best_time(run, repeats),
+        })
+    return figures
+
+
 def chunked(make_stream: Callable[[], FrameStream], codes: torch.Tensor, chunk: int) -> torch.Tensor:
     stream = make_stream()
     return torch.cat([stream.push(codes[..., t : t + chunk]) for t in range(0, codes.shape[-1], chunk)], dim=-1)
@@ -95,15 +110,7 @@ def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, th
             ("ort_stream", chunk, lambda c=chunk: chunked(lambda: ContextStream(ort_backend), codes, c)),
         ]
     audio_s = frames * config.hop_length / pack_config.sample_rate
-    figures = []
-    with torch.inference_mode():
-        reference = torch_backend.decode(codes)
-        for method, chunk, run in runs:
-            error = float((run() - reference).abs().max())
-            figures.append({
-                "method": method, "chunk_frames": chunk, "max_abs_error_vs_torch_full": error,
-                "audio_s_per_s": audio_s / best_time(run, repeats),
-            })
+    figures = measure(runs, lambda: torch_backend.decode(codes), audio_s, repeats)
     return {
         "preset": preset,
         "codec_config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},
@@ -150,15 +157,7 @@ def bench_encodec(seconds: float, repeats: int, threads: int, workdir: Path) -> 
         ("ort_overlap", chunk, lambda: decode_overlapped(_Decoder(ort_backend, config), codes, chunk, context, context)),
     ]
     audio_s = frames * config.hop_length / config.sampling_rate
-    figures = []
-    with torch.inference_mode():
-        reference = torch_backend.decode(codes)
-        for method, size, run in runs:
-            error = float((run() - reference).abs().max())
-            figures.append({
-                "method": method, "chunk_frames": size, "max_abs_error_vs_torch_full": error,
-                "audio_s_per_s": audio_s / best_time(run, repeats),
-            })
+    figures = measure(runs, lambda: torch_backend.decode(codes), audio_s, repeats)
     return {
         "preset": "encodec32",
         "codec_config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},

@@ -115,6 +115,18 @@ def write_checkpoint(path: Path, spec: TinyMusicGen = TinyMusicGen()) -> Path:
     return path
 
 
+def converted_32khz_pack(root: Path, seed: int, **convert: float) -> Path:
+    """A pack converted from a random checkpoint with MusicGen's 32 kHz / 50 frames-per-second codec layout."""
+    import warnings
+
+    from vivace.export.musicgen import convert_musicgen
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src = write_checkpoint(root / "src", TinyMusicGen(sampling_rate=32000, ratios=(8, 5, 4, 4), seed=seed))
+    return convert_musicgen(src, root / "pack", **convert)
+
+
 def copy_of(source: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(source, tmp_path / "src"))
 

@@ -1,18 +1,16 @@
 """`vivace export onnx` on a MusicGen pack: EnCodec as codec.onnx, recorded in pack.json, decoded by the onnxruntime
 backend within 1e-4 of torch, short clips included (the graph refuses fewer frames than its reflect pads)."""
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from musicgen_checkpoints import TinyMusicGen, one_thread, write_checkpoint  # noqa: F401 - autouse fixture
+from musicgen_checkpoints import converted_32khz_pack, one_thread  # noqa: F401 - autouse fixture
 from vivace import Engine, VivaceError
 from vivace.cli import main
 from vivace.codec_backend import OnnxRuntimeBackend, min_frames
-from vivace.export.musicgen import convert_musicgen
 from vivace.musicgen_pack import load_musicgen_codec
 
 TOL = 1e-4
@@ -20,11 +18,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("musicgen_onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        src = write_checkpoint(root / "src", TinyMusicGen(sampling_rate=32000, ratios=(8, 5, 4, 4), seed=4))
-    return convert_musicgen(src, root / "pack")
+    return converted_32khz_pack(tmp_path_factory.mktemp("musicgen_onnx"), seed=4)
 
 
 def test_musicgen_pack_without_codec_onnx_names_the_export_command(pack: Path) -> None:

@@ -1,27 +1,20 @@
 """MusicGen audio streamed in chunks while the decoder runs: each chunk decoded with 16 frames of overlap on either
 side (vivace.encodec_stream), across continuation windows, within the overlap's error bound of the whole decode."""
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from musicgen_checkpoints import TinyMusicGen, one_thread, write_checkpoint  # noqa: F401 - autouse fixture
+from musicgen_checkpoints import converted_32khz_pack, one_thread  # noqa: F401 - autouse fixture
 from vivace import Engine, VivaceError
 from vivace.events import AudioChunk, StageProgress, WindowFinished
-from vivace.export.musicgen import convert_musicgen
 
 SECONDS = 2.0
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    root = tmp_path_factory.mktemp("musicgen_stream")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        src = write_checkpoint(root / "src", TinyMusicGen(sampling_rate=32000, ratios=(8, 5, 4, 4), seed=6))
     # 1 s windows with a 0.6 s stride: a 2 s clip runs three windows, streamed across their boundaries
-    return Engine.from_pack(convert_musicgen(src, root / "pack", window_s=1.0, stride_s=0.6))
+    return Engine.from_pack(converted_32khz_pack(tmp_path_factory.mktemp("musicgen_stream"), seed=6, window_s=1.0, stride_s=0.6))
 
 
 def test_streamed_chunks_match_the_whole_decode_within_the_overlap_bound(engine: Engine) -> None:
