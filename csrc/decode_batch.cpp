@@ -2,11 +2,9 @@
 
 #include <algorithm>
 #include <limits>
-#include <new>
 #include <stdexcept>
 
 #include "row_kernels.h"
-#include "thread_pool.h"
 
 namespace vivace {
 
@@ -71,18 +69,19 @@ void DecodeBatch::prepare(const StepInputs& out) const {
   }
 }
 
+SamplingParams DecodeBatch::row_at(int64_t group, int64_t head, int64_t ahead) const {
+  const SequenceState& lead = *groups_[group][0];
+  const GroupSampling& s = sampling_[group];
+  const auto [lo, hi] = lead.schedule().window(lead.num_new() + ahead, head);
+  const uint64_t step = static_cast<uint64_t>(lead.length() + ahead) * num_heads_ + head;
+  return {s.temperature, s.top_k, s.top_p, lo, hi, s.seed, s.stream, step};
+}
+
 std::vector<SamplingParams> DecodeBatch::sampling_rows() const {
   std::vector<SamplingParams> rows;
   rows.reserve(num_groups() * num_heads_);
-  for (int64_t g = 0; g < num_groups(); ++g) {
-    const SequenceState& lead = *groups_[g][0];
-    const GroupSampling& s = sampling_[g];
-    const uint64_t step0 = static_cast<uint64_t>(lead.length()) * static_cast<uint64_t>(num_heads_);
-    for (int64_t h = 0; h < num_heads_; ++h) {
-      const auto [lo, hi] = lead.schedule().window(lead.num_new(), h);
-      rows.push_back({s.temperature, s.top_k, s.top_p, lo, hi, s.seed, s.stream, step0 + static_cast<uint64_t>(h)});
-    }
-  }
+  for (int64_t g = 0; g < num_groups(); ++g)
+    for (int64_t h = 0; h < num_heads_; ++h) rows.push_back(row_at(g, h, 0));
   return rows;
 }
 
@@ -104,15 +103,14 @@ DecodeBatch::StepPlan DecodeBatch::plan_steps(int64_t steps) const {
   plan.forced.reserve(steps * g_count * k_count);
   for (int64_t i = 0; i < steps; ++i) {
     for (int64_t g = 0; g < g_count; ++g) {
-      const SequenceState& lead = *groups_[g][0];
-      const TokenSchedule& schedule = lead.schedule();
       for (int64_t h = 0; h < h_count; ++h) {
-        const auto [lo, hi] = schedule.window(lead.num_new() + i, h);
-        plan.vocab_lo.push_back(lo);
-        plan.vocab_hi.push_back(hi);
-        plan.step.push_back(static_cast<uint64_t>(lead.length() + i) * h_count + h);
+        const SamplingParams row = row_at(g, h, i);
+        plan.vocab_lo.push_back(row.vocab_lo);
+        plan.vocab_hi.push_back(row.vocab_hi);
+        plan.step.push_back(row.step);
       }
-      for (int64_t k = 0; k < k_count; ++k) plan.forced.push_back(schedule.forced(lead.num_new() + i, k));
+      const SequenceState& lead = *groups_[g][0];
+      for (int64_t k = 0; k < k_count; ++k) plan.forced.push_back(lead.schedule().forced(lead.num_new() + i, k));
     }
   }
   for (int64_t g = 0; g < g_count; ++g)
@@ -141,47 +139,28 @@ bool DecodeBatch::sample(const float* logits, int64_t vocab, const TorchNumerics
                          int64_t* drawn, std::string* error) const {
   std::vector<SamplingParams> rows = sampling_rows();
   const int64_t num_rows = static_cast<int64_t>(rows.size());
+  auto name = [&](int64_t r) { return "group " + std::to_string(r / num_heads_) + " head " + std::to_string(r % num_heads_); };
   for (int64_t r = 0; r < num_rows; ++r) {
-    SamplingParams& p = rows[r];
-    const int64_t lo = std::clamp<int64_t>(p.vocab_lo, 0, vocab), hi = std::clamp<int64_t>(p.vocab_hi, 0, vocab);
-    if (lo >= hi) {
-      *error = "group " + std::to_string(r / num_heads_) + " head " + std::to_string(r % num_heads_) +
-               ": vocab window [" + std::to_string(p.vocab_lo) + ", " + std::to_string(p.vocab_hi) +
-               ") holds no token of the " + std::to_string(vocab) + "-token vocabulary";
+    const SamplingParams given = rows[r];
+    if (!clip_window(rows[r], vocab)) {
+      *error = describe_empty_window(name(r), given.vocab_lo, given.vocab_hi, vocab);
       return false;
     }
-    p.vocab_lo = lo;
-    p.vocab_hi = hi;
   }
-  std::vector<RowError> errors(num_rows, RowError::none);
-  std::vector<char> out_of_memory(num_rows, 0);
   const int64_t row_stride = num_heads_ * vocab;
-  parallel_for(num_rows, sampling_threads(num_threads, num_rows, vocab), [&](int64_t r) {
-    try {
-      thread_local SamplerScratch scratch;
-      const int64_t g = r / num_heads_, h = r % num_heads_;
-      const SamplingParams& p = rows[r];
-      const float* lead = logits + first_member_[g] * row_stride + h * vocab + p.vocab_lo;
-      double* x = scratch.logit_row(vocab);
-      if (groups_[g].size() == 2)
-        guide_float32(lead, lead + row_stride, p.vocab_hi - p.vocab_lo, static_cast<float>(sampling_[g].guidance_scale),
-                      x + p.vocab_lo);
-      else
-        widen(lead, p.vocab_hi - p.vocab_lo, x + p.vocab_lo);
-      errors[r] = sample_row(vocab, p, numerics, scratch, &drawn[r]);
-    } catch (const std::bad_alloc&) {
-      out_of_memory[r] = 1;
-    }
-  });
-  for (int64_t r = 0; r < num_rows; ++r) {
-    if (out_of_memory[r]) throw std::bad_alloc();
-    if (errors[r] != RowError::none) {
-      *error = describe_row_error("group " + std::to_string(r / num_heads_) + " head " + std::to_string(r % num_heads_),
-                                  rows[r], errors[r]);
-      return false;
-    }
-  }
-  return true;
+  RowError row_error = RowError::none;
+  const int64_t bad = sample_rows(rows, vocab, numerics, sampling_threads(num_threads, num_rows, vocab),
+                                  [&](int64_t r, double* x) {
+    const int64_t g = r / num_heads_, lo = rows[r].vocab_lo, n = rows[r].vocab_hi - lo;
+    const float* lead = logits + first_member_[g] * row_stride + (r % num_heads_) * vocab + lo;
+    if (groups_[g].size() == 2)
+      guide_float32(lead, lead + row_stride, n, static_cast<float>(sampling_[g].guidance_scale), x + lo);
+    else
+      widen(lead, n, x + lo);
+  }, drawn, &row_error);
+  if (bad < 0) return true;
+  *error = describe_row_error(name(bad), rows[bad], row_error);
+  return false;
 }
 
 }  // namespace vivace

@@ -70,6 +70,9 @@ class DecodeBatch {
               std::string* error) const;
 
  private:
+  // Group's sampling row for head at the step `ahead` steps from now: its window and its draw's counter.
+  SamplingParams row_at(int64_t group, int64_t head, int64_t ahead) const;
+
   int64_t block_size_;
   std::vector<std::vector<std::shared_ptr<SequenceState>>> groups_;
   std::vector<GroupSampling> sampling_;

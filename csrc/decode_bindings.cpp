@@ -279,7 +279,6 @@ void register_decode(py::module_& m) {
           }, py::arg("begin") = 0, "Input rows [begin, length) as int64 [n, num_codebooks] (a copy).")
       .def("outputs", &outputs_of,
            "What the generated steps recorded: output ids [num_new] (one-head schedules) or rows [num_new, K].")
-      .def("next_windows", [](const SequenceState& s) { return windows_of(s.schedule(), s.num_new()); })
       .def("append", [](SequenceState& s, py::handle drawn) {
             Array<int64_t> ids = drawn_row(s.schedule(), drawn);
             s.append_drawn(ids.data());

@@ -40,14 +40,6 @@ VECTOR_LOOP void guide_float32(const float* cond, const float* uncond, int64_t n
   }
 }
 
-VECTOR_LOOP void depth_bins(const double* x, int64_t n, double max, double per_unit, int cap, uint16_t* out) {
-  const double limit = cap;
-  for (int64_t i = 0; i < n; ++i) {
-    const double depth = (max - x[i]) * per_unit;
-    out[i] = static_cast<uint16_t>(depth < limit ? depth : limit);
-  }
-}
-
 VECTOR_LOOP void divide(double* x, int64_t n, double divisor) {
   for (int64_t i = 0; i < n; ++i) x[i] /= divisor;
 }

@@ -24,10 +24,6 @@ void multiply(double* x, int64_t n, double factor);
 // Sum of x[0, n) in an unspecified order.
 double sum(const double* x, int64_t n);
 
-// out[i] = min(floor((max - x[i]) * per_unit), cap): how far below the maximum x[i] lies, in bins of 1 / per_unit.
-// Requires x[i] <= max, no NaN.
-void depth_bins(const double* x, int64_t n, double max, double per_unit, int cap, uint16_t* out);
-
 // Writes the indices i in [lo, hi) with x[i] >= threshold to out in increasing order; returns how many.
 // out needs room for hi - lo + 8 entries.
 int64_t indices_at_least(const double* x, int64_t lo, int64_t hi, double threshold, int64_t* out);

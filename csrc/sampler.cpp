@@ -7,6 +7,7 @@
 
 #include "counter_rng.h"
 #include "row_kernels.h"
+#include "thread_pool.h"
 
 namespace vivace {
 namespace {
@@ -121,13 +122,13 @@ bool sample_top_k(const double* x, int64_t vocab, int64_t lo, int64_t hi, double
   // threshold then steps down until at least k + 1 candidates are above it.
   constexpr int kBins = 256, kStride = 4;
   constexpr double kBinsPerUnit = 8.0;  // 256 bins reach 32 below the maximum
-  if (static_cast<int64_t>(scratch.bins.size()) < n) scratch.bins.resize(n);
   if (static_cast<int64_t>(scratch.picked.size()) < n + 8) scratch.picked.resize(n + 8);
-  uint16_t* bins = scratch.bins.data();
   int64_t* picked = scratch.picked.data();
-  depth_bins(x + lo, n, max, kBinsPerUnit, kBins - 1, bins);
   int32_t counts[kBins] = {};
-  for (int64_t i = 0; i < n; i += kStride) ++counts[bins[i]];
+  for (int64_t i = lo; i < hi; i += kStride) {
+    const double depth = (max - x[i]) * kBinsPerUnit;
+    ++counts[depth < kBins - 1 ? static_cast<int>(depth) : kBins - 1];
+  }
   const int64_t wanted = (k + 1) * 9 / (8 * kStride) + 1;  // an eighth more than the sample's share
   int64_t covered = 0;
   int last = -1;
@@ -191,6 +192,41 @@ RowError sample_row(int64_t vocab, const SamplingParams& params, const TorchNume
   }
   *token = exact_draw(buckets, vocab, params.top_p, u, numerics, scratch.padded);
   return RowError::none;
+}
+
+bool clip_window(SamplingParams& params, int64_t vocab) {
+  params.vocab_lo = std::clamp<int64_t>(params.vocab_lo, 0, vocab);
+  params.vocab_hi = std::clamp<int64_t>(params.vocab_hi, 0, vocab);
+  return params.vocab_lo < params.vocab_hi;
+}
+
+std::string describe_empty_window(const std::string& what, int64_t vocab_lo, int64_t vocab_hi, int64_t vocab) {
+  return what + ": vocab window [" + std::to_string(vocab_lo) + ", " + std::to_string(vocab_hi) +
+         ") holds no token of the " + std::to_string(vocab) + "-token vocabulary";
+}
+
+int64_t sample_rows(const std::vector<SamplingParams>& rows, int64_t vocab, const TorchNumerics& numerics, int threads,
+                    const std::function<void(int64_t, double*)>& fill, int64_t* tokens, RowError* error) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  std::vector<RowError> errors(n, RowError::none);
+  std::vector<char> out_of_memory(n, 0);
+  parallel_for(n, threads, [&](int64_t r) {
+    try {
+      thread_local SamplerScratch scratch;
+      fill(r, scratch.logit_row(vocab));
+      errors[r] = sample_row(vocab, rows[r], numerics, scratch, &tokens[r]);
+    } catch (const std::bad_alloc&) {
+      out_of_memory[r] = 1;
+    }
+  });
+  for (int64_t r = 0; r < n; ++r) {
+    if (out_of_memory[r]) throw std::bad_alloc();
+    if (errors[r] != RowError::none) {
+      *error = errors[r];
+      return r;
+    }
+  }
+  return -1;
 }
 
 std::string describe_row_error(const std::string& what, const SamplingParams& params, RowError error) {

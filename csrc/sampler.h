@@ -1,5 +1,6 @@
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -26,7 +27,6 @@ struct SamplerScratch {
   std::vector<double> logits;
   std::vector<double> probs;
   std::vector<double> padded;
-  std::vector<uint16_t> bins;
   std::vector<int64_t> picked;
   ProbBuckets buckets;
 
@@ -40,6 +40,17 @@ struct SamplerScratch {
 // semantics and rounding of vivace.sampling.sample. The row is overwritten.
 RowError sample_row(int64_t vocab, const SamplingParams& params, const TorchNumerics& numerics,
                     SamplerScratch& scratch, int64_t* token);
+
+// Clips params' window to [0, vocab); false when nothing of the vocabulary is left in it.
+bool clip_window(SamplingParams& params, int64_t vocab);
+// One line naming the row (`what`), its window as given, and that it holds no token of the vocabulary.
+std::string describe_empty_window(const std::string& what, int64_t vocab_lo, int64_t vocab_hi, int64_t vocab);
+
+// Draws a token per row (windows already clipped) on up to `threads` threads, each with its own scratch:
+// fill(r, x) writes row r's float64 logits into x[vocab_lo, vocab_hi). Returns the first row whose logits are bad,
+// with its error in *error, or -1. Runs without the GIL; rethrows std::bad_alloc after the rows.
+int64_t sample_rows(const std::vector<SamplingParams>& rows, int64_t vocab, const TorchNumerics& numerics, int threads,
+                    const std::function<void(int64_t, double*)>& fill, int64_t* tokens, RowError* error);
 
 // One line naming the row (`what`), its window and what is wrong with its logits.
 std::string describe_row_error(const std::string& what, const SamplingParams& params, RowError error);

@@ -4,14 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <new>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "row_kernels.h"
 #include "sampler.h"
-#include "thread_pool.h"
 
 namespace vivace {
 namespace {
@@ -90,14 +87,10 @@ std::vector<SamplingParams> row_params(const RowColumns& c, int64_t rows, int64_
     if (!(t >= 0.0) || std::isinf(t))
       throw py::value_error("temperature[" + std::to_string(r) + "] = " + std::to_string(t) +
                             " must be finite and >= 0");
-    const int64_t lo = std::clamp<int64_t>(c.vocab_lo.data()[r], 0, vocab);
-    const int64_t hi = std::clamp<int64_t>(c.vocab_hi.data()[r], 0, vocab);
-    if (lo >= hi)
-      throw py::value_error("row " + std::to_string(r) + ": vocab window [" + std::to_string(c.vocab_lo.data()[r]) +
-                            ", " + std::to_string(c.vocab_hi.data()[r]) + ") holds no token of the " +
-                            std::to_string(vocab) + "-token vocabulary");
-    params[r] = {t, c.top_k.data()[r], c.top_p.data()[r], lo, hi, c.seed.data()[r], c.stream.data()[r],
-                 c.step.data()[r]};
+    params[r] = {t, c.top_k.data()[r], c.top_p.data()[r], c.vocab_lo.data()[r], c.vocab_hi.data()[r],
+                 c.seed.data()[r], c.stream.data()[r], c.step.data()[r]};
+    if (!clip_window(params[r], vocab))
+      throw py::value_error(describe_empty_window("row " + std::to_string(r), c.vocab_lo.data()[r], c.vocab_hi.data()[r], vocab));
   }
   return params;
 }
@@ -113,25 +106,16 @@ py::array_t<int64_t> run(const char* what, int64_t rows, int64_t vocab, const Ro
 
   py::array_t<int64_t> tokens(rows);
   int64_t* out = tokens.mutable_data();
-  std::vector<RowError> errors(rows, RowError::none);
-  std::vector<char> out_of_memory(rows, 0);
+  RowError error = RowError::none;
+  int64_t bad;
   {
     py::gil_scoped_release release;
-    parallel_for(rows, threads, [&](int64_t r) {
-      try {
-        thread_local SamplerScratch scratch;
-        fill(r, scratch.logit_row(vocab), params[r].vocab_lo, params[r].vocab_hi);
-        errors[r] = sample_row(vocab, params[r], numerics, scratch, &out[r]);
-      } catch (const std::bad_alloc&) {
-        out_of_memory[r] = 1;
-      }
-    });
+    bad = sample_rows(params, vocab, numerics, threads, [&](int64_t r, double* x) {
+      fill(r, x, params[r].vocab_lo, params[r].vocab_hi);
+    }, out, &error);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    if (out_of_memory[r]) throw std::bad_alloc();
-    if (errors[r] != RowError::none)
-      throw py::value_error(describe_row_error(std::string(what) + " row " + std::to_string(r), params[r], errors[r]));
-  }
+  if (bad >= 0)
+    throw py::value_error(describe_row_error(std::string(what) + " row " + std::to_string(bad), params[bad], error));
   return tokens;
 }
 
