@@ -18,12 +18,8 @@ import numpy as np
 import torch
 
 from vivace import _C
+from vivace.sampling import GuidanceRows
 from vivace.transformer import AttentionBatch, CrossBatch, StageTransformer
-
-
-def _device_bits(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint64 values as an int64 tensor with the same bits (how the Triton sampler takes seeds and counters)."""
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.uint64).view(np.int64)).to(device)
 
 
 class DeviceDecodeLoop:
@@ -40,37 +36,39 @@ class DeviceDecodeLoop:
         max_steps: int,
         capture: bool = False,
     ) -> None:
+        from vivace.kernels.triton_sampling import bits_as_int64, sample_on_device  # triton is optional
+
+        self.sample = sample_on_device
+
         if capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.model, self.kv_caches, self.batch = model, kv_caches, batch
         self.block_size, self.device, self.max_steps, self.capture = block_size, device, max_steps, capture
+
         groups, heads = batch.num_groups, batch.num_heads
-        lead, null, scale = batch.guidance()
+        lead, null, _ = guidance = batch.guidance()
+        self.guidance = GuidanceRows.of(guidance, device)
         member_group = np.empty(batch.num_members, dtype=np.int64)
-        member_group[lead] = np.arange(groups)
+        member_group[lead] = np.arange(groups)  # a guided pair's null row takes its group's row too
         guided = np.flatnonzero(null >= 0)
         member_group[null[guided]] = guided
 
         def on_device(array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(array)).to(device, dtype)
 
-        self.lead = on_device(lead)
-        self.guided = on_device(guided)
-        self.null = on_device(null[guided])
-        self.scale = on_device(scale[guided], torch.float32).view(-1, 1, 1)
         self.member_group = on_device(member_group)
         rows = batch.sampling_rows()  # the sampling settings do not change between steps
         self.temperature = on_device(rows["temperature"], torch.float64)
         self.top_k = on_device(rows["top_k"], torch.int64)
         self.top_p = on_device(rows["top_p"], torch.float64)
-        self.seed = _device_bits(rows["seed"], device)
-        self.stream = _device_bits(rows["stream"], device)
-        input_ids, positions, slot_mapping, block_tables, context_lens = batch.prepare()
-        self.input_ids = on_device(input_ids).clone()
-        self.positions = on_device(positions).clone()
-        self.slot_mapping = on_device(slot_mapping).clone()
-        self.block_tables = on_device(block_tables).clone()
-        self.context_lens = on_device(context_lens).clone()
+        self.seed = bits_as_int64(rows["seed"], len(rows["seed"]), device)
+        self.stream = bits_as_int64(rows["stream"], len(rows["stream"]), device)
+        members = batch.num_members  # the step inputs, filled by every run (_load)
+        self.input_ids = torch.empty(members, batch.num_heads, dtype=torch.int64, device=device)
+        self.positions = torch.empty(members, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.empty(members, dtype=torch.int64, device=device)
+        self.block_tables = torch.empty(members, batch.table_width, dtype=torch.int32, device=device)
+        self.context_lens = torch.empty(members, dtype=torch.int32, device=device)
         self.attention = AttentionBatch(
             slot_mapping=self.slot_mapping, block_tables=self.block_tables, context_lens=self.context_lens,
             query_start_loc=torch.arange(batch.num_members + 1, dtype=torch.int32, device=device),
@@ -99,18 +97,11 @@ class DeviceDecodeLoop:
         self.offset.copy_(torch.from_numpy(plan["offset"]))
 
     def _steps(self, steps: int) -> None:
-        from vivace.kernels.triton_sampling import sample_on_device
-
         groups, heads = self.batch.num_groups, self.batch.num_heads
         for i in range(steps):
             hidden = self.model(self.input_ids, self.positions, self.kv_caches, self.attention)
-            logits = self.model.compute_logits(hidden).float()  # [members, heads, vocab]
-            mixed = logits.index_select(0, self.lead)
-            if self.guided.numel():
-                cond = mixed.index_select(0, self.guided)
-                uncond = logits.index_select(0, self.null)
-                mixed.index_copy_(0, self.guided, uncond + (cond - uncond) * self.scale)
-            tokens = sample_on_device(
+            mixed = self.guidance.mix(self.model.compute_logits(hidden).float())
+            tokens = self.sample(
                 mixed.flatten(0, 1), self.temperature, self.top_k, self.top_p, self.vocab_lo[i], self.vocab_hi[i],
                 self.seed, self.stream, self.step[i],
             ).view(groups, heads)

@@ -224,19 +224,22 @@ class MusicGenPipeline:
         return torch.from_numpy(state.codes[:, start:end].copy()).unsqueeze(0).to(self.pack.codec.codebooks.device)
 
     def _track(self, states: list[RowState]) -> None:
-        """Copies the frames the active windows have completed so far: frame t of a window is complete once the
-        delay pattern's last codebook has drawn it, K - 1 steps after the first."""
+        """Copies the frames the active windows completed since the last call: frame t of a window is complete once
+        the delay pattern's last codebook has drawn it, K - 1 steps after the first."""
         k = self.config.num_codebooks
         for state in states:
-            state.ready_frames = state.done_frames
+            state.ready_frames = max(state.ready_frames, state.done_frames)
             if state.active is None:
                 continue
             seq, window = state.active
             complete = seq.length - seq.prefix_len - k  # grid columns filled, less the BOS column and the K - 1 lag
-            if complete > 0:
-                grid = seq.token_array(seq.prefix_len).T
-                state.codes[:, window.prefix_start : window.prefix_start + complete] = undelayed(grid[:, : complete + k])
-                state.ready_frames = max(state.ready_frames, window.prefix_start + complete)
+            begin = state.ready_frames - window.prefix_start  # the window's frames already in state.codes
+            if complete > begin:
+                # columns begin .. complete + K - 1 of the window's grid hold frames begin .. complete - 1 (undelayed
+                # drops the first column as the BOS column)
+                columns = seq.token_array(seq.prefix_len + begin)[: complete + k - begin].T
+                state.codes[:, state.ready_frames : window.prefix_start + complete] = undelayed(columns)
+                state.ready_frames = window.prefix_start + complete
 
     @torch.inference_mode()
     def _stream(self, states: list[RowState]) -> list[AudioChunk]:

@@ -93,3 +93,36 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     index = torch.minimum(index, last_kept)
     drawn = order.gather(1, index.unsqueeze(1)).squeeze(1)
     return torch.where(greedy, tokens, drawn)
+
+
+@dataclass(frozen=True)
+class GuidanceRows:
+    """How a decode batch's groups read their logits [members, heads, vocab] (from vivace._C.DecodeBatch.guidance()):
+    a group takes its lead row; a guided group mixes its cond (lead) and null rows as transformers'
+    ClassifierFreeGuidanceLogitsProcessor does, null + (cond - null) * guidance_scale, in float32."""
+
+    lead: torch.Tensor  # [groups] int64
+    guided: torch.Tensor  # [guided groups] int64
+    null: torch.Tensor  # [guided groups] int64, their null rows
+    scale: torch.Tensor  # [guided groups, 1, 1] float32
+
+    @classmethod
+    def of(cls, guidance: tuple[np.ndarray, np.ndarray, np.ndarray], device: torch.device | str) -> GuidanceRows:
+        lead, null, scale = guidance
+        guided = np.flatnonzero(null >= 0)
+
+        def tensor(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(values)).to(device, dtype)
+
+        return cls(tensor(lead, torch.int64), tensor(guided, torch.int64), tensor(null[guided], torch.int64),
+                   tensor(scale[guided], torch.float32).view(-1, 1, 1))
+
+    def mix(self, logits: torch.Tensor) -> torch.Tensor:
+        """[members, heads, vocab] float32 -> [groups, heads, vocab]; no host sync."""
+        mixed = logits.index_select(0, self.lead)
+        if self.guided.numel():
+            cond = mixed.index_select(0, self.guided)
+            uncond = logits.index_select(0, self.null)
+            mixed.index_copy_(0, self.guided, uncond + (cond - uncond) * self.scale)
+        return mixed
+

@@ -131,20 +131,12 @@ class Sequence:
         return self.state.length
 
     @property
-    def prompt_len(self) -> int:
-        return self.state.prompt_len
-
-    @property
     def max_len(self) -> int:
         return self.state.max_len
 
     @property
     def num_new(self) -> int:
         return self.state.num_new
-
-    @property
-    def is_finished(self) -> bool:
-        return self.state.finished
 
     @property
     def num_cached(self) -> int:
@@ -180,10 +172,3 @@ class Sequence:
     def output_ids(self) -> list[Any]:
         outputs = self.output_array().tolist()
         return outputs if outputs and isinstance(outputs[0], int) else [tuple(row) for row in outputs]
-
-    def append(self, drawn: int | tuple[int, ...]) -> None:
-        """Appends the row the drawn ids (one per head) become; the decode batch does this for running sequences."""
-        self.state.append(np.asarray(drawn, dtype=np.int64).reshape(-1))
-
-    def next_windows(self) -> list[tuple[int, int]]:
-        return [tuple(w) for w in self.state.next_windows().tolist()]

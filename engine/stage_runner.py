@@ -166,8 +166,9 @@ class StageRunner:
         self.waiting.sort(key=lambda s: s.priority)
         self.stats.preemptions += 1
 
-    def _missing_blocks(self, seq: Sequence) -> int:
-        return sum(self.blocks_for(m.length) - len(m.block_table) for m in seq.members)
+    def _missing_blocks(self, seq: Sequence, ahead: int = 0) -> int:
+        """Blocks the rows of seq lack to store their last token and `ahead` more."""
+        return sum(max(0, self.blocks_for(m.length + ahead) - len(m.block_table)) for m in seq.members)
 
     def _reserve_decode_slots(self) -> list[Sequence]:
         """Gives every running sequence room for its next token, preempting from the least urgent end.
@@ -196,9 +197,9 @@ class StageRunner:
                 scheduled.append(seq)
         return scheduled
 
-    def _extend(self, seq: Sequence) -> None:
+    def _extend(self, seq: Sequence, ahead: int = 0) -> None:
         for member in seq.members:
-            while len(member.block_table) < self.blocks_for(member.length):
+            while len(member.block_table) < self.blocks_for(member.length + ahead):
                 member.state.add_block(self.allocator.allocate())
 
     def _prefix_plan(self, seq: Sequence) -> PrefixPlan:
@@ -302,13 +303,10 @@ class StageRunner:
         steps = min(self.options.steps_per_sync, plan.batch.steps_left)
         if steps <= 1:
             return 1
-        members = [member for seq in plan.seqs for member in seq.members]
-        needed = sum(max(0, self.blocks_for(m.length + steps - 1) - len(m.block_table)) for m in members)
-        if needed > self.allocator.num_free:
+        if sum(self._missing_blocks(seq, steps - 1) for seq in plan.seqs) > self.allocator.num_free:
             return 1
-        for member in members:
-            while len(member.block_table) < self.blocks_for(member.length + steps - 1):
-                member.state.add_block(self.allocator.allocate())
+        for seq in plan.seqs:
+            self._extend(seq, steps - 1)
         return steps
 
     def _decode_on_device(self, plan: DecodePlan, steps: int) -> list[Sequence]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vivace import _C
-from vivace.sampling import SamplingBatch
+from vivace.sampling import GuidanceRows, SamplingBatch
 
 
 def interpreter_requested() -> bool:
@@ -123,14 +123,7 @@ def sample_and_advance(decode_batch: _C.DecodeBatch, logits: torch.Tensor) -> np
         return decode_batch.sample_and_advance(logits.detach().to("cpu", torch.float32).contiguous().numpy())
     from vivace.kernels import triton_sampling
 
-    lead, null, scale = decode_batch.guidance()
-    mixed = logits[torch.from_numpy(lead).to(logits.device)]
-    guided = np.flatnonzero(null >= 0)
-    if guided.size:
-        cond = mixed[torch.from_numpy(guided).to(logits.device)]
-        uncond = logits[torch.from_numpy(null[guided]).to(logits.device)]
-        weight = torch.from_numpy(scale[guided]).to(logits.device, torch.float32)[:, None, None]
-        mixed[torch.from_numpy(guided).to(logits.device)] = uncond + (cond - uncond) * weight
+    mixed = GuidanceRows.of(decode_batch.guidance(), logits.device).mix(logits)
     rows = decode_batch.sampling_rows()
     tokens = triton_sampling.sample(mixed.flatten(0, 1), SamplingBatch(
         temperature=torch.from_numpy(rows["temperature"]), top_k=torch.from_numpy(rows["top_k"]),
