@@ -133,7 +133,7 @@ def select_backend(pack: Pack | MusicGenPack, name: str, device: torch.device) -
 
     "auto" is a fixed preference: "onnxruntime" when the pack has codec.onnx and either the device is CUDA and
     onnxruntime offers a TensorRT or CUDA execution provider there, or the codec is EnCodec (MusicGen packs: on
-    the CPU onnxruntime decoded the 32 kHz EnCodec 1.8x faster than torch, benchmarks/codec_speed.py); "torch"
+    the CPU onnxruntime decoded the 32 kHz EnCodec 1.7x faster than torch, benchmarks/codec_speed.py); "torch"
     otherwise. For the SoundStream codec on the CPU, torch streaming with carried state decoded the paper-size codec
     in 3 s chunks as fast as or faster than onnxruntime, which has to re-decode each chunk's left context. A native
     "tensorrt" backend is not in this build.
