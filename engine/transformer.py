@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vivace.config import TransformerConfig
-from vivace.kernels.dispatch import paged_decode_attention, paged_prefill_attention, store_kv
-from vivace.positions import distance_bias_table, sinusoidal_embedding, t5_relative_bucket
+from vivace.kernels.dispatch import (
+    add_norm, embed_codebooks, paged_decode_attention, paged_prefill_attention, store_kv, use_triton,
+)
+from vivace.positions import distance_bias_table, sinusoid_frequencies, sinusoidal_embedding, t5_relative_bucket
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,12 @@ def _norm(config: TransformerConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.d_model, eps=config.norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+def _add_norm(residual: torch.Tensor, update: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + update, norm(residual + update)) in one pass over the rows where a fused kernel runs."""
+    rms = isinstance(norm, nn.RMSNorm)
+    return add_norm(residual, update, norm.weight, None if rms else norm.bias, norm.eps, rms)
 
 
 class SelfAttention(nn.Module):
@@ -170,12 +178,28 @@ class StageTransformer(nn.Module):
             Linear(config.d_model, config.output_vocab_size, bias=False) for _ in range(config.num_output_heads)
         )
         self.register_buffer("distance_bias", None, persistent=False)
+        self.register_buffer("codebook_tables", None, persistent=False)
+        self.register_buffer("sinusoid_freqs", None, persistent=False)
 
     def refresh_derived(self) -> None:
-        """Recomputes tensors derived from the weights (the T5 distance table); call after loading."""
+        """Recomputes tensors derived from the weights; call after loading and after moving the module.
+
+        The T5 distance table always; where Triton runs, the codebook tables stacked for the fused embedding
+        kernel (a copy of the input embeddings) and the sinusoid's frequencies, so no step reads the host."""
+        weight = self.embed[0].weight
         if self.rel_bias is not None:
             table = distance_bias_table(self.rel_bias.weight.detach().float(), self.config.rel_max_distance)
             self.distance_bias = table.to(self.rel_bias.weight.device)
+        fused = use_triton(weight)
+        self.codebook_tables = torch.stack([e.weight.detach() for e in self.embed]) if fused else None
+        sinusoidal = fused and self.config.position == "sinusoidal"
+        self.sinusoid_freqs = sinusoid_frequencies(self.config.d_model, weight.device) if sinusoidal else None
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix: PrefixBatch | None) -> torch.Tensor:
+        if self.codebook_tables is None or prefix is not None:
+            return self.embed_tokens(input_ids, positions, prefix)
+        learned = self.pos_embed.weight if self.pos_embed is not None else None
+        return embed_codebooks(input_ids, positions, self.codebook_tables, learned, self.sinusoid_freqs)
 
     def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix: PrefixBatch | None = None) -> torch.Tensor:
         """input_ids [..., num_codebooks], positions [...] -> [..., d_model]; prefix embeddings (flattened tokens
@@ -199,17 +223,24 @@ class StageTransformer(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         batch: AttentionBatch,
     ) -> torch.Tensor:
-        h = self.embed_tokens(input_ids, positions, batch.prefix)
+        # each sublayer's update joins the residual stream in the same pass that normalizes the next input
+        h = self._embed(input_ids, positions, batch.prefix)
+        update = None
         for i, layer in enumerate(self.layers):
-            h = h + layer.attn(layer.attn_norm(h), kv_caches[i], batch, self.distance_bias)
+            h, x = _add_norm(h, update, layer.attn_norm)
+            update = layer.attn(x, kv_caches[i], batch, self.distance_bias)
             if layer.cross_attn is not None:
                 cross = batch.cross
                 assert cross is not None, "a cross-attention stage needs encoder states"
                 keys = cross.keys[i][cross.token_seq]
                 values = cross.values[i][cross.token_seq]
-                h = h + layer.cross_attn(layer.cross_norm(h), keys, values, cross.enc_mask[cross.token_seq])
-            h = h + layer.ffn(layer.ffn_norm(h))
-        return self.final_norm(h) if self.final_norm is not None else h
+                h, x = _add_norm(h, update, layer.cross_norm)
+                update = layer.cross_attn(x, keys, values, cross.enc_mask[cross.token_seq])
+            h, x = _add_norm(h, update, layer.ffn_norm)
+            update = layer.ffn(x)
+        if self.final_norm is None:
+            return h if update is None else h + update
+        return _add_norm(h, update, self.final_norm)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, d_model] -> [rows, num_output_heads, output_vocab_size]."""

@@ -1,4 +1,7 @@
-"""Decoding through the paged cache gives the logits of one dense forward over the whole sequence."""
+"""Decoding through the paged cache gives the logits of one dense forward over the whole sequence.
+
+The "triton" cases run the engine's Triton kernels (attention, KV store, embedding sum, add + norm) through the
+Triton CPU interpreter; the dense forward stays plain torch, so they check the fused forward end to end."""
 import random
 
 import pytest
@@ -63,10 +66,23 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("block_size", [1, 16, 64])
-@pytest.mark.parametrize("position", ["t5_relative", "learned", "sinusoidal"])
+@pytest.fixture(params=["torch", "triton"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "triton":
+        monkeypatch.setenv("VIVACE_TRITON_INTERPRET", "1")  # before the model is built: refresh_derived reads it
+    return request.param
+
+
+# the interpreter is slow: the Triton cases take one block size, and the two position schemes whose kernels differ
+# (T5 bias in attention; sinusoid in the embedding kernel, no bias)
+PAGED_CASES = [(b, p, "torch") for b in (1, 16, 64) for p in ("t5_relative", "learned", "sinusoidal")] + [
+    (16, "t5_relative", "triton"), (16, "sinusoidal", "triton"),
+]
+
+
+@pytest.mark.parametrize("block_size,position,kernels", PAGED_CASES, indirect=["kernels"])
 @torch.no_grad()
-def test_paged_decoding_matches_dense_forward(block_size: int, position: str) -> None:
+def test_paged_decoding_matches_dense_forward(block_size: int, position: str, kernels: str) -> None:
     rng = random.Random(block_size)
     model = make_model(position)
     lengths = [rng.randint(1, 150) for _ in range(12)]
@@ -101,7 +117,7 @@ def test_paged_decoding_matches_dense_forward(block_size: int, position: str) ->
 
 
 @torch.no_grad()
-def test_cross_attention_paged_matches_dense() -> None:
+def test_cross_attention_paged_matches_dense(kernels: str) -> None:
     model = make_model("sinusoidal", cross=True)
     lengths, enc_lens = [9, 23, 4], [5, 7, 3]
     seqs = [torch.randint(0, 40, (n, 2)) for n in lengths]
