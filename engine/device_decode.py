@@ -1,4 +1,4 @@
-"""Several decode steps of a fixed batch on the device, with no host work between them, optionally as one CUDA graph.
+"""Several decode steps of a batch on the device, with no host work between them, optionally as one CUDA graph.
 
 vivace._C.DecodeBatch.plan_steps(n) says ahead of time what the n steps need: each step's vocabulary windows and
 draw counters, and the forced ids of its next input rows. On the device each step is forward -> guidance mix ->
@@ -7,12 +7,17 @@ offset + drawn) -> positions, context lengths and slots + 1. The host syncs once
 tokens back and the decode batch appends them (its state stays the reference). The runner reserves the blocks of
 all n steps first, so block tables do not change inside a run.
 
-With capture=True (CUDA only) the n unrolled steps are captured once per n as a CUDA graph after a first eager run
-and replayed afterwards: one launch per n steps. Every kernel's grid depends only on tensor shapes.
+A loop's buffers have the shape of a batch-size bucket (groups, rows and block-table width rounded up to powers of
+two), so one loop, and the CUDA graphs it captured, serves every batch that fits its bucket: bind() loads a new
+batch's sampling settings and guidance into the same buffers. Rows past the batch read a window of one token
+greedily, store nothing (slot -1) and are never read back. With capture=True (CUDA only) the n unrolled steps are
+captured once per n, after a first eager run of that n, and replayed afterwards: one launch per n steps. A batch
+with cross-attention brings its own encoder keys and values, so binding one drops the captured graphs.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,82 +27,132 @@ from vivace.sampling import GuidanceRows
 from vivace.transformer import AttentionBatch, CrossBatch, StageTransformer
 
 
+def _bucket(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The padded shape a loop's buffers take."""
+
+    groups: int
+    members: int
+    table_width: int
+    heads: int
+
+    @classmethod
+    def of(cls, batch: _C.DecodeBatch) -> Bucket:
+        return cls(_bucket(batch.num_groups), _bucket(batch.num_members), _bucket(batch.table_width), batch.num_heads)
+
+
 class DeviceDecodeLoop:
-    """Static device buffers for one decode batch and up to max_steps steps per run."""
+    """Static device buffers for one bucket of decode batches and up to max_steps steps per run."""
 
     def __init__(
         self,
         model: StageTransformer,
         kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        batch: _C.DecodeBatch,
-        cross: CrossBatch | None,
+        bucket: Bucket,
         block_size: int,
         device: torch.device,
         max_steps: int,
         capture: bool = False,
     ) -> None:
-        from vivace.kernels.triton_sampling import bits_as_int64, sample_on_device  # triton is optional
+        from vivace.kernels.triton_sampling import sample_on_device  # triton is optional
 
         self.sample = sample_on_device
-
         if capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        self.model, self.kv_caches, self.batch = model, kv_caches, batch
+        self.model, self.kv_caches, self.bucket = model, kv_caches, bucket
         self.block_size, self.device, self.max_steps, self.capture = block_size, device, max_steps, capture
+        groups, members, rows = bucket.groups, bucket.members, bucket.groups * bucket.heads
 
-        groups, heads = batch.num_groups, batch.num_heads
-        lead, null, _ = guidance = batch.guidance()
-        self.guidance = GuidanceRows.of(guidance, device)
-        member_group = np.empty(batch.num_members, dtype=np.int64)
-        member_group[lead] = np.arange(groups)  # a guided pair's null row takes its group's row too
-        guided = np.flatnonzero(null >= 0)
-        member_group[null[guided]] = guided
+        def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
 
-        def on_device(array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array)).to(device, dtype)
-
-        self.member_group = on_device(member_group)
-        rows = batch.sampling_rows()  # the sampling settings do not change between steps
-        self.temperature = on_device(rows["temperature"], torch.float64)
-        self.top_k = on_device(rows["top_k"], torch.int64)
-        self.top_p = on_device(rows["top_p"], torch.float64)
-        self.seed = bits_as_int64(rows["seed"], len(rows["seed"]), device)
-        self.stream = bits_as_int64(rows["stream"], len(rows["stream"]), device)
-        members = batch.num_members  # the step inputs, filled by every run (_load)
-        self.input_ids = torch.empty(members, batch.num_heads, dtype=torch.int64, device=device)
-        self.positions = torch.empty(members, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.empty(members, dtype=torch.int64, device=device)
-        self.block_tables = torch.empty(members, batch.table_width, dtype=torch.int32, device=device)
-        self.context_lens = torch.empty(members, dtype=torch.int32, device=device)
-        self.attention = AttentionBatch(
-            slot_mapping=self.slot_mapping, block_tables=self.block_tables, context_lens=self.context_lens,
-            query_start_loc=torch.arange(batch.num_members + 1, dtype=torch.int32, device=device),
-            is_decode=True, cross=cross,
-        )
-        self.vocab_lo = torch.zeros(max_steps, groups * heads, dtype=torch.int64, device=device)
-        self.vocab_hi = torch.zeros_like(self.vocab_lo)
-        self.step = torch.zeros_like(self.vocab_lo)
-        self.forced = torch.zeros(max_steps, groups, heads, dtype=torch.int64, device=device)
-        self.offset = torch.zeros(groups, heads, dtype=torch.int64, device=device)
-        self.drawn = torch.zeros(max_steps, groups, heads, dtype=torch.int64, device=device)
+        self.guidance = GuidanceRows.of((np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)), device, groups)
+        self.member_group = zeros(members)
+        self.live = zeros(members, dtype=torch.bool)
+        self.temperature = zeros(rows, dtype=torch.float64)
+        self.top_k = zeros(rows)
+        self.top_p = zeros(rows, dtype=torch.float64)
+        self.seed = zeros(rows)
+        self.stream = zeros(rows)
+        self.input_ids = zeros(members, bucket.heads)
+        self.positions = zeros(members)
+        self.slot_mapping = zeros(members)
+        self.block_tables = zeros(members, bucket.table_width, dtype=torch.int32)
+        self.context_lens = zeros(members, dtype=torch.int32)
+        self.token_seq = zeros(members)
+        self.vocab_lo = zeros(max_steps, rows)
+        self.vocab_hi = zeros(max_steps, rows)
+        self.step = zeros(max_steps, rows)
+        self.forced = zeros(max_steps, groups, bucket.heads)
+        self.offset = zeros(groups, bucket.heads)
+        self.drawn = zeros(max_steps, groups, bucket.heads)
+        self.host = _HostInputs(bucket, max_steps)
+        self.attention = self._attention(None)
+        self.batch: _C.DecodeBatch | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.runs: dict[int, int] = {}
 
+    def _attention(self, cross: CrossBatch | None) -> AttentionBatch:
+        if cross is not None:  # rows past the batch read the first sequence's encoder states
+            cross = CrossBatch(cross.keys, cross.values, cross.enc_mask, self.token_seq)
+        return AttentionBatch(
+            slot_mapping=self.slot_mapping, block_tables=self.block_tables, context_lens=self.context_lens,
+            query_start_loc=torch.arange(self.bucket.members + 1, dtype=torch.int32, device=self.device),
+            is_decode=True, cross=cross,
+        )
+
+    def bind(self, batch: _C.DecodeBatch, cross: CrossBatch | None) -> None:
+        """Makes batch (which must fit the bucket) the one the next runs decode."""
+        if not self.fits(batch):
+            raise ValueError(f"a batch of bucket {Bucket.of(batch)} does not fit {self.bucket}")
+        if cross is not None or self.attention.cross is not None:
+            self.graphs.clear()  # captured graphs read the previous batch's encoder keys and values
+            self.runs.clear()
+            self.attention = self._attention(cross)
+        groups, members, heads = batch.num_groups, batch.num_members, self.bucket.heads
+        self.guidance.load(batch.guidance())
+        lead, null, _ = batch.guidance()
+        member_group = np.zeros(self.bucket.members, dtype=np.int64)
+        member_group[lead] = np.arange(groups)  # a guided pair's null row takes its group's row too
+        guided = np.flatnonzero(null >= 0)
+        member_group[null[guided]] = guided
+        self.member_group.copy_(torch.from_numpy(member_group))
+        self.live.copy_(torch.arange(self.bucket.members) < members)
+        rows_index = torch.arange(self.bucket.members)
+        self.token_seq.copy_(rows_index.masked_fill(rows_index >= members, 0))
+        rows = batch.sampling_rows()  # the sampling settings do not change between steps
+        padding = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "stream": 0}
+        for name, fill in padding.items():
+            values = np.full(self.bucket.groups * heads, fill, dtype=np.asarray(rows[name]).dtype)
+            values[:groups * heads] = rows[name]
+            if values.dtype == np.uint64:
+                values = values.view(np.int64)
+            getattr(self, name).copy_(torch.from_numpy(values))
+        self.batch = batch
+
+    def fits(self, batch: _C.DecodeBatch) -> bool:
+        b = self.bucket
+        return (batch.num_groups <= b.groups and batch.num_members <= b.members and batch.table_width <= b.table_width
+                and batch.num_heads == b.heads)
+
     def _load(self, steps: int) -> None:
         """Copies the batch's current inputs and the plan of the next `steps` steps into the static buffers."""
-        input_ids, positions, slot_mapping, block_tables, context_lens = self.batch.prepare()
-        for static, host in ((self.input_ids, input_ids), (self.positions, positions), (self.slot_mapping, slot_mapping),
-                             (self.block_tables, block_tables), (self.context_lens, context_lens)):
-            static.copy_(torch.from_numpy(host), non_blocking=False)
-        plan = self.batch.plan_steps(steps)
-        self.vocab_lo[:steps].copy_(torch.from_numpy(plan["vocab_lo"]))
-        self.vocab_hi[:steps].copy_(torch.from_numpy(plan["vocab_hi"]))
-        self.step[:steps].copy_(torch.from_numpy(np.ascontiguousarray(plan["step"]).view(np.int64)))
-        self.forced[:steps].copy_(torch.from_numpy(plan["forced"]))
-        self.offset.copy_(torch.from_numpy(plan["offset"]))
+        host = self.host
+        host.fill(self.batch, steps)
+        for static, array in ((self.input_ids, host.input_ids), (self.positions, host.positions),
+                              (self.slot_mapping, host.slot_mapping), (self.block_tables, host.block_tables),
+                              (self.context_lens, host.context_lens), (self.vocab_lo, host.vocab_lo),
+                              (self.vocab_hi, host.vocab_hi), (self.step, host.step), (self.forced, host.forced),
+                              (self.offset, host.offset)):
+            static.copy_(torch.from_numpy(array))
 
     def _steps(self, steps: int) -> None:
-        groups, heads = self.batch.num_groups, self.batch.num_heads
+        groups, heads = self.bucket.groups, self.bucket.heads
+        last_block = self.bucket.table_width - 1
         for i in range(steps):
             hidden = self.model(self.input_ids, self.positions, self.kv_caches, self.attention)
             mixed = self.guidance.mix(self.model.compute_logits(hidden).float())
@@ -110,14 +165,20 @@ class DeviceDecodeLoop:
             self.input_ids.copy_(rows.index_select(0, self.member_group))
             self.positions.add_(1)
             self.context_lens.add_(1)
-            block = self.block_tables.gather(1, (self.positions // self.block_size).unsqueeze(1)).squeeze(1)
-            self.slot_mapping.copy_(block.long() * self.block_size + self.positions % self.block_size)
+            column = (self.positions // self.block_size).clamp(max=last_block)  # padding rows run past their table
+            block = self.block_tables.gather(1, column.unsqueeze(1)).squeeze(1)
+            slots = block.long() * self.block_size + self.positions % self.block_size
+            self.slot_mapping.copy_(torch.where(self.live, slots, -1))
 
     @torch.inference_mode()
     def run(self, steps: int) -> np.ndarray:
-        """Runs `steps` steps; returns the drawn tokens [steps, groups, heads]. The caller appends them."""
-        if not 0 < steps <= min(self.max_steps, self.batch.steps_left):
-            raise ValueError(f"steps must be in [1, {min(self.max_steps, self.batch.steps_left)}], got {steps}")
+        """Runs `steps` steps of the bound batch; returns the drawn tokens [steps, groups, heads]. The caller
+        appends them."""
+        batch = self.batch
+        if batch is None:
+            raise ValueError("no batch is bound")
+        if not 0 < steps <= min(self.max_steps, batch.steps_left):
+            raise ValueError(f"steps must be in [1, {min(self.max_steps, batch.steps_left)}], got {steps}")
         self._load(steps)
         graph = self.graphs.get(steps)
         if graph is not None:
@@ -131,4 +192,46 @@ class DeviceDecodeLoop:
         else:
             self._steps(steps)
         self.runs[steps] = self.runs.get(steps, 0) + 1
-        return self.drawn[:steps].cpu().numpy()
+        return self.drawn[:steps, :batch.num_groups].cpu().numpy()
+
+
+class _HostInputs:
+    """Host arrays of a bucket's shape; rows and groups past the batch keep their padding values."""
+
+    def __init__(self, bucket: Bucket, max_steps: int) -> None:
+        members, groups, heads = bucket.members, bucket.groups, bucket.heads
+        self.input_ids = np.zeros((members, heads), dtype=np.int64)
+        self.positions = np.zeros(members, dtype=np.int64)
+        self.slot_mapping = np.full(members, -1, dtype=np.int64)
+        self.block_tables = np.zeros((members, bucket.table_width), dtype=np.int32)
+        self.context_lens = np.zeros(members, dtype=np.int32)
+        self.vocab_lo = np.zeros((max_steps, groups * heads), dtype=np.int64)
+        self.vocab_hi = np.ones((max_steps, groups * heads), dtype=np.int64)  # padding groups draw token 0
+        self.step = np.zeros((max_steps, groups * heads), dtype=np.int64)
+        self.forced = np.zeros((max_steps, groups, heads), dtype=np.int64)
+        self.offset = np.zeros((groups, heads), dtype=np.int64)
+
+    def fill(self, batch: _C.DecodeBatch, steps: int) -> None:
+        input_ids, positions, slot_mapping, block_tables, context_lens = batch.prepare()
+        members, groups, width = batch.num_members, batch.num_groups, batch.table_width
+        rows = groups * batch.num_heads
+        self.input_ids[:members] = input_ids
+        self.positions[:members] = positions
+        self.slot_mapping[:members] = slot_mapping
+        self.block_tables[:members] = 0
+        self.block_tables[:members, :width] = block_tables
+        self.context_lens[:members] = context_lens
+        for array in (self.input_ids, self.positions, self.context_lens):
+            array[members:] = 0
+        self.slot_mapping[members:] = -1
+        self.block_tables[members:] = 0
+        plan = batch.plan_steps(steps)
+        self.vocab_lo[:steps, :rows] = plan["vocab_lo"]
+        self.vocab_hi[:steps, :rows] = plan["vocab_hi"]
+        self.step[:steps, :rows] = np.ascontiguousarray(plan["step"]).view(np.int64)
+        self.forced[:steps, :groups] = plan["forced"]
+        self.offset[:groups] = plan["offset"]
+        for array, fill in ((self.vocab_lo, 0), (self.vocab_hi, 1), (self.step, 0)):
+            array[:, rows:] = fill
+        self.forced[:, groups:] = 0
+        self.offset[groups:] = 0

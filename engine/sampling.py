@@ -99,30 +99,52 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 class GuidanceRows:
     """How a decode batch's groups read their logits [members, heads, vocab] (from vivace._C.DecodeBatch.guidance()):
     a group takes its lead row; a guided group mixes its cond (lead) and null rows as transformers'
-    ClassifierFreeGuidanceLogitsProcessor does, null + (cond - null) * guidance_scale, in float32."""
+    ClassifierFreeGuidanceLogitsProcessor does, null + (cond - null) * guidance_scale, in float32.
+
+    Every tensor has one entry per group, so the shapes depend only on the number of groups (a CUDA graph replays
+    them for any batch of that size after load()); groups past the batch's read member 0 unguided."""
 
     lead: torch.Tensor  # [groups] int64
-    guided: torch.Tensor  # [guided groups] int64
-    null: torch.Tensor  # [guided groups] int64, their null rows
-    scale: torch.Tensor  # [guided groups, 1, 1] float32
+    null: torch.Tensor  # [groups] int64: a guided group's null row, the lead row otherwise
+    guided: torch.Tensor  # [groups, 1, 1] bool
+    scale: torch.Tensor  # [groups, 1, 1] float32
 
     @classmethod
-    def of(cls, guidance: tuple[np.ndarray, np.ndarray, np.ndarray], device: torch.device | str) -> GuidanceRows:
-        lead, null, scale = guidance
-        guided = np.flatnonzero(null >= 0)
+    def of(cls, guidance: tuple[np.ndarray, np.ndarray, np.ndarray], device: torch.device | str,
+           groups: int | None = None) -> GuidanceRows:
+        """From DecodeBatch.guidance(), padded to `groups` (default: the batch's own number)."""
+        lead, null, guided, scale = _padded_guidance(guidance, groups)
+        return cls(torch.from_numpy(lead).to(device), torch.from_numpy(null).to(device),
+                   torch.from_numpy(guided).to(device).view(-1, 1, 1), torch.from_numpy(scale).to(device).view(-1, 1, 1))
 
-        def tensor(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(values)).to(device, dtype)
-
-        return cls(tensor(lead, torch.int64), tensor(guided, torch.int64), tensor(null[guided], torch.int64),
-                   tensor(scale[guided], torch.float32).view(-1, 1, 1))
+    def load(self, guidance: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Copies another batch's guidance (at most as many groups) into these tensors."""
+        for tensor, values in zip((self.lead, self.null, self.guided, self.scale),
+                                  _padded_guidance(guidance, self.lead.shape[0])):
+            tensor.copy_(torch.from_numpy(values).view(tensor.shape))
 
     def mix(self, logits: torch.Tensor) -> torch.Tensor:
         """[members, heads, vocab] float32 -> [groups, heads, vocab]; no host sync."""
-        mixed = logits.index_select(0, self.lead)
-        if self.guided.numel():
-            cond = mixed.index_select(0, self.guided)
-            uncond = logits.index_select(0, self.null)
-            mixed.index_copy_(0, self.guided, uncond + (cond - uncond) * self.scale)
-        return mixed
+        cond = logits.index_select(0, self.lead)
+        uncond = logits.index_select(0, self.null)
+        return torch.where(self.guided, uncond + (cond - uncond) * self.scale, cond)
+
+
+def _padded_guidance(
+    guidance: tuple[np.ndarray, np.ndarray, np.ndarray], groups: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    lead, null, scale = guidance
+    count = len(lead)
+    groups = count if groups is None else groups
+    if groups < count:
+        raise ValueError(f"guidance for {count} groups does not fit {groups}")
+    padded_lead = np.zeros(groups, dtype=np.int64)
+    padded_lead[:count] = lead
+    guided = np.zeros(groups, dtype=bool)
+    guided[:count] = null >= 0
+    padded_null = padded_lead.copy()
+    padded_null[:count] = np.where(null >= 0, null, lead)
+    padded_scale = np.ones(groups, dtype=np.float32)
+    padded_scale[:count] = scale
+    return padded_lead, padded_null, guided, padded_scale
 

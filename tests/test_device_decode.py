@@ -17,7 +17,8 @@ from vivace.events import WindowFinished
 from vivace.export.musicgen import convert_musicgen
 from vivace.kv_cache import KVCachePool
 from vivace.sequence import DelaySchedule, Sequence, TimeMajorSchedule
-from vivace.stage_runner import DecodeOptions, StageRunner
+from vivace.device_decode import Bucket, DeviceDecodeLoop
+from vivace.stage_runner import DecodeOptions, StageRunner, decode_batch
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +94,42 @@ def test_guided_delay_pattern_sequences_draw_the_same_tokens() -> None:
     assert run(several, 4, 200, cross=True).stats.device_runs > 0
     assert [s.rows for s in several] == [s.rows for s in single]
     assert [s.null.rows for s in several] == [s.rows for s in single]
+
+
+def test_batches_of_one_bucket_share_its_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequences finish one after another: every batch goes to the loop of its bucket (rows and groups rounded up to
+    powers of two), a loop serves several batches (rows past a batch are padding that must not touch the cache or
+    the drawn tokens), and the tokens are those of one step per sync."""
+    bound: list[tuple[Bucket, int, int]] = []
+    bind = DeviceDecodeLoop.bind
+
+    def recording_bind(loop: DeviceDecodeLoop, batch, cross) -> None:
+        bound.append((loop.bucket, id(loop), batch.num_groups))
+        bind(loop, batch, cross)
+
+    monkeypatch.setattr(DeviceDecodeLoop, "bind", recording_bind)
+    prompts = [[3 + i, 5, 7 + i] for i in range(6)]
+    single = time_major(prompts)
+    run(single, 1, 200)
+    several = time_major(prompts)
+    run(several, 3, 200)
+    assert [s.output_ids for s in several] == [s.output_ids for s in single]
+    sizes = [groups for _, _, groups in bound]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) >= 4  # 6, 5, ... groups as sequences finish
+    for bucket, loop_id, groups in bound:
+        assert bucket.groups == bucket.members == 1 << (groups - 1).bit_length()
+    loops = {loop_id for _, loop_id, _ in bound}
+    assert len(loops) == len({bucket for bucket, _, _ in bound}) < len(bound)  # one loop per bucket, reused
+
+
+def test_bucket_rounds_every_dimension_up_to_a_power_of_two() -> None:
+    schedule = TimeMajorSchedule(num_levels=2, codebook_size=12, input_offset=16)
+    seqs = [Sequence(i, [1, 2], 40 + i, schedule, SamplingParams(), seed=0, stream=i, priority=(i,)) for i in range(3)]
+    for seq in seqs:
+        seq.state.add_block(0)
+    batch = decode_batch(seqs, 4)
+    assert (batch.num_groups, batch.num_members, batch.table_width) == (3, 3, 11)
+    assert Bucket.of(batch) == Bucket(groups=4, members=4, table_width=16, heads=1)
 
 
 def test_musicgen_engine_with_steps_per_sync(tmp_path) -> None:
