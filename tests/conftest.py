@@ -2,7 +2,9 @@ import os
 
 # Triton kernels are tested on the CPU through its interpreter, which must be chosen before anything
 # imports triton (transformers may, during collection). The engine's own CPU path ignores this variable.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# VIVACE_TEST_DEVICE=cuda runs the kernel tests on a GPU instead (tests/kernel_device.py).
+if os.environ.get("VIVACE_TEST_DEVICE") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""Triton paged-attention kernels against the plain-torch reference, under the Triton CPU interpreter.
+"""Triton paged-attention kernels against the plain-torch reference, under the Triton CPU interpreter (or on a GPU
+at full shapes too: tests/kernel_device.py).
 
 Tolerances are on max |out - ref| / max |ref|. fp32: 1e-4, since only the summation order and exp2-vs-exp
 differ. bf16: 2e-2, since the output is rounded to an 8-bit mantissa (2**-8 ~ 4e-3 relative) and prefill
@@ -8,9 +9,7 @@ missed write or an unmasked read shows up as NaN.
 """
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+from kernel_device import DEVICE, ON_GPU, full_shapes  # before anything imports triton
 
 import pytest
 import torch
@@ -57,19 +56,19 @@ def paged_cache(
         for cache in (key_cache, value_cache):
             rows = torch.randn(length, num_heads, head_dim, generator=gen)
             cache.view(-1, num_heads, head_dim)[slots] = rows.to(dtype)
-    return key_cache, value_cache, block_tables
+    return key_cache.to(DEVICE), value_cache.to(DEVICE), block_tables.to(DEVICE)
 
 
 def random_bias(num_heads: int, max_distance: int, gen: torch.Generator) -> torch.Tensor:
     # a transposed view, as T5 stores its table [distance, heads]
-    return torch.randn(max_distance + 1, num_heads, generator=gen).t()
+    return torch.randn(max_distance + 1, num_heads, generator=gen).to(DEVICE).t()
 
 
 def fused_query(
     num_tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype, gen: torch.Generator
 ) -> torch.Tensor:
     """A strided query view, as it comes out of a fused QKV projection."""
-    qkv = torch.randn(num_tokens, 3 * num_heads * head_dim, generator=gen).to(dtype)
+    qkv = torch.randn(num_tokens, 3 * num_heads * head_dim, generator=gen).to(DEVICE, dtype)
     return qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
 
 
@@ -88,11 +87,11 @@ STORE_CASES = [
 def test_store_kv_matches_reference(dtype: torch.dtype, cache_dtype: torch.dtype, rtol: float) -> None:
     gen = torch.Generator().manual_seed(0)
     num_blocks, block_size, num_heads, head_dim = 6, 16, 3, 16
-    qkv = torch.randn(40, 3, num_heads, head_dim, generator=gen).to(dtype)
+    qkv = torch.randn(40, 3, num_heads, head_dim, generator=gen).to(DEVICE, dtype)
     key, value = qkv[:, 1], qkv[:, 2]  # strided token dimension
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:40]
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:40].to(DEVICE)
     shape = (num_blocks, block_size, num_heads, head_dim)
-    caches = [torch.full(shape, float("nan"), dtype=cache_dtype) for _ in range(4)]
+    caches = [torch.full(shape, float("nan"), dtype=cache_dtype, device=DEVICE) for _ in range(4)]
     ref.store_kv(key, value, caches[0], caches[1], slots)
     tpa.store_kv(key, value, caches[2], caches[3], slots)
     torch.testing.assert_close(caches[2], caches[0], rtol=rtol, atol=0, equal_nan=True)
@@ -101,11 +100,11 @@ def test_store_kv_matches_reference(dtype: torch.dtype, cache_dtype: torch.dtype
 
 def test_store_kv_skips_negative_slots() -> None:
     gen = torch.Generator().manual_seed(1)
-    key = torch.randn(5, 2, 16, generator=gen)
-    value = torch.randn(5, 2, 16, generator=gen)
-    slots = torch.tensor([3, -1, 0, -1, 7])
-    key_cache = torch.full((2, 4, 2, 16), float("nan"))
-    value_cache = torch.full((2, 4, 2, 16), float("nan"))
+    key = torch.randn(5, 2, 16, generator=gen).to(DEVICE)
+    value = torch.randn(5, 2, 16, generator=gen).to(DEVICE)
+    slots = torch.tensor([3, -1, 0, -1, 7], device=DEVICE)
+    key_cache = torch.full((2, 4, 2, 16), float("nan"), device=DEVICE)
+    value_cache = torch.full((2, 4, 2, 16), float("nan"), device=DEVICE)
     tpa.store_kv(key, value, key_cache, value_cache, slots)
     written = slots >= 0
     assert torch.equal(key_cache.view(8, 2, 16)[slots[written]], key[written])
@@ -113,24 +112,28 @@ def test_store_kv_skips_negative_slots() -> None:
     assert int((~torch.isnan(key_cache)).sum()) == 3 * 2 * 16
 
 
-# (head_dim, block_size, num_seqs): every block size with each small head dim, batches 1..8
-DECODE_SHAPES = [(16, 1, 3), (16, 16, 8), (16, 32, 1), (64, 1, 2), (64, 16, 5), (64, 32, 8)]
+# (head_dim, block_size, num_seqs, max_context): every block size with each small head dim, batches 1..8; on a GPU
+# also head dims 64 and 128 at every block size, batches up to 64, contexts up to 4096
+DECODE_SHAPES = full_shapes(
+    [(16, 1, 3, 200), (16, 16, 8, 200), (16, 32, 1, 200), (64, 1, 2, 200), (64, 16, 5, 200), (64, 32, 8, 200)],
+    [(d, b, n, 4096) for d in (64, 128) for b in (1, 16, 32) for n in (1, 7, 64)],
+)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim,block_size,num_seqs", DECODE_SHAPES)
+@pytest.mark.parametrize("head_dim,block_size,num_seqs,max_context", DECODE_SHAPES)
 def test_decode_matches_reference(
-    head_dim: int, block_size: int, num_seqs: int, dtype: torch.dtype, with_bias: bool
+    head_dim: int, block_size: int, num_seqs: int, max_context: int, dtype: torch.dtype, with_bias: bool
 ) -> None:
     gen = torch.Generator().manual_seed(head_dim * 100 + block_size * 10 + num_seqs)
     num_heads = 2
-    context_lens = torch.randint(1, 200, (num_seqs,), generator=gen).tolist()
+    context_lens = torch.randint(1, max_context, (num_seqs,), generator=gen).tolist()
     context_lens[0] = 1 if num_seqs > 1 else 161
     if num_seqs > 2:
         context_lens[1] = 4 * 32  # ends exactly on a block (and partition) boundary
     key_cache, value_cache, block_tables = paged_cache(context_lens, block_size, num_heads, head_dim, dtype, gen)
-    lens = torch.tensor(context_lens, dtype=torch.int32)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
     query = fused_query(num_seqs, num_heads, head_dim, dtype, gen)
     bias = random_bias(num_heads, 24, gen) if with_bias else None
     scale = head_dim ** -0.5
@@ -150,8 +153,8 @@ def test_decode_splits_long_contexts_into_many_partitions() -> None:
     key_cache, value_cache, block_tables = paged_cache(context_lens, 32, 1, 16, torch.float32, gen)
     partition = tpa._partition_size(2, 1, block_tables.shape[1] * 32)
     assert -(-4500 // partition) > 64  # more partitions than one merge step takes
-    lens = torch.tensor(context_lens, dtype=torch.int32)
-    query = torch.randn(2, 1, 16, generator=gen)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(2, 1, 16, generator=gen).to(DEVICE)
     bias = random_bias(1, 128, gen)
     out = tpa.paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.25, bias)
     expected = ref.paged_decode_attention(
@@ -164,8 +167,8 @@ def test_decode_fp16_head_dim_128() -> None:
     gen = torch.Generator().manual_seed(11)
     context_lens = [70, 3, 129]
     key_cache, value_cache, block_tables = paged_cache(context_lens, 16, 2, 128, torch.float16, gen)
-    lens = torch.tensor(context_lens, dtype=torch.int32)
-    query = torch.randn(3, 2, 128, generator=gen).half()
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(3, 2, 128, generator=gen).half().to(DEVICE)
     bias = random_bias(2, 32, gen)
     out = tpa.paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 128 ** -0.5, bias)
     expected = ref.paged_decode_attention(
@@ -175,28 +178,31 @@ def test_decode_fp16_head_dim_128() -> None:
     assert relative_error(out, expected) <= TOLERANCE[torch.float16]
 
 
-# (head_dim, block_size, num_seqs)
-PREFILL_SHAPES = [(16, 1, 2), (16, 16, 4), (16, 32, 1), (64, 1, 1), (64, 16, 3), (64, 32, 4)]
+# (head_dim, block_size, num_seqs, max_context); on a GPU also head dims 64 and 128, batches up to 64
+PREFILL_SHAPES = full_shapes(
+    [(16, 1, 2, 150), (16, 16, 4, 150), (16, 32, 1, 150), (64, 1, 1, 150), (64, 16, 3, 150), (64, 32, 4, 150)],
+    [(d, b, n, 1500) for d in (64, 128) for b in (1, 16, 32) for n in (1, 7, 64)],
+)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim,block_size,num_seqs", PREFILL_SHAPES)
+@pytest.mark.parametrize("head_dim,block_size,num_seqs,max_context", PREFILL_SHAPES)
 def test_prefill_matches_reference(
-    head_dim: int, block_size: int, num_seqs: int, dtype: torch.dtype, with_bias: bool
+    head_dim: int, block_size: int, num_seqs: int, max_context: int, dtype: torch.dtype, with_bias: bool
 ) -> None:
     gen = torch.Generator().manual_seed(head_dim * 100 + block_size * 10 + num_seqs + 1)
     num_heads = 2
-    context_lens = torch.randint(1, 150, (num_seqs,), generator=gen).tolist()
+    context_lens = torch.randint(1, max_context, (num_seqs,), generator=gen).tolist()
     # full prefill, chunked prefill after a cached prefix, a single new token, and no new tokens at all
     query_lens = [context_lens[0]] + [int(torch.randint(0, n + 1, (1,), generator=gen)) for n in context_lens[1:]]
     if num_seqs > 2:
         query_lens[1] = 0
         query_lens[2] = 1
     key_cache, value_cache, block_tables = paged_cache(context_lens, block_size, num_heads, head_dim, dtype, gen)
-    starts = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
+    starts = torch.tensor([0] + query_lens).cumsum(0).to(DEVICE, torch.int32)
     query = fused_query(int(starts[-1]), num_heads, head_dim, dtype, gen)
-    lens = torch.tensor(context_lens, dtype=torch.int32)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
     bias = random_bias(num_heads, 40, gen) if with_bias else None
     scale = head_dim ** -0.5
 
@@ -211,15 +217,16 @@ def test_prefill_fp16_head_dim_128_long_chunks() -> None:
     gen = torch.Generator().manual_seed(13)
     context_lens = [150, 90]  # queries: the last 100 and 90 positions, several query tiles per sequence
     key_cache, value_cache, block_tables = paged_cache(context_lens, 16, 1, 128, torch.float16, gen)
-    starts = torch.tensor([0, 100, 190], dtype=torch.int32)
-    query = torch.randn(190, 1, 128, generator=gen).half()
-    lens = torch.tensor(context_lens, dtype=torch.int32)
+    starts = torch.tensor([0, 100, 190], dtype=torch.int32, device=DEVICE)
+    query = torch.randn(190, 1, 128, generator=gen).half().to(DEVICE)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
     bias = random_bias(1, 64, gen)
     out = tpa.paged_prefill_attention(query, key_cache, value_cache, block_tables, lens, starts, 128 ** -0.5, bias)
     expected = ref.paged_prefill_attention(query, key_cache, value_cache, block_tables, lens, starts, 128 ** -0.5, bias)
     assert relative_error(out, expected) <= TOLERANCE[torch.float16]
 
 
+@pytest.mark.skipif(ON_GPU, reason="the CPU's dispatch")
 def test_dispatch_picks_triton_only_when_asked_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.zeros(1)
     monkeypatch.delenv("VIVACE_TRITON_INTERPRET", raising=False)
@@ -234,8 +241,9 @@ def test_dispatch_runs_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VIVACE_TRITON_INTERPRET", "1")
     gen = torch.Generator().manual_seed(17)
     key_cache, value_cache, block_tables = paged_cache([33, 5], 16, 2, 16, torch.float32, gen)
-    lens = torch.tensor([33, 5], dtype=torch.int32)
-    query = torch.randn(2, 2, 16, generator=gen)
+    lens = torch.tensor([33, 5], dtype=torch.int32, device=DEVICE)
+    query = torch.randn(2, 2, 16, generator=gen).to(DEVICE)
+    assert dispatch.attention_ops(query) is tpa
     out = dispatch.paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.25)
     expected = ref.paged_decode_attention(
         query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0), block_tables, lens, 0.25

@@ -1,5 +1,6 @@
 """Triton elementwise fusions (embedding sum, residual add + norm) against their torch references, under the
-Triton CPU interpreter, and the references against the transformer's unfused path.
+Triton CPU interpreter (or on a GPU: tests/kernel_device.py), and the references against the transformer's unfused
+path.
 
 Tolerances are on max |out - ref| / max |ref|. fp32: the residual sums are bit-identical (same additions, same
 order, each rounded to fp32); the norm's reductions and the sinusoid's cos / sin differ in their last bits, held to
@@ -8,9 +9,7 @@ round to nearest even (one bf16 ulp, 2**-7 relative, per rounding). Every output
 """
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+from kernel_device import DEVICE, ON_GPU, full_shapes  # before anything imports triton
 
 import pytest
 import torch
@@ -40,18 +39,19 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("position", ["none", "learned", "sinusoidal"])
-@pytest.mark.parametrize("num_tokens,num_codebooks,d_model", [(1, 1, 64), (7, 4, 96), (33, 4, 1024), (5, 2, 33)])
+@pytest.mark.parametrize("num_tokens,num_codebooks,d_model", full_shapes(
+    [(1, 1, 64), (7, 4, 96), (33, 4, 1024), (5, 2, 33)], [(128, 4, 1536), (64, 8, 2048), (512, 1, 1024)]))
 def test_embed_codebooks_matches_reference(
     num_tokens: int, num_codebooks: int, d_model: int, position: str, dtype: torch.dtype
 ) -> None:
     gen = torch.Generator().manual_seed(num_tokens * d_model)
     vocab = 50
-    tables = torch.randn(num_codebooks, vocab, d_model, generator=gen).to(dtype)
+    tables = torch.randn(num_codebooks, vocab, d_model, generator=gen).to(DEVICE, dtype)
     # ids as a strided view (every other column), positions up to MusicGen-length windows
-    input_ids = torch.randint(0, vocab, (num_tokens, 2 * num_codebooks), generator=gen)[:, ::2]
-    positions = torch.randint(0, 3000, (num_tokens,), generator=gen)
-    learned = torch.randn(3000, d_model, generator=gen).to(dtype) if position == "learned" else None
-    freqs = sinusoid_frequencies(d_model) if position == "sinusoidal" else None
+    input_ids = torch.randint(0, vocab, (num_tokens, 2 * num_codebooks), generator=gen).to(DEVICE)[:, ::2]
+    positions = torch.randint(0, 3000, (num_tokens,), generator=gen).to(DEVICE)
+    learned = torch.randn(3000, d_model, generator=gen).to(DEVICE, dtype) if position == "learned" else None
+    freqs = sinusoid_frequencies(d_model, DEVICE) if position == "sinusoidal" else None
     out = tf.embed_codebooks(input_ids, positions, tables, learned, freqs)
     expected = ref.embed_codebooks(input_ids, positions, tables, learned, freqs)
     assert out.dtype == expected.dtype == dtype
@@ -64,19 +64,19 @@ def test_embed_codebooks_matches_reference(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rms,with_bias", [(False, True), (False, False), (True, False)])
 @pytest.mark.parametrize("with_update", [True, False])
-@pytest.mark.parametrize("num_tokens,d_model", [(1, 64), (5, 96), (64, 1024)])
+@pytest.mark.parametrize("num_tokens,d_model", full_shapes([(1, 64), (5, 96), (64, 1024)], [(128, 1536), (512, 2048)]))
 def test_add_norm_matches_reference(
     num_tokens: int, d_model: int, with_update: bool, rms: bool, with_bias: bool, dtype: torch.dtype
 ) -> None:
     gen = torch.Generator().manual_seed(num_tokens + d_model)
-    residual = (3 * torch.randn(num_tokens, d_model, generator=gen) + 1).to(dtype)
-    update = torch.randn(num_tokens, d_model, generator=gen).to(dtype) if with_update else None
-    weight = (1 + 0.5 * torch.randn(d_model, generator=gen)).to(dtype)
-    bias = torch.randn(d_model, generator=gen).to(dtype) if with_bias else None
+    residual = (3 * torch.randn(num_tokens, d_model, generator=gen) + 1).to(DEVICE, dtype)
+    update = torch.randn(num_tokens, d_model, generator=gen).to(DEVICE, dtype) if with_update else None
+    weight = (1 + 0.5 * torch.randn(d_model, generator=gen)).to(DEVICE, dtype)
+    bias = torch.randn(d_model, generator=gen).to(DEVICE, dtype) if with_bias else None
     summed, normed = tf.add_norm(residual, update, weight, bias, 1e-5, rms)
     ref_summed, ref_normed = ref.add_norm(residual, update, weight, bias, 1e-5, rms)
     assert summed.dtype == ref_summed.dtype and normed.dtype == ref_normed.dtype
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and not ON_GPU:  # the interpreter's truncating cast
         assert relative_error(summed, ref_summed) <= TOLERANCE[dtype]
     else:
         assert torch.equal(summed, ref_summed)
@@ -87,8 +87,8 @@ def test_add_norm_matches_reference(
 
 def test_add_norm_of_a_constant_row_is_its_bias() -> None:
     """Zero variance: eps keeps the row finite, as in torch."""
-    residual = torch.full((2, 64), 3.0)
-    weight, bias = torch.ones(64), torch.arange(64.0)
+    residual = torch.full((2, 64), 3.0, device=DEVICE)
+    weight, bias = torch.ones(64, device=DEVICE), torch.arange(64.0, device=DEVICE)
     _, normed = tf.add_norm(residual, None, weight, bias, 1e-5, False)
     assert torch.equal(normed, ref.add_norm(residual, None, weight, bias, 1e-5, False)[1])
 
@@ -120,6 +120,7 @@ def test_reference_add_norm_is_the_modules_norm() -> None:
             assert torch.equal(summed, x + y) and torch.equal(normed, norm(x + y))
 
 
+@pytest.mark.skipif(ON_GPU, reason="the CPU's dispatch")
 def test_dispatch_runs_the_fused_kernels_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VIVACE_TRITON_INTERPRET", raising=False)
     assert dispatch.fused_ops(torch.zeros(1)) is ref

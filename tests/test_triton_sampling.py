@@ -1,12 +1,11 @@
-"""The Triton sampler against vivace.sampling under the Triton CPU interpreter: identical uniforms and tokens.
+"""The Triton sampler against vivace.sampling under the Triton CPU interpreter (or on a GPU at full shapes too:
+tests/kernel_device.py): identical uniforms and tokens.
 
 Kernel outputs are poisoned (NaN uniforms, -1 tokens) so a row the kernel skips cannot pass.
 """
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+from kernel_device import DEVICE, ON_GPU, full_shapes  # before anything imports triton
 
 import numpy as np
 import pytest
@@ -37,10 +36,10 @@ def test_uniform_is_bit_identical_to_numpy() -> None:
     seed[:5], stream[5:10], step[10:15] = edges, edges, edges
     step[15:1015] = np.arange(1000, dtype=np.uint64)  # small steps: the common case
     stream[15:1015] = ref.stream_id(2, 7)
-    u = ts.uniform(*(ts.bits_as_int64(x, n, "cpu") for x in (seed, stream, step)))
+    u = ts.uniform(*(ts.bits_as_int64(x, n, DEVICE) for x in (seed, stream, step)))
     expected = ref.uniform(seed, stream, step)
     assert u.dtype == torch.float64
-    np.testing.assert_array_equal(u.numpy(), expected)
+    np.testing.assert_array_equal(u.cpu().numpy(), expected)
 
 
 def random_batch(rows: int, vocab: int, rng: np.random.Generator, greedy_share: float = 0.2) -> ref.SamplingBatch:
@@ -60,8 +59,12 @@ def random_batch(rows: int, vocab: int, rng: np.random.Generator, greedy_share: 
     )
 
 
-# (rows, vocab, logits dtype); 2500 takes three passes of the 1024-wide chunk loop
-CASES = [(1, 64, torch.float32), (8, 300, torch.float32), (5, 2500, torch.bfloat16), (3, 1024, torch.float16)]
+# (rows, vocab, logits dtype); 2500 takes three passes of the 1024-wide chunk loop; on a GPU also the batch 64 of
+# MusicGen's four codebooks (2048) and a MusicLM fine-stage window
+CASES = full_shapes(
+    [(1, 64, torch.float32), (8, 300, torch.float32), (5, 2500, torch.bfloat16), (3, 1024, torch.float16)],
+    [(256, 2048, torch.float32), (64, 4096, torch.bfloat16), (128, 1024, torch.float16)],
+)
 
 
 @pytest.mark.parametrize("rows,vocab,dtype", CASES)
@@ -71,9 +74,9 @@ def test_sample_matches_reference(rows: int, vocab: int, dtype: torch.dtype) -> 
     for draw in range(6):
         logits = (torch.randn(rows, vocab, generator=gen) * float(rng.choice([0.5, 3.0, 8.0]))).to(dtype)
         batch = random_batch(rows, vocab, rng)
-        tokens = ts.sample(logits, batch)
-        assert tokens.dtype == torch.int64
-        assert torch.equal(tokens, ref.sample(logits, batch)), f"draw {draw}"
+        tokens = ts.sample(logits.to(DEVICE), batch)
+        assert tokens.dtype == torch.int64 and tokens.device.type == DEVICE.type
+        assert torch.equal(tokens.cpu(), ref.sample(logits, batch)), f"draw {draw}"
 
 
 def test_ties_follow_the_reference_order() -> None:
@@ -83,7 +86,7 @@ def test_ties_follow_the_reference_order() -> None:
     for _ in range(4):
         logits = torch.randint(0, 4, (rows, vocab), generator=gen).float()  # many equal probabilities
         batch = random_batch(rows, vocab, rng, greedy_share=0.3)
-        assert torch.equal(ts.sample(logits, batch), ref.sample(logits, batch))
+        assert torch.equal(ts.sample(logits.to(DEVICE), batch).cpu(), ref.sample(logits, batch))
 
 
 def test_all_greedy_rows_pick_the_first_maximum_in_the_window() -> None:
@@ -95,10 +98,10 @@ def test_all_greedy_rows_pick_the_first_maximum_in_the_window() -> None:
                                  "vocab_hi": torch.tensor([50, 50, 50, 50])})
     expected = torch.tensor([10, 30, 30, 31])
     assert torch.equal(ref.sample(logits, batch), expected)
-    assert torch.equal(ts.sample(logits, batch), expected)
-    device_args = [batch.temperature, batch.top_k, batch.top_p, batch.vocab_lo, batch.vocab_hi]
-    bits = [ts.bits_as_int64(x, 4, "cpu") for x in (batch.seed, batch.stream, batch.step)]
-    assert torch.equal(ts.sample_on_device(logits, *device_args, *bits), expected)
+    assert torch.equal(ts.sample(logits.to(DEVICE), batch).cpu(), expected)
+    device_args = [x.to(DEVICE) for x in (batch.temperature, batch.top_k, batch.top_p, batch.vocab_lo, batch.vocab_hi)]
+    bits = [ts.bits_as_int64(x, 4, DEVICE) for x in (batch.seed, batch.stream, batch.step)]
+    assert torch.equal(ts.sample_on_device(logits.to(DEVICE), *device_args, *bits).cpu(), expected)
 
 
 def test_tokens_follow_the_random_stream() -> None:
@@ -115,7 +118,7 @@ def test_tokens_follow_the_random_stream() -> None:
         stream=np.full(rows, ref.stream_id(0), dtype=np.uint64),
         step=np.arange(rows, dtype=np.uint64),
     )
-    tokens = ts.sample(logits, batch)
+    tokens = ts.sample(logits.to(DEVICE), batch).cpu()
     assert torch.equal(tokens, ref.sample(logits, batch))
     assert len(set(tokens.tolist())) >= 10
 
@@ -125,5 +128,5 @@ def test_dispatch_samples_with_triton_under_the_interpreter(monkeypatch: pytest.
     rng = np.random.default_rng(5)
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(5))
     batch = random_batch(4, 100, rng)
-    assert dispatch.use_triton(logits)
-    assert torch.equal(dispatch.sample(logits, batch), ref.sample(logits, batch))
+    assert dispatch.use_triton(logits.to(DEVICE))
+    assert torch.equal(dispatch.sample(logits.to(DEVICE), batch).cpu(), ref.sample(logits, batch))
