@@ -1,6 +1,7 @@
 """Codec decoder speed per backend, in seconds of audio decoded per wall-clock second (higher is better).
 
     python -m benchmarks.codec_speed [--presets tiny paper encodec32] [--seconds 9] [--repeats 5] [--threads 1]
+                                     [--device cpu|cuda] [--compile]
 
 Methods for the SoundStream presets (tiny, paper), each over one clip of random codes at batch 1:
   torch_full       SoundStreamDecoder on the whole clip at once
@@ -12,12 +13,16 @@ Chunks are the preset's fine chunk (tiny 0.5 s, paper 3 s: what the pipeline fee
 (a low-latency stream). For "encodec32" (MusicGen's 32 kHz EnCodec decoder at its released size, random weights):
   torch_full / ort_full   the whole clip, as MusicGen's generate decodes it
   torch_overlap / ort_overlap   1 s chunks with 16 frames of context on either side, as MusicGen's stream decodes
+--compile adds compile_full: torch.compile of the decoder (inductor, static shapes), whole clip. On --device cuda the
+torch methods run on the GPU, the onnxruntime ones are left out (the CPU provider is what they measure), and
+graph_full adds the whole-clip decode captured once as a CUDA graph and replayed: torch eager against CUDA graphs /
+torch.compile, the comparison that stands in for TensorRT where TensorRT cannot be installed.
 The SoundStream decoders are random SoundStreamDecoders built from
 `vivace.testing.preset_config(preset).codec` (no pack is written). Each figure is the best of --repeats runs after
 one warm-up; streamed outputs are checked against the full decode first. torch and onnxruntime get the same
 number of threads (default 1: on a shared 2-core machine a second thread that has to wait for a busy core
 makes both libraries several times slower, and the figures unrepeatable). Results go to
-benchmarks/results/codec_speed-<date>.json.
+benchmarks/results/codec_speed-<date>.json (codec_speed-cuda-<date>.json on a GPU).
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from benchmarks.common import cpu_model, git
+from benchmarks.common import cpu_model, git, gpu_name
 from vivace.codec import SoundStreamDecoder
 from vivace.codec_backend import ContextStream, FrameStream, OnnxRuntimeBackend, TorchBackend
 from vivace.codec_stream import CodecStream
@@ -45,6 +50,16 @@ from vivace.export.onnx_codec import OPSET, export_codec
 from vivace.testing import preset_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def synchronized(run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """run, waiting for the GPU's queued work before returning (a no-op on the CPU)."""
+    def call() -> torch.Tensor:
+        out = run()
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        return out
+    return call
 
 
 def best_time(run: Callable[[], object], repeats: int) -> float:
@@ -57,6 +72,37 @@ def best_time(run: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def cuda_graph(decode: Callable[[torch.Tensor], torch.Tensor], codes: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """decode(codes) captured once as a CUDA graph (after warm-up runs on a side stream); replays write one output."""
+    static = codes.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(2):
+            decode(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        out = decode(static)
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+    return replay
+
+
+def accelerated_runs(codec: torch.nn.Module, codes: torch.Tensor, compile_too: bool) -> list[tuple[str, int, Callable[[], torch.Tensor]]]:
+    """Whole-clip decodes through torch.compile (when asked) and, on CUDA, a CUDA graph."""
+    frames = codes.shape[-1]
+    runs: list[tuple[str, int, Callable[[], torch.Tensor]]] = []
+    if compile_too:
+        compiled = torch.compile(codec, dynamic=False)
+        runs.append(("compile_full", frames, lambda: compiled(codes)))
+    if codes.is_cuda:
+        runs.append(("graph_full", frames, cuda_graph(codec, codes)))
+    return runs
+
+
 @torch.inference_mode()
 def measure(runs: list[tuple[str, int, Callable[[], torch.Tensor]]], full: Callable[[], torch.Tensor], audio_s: float,
             repeats: int) -> list[dict]:
@@ -64,6 +110,7 @@ def measure(runs: list[tuple[str, int, Callable[[], torch.Tensor]]], full: Calla
     reference = full()
     figures = []
     for method, chunk, run in runs:
+        run = synchronized(run)
         error = float((run() - reference).abs().max())
         figures.append({
             "method": method, "chunk_frames": chunk, "max_abs_error_vs_torch_full": error,
@@ -77,7 +124,8 @@ def chunked(make_stream: Callable[[], FrameStream], codes: torch.Tensor, chunk: 
     return torch.cat([stream.push(codes[..., t : t + chunk]) for t in range(0, codes.shape[-1], chunk)], dim=-1)
 
 
-def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, threads: int, workdir: Path) -> dict:
+def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, threads: int, workdir: Path,
+                 device: torch.device, compile_too: bool) -> dict:
     pack_config = preset_config(preset)
     config = pack_config.codec
     frame_rate = pack_config.sample_rate // config.hop_length
@@ -92,23 +140,24 @@ def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, th
     start = time.perf_counter()
     export_error = export_codec(codec, onnx_path)
     export_s = time.perf_counter() - start
-    torch_backend = TorchBackend(codec)
     ort_backend = OnnxRuntimeBackend(codec, str(onnx_path), torch.device("cpu"), threads=threads)
+    on_cpu = device.type == "cpu"
+    codec, codes = codec.to(device), codes.to(device)
+    torch_backend = TorchBackend(codec)
 
     def torch_range(chunk: int) -> torch.Tensor:
         pieces = [codec.decode_range(codes[..., : t + chunk], t, min(t + chunk, frames)) for t in range(0, frames, chunk)]
         return torch.cat(pieces, dim=-1)
 
-    runs: list[tuple[str, int, Callable[[], torch.Tensor]]] = [
-        ("torch_full", frames, lambda: torch_backend.decode(codes)),
-        ("ort_full", frames, lambda: ort_backend.decode(codes)),
-    ]
+    runs: list[tuple[str, int, Callable[[], torch.Tensor]]] = [("torch_full", frames, lambda: torch_backend.decode(codes))]
+    runs += [("ort_full", frames, lambda: ort_backend.decode(codes))] if on_cpu else []
+    runs += accelerated_runs(codec, codes, compile_too)
     for chunk in (fine_chunk, small_chunk):
         runs += [
             ("torch_range", chunk, lambda c=chunk: torch_range(c)),
             ("torch_stream", chunk, lambda c=chunk: chunked(lambda: CodecStream(codec), codes, c)),
-            ("ort_stream", chunk, lambda c=chunk: chunked(lambda: ContextStream(ort_backend), codes, c)),
         ]
+        runs += [("ort_stream", chunk, lambda c=chunk: chunked(lambda: ContextStream(ort_backend), codes, c))] if on_cpu else []
     audio_s = frames * config.hop_length / pack_config.sample_rate
     figures = measure(runs, lambda: torch_backend.decode(codes), audio_s, repeats)
     return {
@@ -134,7 +183,7 @@ class _Decoder:
         return self.backend.decode(codes)
 
 
-def bench_encodec(seconds: float, repeats: int, threads: int, workdir: Path) -> dict:
+def bench_encodec(seconds: float, repeats: int, threads: int, workdir: Path, device: torch.device, compile_too: bool) -> dict:
     config = EncodecConfig.musicgen_32khz()
     torch.manual_seed(0)
     codec = EncodecDecoder(config).eval()
@@ -147,15 +196,17 @@ def bench_encodec(seconds: float, repeats: int, threads: int, workdir: Path) -> 
     start = time.perf_counter()
     export_error = export_codec(codec, onnx_path)
     export_s = time.perf_counter() - start
-    torch_backend = TorchBackend(codec)
     ort_backend = OnnxRuntimeBackend(codec, str(onnx_path), torch.device("cpu"), threads=threads)
+    on_cpu = device.type == "cpu"
+    codec, codes = codec.to(device), codes.to(device)
+    torch_backend = TorchBackend(codec)
     chunk, context = round(frame_rate), 16
-    runs: list[tuple[str, int, Callable[[], torch.Tensor]]] = [
-        ("torch_full", frames, lambda: torch_backend.decode(codes)),
-        ("ort_full", frames, lambda: ort_backend.decode(codes)),
-        ("torch_overlap", chunk, lambda: decode_overlapped(codec, codes, chunk, context, context)),
-        ("ort_overlap", chunk, lambda: decode_overlapped(_Decoder(ort_backend, config), codes, chunk, context, context)),
-    ]
+    runs: list[tuple[str, int, Callable[[], torch.Tensor]]] = [("torch_full", frames, lambda: torch_backend.decode(codes))]
+    runs += [("ort_full", frames, lambda: ort_backend.decode(codes))] if on_cpu else []
+    runs += accelerated_runs(codec, codes, compile_too)
+    runs += [("torch_overlap", chunk, lambda: decode_overlapped(codec, codes, chunk, context, context))]
+    if on_cpu:
+        runs += [("ort_overlap", chunk, lambda: decode_overlapped(_Decoder(ort_backend, config), codes, chunk, context, context))]
     audio_s = frames * config.hop_length / config.sampling_rate
     figures = measure(runs, lambda: torch_backend.decode(codes), audio_s, repeats)
     return {
@@ -178,12 +229,15 @@ def main() -> None:
     parser.add_argument("--small-chunk", type=int, default=5, dest="small_chunk", help="frames; besides the fine chunk")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile's whole-clip decode")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         results = [
-            bench_encodec(args.seconds, args.repeats, args.threads, Path(tmp)) if p == "encodec32"
-            else bench_preset(p, args.seconds, args.small_chunk, args.repeats, args.threads, Path(tmp))
+            bench_encodec(args.seconds, args.repeats, args.threads, Path(tmp), device, args.compile) if p == "encodec32"
+            else bench_preset(p, args.seconds, args.small_chunk, args.repeats, args.threads, Path(tmp), device, args.compile)
             for p in args.presets
         ]
     print(f"{'preset':<10}{'method':<14}{'chunk (frames)':>16}{'audio s / s':>14}{'max |err|':>12}")
@@ -197,6 +251,7 @@ def main() -> None:
         "date": now.isoformat(timespec="seconds"),
         "git_commit": git("rev-parse", "HEAD"),
         "cpu": cpu_model(),
+        "gpu": gpu_name() if device.type == "cuda" else None,
         "threads": args.threads,
         "cpu_cores": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],
@@ -209,7 +264,8 @@ def main() -> None:
         "results": results,
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"codec_speed-{now.date().isoformat()}.json"
+    suffix = "-cuda" if device.type == "cuda" else ""
+    out = RESULTS / f"codec_speed{suffix}-{now.date().isoformat()}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -14,7 +14,8 @@ rows in one batch), at batch 1, each after one short untimed warm-up generation:
 - vivace in float32, bfloat16, int8 (int8 weight-only stage linears, float32 elsewhere) and int8+bf16;
   ms/step from the pipeline's StageProgress events (one per decode step); time to first audio from the
   first AudioChunk (engine.stream is engine.events filtered to AudioChunk; MusicGen's EnCodec is not causal,
-  so a row's audio arrives once all its frames exist).
+  so a row's audio arrives once all its frames exist); on CUDA also bfloat16 with 16 decode steps per host sync
+  replayed as CUDA graphs, whose ms/step divides each interval between progress events by the steps it covers.
 Agreement of each reduced-byte mode against float32: float32 greedy sequences (temperature 0, guidance 3.0)
 are generated once; every mode then runs them teacher-forced (forward_dense, conditional and null rows, logits
 mixed as null + 3 * (cond - null)) and is compared with float32 on the drawn (not forced) positions: the share
@@ -45,6 +46,9 @@ WORDS = (
 ).split()
 PROMPTS = ("mellow lo-fi hip hop beat with a warm piano", "epic strings and choir with loud drums")
 MODES = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("float32", "int8"), "int8+bf16": ("bfloat16", "int8")}
+# on CUDA also: bfloat16 with 16 decode steps per host sync replayed as CUDA graphs (vivace.device_decode)
+GRAPH_MODES = {"bfloat16+graphs": ("bfloat16", None)}
+STEPS_PER_SYNC = 16
 QUICK = {"seconds": 0.2, "agreement_s": 0.5, "agreement_prompts": 2}
 FULL = {"seconds": 10.0, "agreement_s": 5.0, "agreement_prompts": 2}
 GUIDANCE, TOP_K = 3.0, 250
@@ -145,29 +149,36 @@ def transformers_run(src: Path, prompt: str, seconds: float, device: str) -> dic
     }
 
 
-def _timing(stamps: list[float], start: float, total: float, first_audio: float | None) -> dict[str, Any]:
-    intervals = np.diff(stamps) * 1e3
+def _timing(stamps: list[float], start: float, total: float, first_audio: float | None,
+            done: list[int] | None = None) -> dict[str, Any]:
+    """done: decode steps finished at each stamp (default one per stamp); a run of several steps per host sync
+    stamps once per run, so each interval is divided by the steps it covers."""
+    done = list(range(len(stamps))) if done is None else done
+    steps = np.diff(done)
+    intervals = np.diff(stamps)[steps > 0] * 1e3 / steps[steps > 0]
     return {
-        "steps": len(stamps), "first_step_s": stamps[0] - start, "ms_per_step": float(np.median(intervals)),
+        "steps": done[-1] - done[0] + 1, "first_step_s": stamps[0] - start, "ms_per_step": float(np.median(intervals)),
         "ms_per_step_min": float(intervals.min()), "wall_s": total, "time_to_first_audio_s": first_audio,
-        "mean_context": 1 + len(stamps) / 2,
+        "mean_context": 1 + (done[-1] - done[0] + 1) / 2,
     }
 
 
 def vivace_run(engine: Engine, prompt: str, seconds: float) -> dict[str, Any]:
     engine.generate(prompt, WARMUP_STEPS / engine.config.frame_rate, seed=1, top_k=TOP_K, guidance_scale=GUIDANCE)
     stamps: list[float] = []
+    done: list[int] = []
     samples, first = 0, None
     start = time.perf_counter()
     for event in engine.events(prompt, seconds, seed=0, top_k=TOP_K, guidance_scale=GUIDANCE):
         if isinstance(event, StageProgress):
             stamps.append(time.perf_counter())
+            done.append(event.done)
         elif isinstance(event, AudioChunk):
             first = first if first is not None else time.perf_counter() - start
             samples += len(event.pcm)
     total = time.perf_counter() - start
     enc_len = len(engine.pack.text.encode(prompt)[1])
-    return {**_timing(stamps, start, total, first), "audio_s": samples / engine.sample_rate, "enc_len": enc_len}
+    return {**_timing(stamps, start, total, first, done), "audio_s": samples / engine.sample_rate, "enc_len": enc_len}
 
 
 def greedy_grids(engine: Engine, prompts: list[str], seconds: float) -> list[np.ndarray]:
@@ -216,10 +227,13 @@ def run(options: Options) -> dict[str, Any]:
     runs = [transformers_run(src, prompt, seconds, options.device)]
     reference: list[torch.Tensor] = []
     grids: list[np.ndarray] = []
-    for mode, (dtype, quantize) in MODES.items():
+    modes = {**MODES, **(GRAPH_MODES if options.device.startswith("cuda") else {})}
+    for mode, (dtype, quantize) in modes.items():
+        graphs = mode in GRAPH_MODES
         with PeakRSS() as memory:
             start = time.perf_counter()
-            engine = Engine.from_pack(pack, device=options.device, dtype=dtype, quantize=quantize)
+            engine = Engine.from_pack(pack, device=options.device, dtype=dtype, quantize=quantize,
+                                      steps_per_sync=STEPS_PER_SYNC if graphs else 1, cuda_graphs=graphs)
             load_s = time.perf_counter() - start
             result = {"engine": "vivace", "mode": mode, "dtype": dtype, "quantize": quantize, "load_s": load_s}
             result.update(vivace_run(engine, prompt, seconds))
@@ -248,7 +262,8 @@ def run(options: Options) -> dict[str, Any]:
     ))
     config = {
         "source": str(src), "pack": str(pack), "prompt": prompt, "seconds": seconds, "seed": 0, "guidance_scale": GUIDANCE,
-        "top_k": TOP_K, "temperature": 1.0, "modes": {m: {"dtype": d, "quantize": q} for m, (d, q) in MODES.items()},
+        "top_k": TOP_K, "temperature": 1.0, "modes": {m: {"dtype": d, "quantize": q, "steps_per_sync": STEPS_PER_SYNC if m in GRAPH_MODES else 1,
+                                                     "cuda_graphs": m in GRAPH_MODES} for m, (d, q) in modes.items()},
         "agreement_prompts": agreement_prompts, "agreement_s": settings["agreement_s"],
         "checkpoint": {"decoder": DECODER, "text_encoder_t5": TEXT, "text_vocab_words": len(WORDS), "encodec": ENCODEC_32KHZ,
                        "head_logit_std": HEAD_LOGIT_STD},

@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 from vivace.errors import VivaceError
 
@@ -39,6 +38,8 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        import soundfile as sf  # file I/O only: generating audio in memory does not need it
+
         sf.write(tmp, data, sample_rate, subtype="FLOAT", format="WAV")
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would have
         os.replace(tmp, path)
@@ -54,6 +55,8 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     path = Path(path)
     if not path.is_file():
         raise VivaceError(f"audio file {path} does not exist")
+    import soundfile as sf
+
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as exc:

@@ -7,8 +7,9 @@ offset + drawn) -> positions, context lengths and slots + 1. The host syncs once
 tokens back and the decode batch appends them (its state stays the reference). The runner reserves the blocks of
 all n steps first, so block tables do not change inside a run.
 
-A loop's buffers have the shape of a batch-size bucket (groups, rows and block-table width rounded up to powers of
-two), so one loop, and the CUDA graphs it captured, serves every batch that fits its bucket: bind() loads a new
+A loop's buffers have the shape of a batch-size bucket (groups and rows rounded up to powers of two; the block-table
+width as the batch's, which a stage's windows share), so one loop, and the CUDA graphs it captured, serves every
+batch of its bucket: bind() loads a new
 batch's sampling settings and guidance into the same buffers. Rows past the batch read a window of one token
 greedily, store nothing (slot -1) and are never read back. With capture=True (CUDA only) the n unrolled steps are
 captured once per n, after a first eager run of that n, and replayed afterwards: one launch per n steps. A batch
@@ -42,7 +43,8 @@ class Bucket:
 
     @classmethod
     def of(cls, batch: _C.DecodeBatch) -> Bucket:
-        return cls(_bucket(batch.num_groups), _bucket(batch.num_members), _bucket(batch.table_width), batch.num_heads)
+        # the width stays exact: the decode attention's partitioning (and so its rounding) follows it
+        return cls(_bucket(batch.num_groups), _bucket(batch.num_members), batch.table_width, batch.num_heads)
 
 
 class DeviceDecodeLoop:

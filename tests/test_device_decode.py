@@ -122,14 +122,14 @@ def test_batches_of_one_bucket_share_its_loop(monkeypatch: pytest.MonkeyPatch) -
     assert len(loops) == len({bucket for bucket, _, _ in bound}) < len(bound)  # one loop per bucket, reused
 
 
-def test_bucket_rounds_every_dimension_up_to_a_power_of_two() -> None:
+def test_bucket_rounds_groups_and_rows_up_to_a_power_of_two() -> None:
     schedule = TimeMajorSchedule(num_levels=2, codebook_size=12, input_offset=16)
     seqs = [Sequence(i, [1, 2], 40 + i, schedule, SamplingParams(), seed=0, stream=i, priority=(i,)) for i in range(3)]
     for seq in seqs:
         seq.state.add_block(0)
     batch = decode_batch(seqs, 4)
     assert (batch.num_groups, batch.num_members, batch.table_width) == (3, 3, 11)
-    assert Bucket.of(batch) == Bucket(groups=4, members=4, table_width=16, heads=1)
+    assert Bucket.of(batch) == Bucket(groups=4, members=4, table_width=11, heads=1)
 
 
 def test_musicgen_engine_with_steps_per_sync(tmp_path) -> None:
