@@ -118,16 +118,19 @@ def measured_steps() -> tuple[list[dict[str, Any]], dict[str, str]]:
         path, report = found
         sources["musiclm"] = str(path)
         dtype = report["config"]["dtype"]
-        for stage, r in report["results"]["stages"].items():
-            figures.append({"model": f"musiclm-paper {stage}", "engine": "vivace", "mode": dtype, "rows": 1,
-                            "context": r["context"], "enc_len": 0, "ms_per_step": r["ms_per_step"],
-                            "threads": report["config"]["threads"]})
+        for key, engine in (("stages", "vivace"), ("stages_graphs", "vivace, CUDA graphs")):
+            for stage, r in report["results"].get(key, {}).items():
+                figures.append({"model": f"musiclm-paper {stage}", "engine": engine, "mode": dtype, "rows": 1,
+                                "context": r["context"], "enc_len": 0, "ms_per_step": r["ms_per_step"],
+                                "threads": report["config"]["threads"]})
     found = latest_result("musicgen")
     if found is not None:
         path, report = found
         sources["musicgen"] = str(path)
         for r in report["results"]["runs"]:
-            figures.append({"model": "musicgen-small", "engine": r["engine"], "mode": r["mode"], "rows": 2,
+            graphs = r["mode"].endswith("+graphs")  # the bytes are those of the mode without graphs
+            figures.append({"model": "musicgen-small", "engine": r["engine"] + (", CUDA graphs" if graphs else ""),
+                            "mode": r["mode"].removesuffix("+graphs"), "rows": 2,
                             "context": r["mean_context"], "enc_len": r["enc_len"], "ms_per_step": r["ms_per_step"],
                             "threads": report["config"]["threads"]})
     return figures, sources

@@ -1,7 +1,8 @@
 """MusicLM suite: the paper-size random pack (three 24-layer, 1024-wide stages) on one device.
 
 - per-stage decode: one sequence at a fixed context in that stage's StageRunner (the engine's own runner, pool and
-  sampler), prefilled once, then runner.step() timed per decode step (batch 1);
+  sampler), prefilled once, then runner.step() timed per decode step (batch 1); on CUDA also with 16 decode steps per
+  host sync replayed as CUDA graphs (one runner.step() per 16 tokens, its time divided by 16);
 - time to first audio and real-time factor (seconds of compute per second of audio) from engine.stream at batch 1;
 - throughput in seconds of audio per second at several batch sizes (distinct prompts, seeds 0..B-1), through the
   pipeline with the engine's runners, whose preemption counts are reported.
@@ -38,6 +39,7 @@ FULL_CPU = {"stage_context": None, "stage_steps": 20, "stream_s": 3.0, "throughp
 FULL_GPU = {"stage_context": None, "stage_steps": 50, "stream_s": 10.0, "throughput_s": 10.0, "batches": (1, 8, 32)}
 TICK_ORDER = {"fine": 0, "coarse": 1, "semantic": 2}  # the order of one pipeline tick's StageProgress events
 MEMORY_SHARE = 0.4  # at most this share of the device's memory for the KV pools
+GRAPH_STEPS = 16  # decode steps per host sync of the CUDA-graph stage figures
 
 
 def ensure_pack(work_dir: Path) -> Path:
@@ -75,24 +77,27 @@ def schedule(config: PackConfig, stage: str) -> TimeMajorSchedule:
     return TimeMajorSchedule(layout.fine_levels, layout.acoustic_codebook, layout.fine_offset)
 
 
-def stage_decode(engine: Engine, stage: str, context: int, steps: int, device: str) -> dict[str, Any]:
-    """Decode steps of one sequence whose cache holds `context` tokens when the timed steps start."""
+def stage_decode(engine: Engine, stage: str, context: int, steps: int, device: str, per_call: int = 1) -> dict[str, Any]:
+    """Decode steps of one sequence whose cache holds `context` tokens when the timed steps start; per_call: the
+    engine's steps_per_sync (each runner.step() then decodes that many tokens, its time is divided among them)."""
     runner = engine._runners()[stage]
     cfg = engine.config.stages[stage]
-    warmup = 2
-    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, context - 1 - warmup).tolist()
+    warmup = 2  # with CUDA graphs: the eager run, then the capture
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, context - 1 - warmup * per_call).tolist()
     sampling = engine._sampling({})[stage]
-    seq = Sequence(0, prompt, warmup + steps + 2, schedule(engine.config, stage), sampling, seed=0, stream=0, priority=(0,))
+    new_tokens = (warmup + steps + 1) * per_call + 1
+    seq = Sequence(0, prompt, new_tokens, schedule(engine.config, stage), sampling, seed=0, stream=0, priority=(0,))
     runner.add(seq)
     start = time.perf_counter()
     runner.step()
     sync(device)
     prefill_ms = (time.perf_counter() - start) * 1e3
-    times = time_calls(runner.step, device, repeats=steps, warmup=warmup)
+    times = [t / per_call for t in time_calls(runner.step, device, repeats=steps, warmup=warmup)]
     runner.cancel_all()
     return {
-        "context": context + steps // 2, "prefill_tokens": len(prompt), "prefill_ms": prefill_ms,
-        "ms_per_step": median_ms(times), "ms_per_step_min": min(times) * 1e3, "steps": steps,
+        "context": context + steps * per_call // 2, "prefill_tokens": len(prompt), "prefill_ms": prefill_ms,
+        "ms_per_step": median_ms(times), "ms_per_step_min": min(times) * 1e3, "steps": steps * per_call,
+        "steps_per_sync": per_call,
     }
 
 
@@ -183,12 +188,27 @@ def run(options: Options) -> dict[str, Any]:
     info = engine.info()
     del engine
     release_memory()
+    stages_graphs = {}
+    if options.device.startswith("cuda"):
+        engine = Engine.from_pack(pack, device=options.device, dtype=options.musiclm_dtype,
+                                  steps_per_sync=GRAPH_STEPS, cuda_graphs=True)
+        stages_graphs = {stage: stage_decode(engine, stage, contexts[stage], settings["stage_steps"], options.device,
+                                             per_call=GRAPH_STEPS) for stage in STAGES}
+        del engine
+        release_memory()
 
     print(table(
         ["stage", "context", "ms/step", "min ms", "prefill tok", "prefill ms"],
         [[s, r["context"], r["ms_per_step"], r["ms_per_step_min"], r["prefill_tokens"], r["prefill_ms"]] for s, r in stages.items()],
         title=f"MusicLM paper-size stages, {info['dtype']}, batch 1 (StageRunner.step, median of {settings['stage_steps']})",
     ))
+    if stages_graphs:
+        print()
+        print(table(
+            ["stage", "context", "ms/step", "min ms"],
+            [[s, r["context"], r["ms_per_step"], r["ms_per_step_min"]] for s, r in stages_graphs.items()],
+            title=f"The same, {GRAPH_STEPS} steps per host sync replayed as CUDA graphs (per-step time = call / {GRAPH_STEPS})",
+        ))
     print()
     print(table(
         ["batch", "clip s", "wall s", "first audio s", "RTF", "audio s/s", "ms/tick", "peak RSS MB"],
@@ -203,7 +223,7 @@ def run(options: Options) -> dict[str, Any]:
         "stream_method": "engine.stream(prompt, seconds, seed=0): first AudioChunk, then all chunks",
         "prompts": PROMPTS, "model": info["stages"],
     }
-    results = {"load": load, "stages": stages, "stream": stream, "throughput": throughput}
+    results = {"load": load, "stages": stages, "stages_graphs": stages_graphs, "stream": stream, "throughput": throughput}
     path = write_result("musiclm", options, config, results)
     print(f"wrote {path}")
     return results

@@ -19,11 +19,11 @@ RTOL = 1e-5
 class PagedDriver:
     """Feeds sequences to the model in random-sized pieces through a shared block pool."""
 
-    def __init__(self, model: StageTransformer, block_size: int, num_blocks: int) -> None:
+    def __init__(self, model: StageTransformer, block_size: int, num_blocks: int, dtype: torch.dtype = torch.float32) -> None:
         c = model.config
         self.model = model
         self.block_size = block_size
-        self.pool = KVCachePool(c.num_layers, num_blocks, block_size, c.num_heads, c.head_dim, torch.float32, "cpu")
+        self.pool = KVCachePool(c.num_layers, num_blocks, block_size, c.num_heads, c.head_dim, dtype, "cpu")
         self.pool.data.fill_(float("nan"))  # a read of an unwritten slot poisons the result
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.tables: dict[int, list[int]] = {}
@@ -136,3 +136,29 @@ def test_cross_attention_paged_matches_dense(kernels: str) -> None:
                 model.forward_dense(seqs[i][: step + 1].unsqueeze(0), encoder[i : i + 1], enc_mask[i : i + 1])[0]
             )
             assert relative_error(logits[row], dense[step]) <= RTOL
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@torch.no_grad()
+def test_reduced_precision_triton_forward_tracks_float32(
+    dtype: torch.dtype, bound: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights and KV cache in bf16 / fp16 through every Triton kernel (interpreter) against the float32 dense forward.
+
+    Bounds relative to the largest logit, about 4x what was seen (8e-3 bf16, 1e-3 fp16): two layers of 8-bit / 11-bit
+    rounding of activations, weights and cache; an indexing or masking error is O(1)."""
+    monkeypatch.setenv("VIVACE_TRITON_INTERPRET", "1")
+    reference = make_model("t5_relative", seed=4)
+    model = make_model("t5_relative", seed=4).to(dtype)
+    model.refresh_derived()
+    assert model.codebook_tables.dtype == dtype
+    lengths = [37, 5, 20]
+    seqs = {i: torch.randint(0, 40, (n, 1)) for i, n in enumerate(lengths)}
+    driver = PagedDriver(model, 16, 16, dtype)
+    prompt = driver.run([(i, seqs[i], n - 4) for i, n in enumerate(lengths)], None)
+    assert prompt.dtype == dtype
+    for step in range(4):
+        logits = driver.run([(i, seqs[i], 1) for i in seqs], None)
+        for row, (i, tokens) in enumerate(seqs.items()):
+            dense = reference.compute_logits(reference.forward_dense(tokens[: lengths[i] - 3 + step].unsqueeze(0))[0])
+            assert relative_error(logits[row].float(), dense[-1]) <= bound
