@@ -42,7 +42,7 @@ for name in "${@:-build kernel_tests attention decode codec musicgen}"; do for n
       tests/test_triton_attention.py tests/test_triton_fused.py tests/test_triton_sampling.py ;;
   attention) part attention 90 $PY benchmarks/gpu_attention.py ;;
   decode) part decode 150 $PY -m benchmarks.gpu_decode --preset paper --dtype bfloat16 --seconds 2 \
-      --steps-per-sync 16 --repeats 2 --out "$OUT/gpu_decode.json" ;;
+      --steps-per-sync 64 --repeats 2 --out "$OUT/gpu_decode.json" ;;
   codec) part codec 150 $PY -m benchmarks.codec_speed --device cuda --compile --presets paper encodec32 --repeats 3 ;;
   musicgen) part musicgen 240 $PY -m benchmarks musicgen --quick --device cuda --work-dir /tmp/vivace-bench ;;
   *) echo "unknown part $name (build kernel_tests attention decode codec musicgen)"; exit 2 ;;

@@ -5,15 +5,17 @@ draw counters, and the forced ids of its next input rows. On the device each ste
 Triton sampler (vivace.kernels.triton_sampling.sample_on_device) -> next rows where(forced >= 0, forced,
 offset + drawn) -> positions, context lengths and slots + 1. The host syncs once per run: it reads the drawn
 tokens back and the decode batch appends them (its state stays the reference). The runner reserves the blocks of
-all n steps first, so block tables do not change inside a run.
+all n steps first, so block tables do not change inside a run. A run is cut into pieces of at most GRAPH_STEPS
+steps: before each piece the device copies that piece's rows of the plan into the step buffers, so a run of any
+length (a whole window) replays the same few graphs with no host sync between them.
 
 A loop's buffers have the shape of a batch-size bucket (groups and rows rounded up to powers of two; the block-table
 width as the batch's, which a stage's windows share), so one loop, and the CUDA graphs it captured, serves every
 batch of its bucket: bind() loads a new
 batch's sampling settings and guidance into the same buffers. Rows past the batch read a window of one token
-greedily, store nothing (slot -1) and are never read back. With capture=True (CUDA only) the n unrolled steps are
-captured once per n, after a first eager run of that n, and replayed afterwards: one launch per n steps. A batch
-with cross-attention brings its own encoder keys and values, so binding one drops the captured graphs.
+greedily, store nothing (slot -1) and are never read back. With capture=True (CUDA only) a piece of k unrolled
+steps is captured once per k, after a first eager run of that k, and replayed afterwards: one launch per k steps.
+A batch with cross-attention brings its own encoder keys and values, so binding one drops the captured graphs.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ import torch
 from vivace import _C
 from vivace.sampling import GuidanceRows
 from vivace.transformer import AttentionBatch, CrossBatch, StageTransformer
+
+
+GRAPH_STEPS = 16  # unrolled decode steps per captured graph; longer runs replay it several times
 
 
 def _bucket(n: int) -> int:
@@ -48,7 +53,7 @@ class Bucket:
 
 
 class DeviceDecodeLoop:
-    """Static device buffers for one bucket of decode batches and up to max_steps steps per run."""
+    """Static device buffers for one bucket of decode batches; pieces of up to GRAPH_STEPS steps."""
 
     def __init__(
         self,
@@ -57,7 +62,6 @@ class DeviceDecodeLoop:
         bucket: Bucket,
         block_size: int,
         device: torch.device,
-        max_steps: int,
         capture: bool = False,
     ) -> None:
         from vivace.kernels.triton_sampling import sample_on_device  # triton is optional
@@ -66,7 +70,7 @@ class DeviceDecodeLoop:
         if capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.model, self.kv_caches, self.bucket = model, kv_caches, bucket
-        self.block_size, self.device, self.max_steps, self.capture = block_size, device, max_steps, capture
+        self.block_size, self.device, self.capture = block_size, device, capture
         groups, members, rows = bucket.groups, bucket.members, bucket.groups * bucket.heads
 
         def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -86,13 +90,13 @@ class DeviceDecodeLoop:
         self.block_tables = zeros(members, bucket.table_width, dtype=torch.int32)
         self.context_lens = zeros(members, dtype=torch.int32)
         self.token_seq = zeros(members)
-        self.vocab_lo = zeros(max_steps, rows)
-        self.vocab_hi = zeros(max_steps, rows)
-        self.step = zeros(max_steps, rows)
-        self.forced = zeros(max_steps, groups, bucket.heads)
+        self.vocab_lo = zeros(GRAPH_STEPS, rows)  # the current piece's rows of the run's plan
+        self.vocab_hi = zeros(GRAPH_STEPS, rows)
+        self.step = zeros(GRAPH_STEPS, rows)
+        self.forced = zeros(GRAPH_STEPS, groups, bucket.heads)
         self.offset = zeros(groups, bucket.heads)
-        self.drawn = zeros(max_steps, groups, bucket.heads)
-        self.host = _HostInputs(bucket, max_steps)
+        self.drawn = zeros(GRAPH_STEPS, groups, bucket.heads)
+        self.host = _HostInputs(bucket)
         self.attention = self._attention(None)
         self.batch: _C.DecodeBatch | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -141,16 +145,17 @@ class DeviceDecodeLoop:
         return (batch.num_groups <= b.groups and batch.num_members <= b.members and batch.table_width <= b.table_width
                 and batch.num_heads == b.heads)
 
-    def _load(self, steps: int) -> None:
-        """Copies the batch's current inputs and the plan of the next `steps` steps into the static buffers."""
+    def _load(self, steps: int) -> _Plan:
+        """Copies the batch's current inputs to the static buffers; returns the plan of the next `steps` steps."""
         host = self.host
-        host.fill(self.batch, steps)
+        host.fill(self.batch)
         for static, array in ((self.input_ids, host.input_ids), (self.positions, host.positions),
                               (self.slot_mapping, host.slot_mapping), (self.block_tables, host.block_tables),
-                              (self.context_lens, host.context_lens), (self.vocab_lo, host.vocab_lo),
-                              (self.vocab_hi, host.vocab_hi), (self.step, host.step), (self.forced, host.forced),
-                              (self.offset, host.offset)):
+                              (self.context_lens, host.context_lens)):
             static.copy_(torch.from_numpy(array))
+        plan = _Plan.of(self.batch, steps, self.bucket, self.device)
+        self.offset.copy_(plan.offset)
+        return plan
 
     def _steps(self, steps: int) -> None:
         groups, heads = self.bucket.groups, self.bucket.heads
@@ -172,20 +177,12 @@ class DeviceDecodeLoop:
             slots = block.long() * self.block_size + self.positions % self.block_size
             self.slot_mapping.copy_(torch.where(self.live, slots, -1))
 
-    @torch.inference_mode()
-    def run(self, steps: int) -> np.ndarray:
-        """Runs `steps` steps of the bound batch; returns the drawn tokens [steps, groups, heads]. The caller
-        appends them."""
-        batch = self.batch
-        if batch is None:
-            raise ValueError("no batch is bound")
-        if not 0 < steps <= min(self.max_steps, batch.steps_left):
-            raise ValueError(f"steps must be in [1, {min(self.max_steps, batch.steps_left)}], got {steps}")
-        self._load(steps)
+    def _piece(self, steps: int) -> None:
+        """`steps` steps from the step buffers: a captured graph's replay, or eagerly (capturing on the second time)."""
         graph = self.graphs.get(steps)
         if graph is not None:
             graph.replay()
-        elif self.capture and self.runs.get(steps, 0) >= 1:  # the eager run before warmed up every kernel
+        elif self.capture and self.runs.get(steps, 0) >= 1:  # the eager piece before warmed up every kernel
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._steps(steps)
@@ -194,29 +191,72 @@ class DeviceDecodeLoop:
         else:
             self._steps(steps)
         self.runs[steps] = self.runs.get(steps, 0) + 1
-        return self.drawn[:steps, :batch.num_groups].cpu().numpy()
+
+    @torch.inference_mode()
+    def run(self, steps: int) -> np.ndarray:
+        """Runs `steps` steps of the bound batch; returns the drawn tokens [steps, groups, heads]. The caller
+        appends them."""
+        batch = self.batch
+        if batch is None:
+            raise ValueError("no batch is bound")
+        if not 0 < steps <= batch.steps_left:
+            raise ValueError(f"steps must be in [1, {batch.steps_left}], got {steps}")
+        plan = self._load(steps)
+        drawn = torch.empty(steps, self.bucket.groups, self.bucket.heads, dtype=torch.int64, device=self.device)
+        for first in range(0, steps, GRAPH_STEPS):
+            piece = min(GRAPH_STEPS, steps - first)
+            for static, planned in ((self.vocab_lo, plan.vocab_lo), (self.vocab_hi, plan.vocab_hi),
+                                    (self.step, plan.step), (self.forced, plan.forced)):
+                static[:piece].copy_(planned[first:first + piece])
+            self._piece(piece)
+            drawn[first:first + piece].copy_(self.drawn[:piece])
+        return drawn[:, :batch.num_groups].cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A run's plan on the device, padded to the bucket: rows [steps, groups * heads], forced [steps, groups, heads]."""
+
+    vocab_lo: torch.Tensor
+    vocab_hi: torch.Tensor
+    step: torch.Tensor
+    forced: torch.Tensor
+    offset: torch.Tensor  # [groups, heads]
+
+    @classmethod
+    def of(cls, batch: _C.DecodeBatch, steps: int, bucket: Bucket, device: torch.device) -> _Plan:
+        plan = batch.plan_steps(steps)
+        groups, rows = batch.num_groups, batch.num_groups * batch.num_heads
+        padded_rows, heads = bucket.groups * bucket.heads, bucket.heads
+
+        def padded(values: np.ndarray, shape: tuple[int, ...], fill: int) -> torch.Tensor:
+            out = np.full(shape, fill, dtype=np.int64)  # padding groups draw token 0 from a one-token window
+            out[tuple(slice(0, n) for n in values.shape)] = values
+            return torch.from_numpy(out).to(device)
+
+        return cls(
+            vocab_lo=padded(plan["vocab_lo"], (steps, padded_rows), 0),
+            vocab_hi=padded(plan["vocab_hi"], (steps, padded_rows), 1),
+            step=padded(np.ascontiguousarray(plan["step"]).view(np.int64), (steps, padded_rows), 0),
+            forced=padded(plan["forced"], (steps, bucket.groups, heads), 0),
+            offset=padded(plan["offset"], (bucket.groups, heads), 0),
+        )
 
 
 class _HostInputs:
-    """Host arrays of a bucket's shape; rows and groups past the batch keep their padding values."""
+    """Host arrays of a bucket's step inputs; rows past the batch keep their padding values."""
 
-    def __init__(self, bucket: Bucket, max_steps: int) -> None:
-        members, groups, heads = bucket.members, bucket.groups, bucket.heads
+    def __init__(self, bucket: Bucket) -> None:
+        members, heads = bucket.members, bucket.heads
         self.input_ids = np.zeros((members, heads), dtype=np.int64)
         self.positions = np.zeros(members, dtype=np.int64)
         self.slot_mapping = np.full(members, -1, dtype=np.int64)
         self.block_tables = np.zeros((members, bucket.table_width), dtype=np.int32)
         self.context_lens = np.zeros(members, dtype=np.int32)
-        self.vocab_lo = np.zeros((max_steps, groups * heads), dtype=np.int64)
-        self.vocab_hi = np.ones((max_steps, groups * heads), dtype=np.int64)  # padding groups draw token 0
-        self.step = np.zeros((max_steps, groups * heads), dtype=np.int64)
-        self.forced = np.zeros((max_steps, groups, heads), dtype=np.int64)
-        self.offset = np.zeros((groups, heads), dtype=np.int64)
 
-    def fill(self, batch: _C.DecodeBatch, steps: int) -> None:
+    def fill(self, batch: _C.DecodeBatch) -> None:
         input_ids, positions, slot_mapping, block_tables, context_lens = batch.prepare()
-        members, groups, width = batch.num_members, batch.num_groups, batch.table_width
-        rows = groups * batch.num_heads
+        members, width = batch.num_members, batch.table_width
         self.input_ids[:members] = input_ids
         self.positions[:members] = positions
         self.slot_mapping[:members] = slot_mapping
@@ -227,13 +267,3 @@ class _HostInputs:
             array[members:] = 0
         self.slot_mapping[members:] = -1
         self.block_tables[members:] = 0
-        plan = batch.plan_steps(steps)
-        self.vocab_lo[:steps, :rows] = plan["vocab_lo"]
-        self.vocab_hi[:steps, :rows] = plan["vocab_hi"]
-        self.step[:steps, :rows] = np.ascontiguousarray(plan["step"]).view(np.int64)
-        self.forced[:steps, :groups] = plan["forced"]
-        self.offset[:groups] = plan["offset"]
-        for array, fill in ((self.vocab_lo, 0), (self.vocab_hi, 1), (self.step, 0)):
-            array[:, rows:] = fill
-        self.forced[:, groups:] = 0
-        self.offset[groups:] = 0

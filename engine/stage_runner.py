@@ -33,7 +33,9 @@ from vivace.transformer import AttentionBatch, CrossBatch, PrefixBatch, StageTra
 @dataclass(frozen=True)
 class DecodeOptions:
     """How decode steps run. steps_per_sync > 1: up to that many steps per host sync on the device
-    (vivace.device_decode; Triton on CUDA, or the Triton interpreter); cuda_graphs: those steps as one CUDA graph."""
+    (vivace.device_decode; Triton on CUDA, or the Triton interpreter), runs ending where a sequence of the batch
+    finishes (so a large value syncs once per window); cuda_graphs: those steps as replays of CUDA graphs of up to
+    16 steps each."""
 
     steps_per_sync: int = 1
     cuda_graphs: bool = False
@@ -300,11 +302,12 @@ class StageRunner:
 
     def _steps_per_sync(self, plan: DecodePlan) -> int:
         """How many steps the plan runs before the next host sync: up to options.steps_per_sync, as long as no group
-        finishes earlier and the blocks of all of them can be reserved now (block tables are fixed inside a run)."""
+        finishes earlier, halved until the blocks of all of them can be reserved now (block tables are fixed inside
+        a run)."""
         steps = min(self.options.steps_per_sync, plan.batch.steps_left)
+        while steps > 1 and sum(self._missing_blocks(seq, steps - 1) for seq in plan.seqs) > self.allocator.num_free:
+            steps //= 2
         if steps <= 1:
-            return 1
-        if sum(self._missing_blocks(seq, steps - 1) for seq in plan.seqs) > self.allocator.num_free:
             return 1
         for seq in plan.seqs:
             self._extend(seq, steps - 1)
@@ -318,8 +321,7 @@ class StageRunner:
             loop = self._loops.get(bucket)
             if loop is None:
                 loop = self._loops[bucket] = DeviceDecodeLoop(
-                    self.model, self.kv_caches, bucket, self.block_size, self.device,
-                    self.options.steps_per_sync, capture=self.options.cuda_graphs,
+                    self.model, self.kv_caches, bucket, self.block_size, self.device, capture=self.options.cuda_graphs,
                 )
             loop.bind(plan.batch, plan.cross)
             self._bound = loop

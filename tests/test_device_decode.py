@@ -17,7 +17,7 @@ from vivace.events import WindowFinished
 from vivace.export.musicgen import convert_musicgen
 from vivace.kv_cache import KVCachePool
 from vivace.sequence import DelaySchedule, Sequence, TimeMajorSchedule
-from vivace.device_decode import Bucket, DeviceDecodeLoop
+from vivace.device_decode import GRAPH_STEPS, Bucket, DeviceDecodeLoop
 from vivace.stage_runner import DecodeOptions, StageRunner, decode_batch
 
 
@@ -120,6 +120,30 @@ def test_batches_of_one_bucket_share_its_loop(monkeypatch: pytest.MonkeyPatch) -
         assert bucket.groups == bucket.members == 1 << (groups - 1).bit_length()
     loops = {loop_id for _, loop_id, _ in bound}
     assert len(loops) == len({bucket for bucket, _, _ in bound}) < len(bound)  # one loop per bucket, reused
+
+
+def test_runs_longer_than_one_graph_chain_its_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """steps_per_sync 40: each run replays pieces of at most GRAPH_STEPS steps (16, 16, then the rest), the plan's rows
+    copied on the device before each piece, and draws what one step per sync draws."""
+    pieces: list[int] = []
+    piece = DeviceDecodeLoop._piece
+
+    def recording_piece(loop: DeviceDecodeLoop, steps: int) -> None:
+        pieces.append(steps)
+        piece(loop, steps)
+
+    monkeypatch.setattr(DeviceDecodeLoop, "_piece", recording_piece)
+    schedule = TimeMajorSchedule(num_levels=2, codebook_size=12, input_offset=16)
+
+    def sequences() -> list[Sequence]:
+        return [Sequence(i, [2 + i, 9], 44 + 3 * i, schedule, SamplingParams(temperature=1.0, top_k=6), seed=3,
+                         stream=i, priority=(i,)) for i in range(2)]
+
+    single, several = sequences(), sequences()
+    run(single, 1, 200)
+    runner = run(several, 40, 200)
+    assert [s.output_ids for s in several] == [s.output_ids for s in single]
+    assert max(pieces) == GRAPH_STEPS and len(pieces) > runner.stats.device_runs
 
 
 def test_bucket_rounds_groups_and_rows_up_to_a_power_of_two() -> None:
