@@ -30,23 +30,20 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import onnx
-import onnxruntime as ort
 import torch
 
-from benchmarks.common import cpu_model, git, gpu_name
+from benchmarks.common import cpu_model, git, gpu_name, versions
 from vivace.codec import SoundStreamDecoder
 from vivace.codec_backend import ContextStream, FrameStream, OnnxRuntimeBackend, TorchBackend
 from vivace.codec_stream import CodecStream
 from vivace.encodec import EncodecConfig, EncodecDecoder
 from vivace.encodec_stream import decode_overlapped
-from vivace.export.onnx_codec import OPSET, export_codec
+from vivace.export.onnx_codec import OPSET
 from vivace.testing import preset_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,6 +116,16 @@ def measure(runs: list[tuple[str, int, Callable[[], torch.Tensor]]], full: Calla
     return figures
 
 
+def onnx_backend(codec: torch.nn.Module, path: Path, threads: int) -> tuple[OnnxRuntimeBackend, float, float]:
+    """The codec exported to path and loaded in onnxruntime's CPU provider; the export's checked error and time."""
+    from vivace.export.onnx_codec import export_codec
+
+    start = time.perf_counter()
+    export_error = export_codec(codec, path)
+    export_s = time.perf_counter() - start
+    return OnnxRuntimeBackend(codec, str(path), torch.device("cpu"), threads=threads), export_error, export_s
+
+
 def chunked(make_stream: Callable[[], FrameStream], codes: torch.Tensor, chunk: int) -> torch.Tensor:
     stream = make_stream()
     return torch.cat([stream.push(codes[..., t : t + chunk]) for t in range(0, codes.shape[-1], chunk)], dim=-1)
@@ -136,12 +143,8 @@ def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, th
     with torch.no_grad():
         codec.codebooks.normal_(0.0, 1.0)
     codes = torch.randint(0, config.codebook_size, (1, config.num_levels, frames))
-    onnx_path = workdir / f"{preset}.onnx"
-    start = time.perf_counter()
-    export_error = export_codec(codec, onnx_path)
-    export_s = time.perf_counter() - start
-    ort_backend = OnnxRuntimeBackend(codec, str(onnx_path), torch.device("cpu"), threads=threads)
     on_cpu = device.type == "cpu"
+    ort_backend, export_error, export_s = onnx_backend(codec, workdir / f"{preset}.onnx", threads) if on_cpu else (None, None, None)
     codec, codes = codec.to(device), codes.to(device)
     torch_backend = TorchBackend(codec)
 
@@ -192,12 +195,8 @@ def bench_encodec(seconds: float, repeats: int, threads: int, workdir: Path, dev
     frame_rate = config.sampling_rate / config.hop_length
     frames = round(seconds * frame_rate)
     codes = torch.randint(0, config.codebook_size, (1, config.num_levels, frames))
-    onnx_path = workdir / "encodec32.onnx"
-    start = time.perf_counter()
-    export_error = export_codec(codec, onnx_path)
-    export_s = time.perf_counter() - start
-    ort_backend = OnnxRuntimeBackend(codec, str(onnx_path), torch.device("cpu"), threads=threads)
     on_cpu = device.type == "cpu"
+    ort_backend, export_error, export_s = onnx_backend(codec, workdir / "encodec32.onnx", threads) if on_cpu else (None, None, None)
     codec, codes = codec.to(device), codes.to(device)
     torch_backend = TorchBackend(codec)
     chunk, context = round(frame_rate), 16
@@ -255,11 +254,8 @@ def main() -> None:
         "threads": args.threads,
         "cpu_cores": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],
-        "versions": {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-        },
-        "onnx_opset": OPSET,
+        "versions": versions(),
+        "onnx_opset": OPSET if device.type == "cpu" else None,
         "args": vars(args),
         "results": results,
     }

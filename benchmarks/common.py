@@ -21,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "triton", "onnxruntime", "vivace")
+PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "triton", "onnx", "onnxruntime", "vivace")
 
 
 @dataclass(frozen=True)
@@ -181,20 +181,23 @@ def write_result(suite: str, options: Options, config: dict[str, Any], results: 
         "results": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{suite}-{now.date().isoformat()}.json"
+    device = torch.device(options.device).type
+    suffix = "" if device == "cpu" else f"-{device}"  # CPU files keep their historical names
+    path = RESULTS / f"{suite}{suffix}-{now.date().isoformat()}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return path
 
 
-def latest_result(suite: str) -> tuple[Path, dict[str, Any]] | None:
-    """The newest benchmarks/results/<suite>-<date>.json by its recorded date."""
+def latest_result(suite: str, device: str = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """The newest benchmarks/results/<suite>[-<device>]-<date>.json run on this kind of device, by recorded date."""
     found = []
     for path in RESULTS.glob(f"{suite}-*.json"):
         try:
             report = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if report.get("suite") == suite:
+        ran_on = torch.device(report.get("machine", {}).get("device", "cpu")).type
+        if report.get("suite") == suite and ran_on == torch.device(device).type:
             found.append((report.get("date", ""), path, report))
     if not found:
         return None

@@ -109,11 +109,11 @@ def models() -> dict[str, TransformerConfig]:
     return found
 
 
-def measured_steps() -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """ms/step figures of the newest musiclm and musicgen results, with their contexts and rows."""
+def measured_steps(device: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """ms/step figures of the newest musiclm and musicgen results on this kind of device, with contexts and rows."""
     figures: list[dict[str, Any]] = []
     sources: dict[str, str] = {}
-    found = latest_result("musiclm")
+    found = latest_result("musiclm", device)
     if found is not None:
         path, report = found
         sources["musiclm"] = str(path)
@@ -123,7 +123,7 @@ def measured_steps() -> tuple[list[dict[str, Any]], dict[str, str]]:
                 figures.append({"model": f"musiclm-paper {stage}", "engine": engine, "mode": dtype, "rows": 1,
                                 "context": r["context"], "enc_len": 0, "ms_per_step": r["ms_per_step"],
                                 "threads": report["config"]["threads"]})
-    found = latest_result("musicgen")
+    found = latest_result("musicgen", device)
     if found is not None:
         path, report = found
         sources["musicgen"] = str(path)
@@ -159,7 +159,7 @@ def run(options: Options) -> dict[str, Any]:
         title=f"Memory bandwidth on {device}",
     ))
 
-    figures, sources = measured_steps()
+    figures, sources = measured_steps(device)
     floors = []
     for figure in figures:
         config = models()[figure["model"]]

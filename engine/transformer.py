@@ -182,7 +182,8 @@ class StageTransformer(nn.Module):
         self.register_buffer("sinusoid_freqs", None, persistent=False)
 
     def refresh_derived(self) -> None:
-        """Recomputes tensors derived from the weights; call after loading and after moving the module.
+        """Recomputes tensors derived from the weights; call after loading or editing weights (moves and casts call
+        it themselves, see _apply).
 
         The T5 distance table always; where Triton runs, the codebook tables stacked for the fused embedding
         kernel (a copy of the input embeddings) and the sinusoid's frequencies, so no step reads the host."""
@@ -194,6 +195,12 @@ class StageTransformer(nn.Module):
         self.codebook_tables = torch.stack([e.weight.detach() for e in self.embed]) if fused else None
         sinusoidal = fused and self.config.position == "sinusoidal"
         self.sinusoid_freqs = sinusoid_frequencies(self.config.d_model, weight.device) if sinusoidal else None
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # .to() / .cuda() / .half() would cast the derived buffers too (float32 frequencies to bf16): rebuild them
+        super()._apply(fn, recurse)
+        self.refresh_derived()
+        return self
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix: PrefixBatch | None) -> torch.Tensor:
         if self.codebook_tables is None or prefix is not None:
@@ -212,7 +219,7 @@ class StageTransformer(nn.Module):
         if self.pos_embed is not None:
             h = h + self.pos_embed(positions)
         elif self.config.position == "sinusoidal":
-            table = sinusoidal_embedding(positions.reshape(-1), self.config.d_model).to(h.device, h.dtype)
+            table = sinusoidal_embedding(positions.reshape(-1), self.config.d_model, self.sinusoid_freqs).to(h.device, h.dtype)
             h = h + table.view(*positions.shape, -1)
         return h
 

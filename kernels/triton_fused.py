@@ -26,7 +26,7 @@ def _warps(block_d: int) -> int:
 @triton.jit
 def _embed_kernel(
     ids_ptr, positions_ptr, tables_ptr, learned_ptr, freqs_ptr, out_ptr,
-    stride_it, stride_ic, stride_tc, stride_tv, stride_lp, stride_ot,
+    stride_it, stride_ic, stride_p, stride_tc, stride_tv, stride_lp, stride_ot,
     num_codebooks, d_model, half,
     POSITION: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -37,16 +37,18 @@ def _embed_kernel(
     ids_row = ids_ptr + token * stride_it
     first = tl.load(ids_row).to(tl.int64)
     acc = tl.load(tables_ptr + first * stride_tv + dims, mask=mask, other=0.0).to(tl.float32)
+    table = tables_ptr
     for c in range(1, num_codebooks):
+        table += stride_tc  # pointer steps: c * stride_tc could pass 2**31 elements in 32-bit arithmetic
         code = tl.load(ids_row + c * stride_ic).to(tl.int64)
-        row = tl.load(tables_ptr + c * stride_tc + code * stride_tv + dims, mask=mask, other=0.0)
+        row = tl.load(table + code * stride_tv + dims, mask=mask, other=0.0)
         acc = (acc + row.to(tl.float32)).to(dtype).to(tl.float32)
     if POSITION == 1:
-        position = tl.load(positions_ptr + token).to(tl.int64)
+        position = tl.load(positions_ptr + token * stride_p).to(tl.int64)
         acc += tl.load(learned_ptr + position * stride_lp + dims, mask=mask, other=0.0).to(tl.float32)
     if POSITION == 2:
         # columns [0, half) hold cos, [half, 2 * half) sin of the same angles; an odd width ends in a zero
-        position = tl.load(positions_ptr + token).to(tl.float32)
+        position = tl.load(positions_ptr + token * stride_p).to(tl.float32)
         column = tl.where(dims < half, dims, dims - half)
         angle = position * tl.load(freqs_ptr + column, mask=dims < 2 * half, other=0.0)
         wave = tl.where(dims < half, tl.cos(angle), tl.sin(angle))
@@ -76,7 +78,8 @@ def embed_codebooks(
     block_d = triton.next_power_of_2(d_model)
     _embed_kernel[(num_tokens,)](
         input_ids, positions, tables, learned, freqs, out,
-        input_ids.stride(0), input_ids.stride(1), tables.stride(0), tables.stride(1), learned.stride(0), out.stride(0),
+        input_ids.stride(0), input_ids.stride(1), positions.stride(0), tables.stride(0), tables.stride(1),
+        learned.stride(0), out.stride(0),
         num_codebooks, d_model, d_model // 2,
         POSITION=position, BLOCK_D=block_d, num_warps=_warps(block_d),
     )
@@ -122,7 +125,7 @@ def add_norm(
     num_tokens, d_model = residual.shape
     assert residual.stride(1) == 1 and (update is None or update.stride(1) == 1)
     summed = residual if update is None else _buffer(residual.shape, torch.promote_types(residual.dtype, update.dtype), residual.device)
-    normed = _buffer(residual.shape, torch.promote_types(summed.dtype, weight.dtype), residual.device)
+    normed = _buffer(residual.shape, summed.dtype, residual.device)  # as F.layer_norm / F.rms_norm
     if num_tokens == 0:
         return summed, normed
     block_d = triton.next_power_of_2(d_model)

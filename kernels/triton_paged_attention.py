@@ -168,7 +168,7 @@ def _decode_merge_kernel(
         acc = acc * alpha + tl.sum(weight[:, None] * part_acc, axis=0)
         l = l * alpha + tl.sum(weight * part_sum, axis=0)
         m = m_new
-    out = acc / l
+    out = acc / tl.where(l > 0, l, 1.0)  # an empty context (a padding row of the device loop) gives zeros, not NaN
     tl.store(out_ptr + seq * stride_os + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
 

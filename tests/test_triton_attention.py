@@ -147,6 +147,20 @@ def test_decode_matches_reference(
     assert relative_error(out, expected) <= TOLERANCE[dtype]
 
 
+def test_decode_of_an_empty_context_is_zero() -> None:
+    """The device loop's padding rows have no context: their output must stay finite (it is never read)."""
+    gen = torch.Generator().manual_seed(5)
+    key_cache, value_cache, block_tables = paged_cache([9, 3], 16, 2, 16, torch.float32, gen)
+    lens = torch.tensor([9, 0], dtype=torch.int32, device=DEVICE)
+    query = torch.randn(2, 2, 16, generator=gen).to(DEVICE)
+    out = tpa.paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.25)
+    expected = ref.paged_decode_attention(
+        query[:1], key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0), block_tables[:1], lens[:1], 0.25
+    )
+    assert relative_error(out[:1], expected) <= 1e-4
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
 def test_decode_splits_long_contexts_into_many_partitions() -> None:
     gen = torch.Generator().manual_seed(7)
     context_lens = [4500, 37]

@@ -49,7 +49,7 @@ def test_embed_codebooks_matches_reference(
     tables = torch.randn(num_codebooks, vocab, d_model, generator=gen).to(DEVICE, dtype)
     # ids as a strided view (every other column), positions up to MusicGen-length windows
     input_ids = torch.randint(0, vocab, (num_tokens, 2 * num_codebooks), generator=gen).to(DEVICE)[:, ::2]
-    positions = torch.randint(0, 3000, (num_tokens,), generator=gen).to(DEVICE)
+    positions = torch.randint(0, 3000, (2 * num_tokens,), generator=gen).to(DEVICE)[::2]  # strided too
     learned = torch.randn(3000, d_model, generator=gen).to(DEVICE, dtype) if position == "learned" else None
     freqs = sinusoid_frequencies(d_model, DEVICE) if position == "sinusoidal" else None
     out = tf.embed_codebooks(input_ids, positions, tables, learned, freqs)
@@ -83,6 +83,16 @@ def test_add_norm_matches_reference(
     if not with_update:
         assert summed is residual
     assert relative_error(normed, ref_normed) <= TOLERANCE[dtype]
+
+
+def test_add_norm_keeps_the_activations_dtype_with_float32_weights() -> None:
+    gen = torch.Generator().manual_seed(9)
+    residual = torch.randn(3, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    weight, bias = torch.randn(64, generator=gen).to(DEVICE), torch.randn(64, generator=gen).to(DEVICE)
+    summed, normed = tf.add_norm(residual, residual, weight, bias, 1e-5, False)
+    ref_summed, ref_normed = ref.add_norm(residual, residual, weight, bias, 1e-5, False)
+    assert normed.dtype == ref_normed.dtype == torch.bfloat16
+    assert relative_error(normed, ref_normed) <= TOLERANCE[torch.bfloat16]
 
 
 def test_add_norm_of_a_constant_row_is_its_bias() -> None:
@@ -131,6 +141,9 @@ def test_dispatch_runs_the_fused_kernels_only_when_asked(monkeypatch: pytest.Mon
     model = StageTransformer(config)
     model.refresh_derived()  # where Triton runs, the stacked tables and frequencies are built once
     assert model.codebook_tables.shape == (4, 30, 32) and model.sinusoid_freqs.shape == (16,)
+    model.to(torch.bfloat16)  # casting rebuilds the derived tensors: the frequencies stay float32
+    assert model.codebook_tables.dtype == torch.bfloat16 and model.sinusoid_freqs.dtype == torch.float32
+    assert torch.equal(model.sinusoid_freqs, sinusoid_frequencies(32))
     monkeypatch.delenv("VIVACE_TRITON_INTERPRET")
     model.refresh_derived()
     assert model.codebook_tables is None and model.sinusoid_freqs is None
