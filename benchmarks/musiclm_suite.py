@@ -80,7 +80,7 @@ def schedule(config: PackConfig, stage: str) -> TimeMajorSchedule:
 def stage_decode(engine: Engine, stage: str, context: int, steps: int, device: str, per_call: int = 1) -> dict[str, Any]:
     """Decode steps of one sequence whose cache holds `context` tokens when the timed steps start; per_call: the
     engine's steps_per_sync (each runner.step() then decodes that many tokens, its time is divided among them)."""
-    runner = engine._runners()[stage]
+    runner = engine._runners()[0][stage]
     cfg = engine.config.stages[stage]
     warmup = 2  # with CUDA graphs: the eager run, then the capture
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, context - 1 - warmup * per_call).tolist()
@@ -131,7 +131,7 @@ def pipeline_run(engine: Engine, rows: int, seconds: float, streamed: bool) -> d
     """One generation of `rows` prompts; streamed=True iterates engine.stream (batch-1 latency figures)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(rows)]
     engine.kv_cache_gb = kv_cache_gb(engine, rows, seconds)
-    runners = {} if streamed else engine._runners()
+    runners = {} if streamed else engine._runners()[0]
     steps = {stage: 0 for stage in STAGES}
     ticks, samples, first, previous = 0, 0, None, None
     with PeakRSS() as memory:

@@ -63,14 +63,17 @@ class DeviceDecodeLoop:
         block_size: int,
         device: torch.device,
         capture: bool = False,
+        graph_pool: tuple | None = None,
     ) -> None:
+        """graph_pool: a torch.cuda.graph_pool_handle() the loop's graphs allocate from (shared by the loops of one
+        KV pool: every graph's results are copied into static buffers before another graph runs)."""
         from vivace.kernels.triton_sampling import sample_on_device  # triton is optional
 
         self.sample = sample_on_device
         if capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.model, self.kv_caches, self.bucket = model, kv_caches, bucket
-        self.block_size, self.device, self.capture = block_size, device, capture
+        self.block_size, self.device, self.capture, self.graph_pool = block_size, device, capture, graph_pool
         groups, members, rows = bucket.groups, bucket.members, bucket.groups * bucket.heads
 
         def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -111,6 +114,7 @@ class DeviceDecodeLoop:
             is_decode=True, cross=cross,
         )
 
+    @torch.inference_mode()
     def bind(self, batch: _C.DecodeBatch, cross: CrossBatch | None) -> None:
         """Makes batch (which must fit the bucket) the one the next runs decode."""
         if not self.fits(batch):
@@ -139,6 +143,14 @@ class DeviceDecodeLoop:
                 values = values.view(np.int64)
             getattr(self, name).copy_(torch.from_numpy(values))
         self.batch = batch
+
+    def unbind(self) -> None:
+        """Lets go of the bound batch and of its encoder states (and of the graphs that read them)."""
+        self.batch = None
+        if self.attention.cross is not None:
+            self.graphs.clear()
+            self.runs.clear()
+            self.attention = self._attention(None)
 
     def fits(self, batch: _C.DecodeBatch) -> bool:
         b = self.bucket
@@ -184,10 +196,16 @@ class DeviceDecodeLoop:
             graph.replay()
         elif self.capture and self.runs.get(steps, 0) >= 1:  # the eager piece before warmed up every kernel
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self.graph_pool):
                 self._steps(steps)
             self.graphs[steps] = graph
             graph.replay()
+        elif self.capture:  # the warm-up before a capture runs off the default stream, as capture expects
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._steps(steps)
+            torch.cuda.current_stream(self.device).wait_stream(side)
         else:
             self._steps(steps)
         self.runs[steps] = self.runs.get(steps, 0) + 1
@@ -211,6 +229,39 @@ class DeviceDecodeLoop:
             self._piece(piece)
             drawn[first:first + piece].copy_(self.drawn[:piece])
         return drawn[:, :batch.num_groups].cpu().numpy()
+
+
+class DeviceLoops:
+    """The device decode loops built on one KV pool, one per bucket; kept with the pool across generations, so their
+    CUDA graphs (which hold the pool's addresses) are captured once."""
+
+    def __init__(
+        self,
+        model: StageTransformer,
+        kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        device: torch.device,
+        capture: bool,
+    ) -> None:
+        self.model, self.kv_caches, self.block_size, self.device, self.capture = model, kv_caches, block_size, device, capture
+        self.graph_pool = torch.cuda.graph_pool_handle() if capture else None
+        self.loops: dict[Bucket, DeviceDecodeLoop] = {}
+
+    def bound_to(self, batch: _C.DecodeBatch, cross: CrossBatch | None) -> DeviceDecodeLoop:
+        """The loop of batch's bucket, with batch bound to it."""
+        bucket = Bucket.of(batch)
+        loop = self.loops.get(bucket)
+        if loop is None:
+            loop = self.loops[bucket] = DeviceDecodeLoop(
+                self.model, self.kv_caches, bucket, self.block_size, self.device, self.capture, self.graph_pool,
+            )
+        if loop.batch is not batch:
+            loop.bind(batch, cross)
+        return loop
+
+    def unbind(self) -> None:
+        for loop in self.loops.values():
+            loop.unbind()
 
 
 @dataclass(frozen=True)

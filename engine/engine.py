@@ -18,7 +18,10 @@ from vivace.kv_cache import KVCachePool
 from vivace.musiclm import MusicLMPipeline, Request
 from vivace.pack import STAGES, Pack, load_pack
 from vivace.quant import check_quantize, quantize_pack
+from vivace.device_decode import DeviceLoops
+from vivace.pool_leases import PoolLease, PoolLeases
 from vivace.stage_runner import DecodeOptions, StageRunner
+from vivace.transformer import StageTransformer
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -76,6 +79,7 @@ class Engine:
         self.dtype = dtype
         self.block_size = block_size
         self.kv_cache_gb = kv_cache_gb
+        self.pool_leases = PoolLeases()
 
     @classmethod
     def from_pack(
@@ -128,8 +132,9 @@ class Engine:
             return mt + round(m.coarse_window_s * m.semantic_rate) + round(m.coarse_window_s * frame_rate) * m.coarse_levels
         return round(m.fine_chunk_s * frame_rate) * self.config.codec.num_levels
 
-    def _runners(self) -> dict[str, StageRunner]:
-        runners = {}
+    def _runners(self) -> tuple[dict[str, StageRunner], list[PoolLease]]:
+        """A runner per stage on a leased KV pool (give the leases back when the generation ends)."""
+        runners, leases = {}, []
         budget = self.kv_cache_gb * 2**30 / len(STAGES)
         for stage in STAGES:
             cfg = self.config.stages[stage]
@@ -140,10 +145,20 @@ class Engine:
                     f"kv_cache_gb={self.kv_cache_gb} leaves stage {stage!r} room for {int(budget // per_block)} blocks; "
                     f"one window needs {longest}"
                 )
-            num_blocks = int(min(budget // per_block, 64 * longest))
-            pool = KVCachePool(cfg.num_layers, num_blocks, self.block_size, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
-            runners[stage] = StageRunner(stage, self.pack.stages[stage], pool, self.device, self.decode_options)
-        return runners
+            runners[stage], lease = self._leased_runner(stage, self.pack.stages[stage], int(min(budget // per_block, 64 * longest)))
+            leases.append(lease)
+        return runners, leases
+
+    def _leased_runner(self, stage: str, model: StageTransformer, num_blocks: int) -> tuple[StageRunner, PoolLease]:
+        """A runner on a pool of num_blocks blocks from the engine's leases (with the device loops built on it)."""
+        cfg = model.config
+
+        def make(blocks: int) -> tuple[KVCachePool, DeviceLoops]:
+            pool = KVCachePool(cfg.num_layers, blocks, self.block_size, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
+            return pool, DeviceLoops(model, pool.layers(), self.block_size, self.device, self.decode_options.cuda_graphs)
+
+        lease = self.pool_leases.take(stage, num_blocks, make)
+        return StageRunner(stage, model, lease.pool, self.device, self.decode_options, lease.device_loops), lease
 
     def _sampling(self, overrides: dict[str, Any]) -> dict[str, SamplingParams]:
         stage_overrides = overrides.pop("stage_sampling", None) or {}
@@ -211,7 +226,8 @@ class Engine:
     def events(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **sampling: Any) -> Iterator[Event]:
         """Every event of a generation: window starts/ends, per-stage progress and audio chunks."""
         requests = self.requests(prompt, duration_s, seed, sampling)  # validated before the first event
-        return MusicLMPipeline(self.pack, self._runners(), self.codec).run(requests)
+        runners, leases = self._runners()
+        return self.pool_leases.returned_after(MusicLMPipeline(self.pack, runners, self.codec).run(requests), leases)
 
     def stream(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **sampling: Any) -> Iterator[AudioChunk]:
         """Audio chunks (row, start sample, float32 PCM) in order per row, each as soon as it is decoded."""

@@ -19,6 +19,7 @@ from vivace.kv_cache import KVCachePool
 from vivace.musicgen import STAGE, MusicGenPipeline, MusicGenRequest
 from vivace.musicgen_melody import MelodyLike, load_melody
 from vivace.musicgen_pack import MusicGenPack
+from vivace.pool_leases import PoolLease, PoolLeases
 from vivace.stage_runner import DecodeOptions, StageRunner
 
 
@@ -40,6 +41,7 @@ class MusicGenEngine(Engine):
         self.dtype = dtype
         self.block_size = block_size
         self.kv_cache_gb = kv_cache_gb
+        self.pool_leases = PoolLeases()
 
     def max_sequence_tokens(self, stage: str = STAGE, prefix: int = 0) -> int:
         """Positions of the longest window: a melody prefix, its frames, the delay pattern's K - 1 steps and the BOS
@@ -51,15 +53,14 @@ class MusicGenEngine(Engine):
         melody = self.config.melody
         return 0 if melody is None else melody.chroma_length + self.pack.text.num_tokens(prompt)
 
-    def _runner(self, prefix: int = 0) -> StageRunner:
+    def _runner(self, prefix: int = 0) -> tuple[StageRunner, PoolLease]:
         cfg = self.config.decoder
         per_block = KVCachePool.bytes_per_block(cfg.num_layers, self.block_size, cfg.num_heads, cfg.head_dim, self.dtype)
         budget = int(self.kv_cache_gb * 2**30 // per_block)
         pair = 2 * -(-self.max_sequence_tokens(prefix=prefix) // self.block_size)  # a guided window runs as two rows
         if budget < pair:
             raise VivaceError(f"kv_cache_gb={self.kv_cache_gb} leaves room for {budget} KV blocks; one guided window needs {pair}")
-        pool = KVCachePool(cfg.num_layers, min(budget, 64 * pair), self.block_size, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
-        return StageRunner(STAGE, self.pack.decoder, pool, self.device, self.decode_options)
+        return self._leased_runner(STAGE, self.pack.decoder, min(budget, 64 * pair))
 
     def _melodies(self, melody: Any, sample_rate: Any, rows: int) -> list[torch.Tensor | None]:
         """One reference per row (mono, at the chroma extractor's rate): a single melody serves every row, a list
@@ -133,8 +134,9 @@ class MusicGenEngine(Engine):
         chunk_frames = None if chunk_s is None else self._chunk_frames(chunk_s)
         requests = self.requests(prompt, duration_s, seed, {**sampling, "melody": melody, "melody_sample_rate": melody_sample_rate})
         prefix = max(self.prefix_tokens(r.prompt) for r in requests)
-        pipeline = MusicGenPipeline(self.pack, self._runner(prefix), self.codec, chunk_frames, CONTEXT_FRAMES)
-        return pipeline.run(requests)
+        runner, lease = self._runner(prefix)
+        pipeline = MusicGenPipeline(self.pack, runner, self.codec, chunk_frames, CONTEXT_FRAMES)
+        return self.pool_leases.returned_after(pipeline.run(requests), [lease])
 
     def _chunk_frames(self, chunk_s: Any) -> int:
         if isinstance(chunk_s, bool) or not isinstance(chunk_s, (int, float)) or not math.isfinite(chunk_s) or chunk_s <= 0:

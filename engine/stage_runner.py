@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from vivace import _C
 from vivace.errors import VivaceError
-from vivace.device_decode import Bucket, DeviceDecodeLoop
+from vivace.device_decode import DeviceLoops
 from vivace.kernels.dispatch import sample_and_advance, use_triton
 from vivace.kv_cache import BlockAllocator, KVCachePool, block_rows, prefix_hashes
 from vivace.sequence import CrossCondition, Sequence, SequenceStatus
@@ -103,7 +103,10 @@ class StageRunner:
         pool: KVCachePool,
         device: torch.device,
         options: DecodeOptions = DecodeOptions(),
+        device_loops: DeviceLoops | None = None,
     ) -> None:
+        """device_loops: the device decode loops already built on this pool (kept across generations); new ones
+        otherwise."""
         self.name = name
         self.options = options
         self.model = model
@@ -117,8 +120,7 @@ class StageRunner:
         self.stats = StepStats()
         self._cross_memo: tuple[list[CrossCondition], CrossBatch] | None = None  # the last step's, reused while unchanged
         self._plan: DecodePlan | None = None  # the decode batch of the running sequences; None when they change
-        self._loops: dict[Bucket, DeviceDecodeLoop] = {}  # device buffers (and CUDA graphs) per batch-size bucket
-        self._bound: DeviceDecodeLoop | None = None  # the loop bound to the current plan's batch
+        self.device_loops = device_loops or DeviceLoops(model, self.kv_caches, self.block_size, device, options.cuda_graphs)
 
     @property
     def has_work(self) -> bool:
@@ -315,17 +317,7 @@ class StageRunner:
 
     def _decode_on_device(self, plan: DecodePlan, steps: int) -> list[Sequence]:
         """`steps` tokens for every sequence of the plan with one host sync (vivace.device_decode)."""
-        loop = self._bound
-        if loop is None or loop.batch is not plan.batch:
-            bucket = Bucket.of(plan.batch)
-            loop = self._loops.get(bucket)
-            if loop is None:
-                loop = self._loops[bucket] = DeviceDecodeLoop(
-                    self.model, self.kv_caches, bucket, self.block_size, self.device, capture=self.options.cuda_graphs,
-                )
-            loop.bind(plan.batch, plan.cross)
-            self._bound = loop
-        drawn = loop.run(steps)
+        drawn = self.device_loops.bound_to(plan.batch, plan.cross).run(steps)
         for tokens in drawn:
             finished = plan.batch.advance(tokens)  # groups finish only at the last step (steps <= steps_left)
         self.stats.decode_tokens += plan.batch.num_members * steps
