@@ -86,7 +86,9 @@ def main() -> None:
             engine = Engine.from_pack(pack, device=args.device, dtype=args.dtype, steps_per_sync=steps_per_sync, cuda_graphs=graphs)
             tokens, ticks, _ = generate(engine, args.seconds)  # warm-up: compiles, captures
             if graphs:
-                tokens = generate(engine, args.seconds)[0]  # the warm-up ran eagerly before capturing: replay now
+                # the engine keeps its loops: the warm-up ran each piece length eagerly once (and captured the repeated
+                # ones), so this generation replays graphs
+                tokens = generate(engine, args.seconds)[0]
                 if tokens != drawn["device loop"]:
                     sys.exit(f"mode {name!r} drew other tokens than the same loop run eagerly: nothing written")
             drawn[name] = tokens
