@@ -7,10 +7,13 @@ so both are CUDA-graph safe. Scores and accumulators are fp32 and in log2 units 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # what @triton.jit read when this module was imported
 _LOG2E = tl.constexpr(1.4426950408889634)
 _TARGET_PROGRAMS = 1024  # enough decode programs to fill 132 SMs several times over
 _MAX_PARTITION = 1024
@@ -355,7 +358,7 @@ def paged_prefill_attention(
         head_dim,
         HAS_BIAS=has_bias, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         # the interpreter multiplies bfloat16 bit patterns as integers, so it gets fp32 operands instead
-        UPCAST_DOT=query.dtype == torch.bfloat16 and not query.is_cuda,
+        UPCAST_DOT=query.dtype == torch.bfloat16 and _INTERPRETED,
         DOT_PRECISION="ieee" if fp32 else "tf32",
         num_warps=4 if block_d <= 64 else 8,
     )
