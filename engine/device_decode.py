@@ -48,7 +48,7 @@ class Bucket:
 
     @classmethod
     def of(cls, batch: _C.DecodeBatch) -> Bucket:
-        # the width stays exact: the decode attention's partitioning (and so its rounding) follows it
+        # the width stays exact: a stage's windows share it, and padding it would only add attention partitions
         return cls(_bucket(batch.num_groups), _bucket(batch.num_members), batch.table_width, batch.num_heads)
 
 
