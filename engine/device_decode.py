@@ -11,11 +11,11 @@ length (a whole window) replays the same few graphs with no host sync between th
 
 A loop's buffers have the shape of a batch-size bucket (groups and rows rounded up to powers of two; the block-table
 width as the batch's, which a stage's windows share), so one loop, and the CUDA graphs it captured, serves every
-batch of its bucket: bind() loads a new
-batch's sampling settings and guidance into the same buffers. Rows past the batch read a window of one token
-greedily, store nothing (slot -1) and are never read back. With capture=True (CUDA only) a piece of k unrolled
-steps is captured once per k, after a first eager run of that k, and replayed afterwards: one launch per k steps.
-A batch with cross-attention brings its own encoder keys and values, so binding one drops the captured graphs.
+batch of its bucket: bind() loads a new batch's sampling settings and guidance into the same buffers. Rows past the
+batch read a window of one token greedily, keep an empty context (no cache reads), store nothing (slot -1) and are
+never read back. With capture=True (CUDA only) a piece of k unrolled steps is captured once per k, after a first
+eager run of that k, and replayed afterwards: one launch per k steps. A batch with cross-attention brings its own
+encoder keys and values, so binding one drops the captured graphs.
 """
 from __future__ import annotations
 
@@ -182,8 +182,8 @@ class DeviceDecodeLoop:
             self.drawn[i].copy_(tokens)
             rows = torch.where(self.forced[i] >= 0, self.forced[i], self.offset + tokens)
             self.input_ids.copy_(rows.index_select(0, self.member_group))
-            self.positions.add_(1)
-            self.context_lens.add_(1)
+            self.positions.add_(self.live)
+            self.context_lens.add_(self.live)  # padding rows keep an empty context: they read no cache
             column = (self.positions // self.block_size).clamp(max=last_block)  # padding rows run past their table
             block = self.block_tables.gather(1, column.unsqueeze(1)).squeeze(1)
             slots = block.long() * self.block_size + self.positions % self.block_size
