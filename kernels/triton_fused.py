@@ -11,12 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from vivace.kernels import buffers
+
 _NO_POSITION, _LEARNED, _SINUSOIDAL = 0, 1, 2
-
-
-def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # every output comes from here, so tests can poison them all
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _warps(block_d: int) -> int:
@@ -68,7 +65,7 @@ def embed_codebooks(
     num_tokens, num_codebooks = input_ids.shape
     d_model = tables.shape[2]
     assert tables.shape[0] == num_codebooks and tables.stride(2) == 1
-    out = _buffer((num_tokens, d_model), tables.dtype, tables.device)
+    out = buffers.empty((num_tokens, d_model), tables.dtype, tables.device)
     if num_tokens == 0:
         return out
     position = _LEARNED if learned_positions is not None else _SINUSOIDAL if sinusoid_freqs is not None else _NO_POSITION
@@ -124,8 +121,8 @@ def add_norm(
     """(residual + update, norm(residual + update)); with update None, (residual, norm(residual))."""
     num_tokens, d_model = residual.shape
     assert residual.stride(1) == 1 and (update is None or update.stride(1) == 1)
-    summed = residual if update is None else _buffer(residual.shape, torch.promote_types(residual.dtype, update.dtype), residual.device)
-    normed = _buffer(residual.shape, summed.dtype, residual.device)  # as F.layer_norm / F.rms_norm
+    summed = residual if update is None else buffers.empty(residual.shape, torch.promote_types(residual.dtype, update.dtype), residual.device)
+    normed = buffers.empty(residual.shape, summed.dtype, residual.device)  # as F.layer_norm / F.rms_norm
     if num_tokens == 0:
         return summed, normed
     block_d = triton.next_power_of_2(d_model)

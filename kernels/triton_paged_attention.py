@@ -13,16 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from vivace.kernels import buffers
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # what @triton.jit read when this module was imported
 _LOG2E = tl.constexpr(1.4426950408889634)
 _TARGET_PROGRAMS = 1024  # enough decode programs to fill 132 SMs several times over
 _MAX_PARTITION = 1024
 _DECODE_BLOCK_N = 64
-
-
-def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # every output and scratch buffer comes from here, so tests can poison them all
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -196,15 +193,15 @@ def paged_decode_attention(
     block_size = key_cache.shape[1]
     assert key_cache.shape[2] == num_heads and key_cache.shape[3] == head_dim
     assert query.stride(2) == 1 and key_cache.stride(3) == 1 and value_cache.stride(3) == 1
-    out = _buffer((num_seqs, num_heads, head_dim), query.dtype, query.device)
+    out = buffers.empty((num_seqs, num_heads, head_dim), query.dtype, query.device)
     if num_seqs == 0:
         return out
     max_context = block_tables.shape[1] * block_size
     partition = _partition_size(num_seqs, num_heads, max_context)
     num_parts = -(-max_context // partition)
-    acc = _buffer((num_seqs, num_heads, num_parts, head_dim), torch.float32, query.device)
-    maxes = _buffer((num_seqs, num_heads, num_parts), torch.float32, query.device)
-    sums = _buffer((num_seqs, num_heads, num_parts), torch.float32, query.device)
+    acc = buffers.empty((num_seqs, num_heads, num_parts, head_dim), torch.float32, query.device)
+    maxes = buffers.empty((num_seqs, num_heads, num_parts), torch.float32, query.device)
+    sums = buffers.empty((num_seqs, num_heads, num_parts), torch.float32, query.device)
     has_bias = distance_bias is not None
     bias = distance_bias.contiguous() if has_bias else maxes
     block_d = triton.next_power_of_2(head_dim)
@@ -337,7 +334,7 @@ def paged_prefill_attention(
     block_size = key_cache.shape[1]
     assert key_cache.shape[2] == num_heads and key_cache.shape[3] == head_dim
     assert query.stride(2) == 1 and key_cache.stride(3) == 1 and value_cache.stride(3) == 1
-    out = _buffer((num_tokens, num_heads, head_dim), query.dtype, query.device)
+    out = buffers.empty((num_tokens, num_heads, head_dim), query.dtype, query.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dimension >= 16

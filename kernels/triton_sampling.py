@@ -12,16 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
+from vivace.kernels import buffers
 from vivace.sampling import SamplingBatch
 
 _GOLDEN = tl.constexpr(0x9E3779B97F4A7C15)
 _GOLDEN_TWICE = tl.constexpr((2 * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
 _MAX_BLOCK_V = 1024
-
-
-def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # every kernel output comes from here, so tests can poison them all
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -111,7 +107,7 @@ def _draw_kernel(
 def uniform(seed: torch.Tensor, stream: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Float64 uniforms, bit-identical to vivace.sampling.uniform; int64 inputs of one shape, on one device."""
     seed, stream, step = (x.contiguous() for x in (seed, stream, step))
-    out = _buffer(tuple(seed.shape), torch.float64, seed.device)
+    out = buffers.empty(tuple(seed.shape), torch.float64, seed.device)
     n = seed.numel()
     if n:
         _uniform_kernel[(triton.cdiv(n, 1024),)](seed, stream, step, out, n, BLOCK=1024)
@@ -147,7 +143,7 @@ def sample_on_device(
     temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
     probs = torch.softmax(scores / temperature.unsqueeze(1), dim=1)
     sorted_probs, order = torch.sort(probs, dim=1, descending=True, stable=True)
-    drawn = _buffer((rows,), torch.int64, device)
+    drawn = buffers.empty((rows,), torch.int64, device)
     if rows:
         _draw_kernel[(rows,)](
             sorted_probs, order, top_k.contiguous(), top_p.contiguous(),

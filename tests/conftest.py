@@ -26,3 +26,15 @@ def tiny_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def engine(tiny_pack: Path) -> Engine:
     return Engine.from_pack(tiny_pack)
+
+
+@pytest.fixture
+def poisoned_kernel_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every buffer a Triton wrapper allocates starts as NaN (floats) or -1 (integers): a kernel that skips a write
+    cannot pass by reading zeros."""
+    from vivace.kernels import buffers
+
+    def poison(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+
+    monkeypatch.setattr(buffers, "empty", poison)

@@ -18,3 +18,8 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 def full_shapes(small: list, full: list) -> list:
     """The small cases everywhere, the full ones too on a GPU."""
     return small + full if ON_GPU else small
+
+
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |out - expected| / max |expected|, in float32."""
+    return ((out.float() - expected.float()).abs().max() / expected.float().abs().max()).item()

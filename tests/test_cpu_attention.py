@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from kernel_device import relative_error
 from vivace import _C
 from vivace.kernels import cpu_paged_attention as cpu
 from vivace.kernels import paged_attention as ref
@@ -33,10 +34,6 @@ def paged_case(seed: int, lengths: list[int], block_size: int, heads: int, head_
 def reference(query, key_cache, value_cache, tables, lens, scale, bias) -> torch.Tensor:
     # the reference zeroes unused value slots but computes scores on them, so it gets NaN-free caches
     return ref.paged_decode_attention(query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0), tables, lens, scale, bias)
-
-
-def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((out.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from kernel_device import relative_error
 from vivace.kv_cache import BlockAllocator, KVCachePool
 from stage_models import make_model
 from vivace.transformer import AttentionBatch, CrossBatch, StageTransformer
@@ -60,10 +61,6 @@ class PagedDriver:
 
     def free(self, seq_id: int) -> None:
         self.allocator.release(self.tables.pop(seq_id))
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(params=["torch", "triton"])

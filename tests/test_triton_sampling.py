@@ -5,7 +5,7 @@ Kernel outputs are poisoned (NaN uniforms, -1 tokens) so a row the kernel skips 
 """
 from __future__ import annotations
 
-from kernel_device import DEVICE, ON_GPU, full_shapes  # before anything imports triton
+from kernel_device import DEVICE, full_shapes  # before anything imports triton
 
 import numpy as np
 import pytest
@@ -16,12 +16,7 @@ from vivace.kernels import dispatch
 from vivace.kernels import triton_sampling as ts
 
 
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    def poison(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
-
-    monkeypatch.setattr(ts, "_buffer", poison)
+pytestmark = pytest.mark.usefixtures("poisoned_kernel_buffers")
 
 
 def random_u64(rng: np.random.Generator, n: int) -> np.ndarray:
