@@ -13,9 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vivace.config import TransformerConfig
-from vivace.kernels.dispatch import (
-    add_norm, embed_codebooks, paged_decode_attention, paged_prefill_attention, store_kv, use_triton,
-)
+from vivace.kernels.dispatch import fused_ops, paged_decode_attention, paged_prefill_attention, store_kv, use_triton
 from vivace.positions import distance_bias_table, sinusoid_frequencies, sinusoidal_embedding, t5_relative_bucket
 
 
@@ -74,7 +72,7 @@ def _norm(config: TransformerConfig) -> nn.Module:
 def _add_norm(residual: torch.Tensor, update: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(residual + update, norm(residual + update)) in one pass over the rows where a fused kernel runs."""
     rms = isinstance(norm, nn.RMSNorm)
-    return add_norm(residual, update, norm.weight, None if rms else norm.bias, norm.eps, rms)
+    return fused_ops(residual).add_norm(residual, update, norm.weight, None if rms else norm.bias, norm.eps, rms)
 
 
 class SelfAttention(nn.Module):
@@ -203,10 +201,12 @@ class StageTransformer(nn.Module):
         return self
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix: PrefixBatch | None) -> torch.Tensor:
-        if self.codebook_tables is None or prefix is not None:
+        if self.codebook_tables is None or prefix is not None:  # prefix rows: a prefill's, off the decode path
             return self.embed_tokens(input_ids, positions, prefix)
         learned = self.pos_embed.weight if self.pos_embed is not None else None
-        return embed_codebooks(input_ids, positions, self.codebook_tables, learned, self.sinusoid_freqs)
+        return fused_ops(self.codebook_tables).embed_codebooks(
+            input_ids, positions, self.codebook_tables, learned, self.sinusoid_freqs
+        )
 
     def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix: PrefixBatch | None = None) -> torch.Tensor:
         """input_ids [..., num_codebooks], positions [...] -> [..., d_model]; prefix embeddings (flattened tokens

@@ -62,27 +62,6 @@ def fused_ops(tensor: torch.Tensor) -> ModuleType:
     return fused
 
 
-def embed_codebooks(
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    tables: torch.Tensor,
-    learned_positions: torch.Tensor | None = None,
-    sinusoid_freqs: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return fused_ops(tables).embed_codebooks(input_ids, positions, tables, learned_positions, sinusoid_freqs)
-
-
-def add_norm(
-    residual: torch.Tensor,
-    update: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float,
-    rms: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return fused_ops(residual).add_norm(residual, update, weight, bias, eps, rms)
-
-
 def store_kv(
     key: torch.Tensor,
     value: torch.Tensor,
