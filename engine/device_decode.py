@@ -119,24 +119,22 @@ class DeviceDecodeLoop:
         """Makes batch (which must fit the bucket) the one the next runs decode."""
         if not self.fits(batch):
             raise ValueError(f"a batch of bucket {Bucket.of(batch)} does not fit {self.bucket}")
-        if cross is not None or self.attention.cross is not None:
-            self.graphs.clear()  # captured graphs read the previous batch's encoder keys and values
-            self.runs.clear()
-            self.attention = self._attention(cross)
+        self._set_cross(cross)
         groups, members, heads = batch.num_groups, batch.num_members, self.bucket.heads
-        self.guidance.load(batch.guidance())
-        lead, null, _ = batch.guidance()
+        guidance = batch.guidance()
+        self.guidance.load(guidance)
+        lead, null, _ = guidance
         member_group = np.zeros(self.bucket.members, dtype=np.int64)
         member_group[lead] = np.arange(groups)  # a guided pair's null row takes its group's row too
         guided = np.flatnonzero(null >= 0)
         member_group[null[guided]] = guided
         self.member_group.copy_(torch.from_numpy(member_group))
-        self.live.copy_(torch.arange(self.bucket.members) < members)
-        rows_index = torch.arange(self.bucket.members)
-        self.token_seq.copy_(rows_index.masked_fill(rows_index >= members, 0))
+        padding = torch.arange(self.bucket.members) >= members
+        self.live.copy_(~padding)
+        self.token_seq.copy_(torch.arange(self.bucket.members).masked_fill(padding, 0))
         rows = batch.sampling_rows()  # the sampling settings do not change between steps
-        padding = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "stream": 0}
-        for name, fill in padding.items():
+        fills = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "stream": 0}  # padding groups' settings
+        for name, fill in fills.items():
             values = np.full(self.bucket.groups * heads, fill, dtype=np.asarray(rows[name]).dtype)
             values[:groups * heads] = rows[name]
             if values.dtype == np.uint64:
@@ -147,10 +145,13 @@ class DeviceDecodeLoop:
     def unbind(self) -> None:
         """Lets go of the bound batch and of its encoder states (and of the graphs that read them)."""
         self.batch = None
-        if self.attention.cross is not None:
-            self.graphs.clear()
+        self._set_cross(None)
+
+    def _set_cross(self, cross: CrossBatch | None) -> None:
+        if cross is not None or self.attention.cross is not None:
+            self.graphs.clear()  # captured graphs read the previous batch's encoder keys and values
             self.runs.clear()
-            self.attention = self._attention(None)
+            self.attention = self._attention(cross)
 
     def fits(self, batch: _C.DecodeBatch) -> bool:
         b = self.bucket
