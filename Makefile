@@ -1,21 +1,28 @@
 PYTHON ?= python3
-PIP = $(PYTHON) -m pip
+PIP = $(PYTHON) -m pip -q
 DEMO_PACK ?= packs/demo
 DEMO_PROMPT ?= "upbeat piano with acoustic bass and rock drums in C major"
+# make test / make demo install the exact versions CI last passed with; make test-latest the newest releases, and
+# make test-oldest setup.py's lower bounds (see the README's "Dependencies").
+CONSTRAINTS ?= constraints.txt
+PINNED = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+KEPT_TORCH = build/kept-torch.txt
 
-.PHONY: install install-demo install-dev demo test bench clean
+.PHONY: build-deps install install-demo install-dev demo test test-latest test-oldest constraints clean
 
-# torch is pinned first so that pip never resolves a newer (CUDA) build on a CPU machine.
-install:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q setuptools wheel "pybind11>=2.10"
-	$(PIP) install -q --no-build-isolation -e .
+# torch comes first, so that pip never resolves a newer (CUDA) build on a CPU machine; an installed torch is kept.
+build-deps:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install $(PINNED) setuptools wheel "pybind11>=2.10"
 
-install-demo: install
-	$(PIP) install -q --no-build-isolation -e ".[demo]"
+install: build-deps
+	$(PIP) install $(PINNED) --no-build-isolation -e .
 
-install-dev: install
-	$(PIP) install -q --no-build-isolation -e ".[dev]"
+install-demo: build-deps
+	$(PIP) install $(PINNED) --no-build-isolation -e ".[demo]"
+
+install-dev: build-deps
+	$(PIP) install $(PINNED) --no-build-isolation -e ".[dev]"
 
 demo: install-demo
 	mkdir -p demo
@@ -23,6 +30,22 @@ demo: install-demo
 
 test: install-dev
 	$(PYTHON) -m pytest tests
+
+# The newest release of every dependency but torch (kept as installed): a break from a new upstream release fails
+# here, by name, before it reaches CI. After it passes, `make constraints` moves CI to those versions.
+test-latest:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	mkdir -p build && $(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > $(KEPT_TORCH)
+	$(PIP) install --upgrade -c $(KEPT_TORCH) setuptools wheel pybind11
+	$(PIP) install --upgrade --upgrade-strategy eager -c $(KEPT_TORCH) --no-build-isolation -e ".[dev,demo]"
+	$(PYTHON) -m pytest tests
+
+# setup.py's lower bounds (.ci/oldest.txt), transformers 4.x among them.
+test-oldest:
+	$(MAKE) test CONSTRAINTS=.ci/oldest.txt
+
+constraints:
+	$(PYTHON) .ci/freeze_constraints.py constraints.txt
 
 clean:
 	rm -rf build *.egg-info demo engine/_C*.so

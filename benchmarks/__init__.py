@@ -1,1 +1,0 @@
-"""Benchmark suites: python -m benchmarks [floor] [musiclm] [musicgen] [--quick]; results in benchmarks/results/."""

@@ -1,1 +1,0 @@
-"""Converters from other checkpoint formats into vivace packs."""
