@@ -1,6 +1,6 @@
 """python -m benchmarks [SUITE ...] [--quick] [--work-dir DIR] [--device DEV] [--threads N] [--musiclm-dtype DTYPE]
 
-Suites run in the order demo, musiclm, musicgen, floor (the floor suite reads the others' newest results); each prints
+Suites run in the order demo, musiclm, musicgen, floor, serving (the floor suite reads the others' newest results); each prints
 its tables and writes benchmarks/results/<suite>-<date>.json. Models are built once and cached in --work-dir.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from benchmarks.common import Options
 
 SUITES = {
     "demo": "benchmarks.demo_suite", "musiclm": "benchmarks.musiclm_suite", "musicgen": "benchmarks.musicgen_suite",
-    "floor": "benchmarks.floor",
+    "floor": "benchmarks.floor", "serving": "benchmarks.serving",
 }
 
 

@@ -71,7 +71,9 @@ def tokenizer() -> Any:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_input_names=["input_ids", "attention_mask"]
+    )
 
 
 def build_checkpoint(path: Path) -> None:
@@ -83,7 +85,9 @@ def build_checkpoint(path: Path) -> None:
     decoder = MusicgenDecoderConfig(
         pad_token_id=pad, bos_token_id=pad, decoder_start_token_id=pad, max_position_embeddings=2048, **DECODER
     )
-    config = MusicgenConfig(text_encoder=text, audio_encoder=EncodecConfig(**ENCODEC_32KHZ), decoder=decoder)
+    config = MusicgenConfig(  # sub-configs as dicts: what transformers 4.x and 5.x both take
+        text_encoder=text.to_dict(), audio_encoder=EncodecConfig(**ENCODEC_32KHZ).to_dict(), decoder=decoder.to_dict()
+    )
     model = MusicgenForConditionalGeneration(config).eval()
     with torch.no_grad():
         for linear in [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)] + [model.enc_to_dec_proj]:

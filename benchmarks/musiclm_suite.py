@@ -22,10 +22,10 @@ import torch
 from benchmarks.common import Options, PeakRSS, median_ms, release_memory, sync, table, time_calls, write_result
 from vivace import AudioChunk, Engine
 from vivace.config import PackConfig
+from vivace.core.engine_core import CoreLimits
 from vivace.events import StageProgress
 from vivace.kv_cache import KVCachePool
 from vivace.layout import MusicLMLayout
-from vivace.musiclm import MusicLMPipeline
 from vivace.pack import STAGES
 from vivace.sequence import Sequence, TimeMajorSchedule
 from vivace.testing import random_pack
@@ -80,11 +80,11 @@ def schedule(config: PackConfig, stage: str) -> TimeMajorSchedule:
 def stage_decode(engine: Engine, stage: str, context: int, steps: int, device: str, per_call: int = 1) -> dict[str, Any]:
     """Decode steps of one sequence whose cache holds `context` tokens when the timed steps start; per_call: the
     engine's steps_per_sync (each runner.step() then decodes that many tokens, its time is divided among them)."""
-    runner = engine._runners()[0][stage]
+    runner = engine.core.runners[stage]
     cfg = engine.config.stages[stage]
     warmup = 2  # with CUDA graphs: the eager run, then the capture
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, context - 1 - warmup * per_call).tolist()
-    sampling = engine._sampling({})[stage]
+    sampling = engine.family.sampling({})[stage]
     new_tokens = (warmup + steps + 1) * per_call + 1
     seq = Sequence(0, prompt, new_tokens, schedule(engine.config, stage), sampling, seed=0, stream=0, priority=(0,))
     runner.add(seq)
@@ -109,13 +109,13 @@ def kv_cache_gb(engine: Engine, rows: int, seconds: float) -> float:
     semantic = math.ceil(seconds * m.semantic_rate)
     mt = config.text.num_levels
     live = {
-        "semantic": min(engine.max_sequence_tokens("semantic"), mt + semantic),
-        "coarse": min(engine.max_sequence_tokens("coarse"), mt + semantic + frames * m.coarse_levels),
+        "semantic": min(engine.family.max_sequence_tokens("semantic"), mt + semantic),
+        "coarse": min(engine.family.max_sequence_tokens("coarse"), mt + semantic + frames * m.coarse_levels),
         "fine": frames * (m.coarse_levels + m.fine_levels),
     }
     chunks = math.ceil(seconds / m.fine_chunk_s)
     blocks = max(
-        max(rows * (math.ceil(live[s] / engine.block_size) + chunks + 1), math.ceil(engine.max_sequence_tokens(s) / engine.block_size))
+        max(rows * (math.ceil(live[s] / engine.block_size) + chunks + 1), math.ceil(engine.family.max_sequence_tokens(s) / engine.block_size))
         for s in STAGES
     )
     cfg = config.stages["coarse"]
@@ -130,16 +130,14 @@ def kv_cache_gb(engine: Engine, rows: int, seconds: float) -> float:
 def pipeline_run(engine: Engine, rows: int, seconds: float, streamed: bool) -> dict[str, Any]:
     """One generation of `rows` prompts; streamed=True iterates engine.stream (batch-1 latency figures)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(rows)]
-    engine.kv_cache_gb = kv_cache_gb(engine, rows, seconds)
-    runners = {} if streamed else engine._runners()[0]
+    engine = Engine(engine.family, engine.device, engine.dtype, engine.block_size, kv_cache_gb(engine, rows, seconds),
+                    engine.decode_options, CoreLimits(max_running=max(rows, 1)))  # pools sized for this run
+    runners = engine.core.runners
     steps = {stage: 0 for stage in STAGES}
     ticks, samples, first, previous = 0, 0, None, None
     with PeakRSS() as memory:
         start = time.perf_counter()
-        if streamed:
-            events = engine.stream(prompts, seconds, seed=0)
-        else:
-            events = MusicLMPipeline(engine.pack, runners, engine.codec).run(engine.requests(prompts, seconds, 0, {}))
+        events = engine.stream(prompts, seconds, seed=0) if streamed else engine.events(prompts, seconds, seed=0)
         for event in events:
             if isinstance(event, StageProgress):
                 steps[event.stage] += 1

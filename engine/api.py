@@ -1,11 +1,13 @@
 """vivace: a fast inference engine for token-based text-to-music models."""
+from vivace.arguments import Story
+from vivace.async_engine import AsyncEngine
 from vivace.config import SamplingParams
-from vivace.engine import Engine, Story
-from vivace.errors import PackError, VivaceError
+from vivace.engine import Engine
+from vivace.errors import EngineBusy, PackError, VivaceError
 from vivace.events import AudioChunk, StageProgress, WindowFinished, WindowStarted
 
 __version__ = "0.1.0"
 __all__ = [
-    "AudioChunk", "Engine", "PackError", "SamplingParams", "StageProgress", "Story", "VivaceError",
-    "WindowFinished", "WindowStarted", "__version__",
+    "AsyncEngine", "AudioChunk", "Engine", "EngineBusy", "PackError", "SamplingParams", "StageProgress", "Story",
+    "VivaceError", "WindowFinished", "WindowStarted", "__version__",
 ]

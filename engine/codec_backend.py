@@ -8,7 +8,8 @@ receptive field of left context per chunk, since the exported graph is stateless
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,10 +18,15 @@ from torch import nn
 from vivace.codec import PaddedConv1d, SoundStreamDecoder
 from vivace.codec_stream import CodecStream
 from vivace.errors import VivaceError
-from vivace.pack import Pack
+from vivace.pack import CodecOnnx
 
-if TYPE_CHECKING:
-    from vivace.musicgen_pack import MusicGenPack
+
+class CodecPack(Protocol):
+    """What choosing a codec backend reads of a pack, whatever its family."""
+
+    path: Path
+    codec: nn.Module
+    codec_onnx: CodecOnnx | None
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -128,7 +134,7 @@ class OnnxRuntimeBackend(CodecBackend):
         return f"{self.name} ({', '.join(self.session.get_providers())})"
 
 
-def select_backend(pack: Pack | MusicGenPack, name: str, device: torch.device) -> CodecBackend:
+def select_backend(pack: CodecPack, name: str, device: torch.device) -> CodecBackend:
     """The codec backend for codec_backend=name.
 
     "auto" is a fixed preference: "onnxruntime" when the pack has codec.onnx and either the device is CUDA and

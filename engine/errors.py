@@ -4,3 +4,7 @@ class VivaceError(ValueError):
 
 class PackError(VivaceError):
     """The pack on disk does not match its schema: version, tensor names, shapes or config values."""
+
+
+class EngineBusy(VivaceError):
+    """The engine's running requests and waiting queue are full: try again later (HTTP 503 with Retry-After)."""

@@ -1,4 +1,7 @@
-"""The MusicGen pipeline: one decoder over delay-interleaved EnCodec codebooks, with classifier-free guidance.
+"""The MusicGen family: one decoder over delay-interleaved EnCodec codebooks, with classifier-free guidance.
+
+`MusicGen` is the family an engine holds for a MusicGen pack; each admitted request runs as one `MusicGenPipeline`,
+a state machine over its continuation windows and its audio.
 
 Per request row the prompt is encoded once (text encoder -> projection -> cross-attention keys/values of every
 layer) and kept for the whole generation. With guidance (scale > 1) the row runs as a conditional sequence and
@@ -16,31 +19,39 @@ heads draw (transformers' build_delay_pattern_mask / apply_delay_pattern_mask).
 Longer than one window (the model's trained context, window_s = 30 s): windowed continuation as in audiocraft.
 The first window generates window_s; every later one is a fresh sequence (positions from 0) whose prompt is the
 last window_s - stride_s of audio so far (12 s with the default 18 s stride), and generates up to stride_s more.
-By default every row's audio is decoded once all of its frames exist: the 32 kHz EnCodec decoder is not causal, so
-a whole decode is what transformers' decode returns. With chunk_frames set (Engine.stream), a row's audio comes in
+By default a request's audio is decoded once all of its frames exist: the 32 kHz EnCodec decoder is not causal, so
+a whole decode is what transformers' decode returns. With chunk_frames set (Engine.stream), the audio comes in
 chunks as soon as each chunk's frames and `context_frames` after it are drawn, each decoded with up to
 `context_frames` on either side (vivace.encodec_stream's overlap; its error bound applies).
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+import math
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from vivace._C import delay_pattern, undelay_pattern
-from vivace.codec_backend import CodecBackend, TorchBackend
-from vivace.config import SamplingParams
+from vivace.arguments import SAMPLING_KEYS, Story, check_prompt, check_seconds, sampling_params, seeds, unknown_arguments
+from vivace.codec_backend import CodecBackend
+from vivace.config import SamplingParams, to_dict
+from vivace.core.family import RequestContext, StageSpec
+from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
-from vivace.musicgen_melody import MelodyPrefixes
-from vivace.musicgen_pack import MusicGenPack
+from vivace.musicgen_melody import MelodyLike, MelodyPrefixes, load_melody
+from vivace.musicgen_pack import MusicGenPack, load_musicgen_pack
 from vivace.sampling import stream_id
 from vivace.sequence import CrossCondition, DelaySchedule, Sequence
-from vivace.stage_runner import StageRunner
 from vivace.windows import Window, plan_windows
 
 STAGE = "decoder"
+CONTEXT_FRAMES = 16  # overlap on each side of a streamed chunk (0.32 s at 50 frames/s)
+STREAM_CHUNK_S = 1.0  # Engine.stream's default chunk
+PREFIX_TEXT_TOKENS = 64  # text tokens of a melody prefix the decoder's pool is sized for (longer prompts still fit
+# while the pool has room)
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class MusicGenRequest:
     sampling: SamplingParams
     guidance_scale: float  # > 1: classifier-free guidance; 1: the conditional logits alone
     melody: torch.Tensor | None = field(default=None, compare=False)  # melody packs: mono, at the chroma extractor's rate
+    chunk_frames: int | None = None  # stream the audio in chunks of this many frames (None: one whole decode)
 
 
 @dataclass(frozen=True)
@@ -93,21 +105,33 @@ def undelayed(grid: np.ndarray) -> np.ndarray:
     return undelay_pattern(np.ascontiguousarray(grid[:, 1:], dtype=np.int64))
 
 
-class MusicGenPipeline:
-    def __init__(
-        self, pack: MusicGenPack, runner: StageRunner, codec: CodecBackend | None = None,
-        chunk_frames: int | None = None, context_frames: int = 16,
-    ) -> None:
-        """chunk_frames: stream each row's audio in chunks of this many frames (None: one whole decode per row)."""
+
+class MusicGen:
+    """The MusicGen family of an engine: its decoder stage, its requests' validation, and a pipeline per request."""
+
+    load_pack = staticmethod(load_musicgen_pack)
+
+    def __init__(self, pack: MusicGenPack, codec: CodecBackend) -> None:
         self.pack = pack
-        self.codec = codec or TorchBackend(pack.codec)
-        self.chunk_frames = chunk_frames
-        self.context_frames = context_frames
+        self.codec = codec
         self.config = pack.config
-        self.runner = runner
-        self.device = runner.device
+        self.device = next(pack.decoder.parameters()).device
         self.melody = MelodyPrefixes(pack) if pack.config.melody is not None else None
-        self._next_seq_id = 0
+
+    def max_sequence_tokens(self, prefix: int = 0) -> int:
+        """Positions of the longest window: a melody prefix, its frames, the delay pattern's K - 1 steps and the BOS
+        column."""
+        return prefix + self.config.frames(self.config.musicgen.window_s) + self.config.num_codebooks
+
+    def prefix_tokens(self, prompt: str) -> int:
+        """Positions a melody pack's prefix takes for this prompt (chroma_length + its text tokens); 0 otherwise."""
+        melody = self.config.melody
+        return 0 if melody is None else melody.chroma_length + self.pack.text.num_tokens(prompt)
+
+    def stages(self) -> dict[str, StageSpec]:
+        melody = self.config.melody
+        prefix = 0 if melody is None else melody.chroma_length + PREFIX_TEXT_TOKENS
+        return {STAGE: StageSpec(self.pack.decoder, self.max_sequence_tokens(prefix), rows_per_sequence=2)}
 
     def plan(self, frames: int) -> list[Window]:
         """audiocraft's continuation: a full first window, then stride-sized steps, each with a fixed-length prompt."""
@@ -119,46 +143,150 @@ class MusicGenPipeline:
             for w in plan_windows(frames, window, stride, [0])
         ]
 
+    # -- a call's arguments ------------------------------------------------------------------------------------
+    def stream_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return {"chunk_s": STREAM_CHUNK_S, **options}
+
+    def whole_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return {**options, "chunk_s": None}
+
+    def _chunk_frames(self, chunk_s: Any) -> int | None:
+        if chunk_s is None:
+            return None
+        if isinstance(chunk_s, bool) or not isinstance(chunk_s, (int, float)) or not math.isfinite(chunk_s) or chunk_s <= 0:
+            raise VivaceError(f"chunk_s must be a positive number of seconds, got {chunk_s!r}")
+        return max(1, round(chunk_s * self.config.frame_rate))
+
+    def _melodies(self, melody: Any, sample_rate: Any, rows: int) -> list[torch.Tensor | None]:
+        """One reference per row (mono, at the chroma extractor's rate): a single melody serves every row, a list
+        gives each row its own (None: text only)."""
+        melody_config = self.config.melody
+        if melody_config is None:
+            if melody is not None or sample_rate is not None:
+                raise VivaceError(f"pack {self.config.name!r} is not a MusicGen-Melody pack: it takes no melody")
+            return [None] * rows
+        if sample_rate is not None and melody is None:
+            raise VivaceError("melody_sample_rate was given without a melody")
+        per_row: list[MelodyLike | None] = list(melody) if isinstance(melody, (list, tuple)) else [melody] * rows
+        if len(per_row) != rows:
+            raise VivaceError(f"got {len(per_row)} melodies for {rows} prompts")
+        loaded: dict[int, torch.Tensor] = {}  # the same melody object is read once
+        for item in per_row:
+            if item is not None and id(item) not in loaded:
+                loaded[id(item)] = load_melody(item, sample_rate, melody_config.chroma)
+        return [None if item is None else loaded[id(item)] for item in per_row]
+
+    def requests(self, prompt: Any, duration_s: Any, seed: Any, options: dict[str, Any]) -> list[MusicGenRequest]:
+        """Validates a call's arguments (options: guidance_scale, temperature, top_k, top_p, chunk_s, and melody,
+        melody_sample_rate for melody packs) and turns them into one request per row."""
+        m = self.config.musicgen
+        options = dict(options)
+        guidance_scale = options.pop("guidance_scale", None)
+        melody, melody_rate = options.pop("melody", None), options.pop("melody_sample_rate", None)
+        chunk_frames = self._chunk_frames(options.pop("chunk_s", None))
+        if isinstance(prompt, Story) or (isinstance(prompt, (list, tuple)) and any(not isinstance(p, str) for p in prompt)):
+            raise VivaceError("story mode (segments with their own prompts) is not supported by MusicGen packs")
+        rows = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
+        if not rows:
+            raise VivaceError(f"prompt must be a non-empty string or a list of them, got {prompt!r}")
+        if duration_s is None:
+            raise VivaceError("duration_s is required")
+        duration = check_seconds(duration_s, "duration", m.max_duration_s)
+        if self.config.frames(duration) < 1:
+            raise VivaceError(f"duration {duration} s is shorter than one frame")
+        scale = m.guidance_scale if guidance_scale is None else guidance_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 1:
+            raise VivaceError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
+        melody_keys = ("melody", "melody_sample_rate") if self.config.melody else ()
+        unknown_arguments(options, ("guidance_scale", *SAMPLING_KEYS, *melody_keys))
+        params = sampling_params(m.sampling, options)
+        row_seeds = seeds(seed, len(rows))
+        texts = [check_prompt(text) for text in rows]
+        melodies = self._melodies(melody, melody_rate, len(rows))
+        return [
+            MusicGenRequest(row, text, duration, row_seeds[row], params, float(scale), melodies[row], chunk_frames)
+            for row, text in enumerate(texts)
+        ]
+
+    def start(self, request: MusicGenRequest, context: RequestContext) -> MusicGenPipeline:
+        return MusicGenPipeline(self, request, context)
+
+    def info(self) -> dict[str, Any]:
+        c, d, m = self.config, self.config.decoder, self.config.musicgen
+        return {
+            "decoder": {
+                "layers": d.num_layers, "d_model": d.d_model, "heads": d.num_heads, "d_ff": d.d_ff,
+                "codebooks": d.num_codebooks, "codebook_size": d.output_vocab_size,
+                "params": sum(p.numel() for p in self.pack.decoder.parameters()),
+            },
+            "text": type(self.pack.text.encoder).__name__,
+            **({"melody": to_dict(c.melody)} if c.melody is not None else {}),
+            "guidance_scale": m.guidance_scale,
+            "sampling": {"temperature": m.sampling.temperature, "top_k": m.sampling.top_k, "top_p": m.sampling.top_p},
+            "window_s": m.window_s,
+            "stride_s": m.stride_s,
+            "max_duration_s": m.max_duration_s,
+        }
+
+
+class MusicGenPipeline:
+    """One request's continuation windows through the decoder, and its audio (whole, or streamed in chunks)."""
+
+    def __init__(self, family: MusicGen, request: MusicGenRequest, context: RequestContext) -> None:
+        self.family = family
+        self.config = family.config
+        self.context = context
+        self.state = self._row_state(request)
+
+    @property
+    def done(self) -> bool:
+        return self.state.decoded
+
     @torch.inference_mode()
     def _cross(self, states: torch.Tensor, salt: Hashable, attend: bool) -> Condition:
         """Cross-attention keys/values of encoder states; masked out (attend False) for the null condition."""
-        decoder = self.pack.decoder
-        states = states.to(self.device, next(decoder.parameters()).dtype)
+        decoder = self.family.pack.decoder
+        device = self.family.device
+        states = states.to(device, next(decoder.parameters()).dtype)
         keys, values = decoder.encode_cross(states.unsqueeze(0))
-        mask = torch.full((states.shape[0],), attend, dtype=torch.bool, device=self.device)
+        mask = torch.full((states.shape[0],), attend, dtype=torch.bool, device=device)
         return Condition(salt, cross=CrossCondition([k[0] for k in keys], [v[0] for v in values], mask))
 
     def _prefix(self, chroma: torch.Tensor, states: torch.Tensor, salt: Hashable) -> Condition:
-        assert self.melody is not None
-        return Condition((*salt, self.melody.key(chroma)), prefix=self.melody.prefix(chroma, states))
+        melody = self.family.melody
+        assert melody is not None
+        return Condition((*salt, melody.key(chroma)), prefix=melody.prefix(chroma, states))
 
     def _row_state(self, request: MusicGenRequest) -> RowState:
-        """The text is encoded once per row. The null condition is transformers': zeroed encoder states under an
+        """The text is encoded once per request. The null condition is transformers': zeroed encoder states under an
         all-zero attention mask (MusicGen), the null chroma and zeroed text states (MusicGen-Melody)."""
+        melody = self.family.melody
         frames = self.config.frames(request.duration_s)
-        states, ids = self.pack.text.encode(request.prompt)
+        states, ids = self.family.pack.text.encode(request.prompt)
         guided = request.guidance_scale > 1
         salt, null_salt = ("text", request.prompt), ("null", len(ids))
-        plan = self.plan(frames)
+        plan = self.family.plan(frames)
         condition: Condition | None
-        if self.melody is None:
+        if melody is None:
             condition = self._cross(states, salt, True)
             null = self._cross(torch.zeros_like(states), null_salt, False) if guided else None
         else:
-            null = self._prefix(self.melody.chroma(None, None), torch.zeros_like(states), null_salt) if guided else None
+            null = self._prefix(melody.chroma(None, None), torch.zeros_like(states), null_salt) if guided else None
             per_window = request.melody is not None and len(plan) > 1
-            condition = None if per_window else self._prefix(self.melody.chroma(request.melody, None), states, salt)
+            condition = None if per_window else self._prefix(melody.chroma(request.melody, None), states, salt)
         codes = np.full((self.config.num_codebooks, frames), -1, dtype=np.int64)
         return RowState(request, plan, codes, tuple(ids), states, condition, null)
 
-    def _condition(self, state: RowState, window: Window) -> Condition:
+    def _condition(self, window: Window) -> Condition:
+        state, melody = self.state, self.family.melody
         if state.condition is not None:
             return state.condition
-        assert self.melody is not None
-        chroma = self.melody.chroma(state.request.melody, window.prefix_start / self.config.frame_rate)
+        assert melody is not None
+        chroma = melody.chroma(state.request.melody, window.prefix_start / self.config.frame_rate)
         return self._prefix(chroma, state.text_states, ("text", state.request.prompt))
 
-    def _sequence(self, state: RowState, window: Window) -> Sequence:
+    def _sequence(self, window: Window) -> Sequence:
+        state = self.state
         request = state.request
         prompt_frames = window.new_start - window.prefix_start
         codes = state.codes[:, window.prefix_start : window.new_end].copy()
@@ -167,120 +295,110 @@ class MusicGenPipeline:
         schedule = DelaySchedule(grid, prompt_frames + 1, self.config.pad_id)
 
         def make(condition: Condition) -> Sequence:
-            self._next_seq_id += 1
             return Sequence(
-                seq_id=self._next_seq_id, prompt=prompt, max_new_tokens=grid.shape[1] - len(prompt), schedule=schedule,
-                sampling=request.sampling, seed=request.seed, stream=stream_id(window.index),
-                priority=(window.new_start, request.row), cross=condition.cross, cache_salt=condition.salt,
+                seq_id=self.context.next_seq_id(), prompt=prompt, max_new_tokens=grid.shape[1] - len(prompt),
+                schedule=schedule, sampling=request.sampling, seed=request.seed, stream=stream_id(window.index),
+                priority=(self.context.request_id, window.new_start), cross=condition.cross, cache_salt=condition.salt,
                 prefix=condition.prefix,
             )
 
-        seq = make(self._condition(state, window))
+        seq = make(self._condition(window))
         if state.null is not None:
             seq.guide(make(state.null), request.guidance_scale)
         return seq
 
-    def _schedule(self, states: list[RowState]) -> list[Event]:
-        events: list[Event] = []
-        for state in states:
-            if state.active is None and state.next_window < len(state.plan):
-                window = state.plan[state.next_window]
-                seq = self._sequence(state, window)
-                self.runner.add(seq)
-                state.active = (seq, window)
-                state.next_window += 1
-                events.append(WindowStarted(
-                    STAGE, state.request.row, window.index, window.prefix_start, window.new_start, window.new_end,
-                    state.text_ids,
-                ))
+    def schedule(self) -> tuple[list[tuple[str, Sequence]], list[Event]]:
+        state = self.state
+        if state.active is not None or state.next_window >= len(state.plan):
+            return [], []
+        window = state.plan[state.next_window]
+        seq = self._sequence(window)
+        state.active = (seq, window)
+        state.next_window += 1
+        started = WindowStarted(
+            STAGE, state.request.row, window.index, window.prefix_start, window.new_start, window.new_end, state.text_ids,
+        )
+        return [(STAGE, seq)], [started]
+
+    def collect(self, finished: Mapping[str, list[Sequence]], stepped: list[str]) -> list[Event]:
+        events = self._collect(finished.get(STAGE, []))
+        if stepped:
+            events.append(self._progress())
+        events += self._decode() if self.state.request.chunk_frames is None else self._stream()
         return events
 
-    def _collect(self, states: list[RowState], finished: list[Sequence]) -> list[Event]:
-        """Copies finished windows' codes into their rows; WindowFinished carries the new codes frame by frame."""
-        events: list[Event] = []
-        for state in states:
-            if state.active is None or state.active[0] not in finished:
-                continue
-            seq, window = state.active
-            codes = undelayed(seq.token_array(seq.prefix_len).T)
-            new = codes[:, window.new_start - window.prefix_start :]
-            state.codes[:, window.new_start : window.new_end] = new
-            state.done_frames = window.new_end
-            state.active = None
-            events.append(WindowFinished(STAGE, state.request.row, window.index, tuple(new.T.reshape(-1).tolist())))
-        return events
+    def _collect(self, finished: list[Sequence]) -> list[Event]:
+        """Copies a finished window's codes into the request; WindowFinished carries the new codes frame by frame."""
+        state = self.state
+        if state.active is None or state.active[0] not in finished:
+            return []
+        seq, window = state.active
+        codes = undelayed(seq.token_array(seq.prefix_len).T)
+        new = codes[:, window.new_start - window.prefix_start :]
+        state.codes[:, window.new_start : window.new_end] = new
+        state.done_frames = window.new_end
+        state.active = None
+        return [WindowFinished(STAGE, state.request.row, window.index, tuple(new.T.reshape(-1).tolist()))]
 
     @torch.inference_mode()
-    def _decode(self, states: list[RowState]) -> list[AudioChunk]:
-        chunks = []
-        for state in states:
-            if not state.decoded and state.done_frames == state.codes.shape[1]:
-                pcm = self.codec.decode(self._codes(state, 0, state.codes.shape[1]))[0]
-                chunks.append(AudioChunk(state.request.row, 0, 0, pcm.float().cpu().numpy()))
-                state.decoded = True
-        return chunks
+    def _decode(self) -> list[AudioChunk]:
+        state = self.state
+        if state.decoded or state.done_frames < state.codes.shape[1]:
+            return []
+        pcm = self.family.codec.decode(self._codes(0, state.codes.shape[1]))[0]
+        state.decoded = True
+        return [AudioChunk(state.request.row, 0, 0, pcm.float().cpu().numpy())]
 
-    def _codes(self, state: RowState, start: int, end: int) -> torch.Tensor:
-        return torch.from_numpy(state.codes[:, start:end].copy()).unsqueeze(0).to(self.pack.codec.codebooks.device)
+    def _codes(self, start: int, end: int) -> torch.Tensor:
+        codes = torch.from_numpy(self.state.codes[:, start:end].copy()).unsqueeze(0)
+        return codes.to(self.family.pack.codec.codebooks.device)
 
-    def _track(self, states: list[RowState]) -> None:
-        """Copies the frames the active windows completed since the last call: frame t of a window is complete once
+    def _track(self) -> None:
+        """Copies the frames the active window completed since the last call: frame t of a window is complete once
         the delay pattern's last codebook has drawn it, K - 1 steps after the first."""
+        state = self.state
         k = self.config.num_codebooks
-        for state in states:
-            state.ready_frames = max(state.ready_frames, state.done_frames)
-            if state.active is None:
-                continue
-            seq, window = state.active
-            complete = seq.length - seq.prefix_len - k  # grid columns filled, less the BOS column and the K - 1 lag
-            begin = state.ready_frames - window.prefix_start  # the window's frames already in state.codes
-            if complete > begin:
-                # columns begin .. complete + K - 1 of the window's grid hold frames begin .. complete - 1 (undelayed
-                # drops the first column as the BOS column)
-                columns = seq.token_array(seq.prefix_len + begin)[: complete + k - begin].T
-                state.codes[:, state.ready_frames : window.prefix_start + complete] = undelayed(columns)
-                state.ready_frames = window.prefix_start + complete
+        state.ready_frames = max(state.ready_frames, state.done_frames)
+        if state.active is None:
+            return
+        seq, window = state.active
+        complete = seq.length - seq.prefix_len - k  # grid columns filled, less the BOS column and the K - 1 lag
+        begin = state.ready_frames - window.prefix_start  # the window's frames already in state.codes
+        if complete > begin:
+            # columns begin .. complete + K - 1 of the window's grid hold frames begin .. complete - 1 (undelayed
+            # drops the first column as the BOS column)
+            columns = seq.token_array(seq.prefix_len + begin)[: complete + k - begin].T
+            state.codes[:, state.ready_frames : window.prefix_start + complete] = undelayed(columns)
+            state.ready_frames = window.prefix_start + complete
 
     @torch.inference_mode()
-    def _stream(self, states: list[RowState]) -> list[AudioChunk]:
+    def _stream(self) -> list[AudioChunk]:
         """Every chunk whose frames and right context exist, decoded with its context on both sides."""
-        assert self.chunk_frames is not None
-        self._track(states)
+        self._track()
+        state = self.state
+        chunk_frames = state.request.chunk_frames
+        assert chunk_frames is not None
         chunks = []
-        hop, context = self.config.codec.hop_length, self.context_frames
-        for state in states:
-            total = state.codes.shape[1]
-            while state.emitted_frames < total:
-                start = state.emitted_frames
-                end = min(start + self.chunk_frames, total)
-                high = min(total, end + context)
-                if state.ready_frames < high:
-                    break
-                low = max(0, start - context)
-                pcm = self.codec.decode(self._codes(state, low, high))[0, (start - low) * hop : (end - low) * hop]
-                chunks.append(AudioChunk(state.request.row, state.next_chunk, start * hop, pcm.float().cpu().numpy()))
-                state.emitted_frames, state.next_chunk = end, state.next_chunk + 1
-            state.decoded = state.emitted_frames == total
+        hop, context = self.config.codec.hop_length, CONTEXT_FRAMES
+        total = state.codes.shape[1]
+        while state.emitted_frames < total:
+            start = state.emitted_frames
+            end = min(start + chunk_frames, total)
+            high = min(total, end + context)
+            if state.ready_frames < high:
+                break
+            low = max(0, start - context)
+            pcm = self.family.codec.decode(self._codes(low, high))[0, (start - low) * hop : (end - low) * hop]
+            chunks.append(AudioChunk(state.request.row, state.next_chunk, start * hop, pcm.float().cpu().numpy()))
+            state.emitted_frames, state.next_chunk = end, state.next_chunk + 1
+        state.decoded = state.emitted_frames == total
         return chunks
 
-    def _progress(self, states: list[RowState]) -> StageProgress:
-        """Steps drawn so far against all steps of all windows of all rows."""
+    def _progress(self) -> StageProgress:
+        """Steps drawn so far against all steps of all windows."""
+        state = self.state
         k = self.config.num_codebooks
-        total = sum(w.num_new + k - 1 for s in states for w in s.plan)
-        done = sum(w.num_new + k - 1 for s in states for w in s.plan[: s.next_window])
-        in_flight = sum(s.active[0].max_len - s.active[0].length for s in states if s.active is not None)
+        total = sum(w.num_new + k - 1 for w in state.plan)
+        done = sum(w.num_new + k - 1 for w in state.plan[: state.next_window])
+        in_flight = state.active[0].max_len - state.active[0].length if state.active is not None else 0
         return StageProgress(STAGE, done - in_flight, total)
-
-    def run(self, requests: list[MusicGenRequest]) -> Iterator[Event]:
-        states = [self._row_state(request) for request in requests]
-        try:
-            while not all(s.decoded for s in states):
-                yield from self._schedule(states)
-                if not self.runner.has_work:
-                    raise RuntimeError("MusicGen pipeline stalled: no sequence to run but audio is missing")
-                finished = self.runner.step()
-                yield from self._collect(states, finished)
-                yield self._progress(states)
-                yield from (self._decode(states) if self.chunk_frames is None else self._stream(states))
-        finally:
-            self.runner.cancel_all()

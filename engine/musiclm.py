@@ -1,26 +1,32 @@
-"""The MusicLM hierarchy as a dataflow: semantic -> coarse -> fine -> codec, all stages advancing together.
+"""The MusicLM hierarchy as a dataflow: semantic -> coarse -> fine -> codec, every stage advancing at each step.
 
-Each tick every stage with work runs one batched step. A coarse window starts as soon as the semantic
-tokens it reads exist, a fine chunk as soon as its coarse frames exist, and a chunk's audio is decoded as
-soon as its fine tokens are done. Time to first audio is therefore bounded by the first windows and does
-not grow with the clip's duration; fine chunks that become ready together decode as one batch.
+`MusicLM` is the family an engine holds for a MusicLM pack; each admitted request runs as one `MusicLMPipeline`, a
+state machine over its windows. A coarse window starts as soon as the semantic tokens it reads exist, a fine chunk as
+soon as its coarse frames exist, and a chunk's audio is decoded as soon as its fine tokens are done. Time to first
+audio is therefore bounded by the first windows and does not grow with the clip's duration; fine chunks that become
+ready together (of one request or of several) decode as one batch.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 
-from vivace.codec_backend import CodecBackend, FrameStream, TorchBackend
+from vivace.arguments import (
+    SAMPLING_KEYS, Story, check_prompt, check_seconds, is_story_list, seeds, unknown_arguments,
+)
+from vivace.codec_backend import CodecBackend, FrameStream
 from vivace.config import SamplingParams
+from vivace.core.family import RequestContext, StageSpec
+from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
 from vivace.layout import MusicLMLayout
-from vivace.pack import Pack
+from vivace.pack import STAGES, Pack, load_pack
 from vivace.sampling import stream_id
 from vivace.sequence import Sequence, TimeMajorSchedule
-from vivace.stage_runner import StageRunner
 from vivace.windows import Window, plan_chunks, plan_windows
 
 STAGE_INDEX = {"semantic": 0, "coarse": 1, "fine": 2}
@@ -53,214 +59,301 @@ class RowState:
     active: dict[str, tuple[Sequence, Window] | None] = field(default_factory=lambda: {"semantic": None, "coarse": None})
     fine_started: set[int] = field(default_factory=set)
     fine_finished: set[int] = field(default_factory=set)
+    fine_active: dict[Sequence, Window] = field(default_factory=dict)
     next_audio: int = 0
     audio: FrameStream | None = None  # the codec stream, fed the fine chunks in order
 
 
-class MusicLMPipeline:
-    def __init__(self, pack: Pack, runners: dict[str, StageRunner], codec: CodecBackend | None = None) -> None:
+class MusicLM:
+    """The MusicLM family of an engine: its stages, its requests' validation, and a pipeline per request."""
+
+    load_pack = staticmethod(load_pack)
+
+    def __init__(self, pack: Pack, codec: CodecBackend) -> None:
         self.pack = pack
-        self.codec = codec or TorchBackend(pack.codec)
+        self.codec = codec
         self.config = pack.config
         self.layout = MusicLMLayout.of(pack.config)
-        self.runners = runners
         self.frame_rate = pack.config.sample_rate // pack.config.codec.hop_length
         self.frames_per_semantic = self.frame_rate // pack.config.musiclm.semantic_rate
         self.hop = pack.config.codec.hop_length
-        self._next_seq_id = 0
-        self._fine_owner: dict[int, tuple[RowState, Window]] = {}
 
-    def _frames(self, seconds: float) -> int:
+    def frames(self, seconds: float) -> int:
         return round(seconds * self.frame_rate)
 
-    def _semantic_tokens(self, seconds: float) -> int:
+    def semantic_tokens(self, seconds: float) -> int:
         return round(seconds * self.config.musiclm.semantic_rate)
 
-    def _row_state(self, request: Request) -> RowState:
+    def max_sequence_tokens(self, stage: str) -> int:
         m = self.config.musiclm
+        mt = self.config.text.num_levels
+        if stage == "semantic":
+            return mt + self.semantic_tokens(m.semantic_window_s)
+        if stage == "coarse":
+            return mt + self.semantic_tokens(m.coarse_window_s) + self.frames(m.coarse_window_s) * m.coarse_levels
+        return self.frames(m.fine_chunk_s) * self.config.codec.num_levels
+
+    def stages(self) -> dict[str, StageSpec]:
+        return {stage: StageSpec(self.pack.stages[stage], self.max_sequence_tokens(stage)) for stage in STAGES}
+
+    # -- a call's arguments ------------------------------------------------------------------------------------
+    def stream_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return options
+
+    def whole_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return options
+
+    def sampling(self, overrides: dict[str, Any]) -> dict[str, SamplingParams]:
+        overrides = dict(overrides)
+        stage_overrides = overrides.pop("stage_sampling", None) or {}
+        if any(overrides.pop(key, None) is not None for key in ("melody", "melody_sample_rate")):
+            raise VivaceError(f"pack {self.config.name!r} is a MusicLM pack: a melody needs a MusicGen-Melody pack")
+        unknown_arguments(overrides, (*SAMPLING_KEYS, "stage_sampling"))
+        m = self.config.musiclm
+        defaults = {"semantic": m.semantic_sampling, "coarse": m.coarse_sampling, "fine": m.fine_sampling}
+        result = {}
+        for stage, params in defaults.items():
+            params = replace(params, **{k: v for k, v in overrides.items() if v is not None})
+            extra = stage_overrides.get(stage, {})
+            params = replace(params, **(vars(extra) if isinstance(extra, SamplingParams) else extra))
+            params.validate()
+            result[stage] = params
+        unknown_stages = sorted(set(stage_overrides) - set(defaults))
+        if unknown_stages:
+            raise VivaceError(f"stage_sampling names unknown stage {unknown_stages[0]!r}")
+        return result
+
+    def requests(self, prompt: Any, duration_s: Any, seed: Any, options: dict[str, Any]) -> list[Request]:
+        """Validates a call's arguments and turns them into one Request per row."""
+        limit = self.config.musiclm.max_duration_s
+        if isinstance(prompt, Story) or is_story_list(prompt):
+            rows: list[Any] = [prompt]
+        elif isinstance(prompt, str):
+            rows = [prompt]
+        elif isinstance(prompt, (list, tuple)) and prompt:
+            rows = list(prompt)
+        else:
+            raise VivaceError(f"prompt must be a non-empty string, a list of them, or a story, got {prompt!r}")
+        segments_per_row = []
+        for row in rows:
+            if isinstance(row, str):
+                if duration_s is None:
+                    raise VivaceError("duration_s is required for a plain prompt")
+                segments = ((check_prompt(row), check_seconds(duration_s, "duration", limit)),)
+            else:
+                items = row.segments if isinstance(row, Story) else row
+                if not is_story_list(items):
+                    raise VivaceError(f"a story is a non-empty list of (prompt, seconds), got {items!r}")
+                segments = tuple((check_prompt(p), check_seconds(s, "story segment", limit)) for p, s in items)
+                total = sum(s for _, s in segments)
+                check_seconds(total, "story duration", limit)
+                if duration_s is not None and abs(float(duration_s) - total) > 1e-6:
+                    raise VivaceError(f"duration_s {duration_s} differs from the story's total {total} s")
+            segments_per_row.append(segments)
+        row_seeds = seeds(seed, len(rows))
+        params = self.sampling(options)
+        return [Request(row, segments, row_seeds[row], params) for row, segments in enumerate(segments_per_row)]
+
+    def start(self, request: Request, context: RequestContext) -> MusicLMPipeline:
+        return MusicLMPipeline(self, request, context)
+
+    def info(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "stages": {
+                name: {
+                    "layers": s.num_layers, "d_model": s.d_model, "heads": s.num_heads, "d_ff": s.d_ff,
+                    "params": sum(p.numel() for p in self.pack.stages[name].parameters()),
+                }
+                for name, s in c.stages.items()
+            },
+            "text": c.text.kind,
+            "max_duration_s": c.musiclm.max_duration_s,
+        }
+
+
+class MusicLMPipeline:
+    """One request's windows through the three stages and the codec."""
+
+    def __init__(self, family: MusicLM, request: Request, context: RequestContext) -> None:
+        self.family = family
+        self.layout = family.layout
+        self.context = context
+        self.state = self._row_state(request)
+        self.totals = {"semantic": self.state.semantic.size, "coarse": self.state.coarse.size, "fine": self.state.fine.size}
+
+    @property
+    def done(self) -> bool:
+        return self.state.next_audio >= len(self.state.fine_plan)
+
+    def _row_state(self, request: Request) -> RowState:
+        family = self.family
+        m = family.config.musiclm
         starts_s = np.cumsum([0.0] + [seconds for _, seconds in request.segments[:-1]])
-        semantic_starts = [self._semantic_tokens(t) for t in starts_s]
+        semantic_starts = [family.semantic_tokens(t) for t in starts_s]
         duration = sum(seconds for _, seconds in request.segments)
-        frames = self._frames(duration)
-        semantic_total = -(-frames // self.frames_per_semantic)
-        codes = self.pack.text.tokens([prompt for prompt, _ in request.segments]).tolist()
+        frames = family.frames(duration)
+        semantic_total = -(-frames // family.frames_per_semantic)
+        codes = family.pack.text.tokens([prompt for prompt, _ in request.segments]).tolist()
         return RowState(
             request=request,
             conditions=codes,
             semantic_plan=plan_windows(
-                semantic_total, self._semantic_tokens(m.semantic_window_s), self._semantic_tokens(m.semantic_stride_s),
+                semantic_total, family.semantic_tokens(m.semantic_window_s), family.semantic_tokens(m.semantic_stride_s),
                 semantic_starts,
             ),
             coarse_plan=plan_windows(
-                frames, self._frames(m.coarse_window_s), self._frames(m.coarse_stride_s),
-                [s * self.frames_per_semantic for s in semantic_starts],
+                frames, family.frames(m.coarse_window_s), family.frames(m.coarse_stride_s),
+                [s * family.frames_per_semantic for s in semantic_starts],
             ),
-            fine_plan=plan_chunks(frames, self._frames(m.fine_chunk_s)),
+            fine_plan=plan_chunks(frames, family.frames(m.fine_chunk_s)),
             semantic=np.full(semantic_total, -1, dtype=np.int64),
             coarse=np.full((frames, m.coarse_levels), -1, dtype=np.int64),
             fine=np.full((frames, m.fine_levels), -1, dtype=np.int64),
         )
 
-    def _sequence(
-        self, stage: str, state: RowState, window: Window, prompt: list[int], num_new: int, schedule: TimeMajorSchedule
-    ) -> Sequence:
-        self._next_seq_id += 1
-        request = state.request
+    def _sequence(self, stage: str, window: Window, prompt: list[int], num_new: int, schedule: TimeMajorSchedule) -> Sequence:
+        request = self.state.request
         return Sequence(
-            seq_id=self._next_seq_id,
+            seq_id=self.context.next_seq_id(),
             prompt=prompt,
             max_new_tokens=num_new,
             schedule=schedule,
             sampling=request.sampling[stage],
             seed=request.seed,
             stream=stream_id(STAGE_INDEX[stage], window.index),
-            priority=(window.new_start, request.row),
+            priority=(self.context.request_id, window.new_start),
         )
 
-    def _start_semantic(self, state: RowState, window: Window) -> tuple[Sequence, WindowStarted]:
-        layout = self.layout
+    def _start_semantic(self, window: Window) -> tuple[Sequence, WindowStarted]:
+        layout, state = self.layout, self.state
         condition = state.conditions[window.segment]
         prompt = layout.mt_tokens(condition)
         prompt += (state.semantic[window.prefix_start : window.new_start] + layout.semantic_offset).tolist()
         schedule = TimeMajorSchedule(1, layout.semantic_vocab, layout.semantic_offset)
-        seq = self._sequence("semantic", state, window, prompt, window.num_new, schedule)
-        return seq, self._started("semantic", state, window, condition)
+        seq = self._sequence("semantic", window, prompt, window.num_new, schedule)
+        return seq, self._started("semantic", window, condition)
 
-    def _start_coarse(self, state: RowState, window: Window) -> tuple[Sequence, WindowStarted]:
-        layout = self.layout
+    def _start_coarse(self, window: Window) -> tuple[Sequence, WindowStarted]:
+        layout, state = self.layout, self.state
         condition = state.conditions[window.segment]
-        first_semantic = window.prefix_start // self.frames_per_semantic
-        last_semantic = -(-window.new_end // self.frames_per_semantic)
+        first_semantic = window.prefix_start // self.family.frames_per_semantic
+        last_semantic = -(-window.new_end // self.family.frames_per_semantic)
         prompt = layout.mt_tokens(condition)
         prompt += (state.semantic[first_semantic:last_semantic] + layout.semantic_offset).tolist()
         prefix = state.coarse[window.prefix_start : window.new_start]
         prompt += self._time_major(prefix, layout.coarse_offset)
         schedule = TimeMajorSchedule(layout.coarse_levels, layout.acoustic_codebook, layout.coarse_offset)
-        seq = self._sequence("coarse", state, window, prompt, window.num_new * layout.coarse_levels, schedule)
-        return seq, self._started("coarse", state, window, condition)
+        seq = self._sequence("coarse", window, prompt, window.num_new * layout.coarse_levels, schedule)
+        return seq, self._started("coarse", window, condition)
 
-    def _start_fine(self, state: RowState, window: Window) -> tuple[Sequence, WindowStarted]:
+    def _start_fine(self, window: Window) -> tuple[Sequence, WindowStarted]:
         layout = self.layout
-        prompt = self._time_major(state.coarse[window.new_start : window.new_end], 0)
+        prompt = self._time_major(self.state.coarse[window.new_start : window.new_end], 0)
         schedule = TimeMajorSchedule(layout.fine_levels, layout.acoustic_codebook, layout.fine_offset)
-        seq = self._sequence("fine", state, window, prompt, window.num_new * layout.fine_levels, schedule)
-        return seq, self._started("fine", state, window, [])
+        seq = self._sequence("fine", window, prompt, window.num_new * layout.fine_levels, schedule)
+        return seq, self._started("fine", window, [])
 
     def _time_major(self, codes: np.ndarray, offset: int) -> list[int]:
         levels = np.arange(codes.shape[1]) * self.layout.acoustic_codebook
         return (codes + levels + offset).reshape(-1).tolist()
 
-    @staticmethod
-    def _started(stage: str, state: RowState, window: Window, condition: list[int]) -> WindowStarted:
+    def _started(self, stage: str, window: Window, condition: list[int]) -> WindowStarted:
         return WindowStarted(
-            stage, state.request.row, window.index, window.prefix_start, window.new_start, window.new_end, tuple(condition)
+            stage, self.state.request.row, window.index, window.prefix_start, window.new_start, window.new_end,
+            tuple(condition),
         )
 
-    def _schedule(self, states: list[RowState]) -> list[Event]:
-        """Starts every window and chunk whose inputs exist."""
+    def schedule(self) -> tuple[list[tuple[str, Sequence]], list[Event]]:
+        """Every window and chunk whose inputs exist."""
+        state = self.state
+        ready: list[tuple[str, Sequence]] = []
         events: list[Event] = []
-        for state in states:
-            if state.active["semantic"] is None and state.next_semantic < len(state.semantic_plan):
-                window = state.semantic_plan[state.next_semantic]
-                events.append(self._launch("semantic", state, window, self._start_semantic))
-                state.next_semantic += 1
-            if state.active["coarse"] is None and state.next_coarse < len(state.coarse_plan):
-                window = state.coarse_plan[state.next_coarse]
-                needed = -(-window.new_end // self.frames_per_semantic)
-                if state.semantic_done >= needed and state.coarse_done >= window.new_start:
-                    events.append(self._launch("coarse", state, window, self._start_coarse))
-                    state.next_coarse += 1
-            for window in state.fine_plan:
-                if window.index not in state.fine_started and state.coarse_done >= window.new_end:
-                    seq, event = self._start_fine(state, window)
-                    self.runners["fine"].add(seq)
-                    self._fine_owner[seq.seq_id] = (state, window)
-                    state.fine_started.add(window.index)
-                    events.append(event)
+        if state.active["semantic"] is None and state.next_semantic < len(state.semantic_plan):
+            window = state.semantic_plan[state.next_semantic]
+            seq, event = self._start_semantic(window)
+            state.active["semantic"] = (seq, window)
+            state.next_semantic += 1
+            ready.append(("semantic", seq))
+            events.append(event)
+        if state.active["coarse"] is None and state.next_coarse < len(state.coarse_plan):
+            window = state.coarse_plan[state.next_coarse]
+            needed = -(-window.new_end // self.family.frames_per_semantic)
+            if state.semantic_done >= needed and state.coarse_done >= window.new_start:
+                seq, event = self._start_coarse(window)
+                state.active["coarse"] = (seq, window)
+                state.next_coarse += 1
+                ready.append(("coarse", seq))
+                events.append(event)
+        for window in state.fine_plan:
+            if window.index not in state.fine_started and state.coarse_done >= window.new_end:
+                seq, event = self._start_fine(window)
+                state.fine_active[seq] = window
+                state.fine_started.add(window.index)
+                ready.append(("fine", seq))
+                events.append(event)
+        return ready, events
+
+    def collect(self, finished: Mapping[str, list[Sequence]], stepped: list[str]) -> list[Event]:
+        """Copies generated tokens into the row state; reports finished windows, progress and decoded audio."""
+        events = self._collect(finished)
+        events += [StageProgress(stage, self._progress(stage), self.totals[stage]) for stage in stepped]
+        events += self._decode_audio()
         return events
 
-    def _launch(self, stage: str, state: RowState, window: Window, start) -> WindowStarted:
-        seq, event = start(state, window)
-        self.runners[stage].add(seq)
-        state.active[stage] = (seq, window)
-        return event
-
-    def _collect(self, states: list[RowState], finished: dict[str, list[Sequence]]) -> list[Event]:
-        """Copies generated tokens into the row states; reports finished windows."""
+    def _collect(self, finished: Mapping[str, list[Sequence]]) -> list[Event]:
         events: list[Event] = []
-        layout = self.layout
+        state, layout = self.state, self.layout
         cb = layout.acoustic_codebook
-        for state in states:
-            active = state.active["semantic"]
-            if active is not None:
-                seq, window = active
-                new = seq.output_array()
-                state.semantic[window.new_start : window.new_start + len(new)] = new
-                state.semantic_done = window.new_start + len(new)
-                if seq in finished["semantic"]:
-                    state.active["semantic"] = None
-                    events.append(WindowFinished("semantic", state.request.row, window.index, tuple(new.tolist())))
-            active = state.active["coarse"]
-            if active is not None:
-                seq, window = active
-                drawn = seq.output_array()
-                frames = len(drawn) // layout.coarse_levels
-                new = drawn[: frames * layout.coarse_levels].reshape(frames, layout.coarse_levels) % cb
-                state.coarse[window.new_start : window.new_start + frames] = new
-                state.coarse_done = window.new_start + frames
-                if seq in finished["coarse"]:
-                    state.active["coarse"] = None
-                    events.append(WindowFinished("coarse", state.request.row, window.index, tuple(drawn.tolist())))
-        for seq in finished["fine"]:
-            state, window = self._fine_owner.pop(seq.seq_id)
+        row = state.request.row
+        active = state.active["semantic"]
+        if active is not None:
+            seq, window = active
+            new = seq.output_array()
+            state.semantic[window.new_start : window.new_start + len(new)] = new
+            state.semantic_done = window.new_start + len(new)
+            if seq in finished.get("semantic", ()):
+                state.active["semantic"] = None
+                events.append(WindowFinished("semantic", row, window.index, tuple(new.tolist())))
+        active = state.active["coarse"]
+        if active is not None:
+            seq, window = active
+            drawn = seq.output_array()
+            frames = len(drawn) // layout.coarse_levels
+            new = drawn[: frames * layout.coarse_levels].reshape(frames, layout.coarse_levels) % cb
+            state.coarse[window.new_start : window.new_start + frames] = new
+            state.coarse_done = window.new_start + frames
+            if seq in finished.get("coarse", ()):
+                state.active["coarse"] = None
+                events.append(WindowFinished("coarse", row, window.index, tuple(drawn.tolist())))
+        for seq in finished.get("fine", ()):
+            window = state.fine_active.pop(seq)
             drawn = seq.output_array()
             state.fine[window.new_start : window.new_end] = drawn.reshape(window.num_new, -1) % cb
             state.fine_finished.add(window.index)
-            events.append(WindowFinished("fine", state.request.row, window.index, tuple(drawn.tolist())))
+            events.append(WindowFinished("fine", row, window.index, tuple(drawn.tolist())))
         return events
 
     @torch.inference_mode()
-    def _decode_audio(self, states: list[RowState]) -> list[AudioChunk]:
+    def _decode_audio(self) -> list[AudioChunk]:
+        state, family = self.state, self.family
         chunks = []
-        for state in states:
-            while state.next_audio in state.fine_finished:
-                window = state.fine_plan[state.next_audio]
-                frames = slice(window.new_start, window.new_end)
-                codes = np.concatenate([state.coarse[frames], state.fine[frames]], axis=1)
-                codes_t = torch.from_numpy(codes.T.copy()).unsqueeze(0).to(self.pack.codec.codebooks.device)
-                if state.audio is None:
-                    state.audio = self.codec.stream()
-                pcm = state.audio.push(codes_t)[0]
-                chunks.append(AudioChunk(state.request.row, window.index, window.new_start * self.hop, pcm.float().cpu().numpy()))
-                state.next_audio += 1
+        while state.next_audio in state.fine_finished:
+            window = state.fine_plan[state.next_audio]
+            frames = slice(window.new_start, window.new_end)
+            codes = np.concatenate([state.coarse[frames], state.fine[frames]], axis=1)
+            codes_t = torch.from_numpy(codes.T.copy()).unsqueeze(0).to(family.pack.codec.codebooks.device)
+            if state.audio is None:
+                state.audio = family.codec.stream()
+            pcm = state.audio.push(codes_t)[0]
+            chunks.append(AudioChunk(state.request.row, window.index, window.new_start * family.hop, pcm.float().cpu().numpy()))
+            state.next_audio += 1
         return chunks
 
-    def run(self, requests: list[Request]) -> Iterator[Event]:
-        states = [self._row_state(request) for request in requests]
-        totals = {
-            "semantic": sum(len(s.semantic) for s in states),
-            "coarse": sum(s.coarse.size for s in states),
-            "fine": sum(s.fine.size for s in states),
-        }
-        try:
-            while any(s.next_audio < len(s.fine_plan) for s in states):
-                yield from self._schedule(states)
-                stepped = [stage for stage in ("fine", "coarse", "semantic") if self.runners[stage].has_work]
-                if not stepped:
-                    raise RuntimeError("MusicLM pipeline stalled: no stage has work but audio is missing")
-                finished = {stage: self.runners[stage].step() if stage in stepped else [] for stage in self.runners}
-                yield from self._collect(states, finished)
-                for stage in stepped:
-                    yield StageProgress(stage, self._progress(stage, states), totals[stage])
-                yield from self._decode_audio(states)
-        finally:
-            for runner in self.runners.values():
-                runner.cancel_all()
-
-    def _progress(self, stage: str, states: list[RowState]) -> int:
+    def _progress(self, stage: str) -> int:
+        state = self.state
         if stage == "fine":
-            runner = self.runners["fine"]
-            in_flight = sum(seq.num_new for seq in runner.running + runner.waiting)
-            return in_flight + sum(int((s.fine >= 0).sum()) for s in states)
-        arrays = [s.semantic if stage == "semantic" else s.coarse for s in states]
-        return sum(int((array >= 0).sum()) for array in arrays)
+            in_flight = sum(seq.num_new for seq in state.fine_active)
+            return in_flight + int((state.fine >= 0).sum())
+        array = state.semantic if stage == "semantic" else state.coarse
+        return int((array >= 0).sum())

@@ -11,7 +11,6 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -24,9 +23,6 @@ from vivace.layout import MusicLMLayout
 from vivace.text import BuiltinTextEncoder, TextConditioner, TransformersTextEncoder
 from vivace.transformer import StageTransformer
 from vivace.weights import check_tensors, expected_shapes, fold_weight_norm, fuse_attention, split_weight_norm, unfuse_attention
-
-if TYPE_CHECKING:
-    from vivace.musicgen_pack import MusicGenPack
 
 FORMAT_NAME = "vivace-pack"
 SCHEMA_VERSION = 1
@@ -209,13 +205,9 @@ def _materialize(
     return module
 
 
-def load_pack(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Pack | MusicGenPack:
-    """A MusicLM pack, or a MusicGen pack when pack.json's family is "musicgen" (vivace.musicgen_pack)."""
+def load_pack(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Pack:
+    """A MusicLM pack (other families' packs load through their family, vivace.core.family)."""
     path = Path(path)
-    if read_manifest(path).get("family") == "musicgen":
-        from vivace.musicgen_pack import load_musicgen_pack
-
-        return load_musicgen_pack(path, dtype, device)
     config = read_config(path)
     stages = {}
     for name in STAGES:

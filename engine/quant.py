@@ -12,18 +12,13 @@ multiple of 32, so other widths dequantize per call. CUDA: dequantize per call a
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vivace.errors import VivaceError
-from vivace.pack import Pack
 from vivace.transformer import StageTransformer
-
-if TYPE_CHECKING:
-    from vivace.musicgen_pack import MusicGenPack
 
 QUANTIZE_MODES = ("int8",)
 PACK_MM_ALIGN = 32
@@ -108,12 +103,3 @@ def quantize_stage(model: StageTransformer) -> int:
 def check_quantize(mode: str | None) -> None:
     if mode is not None and mode not in QUANTIZE_MODES:
         raise VivaceError(f"unknown quantize mode {mode!r} (choose None or one of {', '.join(QUANTIZE_MODES)})")
-
-
-def quantize_pack(pack: Pack | MusicGenPack, mode: str | None) -> None:
-    """Quantizes the stage transformers of a loaded MusicLM pack (.stages) or MusicGen pack (.decoder) in place."""
-    check_quantize(mode)
-    if mode is None:
-        return
-    for model in pack.stages.values() if isinstance(pack, Pack) else [pack.decoder]:
-        quantize_stage(model)

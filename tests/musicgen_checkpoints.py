@@ -48,7 +48,9 @@ def tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_input_names=["input_ids", "attention_mask"]
+    )
 
 
 def build_model(spec: TinyMusicGen):
@@ -77,14 +79,15 @@ def build_model(spec: TinyMusicGen):
         max_position_embeddings=256,
     )
     if spec.melody:
-        config = MusicgenMelodyConfig(
-            text_encoder=text, audio_encoder=audio, decoder=MusicgenMelodyDecoderConfig(**decoder),
+        config = MusicgenMelodyConfig(  # sub-configs as dicts: what transformers 4.x and 5.x both take
+            text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=MusicgenMelodyDecoderConfig(**decoder).to_dict(),
             num_chroma=spec.num_chroma, chroma_length=spec.chroma_length,
         )
         model = MusicgenMelodyForConditionalGeneration(config).eval()
     else:
         decoder_config = MusicgenDecoderConfig(**decoder, cross_attention_hidden_size=spec.cross_hidden)
-        model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=text, audio_encoder=audio, decoder=decoder_config)).eval()
+        config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder_config.to_dict())
+        model = MusicgenForConditionalGeneration(config).eval()
     with torch.no_grad():
         # unit-gain projections instead of the 0.02 init: the condition must visibly move the logits, and larger
         # logits keep greedy choices away from near-ties

@@ -11,6 +11,7 @@ from vivace.codec import SoundStreamDecoder
 from vivace.codec_backend import ContextStream, FrameStream, TorchBackend
 from vivace.codec_stream import CodecStream
 from vivace.config import CodecConfig
+from vivace.musiclm import MusicLM
 from vivace.pack import load_pack
 from vivace.testing import preset_config
 
@@ -89,7 +90,7 @@ class CountingBackend(TorchBackend):
 
 def test_pipeline_streams_each_chunk_once_and_matches_context_decode(engine: Engine) -> None:
     counting = CountingBackend(engine.pack.codec)
-    redecode = Engine(engine.pack, engine.device, engine.dtype, engine.block_size, engine.kv_cache_gb, codec=counting)
+    redecode = Engine(MusicLM(engine.pack, counting), engine.device, engine.dtype, engine.block_size, engine.kv_cache_gb)
     prompts = ["warm analog synth", "solo cello"]
     streamed = engine.generate(prompts, 1.3, seed=7)
     reference = redecode.generate(prompts, 1.3, seed=7)

@@ -20,10 +20,8 @@ from vivace import AudioChunk, Engine, PackError, VivaceError, WindowStarted
 from vivace.chroma import ChromaConfig, ChromaExtractor, chroma_filter_bank, mono_reference, resample
 from vivace.cli import main
 from vivace.export.musicgen import convert_musicgen
-from vivace.kv_cache import BlockAllocator, KVCachePool
-from vivace.musicgen import MusicGenPipeline
+from vivace.kv_cache import BlockAllocator
 from vivace.musicgen_melody import window_reference
-from vivace.stage_runner import StageRunner
 
 CONFIGS = {
     "projections": TinyMusicGen(melody=True, seed=5),  # text 32 -> 48 and 12 chroma bins -> 48: both projected
@@ -180,13 +178,10 @@ def test_prefix_sharing_keeps_melodies_apart_and_survives_preemption(
     assert shared  # the third row reuses the first row's prefix blocks
     for row in range(len(rows)):
         np.testing.assert_array_equal(batch[row], single[row])
-    c = engine.config.decoder
-    longest = max(engine.prefix_tokens(p) for p in prompts) + 12 + spec.num_codebooks
-    pool = KVCachePool(c.num_layers, 2 * -(-longest // 4) + 6, 4, c.num_heads, c.head_dim, torch.float32, "cpu")
-    runner = StageRunner("decoder", engine.pack.decoder, pool, torch.device("cpu"))
-    requests = engine.requests(prompts, seconds, seeds, {"melody": melodies, "melody_sample_rate": rate})
-    events = list(MusicGenPipeline(engine.pack, runner).run(requests))
-    assert runner.stats.preemptions > 0
+    longest = max(engine.family.prefix_tokens(p) for p in prompts) + 12 + spec.num_codebooks
+    tight = Engine(engine.family, engine.device, engine.dtype, 4, engine.kv_cache_gb, num_blocks={"decoder": 2 * -(-longest // 4) + 6})
+    events = list(tight.events(prompts, seconds, seed=seeds, melody=melodies, melody_sample_rate=rate))
+    assert tight.core.runners["decoder"].stats.preemptions > 0
     pcm = {e.row: e.pcm for e in events if isinstance(e, AudioChunk)}
     for row in range(len(rows)):
         np.testing.assert_array_equal(pcm[row], single[row])

@@ -12,9 +12,6 @@ from musicgen_checkpoints import TinyMusicGen, reference, vivace_codes, write_ch
 from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture
 from vivace import AudioChunk, Engine, WindowStarted
 from vivace.export.musicgen import convert_musicgen
-from vivace.kv_cache import KVCachePool
-from vivace.musicgen import MusicGenPipeline
-from vivace.stage_runner import StageRunner
 
 CONFIGS = {
     "projection": TinyMusicGen(seed=1),
@@ -89,12 +86,9 @@ def test_batch_equals_single_calls_and_survives_preemption(converted: tuple[Path
     batch = engine.generate(list(PROMPTS), seconds, seed=[5, 9])
     single = [engine.generate(p, seconds, seed=s)[0] for p, s in zip(PROMPTS, (5, 9))]
     np.testing.assert_array_equal(batch, np.stack(single))
-    c = engine.config.decoder
-    pool = KVCachePool(c.num_layers, 9, 16, c.num_heads, c.head_dim, torch.float32, "cpu")  # a pair needs 6 blocks
-    runner = StageRunner("decoder", engine.pack.decoder, pool, torch.device("cpu"))
-    requests = engine.requests(list(PROMPTS) * 2, seconds, [5, 9, 5, 9], {})
-    events = list(MusicGenPipeline(engine.pack, runner).run(requests))
-    assert runner.stats.preemptions > 0
+    tight = Engine(engine.family, engine.device, engine.dtype, 16, engine.kv_cache_gb, num_blocks={"decoder": 9})  # a pair needs 6 blocks
+    events = list(tight.events(list(PROMPTS) * 2, seconds, seed=[5, 9, 5, 9]))
+    assert tight.core.runners["decoder"].stats.preemptions > 0
     pcm = {e.row: e.pcm for e in events if isinstance(e, AudioChunk)}
     for row in range(4):
         np.testing.assert_array_equal(pcm[row], single[row % 2])

@@ -1,0 +1,1 @@
+"""The long-lived engine core: one scheduler, block manager and model runner per stage, shared by all requests."""
