@@ -38,6 +38,12 @@ class build_py_with_init(build_py):
         return [*super().get_outputs(include_bytecode), self._init_path()]
 
 
+# engine/'s folders (core/, model/, codecs/, packs/, families/...) as vivace.core, vivace.model, ...
+ENGINE_SUBPACKAGES = sorted(
+    "vivace." + ".".join(folder.relative_to("engine").parts)
+    for folder in Path("engine").rglob("*") if folder.is_dir() and (folder / "__init__.py").is_file()
+)
+
 TEXT = ["transformers>=4.57.6", "tokenizers>=0.22.1"]
 ONNX = ["onnx>=1.17", "onnxruntime>=1.28"]  # older onnxruntime pads reflect past the input: tests/test_encodec_onnx.py
 
@@ -55,7 +61,7 @@ setup(
     version="0.1.0",
     description="Inference engine for token-based text-to-music models (MusicLM hierarchy, MusicGen)",
     python_requires=">=3.10",
-    packages=["vivace", "vivace.core", "vivace.kernels", "vivace.export"],
+    packages=["vivace", *ENGINE_SUBPACKAGES, "vivace.kernels", "vivace.export"],
     package_dir={"vivace": "engine", "vivace.kernels": "kernels", "vivace.export": "export"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext, "build_py": build_py_with_init},

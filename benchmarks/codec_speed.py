@@ -6,9 +6,9 @@
 Methods for the SoundStream presets (tiny, paper), each over one clip of random codes at batch 1:
   torch_full       SoundStreamDecoder on the whole clip at once
   ort_full         onnxruntime (CPU provider) on the whole clip
-  torch_range      per chunk, SoundStreamDecoder.decode_range (re-decodes the receptive field of context)
+  torch_range      per chunk, ContextDecoder.range on the module (re-decodes the receptive field of context)
   torch_stream     per chunk, CodecStream (carried convolution state; the pipeline's torch backend)
-  ort_stream       per chunk, onnxruntime through ContextStream (the pipeline's onnxruntime backend)
+  ort_stream       per chunk, onnxruntime through its ContextStream (the pipeline's onnxruntime backend)
 Chunks are the preset's fine chunk (tiny 0.5 s, paper 3 s: what the pipeline feeds) and --small-chunk frames
 (a low-latency stream). For "encodec32" (MusicGen's 32 kHz EnCodec decoder at its released size, random weights):
   torch_full / ort_full   the whole clip, as MusicGen's generate decodes it
@@ -18,7 +18,7 @@ torch methods run on the GPU, the onnxruntime ones are left out (the CPU provide
 graph_full adds the whole-clip decode captured once as a CUDA graph and replayed: torch eager against CUDA graphs /
 torch.compile, the comparison that stands in for TensorRT where TensorRT cannot be installed.
 The SoundStream decoders are random SoundStreamDecoders built from
-`vivace.testing.preset_config(preset).codec` (no pack is written). Each figure is the best of --repeats runs after
+`vivace.families.musiclm.random_pack.preset_config(preset).codec` (no pack is written). Each figure is the best of --repeats runs after
 one warm-up; streamed outputs are checked against the full decode first. torch and onnxruntime get the same
 number of threads (default 1: on a shared 2-core machine a second thread that has to wait for a busy core
 makes both libraries several times slower, and the figures unrepeatable). Results go to
@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cpu_model, git, gpu_name, versions
-from vivace.codec import SoundStreamDecoder
-from vivace.codec_backend import ContextStream, FrameStream, OnnxRuntimeBackend, TorchBackend
-from vivace.codec_stream import CodecStream
-from vivace.encodec import EncodecConfig, EncodecDecoder
-from vivace.encodec_stream import decode_overlapped
+from vivace.codecs.backend import FrameStream, OnnxRuntimeBackend, TorchBackend
+from vivace.codecs.causal_stream import CodecStream
+from vivace.codecs.context_decoder import ContextDecoder
+from vivace.codecs.encodec import EncodecConfig, EncodecDecoder
+from vivace.codecs.soundstream import SoundStreamDecoder
 from vivace.export.onnx_codec import OPSET
-from vivace.testing import preset_config
+from vivace.families.musiclm.random_pack import preset_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -149,7 +149,8 @@ def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, th
     torch_backend = TorchBackend(codec)
 
     def torch_range(chunk: int) -> torch.Tensor:
-        pieces = [codec.decode_range(codes[..., : t + chunk], t, min(t + chunk, frames)) for t in range(0, frames, chunk)]
+        decoder = ContextDecoder(codec, config.hop_length, codec.receptive_field_frames())
+        pieces = [decoder.range(codes[..., : t + chunk], t, min(t + chunk, frames)) for t in range(0, frames, chunk)]
         return torch.cat(pieces, dim=-1)
 
     runs: list[tuple[str, int, Callable[[], torch.Tensor]]] = [("torch_full", frames, lambda: torch_backend.decode(codes))]
@@ -160,7 +161,7 @@ def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, th
             ("torch_range", chunk, lambda c=chunk: torch_range(c)),
             ("torch_stream", chunk, lambda c=chunk: chunked(lambda: CodecStream(codec), codes, c)),
         ]
-        runs += [("ort_stream", chunk, lambda c=chunk: chunked(lambda: ContextStream(ort_backend), codes, c))] if on_cpu else []
+        runs += [("ort_stream", chunk, lambda c=chunk: chunked(ort_backend.stream, codes, c))] if on_cpu else []
     audio_s = frames * config.hop_length / pack_config.sample_rate
     figures = measure(runs, lambda: torch_backend.decode(codes), audio_s, repeats)
     return {
@@ -174,16 +175,6 @@ def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, th
         "onnx_export_max_abs_error": export_error,
         "figures": figures,
     }
-
-
-class _Decoder:
-    """A backend as decode_overlapped sees a decoder: its config and codes -> PCM."""
-
-    def __init__(self, backend: OnnxRuntimeBackend, config: EncodecConfig) -> None:
-        self.backend, self.config = backend, config
-
-    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.backend.decode(codes)
 
 
 def bench_encodec(seconds: float, repeats: int, threads: int, workdir: Path, device: torch.device, compile_too: bool) -> dict:
@@ -203,9 +194,11 @@ def bench_encodec(seconds: float, repeats: int, threads: int, workdir: Path, dev
     runs: list[tuple[str, int, Callable[[], torch.Tensor]]] = [("torch_full", frames, lambda: torch_backend.decode(codes))]
     runs += [("ort_full", frames, lambda: ort_backend.decode(codes))] if on_cpu else []
     runs += accelerated_runs(codec, codes, compile_too)
-    runs += [("torch_overlap", chunk, lambda: decode_overlapped(codec, codes, chunk, context, context))]
+    overlap = ContextDecoder(codec, config.hop_length, context, context)
+    runs += [("torch_overlap", chunk, lambda: overlap.chunks(codes, chunk))]
     if on_cpu:
-        runs += [("ort_overlap", chunk, lambda: decode_overlapped(_Decoder(ort_backend, config), codes, chunk, context, context))]
+        ort_overlap = ContextDecoder(ort_backend.decode, config.hop_length, context, context)
+        runs += [("ort_overlap", chunk, lambda: ort_overlap.chunks(codes, chunk))]
     audio_s = frames * config.hop_length / config.sampling_rate
     figures = measure(runs, lambda: torch_backend.decode(codes), audio_s, repeats)
     return {

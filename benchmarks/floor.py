@@ -3,7 +3,7 @@
 Bandwidth, measured here:
 - copy: dst.copy_(src) of a large float32 tensor, bytes read + bytes written per second;
 - GEMV: y = x W^T over a chain of [4096, 1024] / [1024, 4096] weights far larger than the caches, weight bytes
-  per second, in float32, bfloat16 and int8 weight-only (vivace.quant.Int8Linear, the engine's path), at 1 row
+  per second, in float32, bfloat16 and int8 weight-only (vivace.model.quant.Int8Linear, the engine's path), at 1 row
   and at 2 rows (a MusicGen guidance pair); on the CPU also the two int8 paths the engine does not take.
 Bytes per decode step of each model: the weights one step reads (the layers' linears and norms, the output heads,
 one embedding row per codebook; not the embedding tables, nor cross-attention's key/value projection, which runs
@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from benchmarks.common import Options, latest_result, release_memory, table, time_calls, write_result
 from benchmarks.musicgen_suite import DECODER
-from vivace.config import TransformerConfig
-from vivace.pack import STAGES
-from vivace.quant import Int8Linear
-from vivace.testing import preset_config
+from vivace.families.musiclm.pack import STAGES
+from vivace.families.musiclm.random_pack import preset_config
+from vivace.model.config import TransformerConfig
+from vivace.model.quant import Int8Linear
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MODES = {

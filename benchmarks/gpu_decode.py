@@ -2,9 +2,9 @@
 
     python -m benchmarks.gpu_decode [--preset paper] [--dtype bfloat16] [--seconds 2] [--steps-per-sync 16]
 
-Modes, each a fresh Engine on one random-weight pack (vivace.testing.random_pack), greedy decoding:
+Modes, each a fresh Engine on one random-weight pack (vivace.families.musiclm.random_pack.random_pack), greedy decoding:
   per step         steps_per_sync 1: one host round trip per step (the C++ decode batch; Triton sampling on CUDA)
-  device loop      steps_per_sync N: N steps per host sync (vivace.device_decode)
+  device loop      steps_per_sync N: N steps per host sync (vivace.core.device_decode)
   device + graphs  the same N steps replayed as one CUDA graph (CUDA only)
 The CUDA-graph replay must draw exactly the tokens of the same loop run eagerly (checked before any figure is
 written). The per-step and device-loop modes run the same math on different shapes (the loop pads its batch to a
@@ -32,7 +32,7 @@ import torch
 from benchmarks.common import cpu_model, git, gpu_name, versions
 from vivace import Engine
 from vivace.events import StageProgress, WindowFinished
-from vivace.testing import random_pack
+from vivace.families.musiclm.random_pack import random_pack
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

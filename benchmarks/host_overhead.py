@@ -4,7 +4,7 @@ Three ways to do the same step, on the same logits:
 - "C++ step": vivace._C.DecodeBatch, what the engine runs: missing_blocks() + prepare() + sample_and_advance(logits);
 - "Py + C sampler": the per-sequence Python bookkeeping the engine ran before (ids, positions, slots, block tables,
   SamplingBatch, append) around vivace._C.sample;
-- "Python": the same bookkeeping around the plain-torch reference sampler vivace.sampling.sample.
+- "Python": the same bookkeeping around the plain-torch reference sampler vivace.kernels.sampling.sample.
 Also the sampler alone (vivace._C.sample), one thread and one per core.
 
 Run from the repository root: python -m benchmarks.host_overhead [--quick]
@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.common import cpu_model, git, versions
 from vivace import _C
-from vivace.sampling import SamplingBatch, sample
+from vivace.kernels.sampling import SamplingBatch, sample
 
 BATCHES = (1, 16, 64, 256)
 VOCABS = (1024, 2048)
@@ -199,7 +199,7 @@ def main() -> None:
             "timing": f"median wall time of one step over >= {MIN_SECONDS} s and >= {MIN_CALLS} calls",
             "C++ step": "DecodeBatch.missing_blocks() + prepare() + sample_and_advance(logits), default threads",
             "Py + C sampler": "per-sequence Python inputs, SamplingBatch and appends around vivace._C.sample",
-            "Python": f"the same around vivace.sampling.sample, torch.set_num_threads(1) (default here: {torch_default_threads})",
+            "Python": f"the same around vivace.kernels.sampling.sample, torch.set_num_threads(1) (default here: {torch_default_threads})",
             "sampler": "vivace._C.sample alone, num_threads 1 and 0 (= one per hardware thread, capped by the work)",
         },
         "target": {**TARGET, "measured_us": measured, "met": met},

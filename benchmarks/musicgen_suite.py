@@ -38,7 +38,7 @@ import torch
 from benchmarks.common import ROOT, Options, PeakRSS, release_memory, table, write_result
 from vivace import AudioChunk, Engine, WindowFinished
 from vivace.events import StageProgress
-from vivace.musicgen import delayed_grid
+from vivace.families.musicgen.pipeline import delayed_grid
 
 WORDS = (
     "a the slow fast mellow upbeat piano drums jazz rock ambient pads with and in of bass guitar strings choir loud "
@@ -46,7 +46,7 @@ WORDS = (
 ).split()
 PROMPTS = ("mellow lo-fi hip hop beat with a warm piano", "epic strings and choir with loud drums")
 MODES = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("float32", "int8"), "int8+bf16": ("bfloat16", "int8")}
-# on CUDA also: bfloat16 with 16 decode steps per host sync replayed as CUDA graphs (vivace.device_decode)
+# on CUDA also: bfloat16 with 16 decode steps per host sync replayed as CUDA graphs (vivace.core.device_decode)
 GRAPH_MODES = {"bfloat16+graphs": ("bfloat16", None)}
 STEPS_PER_SYNC = 16
 QUICK = {"seconds": 0.2, "agreement_s": 0.5, "agreement_prompts": 2}
@@ -77,7 +77,13 @@ def tokenizer() -> Any:
 
 
 def build_checkpoint(path: Path) -> None:
-    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration, T5Config
+    from transformers import (
+        EncodecConfig,
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        MusicgenForConditionalGeneration,
+        T5Config,
+    )
 
     torch.manual_seed(0)
     pad = DECODER["vocab_size"]

@@ -21,14 +21,14 @@ import torch
 
 from benchmarks.common import Options, PeakRSS, median_ms, release_memory, sync, table, time_calls, write_result
 from vivace import AudioChunk, Engine
-from vivace.config import PackConfig
 from vivace.core.engine_core import CoreLimits
+from vivace.core.kv_cache import KVCachePool
+from vivace.core.sequence import Sequence, TimeMajorSchedule
 from vivace.events import StageProgress
-from vivace.kv_cache import KVCachePool
-from vivace.layout import MusicLMLayout
-from vivace.pack import STAGES
-from vivace.sequence import Sequence, TimeMajorSchedule
-from vivace.testing import random_pack
+from vivace.families.musiclm.config import PackConfig
+from vivace.families.musiclm.layout import MusicLMLayout
+from vivace.families.musiclm.pack import STAGES
+from vivace.families.musiclm.random_pack import random_pack
 
 PROMPTS = (
     "upbeat piano trio with walking bass", "slow ambient pads", "brushed drums and upright bass", "solo cello in d minor",
@@ -215,7 +215,7 @@ def run(options: Options) -> dict[str, Any]:
         title="MusicLM pipeline (RTF: compute seconds per second of audio of one row)",
     ))
     config = {
-        "pack": str(pack), "pack_stored": "bfloat16 random weights (vivace.testing.random_pack preset 'paper', seed 0)",
+        "pack": str(pack), "pack_stored": "bfloat16 random weights (vivace.families.musiclm.random_pack.random_pack preset 'paper', seed 0)",
         "dtype": info["dtype"], "stage_contexts": contexts, **settings,
         "stage_method": "StageRunner.step() on one sequence, median wall time per decode step after 2 warm-up steps",
         "stream_method": "engine.stream(prompt, seconds, seed=0): first AudioChunk, then all chunks",

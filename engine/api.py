@@ -1,7 +1,7 @@
 """vivace: a fast inference engine for token-based text-to-music models."""
 from vivace.arguments import Story
 from vivace.async_engine import AsyncEngine
-from vivace.config import SamplingParams
+from vivace.core.sampling import SamplingParams
 from vivace.engine import Engine
 from vivace.errors import EngineBusy, PackError, VivaceError
 from vivace.events import AudioChunk, StageProgress, WindowFinished, WindowStarted

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from vivace.config import SamplingParams
+from vivace.core.sampling import SamplingParams
 from vivace.errors import VivaceError
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p")

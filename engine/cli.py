@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(json.dumps(Engine.from_pack(args.pack).info(), indent=2))
         elif args.command == "random-pack":
-            from vivace.testing import random_pack
+            from vivace.families.musiclm.random_pack import random_pack
 
             print(random_pack(Path(args.output), preset=args.preset, seed=args.seed))
         elif args.command == "convert":

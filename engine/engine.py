@@ -17,14 +17,13 @@ import numpy as np
 import torch
 
 from vivace.arguments import PromptLike, Story
-from vivace.codec_backend import select_backend
+from vivace.codecs.backend import select_backend
 from vivace.core.engine_core import CoreLimits, EngineCore, RequestOutput, pool_blocks, stage_runners
-from vivace.core.family import family_class
+from vivace.core.model_runner import DecodeOptions
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress
-from vivace.pack import read_manifest
-from vivace.quant import check_quantize, quantize_stage
-from vivace.stage_runner import DecodeOptions
+from vivace.model.quant import check_quantize, quantize_stage
+from vivace.packs.registry import family_of
 
 __all__ = ["Engine", "Story", "assemble"]
 
@@ -77,10 +76,10 @@ class Engine:
         max_running: int = 16,
         max_waiting: int = 64,
     ) -> Engine:
-        """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codec_backend.select_backend).
-        quantize: None, or "int8" for int8 weight-only stage linears (see vivace.quant).
+        """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codecs.backend.select_backend).
+        quantize: None, or "int8" for int8 weight-only stage linears (see vivace.model.quant).
         steps_per_sync > 1: decode that many steps per host sync on the device (Triton sampling and advance, see
-        vivace.device_decode); cuda_graphs: capture them as CUDA graphs. Both are for CUDA devices; the default
+        vivace.core.device_decode); cuda_graphs: capture them as CUDA graphs. Both are for CUDA devices; the default
         (1, False) is the per-step path with the C++ decode batch.
         max_running / max_waiting: requests running at once and waiting for a place (past both: EngineBusy)."""
         if dtype not in DTYPES:
@@ -95,9 +94,9 @@ class Engine:
         check_quantize(quantize)
         decode = DecodeOptions(steps_per_sync, cuda_graphs)
         decode.validate(torch_device)
-        family_cls = family_class(read_manifest(path).get("family"))
+        family_cls = family_of(path)
         pack = family_cls.load_pack(path, DTYPES[dtype], torch_device)
-        family = family_cls(pack, select_backend(pack, codec_backend, torch_device))
+        family = family_cls(pack, select_backend(pack, codec_backend, torch_device, family_cls.cpu_codec_backend))
         if quantize is not None:
             for spec in family.stages().values():
                 quantize_stage(spec.model)

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from vivace.config import read_json_object
-from vivace.encodec import EncodecConfig, EncodecDecoder, encodec_stored_form
+
+from vivace.codecs.encodec import EncodecConfig, EncodecDecoder, encodec_stored_form
 from vivace.errors import PackError
+from vivace.packs.schema import read_json_object
 
 _LEGACY = {"weight_g": "weight_g", "weight_v": "weight_v"}
 _PARAMETRIZED = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}

@@ -17,14 +17,20 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from vivace.chroma import ChromaConfig
-from vivace.config import TransformerConfig, read_json_object
+
 from vivace.errors import PackError, VivaceError
 from vivace.export.encodec import _take, config_from_transformers, decoder_tensors
-from vivace.musicgen_pack import MelodyConfig, MusicGenConfig, MusicGenPackConfig, save_musicgen_pack, validate_musicgen_config
-from vivace.pack import _stored_stage
-from vivace.positions import sinusoidal_embedding
-from vivace.transformer import StageTransformer
+from vivace.families.musicgen.chroma import ChromaConfig
+from vivace.families.musicgen.config import MelodyConfig, MusicGenConfig, MusicGenPackConfig
+from vivace.families.musicgen.pack import (
+    save_musicgen_pack,
+    validate_musicgen_config,
+)
+from vivace.kernels.sinusoid import sinusoidal_embedding
+from vivace.model.config import TransformerConfig
+from vivace.model.transformer import StageTransformer
+from vivace.packs.manifest import stored_stage
+from vivace.packs.schema import read_json_object
 
 DECODER_PREFIX = "decoder.model.decoder."
 _LAYER_PARTS = {  # vivace module inside layers.{i} -> transformers module inside decoder.model.decoder.layers.{i}
@@ -139,7 +145,7 @@ def _decoder_source(name: str) -> str:
 
 def decoder_tensors_from(config: TransformerConfig, state: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in _stored_stage(StageTransformer(config)).items()}
+        expected = {name: tuple(t.shape) for name, t in stored_stage(StageTransformer(config)).items()}
     stored = {name: _take(file, state, [_decoder_source(name)], shape)[1].float().contiguous() for name, shape in expected.items()}
     used = {_decoder_source(name) for name in expected} | {_POSITIONS}
     for key in state:

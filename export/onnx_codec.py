@@ -24,11 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vivace.codec_backend import min_frames
-from vivace.config import read_json_object
+from vivace.codecs.backend import min_frames
 from vivace.errors import VivaceError
-from vivace.musicgen_pack import FAMILY as MUSICGEN, load_musicgen_codec
-from vivace.pack import load_codec
+from vivace.packs.registry import family_of
 
 ONNX_FILE = "codec.onnx"
 OPSET = 17
@@ -110,8 +108,7 @@ def export_pack_codec(pack_path: str | Path, opset: int = OPSET) -> dict:
     """Exports PACK's codec (SoundStream, or EnCodec for a MusicGen pack) to PACK/codec.onnx and records it in
     pack.json under "codec_onnx"."""
     pack_path = Path(pack_path)
-    family = read_json_object(pack_path / "pack.json").get("family")
-    codec = load_musicgen_codec(pack_path) if family == MUSICGEN else load_codec(pack_path)
+    codec = family_of(pack_path).load_codec(pack_path)
     error = export_codec(codec, pack_path / ONNX_FILE, opset)
     record = {"file": ONNX_FILE, "opset": opset, "max_abs_error": error}
     manifest = pack_path / "pack.json"

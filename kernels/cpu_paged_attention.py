@@ -4,11 +4,11 @@ float32 caches go to vivace._C.paged_decode_attention, a C++ kernel that reads e
 its block table (never a slot past its end) and runs a float32 softmax per (sequence, head), on torch's
 intra-op thread count once the contexts are long enough to pay for a second thread.
 
-Other dtypes and devices take torch_decode_attention. Each context is gathered once with index_select (the
-reference's advanced indexing is several times slower on the CPU) and attended by one float32
-scaled_dot_product_attention call on strided views, with the T5 bias (and the length mask) as its additive
-mask. Half-precision caches are upcast once after the gather: torch's CPU attention is several times slower
-in bfloat16 than in float32. Small batches of contexts are padded and attended together; large ones go
+Other dtypes and devices take torch_decode_attention. Each context is gathered once with index_select (instead
+of the reference's advanced indexing and its copies) and attended by one float32 scaled_dot_product_attention call
+on strided views, with the T5 bias (and the length mask) as its additive mask. Half-precision caches are upcast
+once after the gather, since torch's CPU attention is slower in bfloat16 than in float32 (docs/performance.md has
+the measurements). Small batches of contexts are padded and attended together; large ones go
 sequence by sequence, because a padded gather of many megabytes is a fresh allocation that page-faults on
 every step.
 """

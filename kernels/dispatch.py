@@ -1,4 +1,4 @@
-"""Routes each op to its Triton kernel or its plain-torch reference, by the device of its first tensor.
+"""Picks each op's implementation (vivace.kernels.ops) for a tensor's device: Triton, the CPU kernels or the reference.
 
 CUDA tensors get Triton whenever it imports. CPU tensors get the CPU decode path (cpu_paged_attention, tested
 against the reference) and the reference prefill, unless VIVACE_TRITON_INTERPRET=1
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import os
-from types import ModuleType
 
 import numpy as np
 import torch
 
 from vivace import _C
-from vivace.sampling import GuidanceRows, SamplingBatch
+from vivace.kernels.ops import AttentionOps, FusedOps
+from vivace.kernels.sampling import GuidanceRows, SamplingBatch
 
 
 def interpreter_requested() -> bool:
@@ -41,8 +41,8 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return triton_importable()
 
 
-def attention_ops(tensor: torch.Tensor) -> ModuleType:
-    """The module holding store_kv, paged_prefill_attention and paged_decode_attention for tensor's device."""
+def attention_ops(tensor: torch.Tensor) -> AttentionOps:
+    """The attention implementation for tensor's device (Triton, the CPU kernels, or the torch reference)."""
     if use_triton(tensor):
         from vivace.kernels import triton_paged_attention
         return triton_paged_attention
@@ -53,8 +53,8 @@ def attention_ops(tensor: torch.Tensor) -> ModuleType:
     return paged_attention
 
 
-def fused_ops(tensor: torch.Tensor) -> ModuleType:
-    """The module holding embed_codebooks and add_norm for tensor's device (Triton, or the torch reference)."""
+def fused_ops(tensor: torch.Tensor) -> FusedOps:
+    """The fused elementwise ops for tensor's device (Triton, or the torch reference)."""
     if use_triton(tensor):
         from vivace.kernels import triton_fused
         return triton_fused
@@ -62,49 +62,10 @@ def fused_ops(tensor: torch.Tensor) -> ModuleType:
     return fused
 
 
-def store_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    attention_ops(key_cache).store_kv(key, value, key_cache, value_cache, slot_mapping)
-
-
-def paged_prefill_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    distance_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return attention_ops(query).paged_prefill_attention(
-        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, scale, distance_bias
-    )
-
-
-def paged_decode_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    distance_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return attention_ops(query).paged_decode_attention(
-        query, key_cache, value_cache, block_tables, context_lens, scale, distance_bias
-    )
-
-
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Tokens [rows] int64 on logits' device: the Triton sampler on CUDA, the C++ sampler (vivace._C) on the CPU.
 
-    Both draw exactly the tokens of the plain-torch reference vivace.sampling.sample; there is no silent
+    Both draw exactly the tokens of the plain-torch reference vivace.kernels.sampling.sample; there is no silent
     fallback to it.
     """
     if use_triton(logits):
@@ -126,7 +87,7 @@ def sample_and_advance(decode_batch: _C.DecodeBatch, logits: torch.Tensor) -> np
 
     On the CPU this is one vivace._C call (guidance mix, sampling, append). With Triton the guidance mix runs in
     torch and the Triton sampler draws on the device; the tokens come to the host for the batch to advance.
-    Both draw what vivace.sampling.sample draws from the same mixed logits.
+    Both draw what vivace.kernels.sampling.sample draws from the same mixed logits.
     """
     if not use_triton(logits):
         return decode_batch.sample_and_advance(logits.detach().to("cpu", torch.float32).contiguous().numpy())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vivace.positions import sinusoidal_embedding
+from vivace.kernels.sinusoid import sinusoidal_embedding
 
 
 def embed_codebooks(

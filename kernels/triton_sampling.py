@@ -1,4 +1,4 @@
-"""Device-side sampling with the semantics of vivace.sampling.sample (see its docstring).
+"""Device-side sampling with the semantics of vivace.kernels.sampling.sample (see its docstring).
 
 Window masking, softmax and the stable descending sort are torch ops on the logits' device (float64, as in
 the reference); one Triton program per row then hashes (seed, stream, step) into its uniform, applies
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from vivace.kernels import buffers
-from vivace.sampling import SamplingBatch
+from vivace.kernels.sampling import SamplingBatch
 
 _GOLDEN = tl.constexpr(0x9E3779B97F4A7C15)
 _GOLDEN_TWICE = tl.constexpr((2 * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
@@ -105,7 +105,7 @@ def _draw_kernel(
 
 
 def uniform(seed: torch.Tensor, stream: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Float64 uniforms, bit-identical to vivace.sampling.uniform; int64 inputs of one shape, on one device."""
+    """Float64 uniforms, bit-identical to vivace.kernels.sampling.uniform; int64 inputs of one shape, on one device."""
     seed, stream, step = (x.contiguous() for x in (seed, stream, step))
     out = buffers.empty(tuple(seed.shape), torch.float64, seed.device)
     n = seed.numel()
@@ -155,7 +155,7 @@ def sample_on_device(
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """vivace.sampling.sample on logits' device: the host-side batch is copied over, tokens stay there."""
+    """vivace.kernels.sampling.sample on logits' device: the host-side batch is copied over, tokens stay there."""
     rows = logits.shape[0]
     device = logits.device
     if bool((batch.temperature == 0).all()):  # host tensor: no device sync

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vivace import Engine
-from vivace.testing import random_pack
+from vivace.families.musiclm.random_pack import random_pack
 
 # The test models are tiny: one thread is as fast, and a second one stalls badly when the other core is busy.
 torch.set_num_threads(1)

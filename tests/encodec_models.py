@@ -3,7 +3,7 @@ import dataclasses
 
 import torch
 
-from vivace.encodec import EncodecConfig, EncodecDecoder
+from vivace.codecs.encodec import EncodecConfig, EncodecDecoder
 
 CONFIGS = {
     "musicgen_32khz": dataclasses.replace(EncodecConfig.musicgen_32khz(), num_filters=4, codebook_dim=16),

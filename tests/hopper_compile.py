@@ -58,7 +58,7 @@ def exercise() -> None:
     from vivace.kernels import triton_fused as tf
     from vivace.kernels import triton_paged_attention as tpa
     from vivace.kernels import triton_sampling as ts
-    from vivace.positions import sinusoid_frequencies
+    from vivace.kernels.sinusoid import sinusoid_frequencies
 
     # attention: (dtype, head_dim, block_size, bias) as the engine runs them
     for dtype, head_dim, block_size, bias in [(torch.float32, 64, 16, True), (torch.bfloat16, 128, 16, True),

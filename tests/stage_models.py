@@ -1,8 +1,8 @@
 """Small random stage transformers shared by the cache and runner tests."""
 import torch
 
-from vivace.config import TransformerConfig
-from vivace.transformer import StageTransformer
+from vivace.model.config import TransformerConfig
+from vivace.model.transformer import StageTransformer
 
 
 def make_model(position: str, cross: bool = False, seed: int = 0) -> StageTransformer:

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from vivace import Engine, PackError, VivaceError
-from vivace import codec_backend
 from vivace.cli import main
-from vivace.codec import SoundStreamDecoder
-from vivace.codec_backend import OnnxRuntimeBackend, TorchBackend, select_backend
-from vivace.config import CodecConfig
+from vivace.codecs import backend as codec_backend
+from vivace.codecs.backend import OnnxRuntimeBackend, TorchBackend, select_backend
+from vivace.codecs.soundstream import CodecConfig, SoundStreamDecoder
 from vivace.export import onnx_codec
 from vivace.export.onnx_codec import export_codec, export_pack_codec
-from vivace.pack import CodecOnnx, load_pack
-from vivace.testing import preset_config
+from vivace.families.musiclm.pack import load_pack
+from vivace.families.musiclm.random_pack import preset_config
+from vivace.packs.manifest import CodecOnnx
 
 TOL = 1e-4
 OTHER = CodecConfig(
@@ -77,13 +77,13 @@ def test_onnxruntime_engine_generates_the_torch_audio(onnx_pack: Path) -> None:
     assert np.abs(a - b).max() <= TOL
 
 
-def test_onnxruntime_decode_range_matches_torch(onnx_pack: Path) -> None:
+def test_onnxruntime_context_range_matches_torch(onnx_pack: Path) -> None:
     pack = load_pack(onnx_pack)
     backend = select_backend(pack, "onnxruntime", torch.device("cpu"))
     codes = torch.randint(0, pack.config.codec.codebook_size, (2, pack.config.codec.num_levels, 60))
     with torch.inference_mode():
-        expected = pack.codec.decode_range(codes[..., :45], 30, 45)
-    assert (backend.decode_range(codes[..., :45], 30, 45) - expected).abs().max() <= TOL
+        expected = pack.codec(codes[..., :45])[..., 30 * backend.hop_length :]
+    assert (backend.context_decoder.range(codes[..., :45], 30, 45) - expected).abs().max() <= TOL
     assert backend.decode(codes[..., :0]).shape == (2, 0)
 
 

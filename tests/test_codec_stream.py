@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from vivace import Engine
-from vivace.codec import SoundStreamDecoder
-from vivace.codec_backend import ContextStream, FrameStream, TorchBackend
-from vivace.codec_stream import CodecStream
-from vivace.config import CodecConfig
-from vivace.musiclm import MusicLM
-from vivace.pack import load_pack
-from vivace.testing import preset_config
+from vivace.codecs.backend import FrameStream, TorchBackend
+from vivace.codecs.causal_stream import CodecStream
+from vivace.codecs.context_decoder import ContextDecoder, ContextStream
+from vivace.codecs.soundstream import CodecConfig, SoundStreamDecoder
+from vivace.families.musiclm.pack import load_pack
+from vivace.families.musiclm.pipeline import MusicLM
+from vivace.families.musiclm.random_pack import preset_config
 
 TOL = 1e-5
 OTHER = CodecConfig(
@@ -59,33 +59,38 @@ def test_empty_push_changes_nothing() -> None:
         assert (torch.cat([head, tail], dim=-1) - codec(codes)).abs().max() <= TOL
 
 
-def test_context_stream_and_decode_range_match_the_module(tiny_pack: Path) -> None:
+def test_context_stream_and_range_match_the_module(tiny_pack: Path) -> None:
     codec = load_pack(tiny_pack).codec
     backend = TorchBackend(codec)
+    hop = codec.config.hop_length
     codes = torch.randint(0, codec.config.codebook_size, (1, codec.config.num_levels, 70))
     with torch.inference_mode():
         full = codec(codes)
-        assert torch.equal(backend.decode_range(codes[..., :50], 20, 50), codec.decode_range(codes[..., :50], 20, 50))
-    stream = ContextStream(backend)
+    assert (backend.context_decoder.range(codes[..., :50], 20, 50) - full[..., 20 * hop : 50 * hop]).abs().max() <= TOL
+    stream = backend.context_decoder.stream()
     pieces = [stream.push(codes[..., t : t + 9]) for t in range(0, 70, 9)]
     assert (torch.cat(pieces, dim=-1) - full).abs().max() <= TOL
 
 
 class CountingStream(ContextStream):
+    def __init__(self, decoder: ContextDecoder, pushed: list[int]) -> None:
+        super().__init__(decoder)
+        self.pushed = pushed
+
     def push(self, codes: torch.Tensor) -> torch.Tensor:
-        self.backend.pushed.append(codes.shape[-1])
+        self.pushed.append(codes.shape[-1])
         return super().push(codes)
 
 
 class CountingBackend(TorchBackend):
-    """Streams by re-decoding the left context (the pipeline's former decode_range path), counting frames pushed."""
+    """Streams by re-decoding the left context (what the onnxruntime backend does), counting frames pushed."""
 
     def __init__(self, codec: SoundStreamDecoder) -> None:
         super().__init__(codec)
         self.pushed: list[int] = []
 
     def stream(self) -> FrameStream:
-        return CountingStream(self)
+        return CountingStream(self.context_decoder, self.pushed)
 
 
 def test_pipeline_streams_each_chunk_once_and_matches_context_decode(engine: Engine) -> None:

@@ -1,6 +1,6 @@
 """vivace._C's decode bookkeeping (TokenSchedule, SequenceState, DecodeBatch, window planning) against a plain-Python
 reference of the same step: the old per-sequence loop (rows, positions, slots, tables, windows, guidance mix in torch,
-vivace.sampling.sample, append), kept here as the specification."""
+vivace.kernels.sampling.sample, append), kept here as the specification."""
 from __future__ import annotations
 
 import bisect
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vivace import _C
-from vivace.sampling import SamplingBatch, sample
+from vivace.kernels.sampling import SamplingBatch, sample
 
 # --- plain-Python references ----------------------------------------------------------------------------------
 
@@ -81,7 +81,7 @@ class RefSequence:
 
 
 def reference_step(seqs: list[RefSequence], logits: torch.Tensor) -> list[int]:
-    """One step of the old Python loop: mix guided pairs in float32, draw with vivace.sampling.sample, append."""
+    """One step of the old Python loop: mix guided pairs in float32, draw with vivace.kernels.sampling.sample, append."""
     heads = seqs[0].schedule.num_heads
     first_rows = np.cumsum([0] + [s.members for s in seqs[:-1]]).tolist()
     mixed = logits[first_rows].clone()

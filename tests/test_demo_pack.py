@@ -4,8 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from vivace import Engine
-from vivace.pack import load_pack
+from vivace.families.musiclm.pack import load_pack
 
 PACK = Path(__file__).resolve().parent.parent / "packs" / "demo"
 SIZE_LIMIT_MB = 50

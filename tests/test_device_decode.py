@@ -1,4 +1,4 @@
-"""Several decode steps per host sync (vivace.device_decode) draw what one step per sync draws.
+"""Several decode steps per host sync (vivace.core.device_decode) draw what one step per sync draws.
 
 Run on the CPU through the Triton interpreter (VIVACE_TRITON_INTERPRET=1 routes the engine's attention and sampling
 to the Triton kernels), so both sides run the same kernels; CUDA graphs need a GPU and are not exercised here."""
@@ -8,17 +8,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from musicgen_checkpoints import TinyMusicGen, write_checkpoint
 from stage_models import make_model
+
 from vivace import Engine, VivaceError
-from vivace.config import SamplingParams
+from vivace.core.device_decode import GRAPH_STEPS, Bucket, DeviceDecodeLoop
+from vivace.core.kv_cache import KVCachePool
+from vivace.core.model_runner import DecodeOptions, decode_batch
+from vivace.core.sampling import SamplingParams
+from vivace.core.sequence import DelaySchedule, Sequence, TimeMajorSchedule
+from vivace.core.stage_runner import StageRunner
 from vivace.events import WindowFinished
 from vivace.export.musicgen import convert_musicgen
-from vivace.kv_cache import KVCachePool
-from vivace.sequence import DelaySchedule, Sequence, TimeMajorSchedule
-from vivace.device_decode import GRAPH_STEPS, Bucket, DeviceDecodeLoop
-from vivace.stage_runner import DecodeOptions, StageRunner, decode_batch
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +66,7 @@ def test_time_major_sequences_draw_the_same_tokens(num_blocks: int) -> None:
 
 def test_guided_delay_pattern_sequences_draw_the_same_tokens() -> None:
     """MusicGen's shape: two codebooks under a delay grid, guided pairs with cross-attention conditions."""
-    from vivace.sequence import CrossCondition
+    from vivace.core.sequence import CrossCondition
 
     def sequences() -> list[Sequence]:
         torch.manual_seed(1)

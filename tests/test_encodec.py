@@ -1,6 +1,6 @@
 import json
-from collections.abc import Callable
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import EncodecConfig as TransformersEncodecConfig
 from transformers import EncodecModel
 
-from vivace.encodec import EncodecConfig, encodec_config_from_dict, encodec_config_to_dict, load_encodec_decoder
+from vivace.codecs.encodec import EncodecConfig, encodec_config_from_dict, encodec_config_to_dict, load_encodec_decoder
 from vivace.errors import PackError
 from vivace.export.encodec import config_from_transformers, convert_encodec
 

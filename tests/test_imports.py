@@ -75,3 +75,29 @@ def test_vivace_modules_import_no_cycle() -> None:
         if node not in state:
             visit(node)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def _graph() -> dict[str, set[str]]:
+    found = modules()
+    known = set(found) | EXTENSIONS
+    return {name: imports(name, path, known) for name, path in found.items()}
+
+
+def test_kernels_import_nothing_of_the_engine() -> None:
+    """vivace.kernels stands alone: the engine calls it, never the other way round (vivace._C is a leaf)."""
+    outside = {
+        name: sorted(target for target in targets if not target.startswith("vivace.kernels") and target != "vivace._C")
+        for name, targets in _graph().items() if name.startswith("vivace.kernels")
+    }
+    assert len(outside) > 5 and not any(outside.values()), outside
+
+
+def test_shared_code_imports_no_family() -> None:
+    """Only the families themselves, their converters (vivace.export) and the CLI's front end name a family; the
+    core, model, codecs, packs and the engine reach families through vivace.packs.registry by name."""
+    allowed = ("vivace.families", "vivace.export", "vivace.cli")
+    offenders = {
+        name: sorted(target for target in targets if target.startswith("vivace.families"))
+        for name, targets in _graph().items() if not name.startswith(allowed)
+    }
+    assert "vivace.core.engine_core" in offenders and not any(offenders.values()), offenders

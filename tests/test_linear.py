@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vivace.transformer import Linear
+from vivace.model.transformer import Linear
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 64, 65, 300])

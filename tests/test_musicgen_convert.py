@@ -8,14 +8,22 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
+from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture
+from musicgen_checkpoints import (
+    TinyMusicGen,
+    build_model,
+    copy_of,
+    edit_config,
+    edit_weights,
+    tokenizer,
+    write_checkpoint,
+)
 from safetensors.torch import load_file
 
-from musicgen_checkpoints import TinyMusicGen, build_model, copy_of, edit_config, edit_weights, tokenizer, write_checkpoint
-from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture
 from vivace import Engine, PackError, VivaceError
 from vivace.cli import main
 from vivace.export.musicgen import convert_musicgen
-from vivace.positions import sinusoidal_embedding
+from vivace.kernels.sinusoid import sinusoidal_embedding
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,27 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
-from musicgen_checkpoints import (
-    TinyMusicGen, copy_of, edit_config, edit_weights, feature_extractor, reference, vivace_codes, write_checkpoint,
-)
 from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture
-from torchaudio_standin import melody_feature_extractor, resample as exact_resample, spectrogram as exact_spectrogram
+from musicgen_checkpoints import (
+    TinyMusicGen,
+    copy_of,
+    edit_config,
+    edit_weights,
+    feature_extractor,
+    reference,
+    vivace_codes,
+    write_checkpoint,
+)
+from torchaudio_standin import melody_feature_extractor
+from torchaudio_standin import resample as exact_resample
+from torchaudio_standin import spectrogram as exact_spectrogram
+
 from vivace import AudioChunk, Engine, PackError, VivaceError, WindowStarted
-from vivace.chroma import ChromaConfig, ChromaExtractor, chroma_filter_bank, mono_reference, resample
 from vivace.cli import main
+from vivace.core.block_manager import BlockAllocator
 from vivace.export.musicgen import convert_musicgen
-from vivace.kv_cache import BlockAllocator
-from vivace.musicgen_melody import window_reference
+from vivace.families.musicgen.chroma import ChromaConfig, ChromaExtractor, chroma_filter_bank, mono_reference, resample
+from vivace.families.musicgen.melody import window_reference
 
 CONFIGS = {
     "projections": TinyMusicGen(melody=True, seed=5),  # text 32 -> 48 and 12 chroma bins -> 48: both projected

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from musicgen_checkpoints import converted_32khz_pack, one_thread  # noqa: F401 - autouse fixture
+
 from vivace import Engine, VivaceError
 from vivace.cli import main
-from vivace.codec_backend import OnnxRuntimeBackend, min_frames
-from vivace.musicgen_pack import load_musicgen_codec
+from vivace.codecs.backend import OnnxRuntimeBackend, min_frames
+from vivace.families.musicgen.pack import load_musicgen_codec
 
 TOL = 1e-4
 

@@ -1,10 +1,10 @@
 """MusicGen audio streamed in chunks while the decoder runs: each chunk decoded with 16 frames of overlap on either
-side (vivace.encodec_stream), across continuation windows, within the overlap's error bound of the whole decode."""
+side (vivace.codecs.context_decoder), across continuation windows, within the overlap's error bound of the whole decode."""
 
 import numpy as np
 import pytest
-
 from musicgen_checkpoints import converted_32khz_pack, one_thread  # noqa: F401 - autouse fixture
+
 from vivace import Engine, VivaceError
 from vivace.events import AudioChunk, StageProgress, WindowFinished
 

@@ -1,4 +1,4 @@
-"""vivace._C.sample / sample_guided against the Python reference vivace.sampling.sample.
+"""vivace._C.sample / sample_guided against the Python reference vivace.kernels.sampling.sample.
 
 The reference and the native sampler share the counter-based uniform, so they must agree token for token,
 not just in distribution."""
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from vivace import _C
-from vivace.sampling import SamplingBatch, sample
+from vivace.kernels.sampling import SamplingBatch, sample
 
 U64 = np.iinfo(np.uint64).max
 
@@ -291,7 +291,7 @@ def test_invalid_inputs_raise_value_errors():
 def test_engine_samples_with_the_native_sampler_on_cpu(monkeypatch) -> None:
     from vivace import _C
     from vivace.kernels import dispatch
-    from vivace.sampling import SamplingBatch
+    from vivace.kernels.sampling import SamplingBatch
 
     calls = []
     native = _C.sample

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vivace.errors import PackError
-from vivace.pack import load_pack, read_config
-from vivace.weights import fold_weight_norm, split_weight_norm
+from vivace.families.musiclm.pack import load_pack, read_config
+from vivace.model.weights import fold_weight_norm, split_weight_norm
 
 
 def copy_pack(src: Path, dst: Path) -> Path:

@@ -6,11 +6,12 @@ import random
 
 import pytest
 import torch
-
 from kernel_device import relative_error
-from vivace.kv_cache import BlockAllocator, KVCachePool
 from stage_models import make_model
-from vivace.transformer import AttentionBatch, CrossBatch, StageTransformer
+
+from vivace.core.block_manager import BlockAllocator
+from vivace.core.kv_cache import KVCachePool
+from vivace.model.transformer import AttentionBatch, CrossBatch, StageTransformer
 
 # float32 throughout: the paged and dense paths sum the same products in different orders, so agreement
 # is at rounding level (~1e-6 relative); 1e-5 leaves room without hiding an indexing error (those are O(1)).

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from vivace.positions import distance_bias_table, t5_relative_bucket
+from vivace.model.positions import distance_bias_table, t5_relative_bucket
 
 
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 32), (16, 64), (64, 512)])

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from musicgen_checkpoints import TinyMusicGen, write_checkpoint
 from torch import nn
 
-from musicgen_checkpoints import TinyMusicGen, write_checkpoint
 from vivace import Engine, VivaceError
 from vivace.cli import main
 from vivace.export.musicgen import convert_musicgen
-from vivace.quant import Int8Linear, pack_mm_available, quantize_weight
+from vivace.model.quant import Int8Linear, pack_mm_available, quantize_weight
 
 SHAPES = [(1024, 4096, False), (4096, 1024, False), (64, 96, True), (37, 5, True)]  # (in, out, bias)
 

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from vivace.sampling import SamplingBatch, sample, uniform
+from vivace.kernels.sampling import SamplingBatch, sample, uniform
 
 
 def batch(rows: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, lo: int = 0, hi: int = 50,

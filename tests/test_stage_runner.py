@@ -2,12 +2,12 @@
 import random
 
 import torch
-
-from vivace.config import SamplingParams
-from vivace.kv_cache import KVCachePool
-from vivace.sequence import Sequence, TimeMajorSchedule
-from vivace.stage_runner import StageRunner
 from stage_models import make_model
+
+from vivace.core.kv_cache import KVCachePool
+from vivace.core.sampling import SamplingParams
+from vivace.core.sequence import Sequence, TimeMajorSchedule
+from vivace.core.stage_runner import StageRunner
 
 SCHEDULE = TimeMajorSchedule(num_levels=2, codebook_size=12, input_offset=16)
 

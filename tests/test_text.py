@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 from vivace import Engine
-from vivace.pack import load_pack
-from vivace.testing import random_pack
+from vivace.families.musiclm.pack import load_pack
+from vivace.families.musiclm.random_pack import random_pack
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "slow", "fast", "piano", "drums", "in", "d", "minor", "jazz", "trio"]
 
@@ -59,7 +59,7 @@ def test_transformers_tower_from_an_installed_package(bert_dir: Path, tmp_path: 
     from dataclasses import replace
 
     from vivace.errors import PackError
-    from vivace.pack import save_pack
+    from vivace.families.musiclm.pack import save_pack
 
     package = tmp_path / "site" / "fake_text_tower"
     shutil.copytree(bert_dir, package / "model")

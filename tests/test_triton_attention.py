@@ -250,7 +250,7 @@ def test_dispatch_runs_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     lens = torch.tensor([33, 5], dtype=torch.int32, device=DEVICE)
     query = torch.randn(2, 2, 16, generator=gen).to(DEVICE)
     assert dispatch.attention_ops(query) is tpa
-    out = dispatch.paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.25)
+    out = dispatch.attention_ops(query).paged_decode_attention(query, key_cache, value_cache, block_tables, lens, 0.25)
     expected = ref.paged_decode_attention(
         query, key_cache.nan_to_num(0.0), value_cache.nan_to_num(0.0), block_tables, lens, 0.25
     )

@@ -9,18 +9,17 @@ round to nearest even (one bf16 ulp, 2**-7 relative, per rounding). Every output
 """
 from __future__ import annotations
 
-from kernel_device import DEVICE, ON_GPU, full_shapes, relative_error  # before anything imports triton
-
 import pytest
 import torch
+from kernel_device import DEVICE, ON_GPU, full_shapes, relative_error  # before anything imports triton
 from torch import nn
 
-from vivace.config import TransformerConfig
 from vivace.kernels import dispatch
 from vivace.kernels import fused as ref
 from vivace.kernels import triton_fused as tf
-from vivace.positions import sinusoid_frequencies
-from vivace.transformer import StageTransformer
+from vivace.kernels.sinusoid import sinusoid_frequencies
+from vivace.model.config import TransformerConfig
+from vivace.model.transformer import StageTransformer
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 

@@ -1,20 +1,18 @@
-"""The Triton sampler against vivace.sampling under the Triton CPU interpreter (or on a GPU at full shapes too:
+"""The Triton sampler against vivace.kernels.sampling under the Triton CPU interpreter (or on a GPU at full shapes too:
 tests/kernel_device.py): identical uniforms and tokens.
 
 Kernel outputs are poisoned (NaN uniforms, -1 tokens) so a row the kernel skips cannot pass.
 """
 from __future__ import annotations
 
-from kernel_device import DEVICE, full_shapes  # before anything imports triton
-
 import numpy as np
 import pytest
 import torch
+from kernel_device import DEVICE, full_shapes  # before anything imports triton
 
-from vivace import sampling as ref
 from vivace.kernels import dispatch
+from vivace.kernels import sampling as ref
 from vivace.kernels import triton_sampling as ts
-
 
 pytestmark = pytest.mark.usefixtures("poisoned_kernel_buffers")
 

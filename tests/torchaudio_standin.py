@@ -1,7 +1,7 @@
 """A stand-in for the two torchaudio calls of transformers' MusicgenMelodyFeatureExtractor (torchaudio is not
 installable here): float64 numpy evaluations of their definitions, written from the formulas rather than from
 torchaudio's code, so that the extractor's own code (padding, truncation, stereo mixing, filter bank, normalisation,
-one-hot) runs unchanged and vivace.chroma is checked against it.
+one-hot) runs unchanged and vivace.families.musicgen.chroma is checked against it.
 
 - transforms.Spectrogram(n_fft, win_length=n_fft, hop_length, power=2, center=True, pad=0, normalized=True):
   |rfft(frame * periodic Hann)|^2 / sum(Hann^2) over frames of the signal reflect-padded by n_fft // 2 each side.

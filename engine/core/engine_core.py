@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
+from vivace.core.device_decode import DeviceLoops
 from vivace.core.family import Family, RequestContext, RequestPipeline, StageSpec, sequence_ids
-from vivace.device_decode import DeviceLoops
+from vivace.core.kv_cache import KVCachePool
+from vivace.core.model_runner import DecodeOptions
+from vivace.core.sequence import Sequence
+from vivace.core.stage_runner import StageRunner
 from vivace.errors import EngineBusy, VivaceError
 from vivace.events import Event
-from vivace.kv_cache import KVCachePool
-from vivace.sequence import Sequence
-from vivace.stage_runner import DecodeOptions, StageRunner
 
 POOL_WINDOWS = 64  # a stage's pool holds at most this many of its longest sequences (the budget may allow fewer)
 

@@ -1,4 +1,4 @@
-"""What the engine core asks of a model family, and the registry of families by pack family name.
+"""What the engine core asks of a model family (the registry of families by pack family: vivace.packs.registry).
 
 A family (MusicLM, MusicGen) turns a call's arguments into validated request specs, names its stages, and starts one
 `RequestPipeline` per admitted request: a per-request state machine that hands the core new sequences when their
@@ -6,16 +6,14 @@ inputs exist and turns finished sequences into tokens, events and audio. The cor
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vivace.errors import PackError
+from vivace.core.sequence import Sequence
 from vivace.events import Event
-from vivace.sequence import Sequence
-from vivace.transformer import StageTransformer
+from vivace.model.transformer import StageTransformer
 
 
 @dataclass(frozen=True)
@@ -60,9 +58,17 @@ class RequestPipeline(Protocol):
 class Family(Protocol):
     """The per-engine object of a family, made from its loaded pack and codec backend."""
 
+    # the codec backend "auto" picks on the CPU when the pack has codec.onnx ("torch" or "onnxruntime")
+    cpu_codec_backend: str
+
     @staticmethod
     def load_pack(path: Any, dtype: Any, device: Any) -> Any:
         """The family's pack from disk, validated."""
+        ...
+
+    @staticmethod
+    def load_codec(path: Any) -> Any:
+        """Only the codec module of the family's pack (CPU, float32), without the stages."""
         ...
 
     def stages(self) -> dict[str, StageSpec]:
@@ -85,20 +91,6 @@ class Family(Protocol):
 
     def info(self) -> dict[str, Any]:
         ...
-
-
-# pack family -> "module:class"; imported when a pack of that family is loaded, so shared code imports no family
-FAMILIES = {
-    "musiclm": "vivace.musiclm:MusicLM",
-    "musicgen": "vivace.musicgen:MusicGen",
-}
-
-
-def family_class(name: Any) -> type:
-    if name not in FAMILIES:
-        raise PackError(f"unknown pack family {name!r} (this vivace runs {', '.join(FAMILIES)})")
-    module, _, cls = FAMILIES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
 
 
 def sequence_ids() -> Iterator[int]:

@@ -10,10 +10,11 @@ import torch
 from common import CODEC, SAMPLE_RATE, Dataset
 from mulan import TEXT_CONFIG, TEXT_PACKAGE
 from pack_config import pack_config
-from vivace.codec import SoundStreamDecoder
-from vivace.pack import package_model_dir, save_pack
-from vivace.text import TextConditioner, TransformersTextEncoder
-from vivace.transformer import StageTransformer
+
+from vivace.codecs.soundstream import SoundStreamDecoder
+from vivace.families.musiclm.pack import package_model_dir, save_pack
+from vivace.families.musiclm.text import TextConditioner, TransformersTextEncoder
+from vivace.model.transformer import StageTransformer
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """Trains the SoundStream-style codec: a convolutional encoder, 12-level residual VQ and vivace's own causal
-SEANet decoder (vivace.codec.SoundStreamDecoder, the module the engine runs), on random crops of the training
+SEANet decoder (vivace.codecs.soundstream.SoundStreamDecoder, the module the engine runs), on random crops of the training
 clips. Losses: multi-resolution log and linear STFT magnitudes, and a small waveform L1; no adversarial loss
 (a CPU budget of minutes, not days), so the audio is smoother than a GAN-trained SoundStream's.
 """
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from common import CODEC, HOP, Dataset, add_run_options, start_run
 from torch import nn
-from vivace.codec import SoundStreamDecoder
+
+from vivace.codecs.soundstream import SoundStreamDecoder
 
 
 class StridedConv(nn.Conv1d):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from vivace.config import CodecConfig
+
+from vivace.codecs.soundstream import CodecConfig
 
 SAMPLE_RATE = 24000
 CODEC = CodecConfig(num_levels=12, codebook_size=256, codebook_dim=64, channels=16, ratios=(8, 5, 4, 3))

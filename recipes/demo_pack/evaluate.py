@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from common import CODEC, SAMPLE_RATE, Dataset, log_mel
 from encode import encode, load_codec_parts
 from mulan import CROP_S, MEL_RATE, AudioTower, retrieval_accuracy
+
 from vivace import Engine
-from vivace.pack import load_codec
+from vivace.families.musiclm.pack import load_codec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for its benchmarks package
 from benchmarks.common import cpu_model

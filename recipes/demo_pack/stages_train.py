@@ -1,5 +1,5 @@
 """Trains one MusicLM stage (semantic, coarse or fine) with teacher forcing on sequences laid out exactly as
-vivace's pipeline feeds them (vivace.layout): the stage is vivace's StageTransformer, trained through its dense
+vivace's pipeline feeds them (vivace.families.musiclm.layout): the stage is vivace's StageTransformer, trained through its dense
 forward, so the trained module is the inference module.
 
 semantic: [MT] [S of a 10 s crop]                          -> S
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from common import SEMANTIC_RATE, Dataset, add_run_options, start_run
 from pack_config import CROP_SECONDS, FRAME_RATE, LAYOUT, pack_config
-from vivace.transformer import StageTransformer
+
+from vivace.model.transformer import StageTransformer
 
 MT_CENTERS_S = np.array([5.0, 7.5, 10.0, 12.5, 15.0])  # centres of the 10 s crops behind mt_codes.npy
 

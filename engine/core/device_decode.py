@@ -26,9 +26,8 @@ import numpy as np
 import torch
 
 from vivace import _C
-from vivace.sampling import GuidanceRows
-from vivace.transformer import AttentionBatch, CrossBatch, StageTransformer
-
+from vivace.kernels.sampling import GuidanceRows
+from vivace.model.transformer import AttentionBatch, CrossBatch, StageTransformer
 
 GRAPH_STEPS = 16  # unrolled decode steps per captured graph; longer runs replay it several times
 

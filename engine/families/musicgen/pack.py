@@ -3,7 +3,7 @@
 decoder.safetensors     the decoder as a vivace stage in stored form (separate q/k/v): num_codebooks summed input
                         embeddings of codebook_size + 1 rows (the last is pad/BOS), sinusoidal positions,
                         cross-attention in every layer (none in a melody pack), one output head per codebook
-codec.safetensors       the EnCodec decoder in its stored form (vivace.encodec)
+codec.safetensors       the EnCodec decoder in its stored form (vivace.codecs.encodec)
 projection.safetensors  transformers' enc_to_dec_proj, when the text encoder's width differs from the decoder's
 chroma_projection.safetensors   melody packs: audio_enc_to_dec_proj, when num_chroma differs from the decoder's width
 text/                   the transformers text encoder (T5) and its tokenizer, as save_pretrained wrote them
@@ -13,84 +13,44 @@ input embeddings (the projected chroma of a reference, then the projected text s
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from vivace.chroma import ChromaConfig
-from vivace.config import SamplingParams, TransformerConfig, from_dict, to_dict
-from vivace.encodec import EncodecConfig, EncodecDecoder, encodec_config_from_dict, encodec_config_to_dict, encodec_stored_form, load_encodec_decoder
-from vivace.errors import PackError
-from vivace.musicgen_text import MusicGenText
-from vivace.pack import (
-    FORMAT_NAME, SCHEMA_VERSION, TEXT_MODEL_DIR, CodecOnnx, _load_component, _materialize, _stored_stage, read_codec_onnx,
-    read_manifest,
+from vivace.codecs.encodec import (
+    EncodecDecoder,
+    encodec_config_from_dict,
+    encodec_config_to_dict,
+    encodec_stored_form,
+    load_encodec_decoder,
 )
-from vivace.transformer import StageTransformer
-from vivace.weights import expected_shapes, fuse_attention
+from vivace.errors import PackError
+from vivace.families.musicgen.chroma import ChromaConfig
+from vivace.families.musicgen.config import FAMILY, MelodyConfig, MusicGenConfig, MusicGenPackConfig
+from vivace.families.musicgen.text import MusicGenText
+from vivace.model.config import TransformerConfig
+from vivace.model.transformer import StageTransformer
+from vivace.model.weights import expected_shapes, fuse_attention
+from vivace.packs.manifest import (
+    TEXT_MODEL_DIR,
+    CodecOnnx,
+    load_component,
+    manifest_header,
+    materialize,
+    read_codec_onnx,
+    read_family_manifest,
+    stored_stage,
+    write_component,
+    write_manifest,
+)
+from vivace.packs.schema import from_dict, to_dict
 
-FAMILY = "musicgen"
 DECODER, CODEC, PROJECTION, CHROMA_PROJECTION = "decoder", "codec", "projection", "chroma_projection"
 TOP_KEYS = ("format", "version", "family", "name", "sample_rate", "decoder", "codec", "musicgen", "melody", "codec_onnx")
-
-
-@dataclass(frozen=True)
-class MusicGenConfig:
-    """Token layout, text condition, windows and sampling defaults of a MusicGen pack."""
-
-    text_hidden: int  # the text encoder's output width
-    projection: bool  # enc_to_dec_proj maps text_hidden to d_model (present when they differ)
-    window_s: float = 30.0  # the longest clip one decoder window generates (the model's trained context)
-    stride_s: float = 18.0  # continuation: each later window keeps window_s - stride_s of audio as its prompt
-    max_duration_s: float = 300.0
-    guidance_scale: float = 3.0
-    sampling: SamplingParams = SamplingParams(temperature=1.0, top_k=250)
-
-
-@dataclass(frozen=True)
-class MelodyConfig:
-    """MusicGen-Melody's prefix: chroma_length rows of projected chroma (a shorter chroma repeats, a longer one is
-    cut), then the projected text states."""
-
-    chroma_length: int = 235
-    projection: bool = True  # audio_enc_to_dec_proj maps num_chroma to d_model (present when they differ)
-    chroma: ChromaConfig = ChromaConfig()
-
-
-@dataclass(frozen=True)
-class MusicGenPackConfig:
-    decoder: TransformerConfig
-    codec: EncodecConfig
-    musicgen: MusicGenConfig
-    name: str = ""
-    melody: MelodyConfig | None = None  # a MusicGen-Melody pack
-    family: str = field(default=FAMILY, init=False)
-
-    @property
-    def sample_rate(self) -> int:
-        return self.codec.sampling_rate
-
-    @property
-    def frame_rate(self) -> float:
-        return self.codec.frame_rate
-
-    @property
-    def num_codebooks(self) -> int:
-        return self.decoder.num_codebooks
-
-    @property
-    def pad_id(self) -> int:
-        """The pad / BOS id: one past the codebook, the extra row of every input embedding."""
-        return self.decoder.output_vocab_size
-
-    def frames(self, seconds: float) -> int:
-        return round(seconds * self.frame_rate)
 
 
 @dataclass
@@ -150,11 +110,7 @@ def validate_melody_config(melody: MelodyConfig, d_model: int) -> None:
 
 def config_to_json(config: MusicGenPackConfig) -> dict[str, Any]:
     return {
-        "format": FORMAT_NAME,
-        "version": SCHEMA_VERSION,
-        "family": FAMILY,
-        "name": config.name,
-        "sample_rate": config.sample_rate,
+        **manifest_header(FAMILY, config.name, config.sample_rate),
         "decoder": to_dict(config.decoder),
         "codec": encodec_config_to_dict(config.codec),
         "musicgen": to_dict(config.musicgen),
@@ -173,15 +129,10 @@ def _melody_from_dict(data: Any) -> MelodyConfig:
 def read_musicgen_config(path: str | Path) -> MusicGenPackConfig:
     path = Path(path)
     manifest = path / "pack.json"
-    data = read_manifest(path)
-    if data.get("family") != FAMILY:
-        raise PackError(f"{manifest}: family is {data.get('family')!r}, expected {FAMILY!r}")
+    data = read_family_manifest(path, FAMILY, ("sample_rate", "decoder", "codec", "musicgen"))
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
         raise PackError(f"{manifest}: unknown key {unknown[0]!r}")
-    for key in ("sample_rate", "decoder", "codec", "musicgen"):
-        if key not in data:
-            raise PackError(f"{manifest}: missing key {key!r}")
     config = MusicGenPackConfig(
         decoder=from_dict(TransformerConfig, data["decoder"], "decoder"),
         codec=encodec_config_from_dict(data["codec"], "codec"),
@@ -196,7 +147,7 @@ def read_musicgen_config(path: str | Path) -> MusicGenPackConfig:
 
 
 def _linear(path: Path, component: str, in_features: int, out_features: int) -> nn.Linear:
-    return _materialize(lambda: nn.Linear(in_features, out_features), lambda m: dict(m.state_dict()), dict, path, component)
+    return materialize(lambda: nn.Linear(in_features, out_features), lambda m: dict(m.state_dict()), dict, path, component)
 
 
 def load_musicgen_pack(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> MusicGenPack:
@@ -204,7 +155,7 @@ def load_musicgen_pack(path: str | Path, dtype: torch.dtype = torch.float32, dev
     projection and text encoder stay float32."""
     path = Path(path)
     config = read_musicgen_config(path)
-    decoder = _materialize(lambda: StageTransformer(config.decoder), _stored_stage, fuse_attention, path, DECODER)
+    decoder = materialize(lambda: StageTransformer(config.decoder), stored_stage, fuse_attention, path, DECODER)
     decoder = decoder.to(device=device, dtype=dtype).eval()
     decoder.refresh_derived()
     codec = load_musicgen_codec(path).to(device)
@@ -225,7 +176,7 @@ def load_musicgen_codec(path: str | Path) -> EncodecDecoder:
     config = read_musicgen_config(path)
     with torch.device("meta"):
         expected = expected_shapes(encodec_stored_form(EncodecDecoder(config.codec)))
-    stored = _load_component(path, CODEC, expected)
+    stored = load_component(path, CODEC, expected)
     return load_encodec_decoder(config.codec, stored, torch.float32, "cpu", path / f"{CODEC}.safetensors").eval()
 
 
@@ -252,8 +203,8 @@ def save_musicgen_pack(
     optional = {PROJECTION: projection, CHROMA_PROJECTION: chroma_projection}
     components = {DECODER: decoder, CODEC: codec, **{k: v for k, v in optional.items() if v is not None}}
     for component, tensors in components.items():
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / f"{component}.safetensors"))
+        write_component(path, component, tensors)
     text_encoder.save_pretrained(path / TEXT_MODEL_DIR)
     tokenizer.save_pretrained(path / TEXT_MODEL_DIR)
-    (path / "pack.json").write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+    write_manifest(path, config_to_json(config))
     return path

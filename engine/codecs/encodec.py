@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vivace.codec import PaddedConv1d, TrimmedConvTranspose1d, dequantize
-from vivace.config import from_dict, to_dict
+from vivace.codecs.soundstream import PaddedConv1d, TrimmedConvTranspose1d, dequantize
 from vivace.errors import PackError
-from vivace.weights import check_tensors, expected_shapes, fold_weight_norm, split_weight_norm
+from vivace.model.weights import check_tensors, expected_shapes, fold_weight_norm, split_weight_norm
+from vivace.packs.schema import from_dict, to_dict
 
 NormType = Literal["weight_norm", "time_group_norm"]
 PAD_MODES = ("constant", "reflect", "replicate", "circular")

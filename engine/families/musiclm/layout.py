@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vivace.config import PackConfig
+from vivace.families.musiclm.config import PackConfig
 
 
 @dataclass(frozen=True)

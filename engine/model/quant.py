@@ -5,9 +5,9 @@ Activations, norms, embeddings and the KV cache keep the engine's dtype. Applied
 nn.Linear inside the layers (attention qkv / o, cross-attention q / kv / o, FFN) and the output heads for an
 Int8Linear.
 
-CPU: torch._weight_int8pack_mm, fed bfloat16 activations. Its float32-activation path is a scalar loop here
-(several times slower than a float32 GEMV), its bfloat16 path is vectorized; it needs in_features to be a
-multiple of 32, so other widths dequantize per call. CUDA: dequantize per call and a plain matmul.
+CPU: torch._weight_int8pack_mm, fed bfloat16 activations: its float32-activation path is a scalar loop, its
+bfloat16 path is vectorized (docs/performance.md, "int8 weight-only"); it needs in_features to be a multiple of 32,
+so other widths dequantize per call. CUDA: dequantize per call and a plain matmul.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vivace.errors import VivaceError
-from vivace.transformer import StageTransformer
+from vivace.model.transformer import StageTransformer
 
 QUANTIZE_MODES = ("int8",)
 PACK_MM_ALIGN = 32

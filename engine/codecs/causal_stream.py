@@ -4,7 +4,7 @@ A causal convolution keeps the last (k-1)*dilation samples of its input, so the 
 zero padding would have been in a full decode; a transposed convolution keeps the (k - stride) samples it
 spills past the end of a chunk and adds them to the next chunk's head. The concatenated output equals one
 full decode (up to float summation order), and each chunk costs only its own frames, unlike
-`SoundStreamDecoder.decode_range`, which re-decodes `receptive_field_frames` of context every time.
+a ContextDecoder (vivace.codecs.context_decoder), which re-decodes `receptive_field_frames` of context every time.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vivace.codec import CausalConv1d, CausalConvTranspose1d, SoundStreamDecoder
+from vivace.codecs.soundstream import CausalConv1d, CausalConvTranspose1d, SoundStreamDecoder
 
 
 class CodecStream:

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vivace.config import TransformerConfig
-from vivace.kernels.dispatch import fused_ops, paged_decode_attention, paged_prefill_attention, store_kv, use_triton
-from vivace.positions import distance_bias_table, sinusoid_frequencies, sinusoidal_embedding, t5_relative_bucket
+from vivace.kernels.dispatch import attention_ops, fused_ops, use_triton
+from vivace.kernels.sinusoid import sinusoid_frequencies, sinusoidal_embedding
+from vivace.model.config import TransformerConfig
+from vivace.model.positions import distance_bias_table, t5_relative_bucket
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ class Linear(nn.Linear):
     """nn.Linear that multiplies a few float32 rows on the CPU as W @ x^T.
 
     For 2 to 64 float32 rows F.linear runs one matrix-vector product per row there, reading the weights once
-    per row; W @ x^T is one matrix product that reads them once (2-3x faster at 2-4 rows, the guidance pair
-    and small batches of decode steps). Other dtypes and devices already do this.
+    per row; W @ x^T is one matrix product that reads them once (the guidance pair and small batches of decode
+    steps are such rows). Other dtypes and devices already do this.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,13 +94,14 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
         key_cache, value_cache = kv_cache
-        store_kv(k, v, key_cache, value_cache, batch.slot_mapping)
+        ops = attention_ops(key_cache)
+        ops.store_kv(k, v, key_cache, value_cache, batch.slot_mapping)
         if batch.is_decode:
-            out = paged_decode_attention(
+            out = ops.paged_decode_attention(
                 q, key_cache, value_cache, batch.block_tables, batch.context_lens, self.scale, distance_bias
             )
         else:
-            out = paged_prefill_attention(
+            out = ops.paged_prefill_attention(
                 q, key_cache, value_cache, batch.block_tables, batch.context_lens, batch.query_start_loc,
                 self.scale, distance_bias,
             )

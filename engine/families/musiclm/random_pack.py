@@ -5,13 +5,14 @@ from pathlib import Path
 
 import torch
 
-from vivace.codec import SoundStreamDecoder
-from vivace.config import CodecConfig, MusicLMConfig, PackConfig, TextConfig, TransformerConfig
+from vivace.codecs.soundstream import CodecConfig, SoundStreamDecoder
 from vivace.errors import VivaceError
-from vivace.layout import MusicLMLayout
-from vivace.pack import STAGES, save_pack
-from vivace.text import BuiltinTextEncoder, TextConditioner, TransformersTextEncoder
-from vivace.transformer import StageTransformer
+from vivace.families.musiclm.config import MusicLMConfig, PackConfig, TextConfig
+from vivace.families.musiclm.layout import MusicLMLayout
+from vivace.families.musiclm.pack import STAGES, save_pack
+from vivace.families.musiclm.text import BuiltinTextEncoder, TextConditioner, TransformersTextEncoder
+from vivace.model.config import TransformerConfig
+from vivace.model.transformer import StageTransformer
 
 
 def preset_config(preset: str) -> PackConfig:

@@ -1,42 +1,42 @@
-"""Packs: a directory with pack.json and one .safetensors per component (semantic, coarse, fine, codec, text).
+"""MusicLM packs: pack.json (stages, codec, text, musiclm) and one .safetensors per component (semantic, coarse,
+fine, codec, text).
 
-`load_pack` validates the schema and every stored tensor's name and shape (the first mismatch is named),
-then prepares the weights for inference: fused attention projections, folded weight norm, the stages cast
-to the requested dtype.
+`load_pack` validates the schema and every stored tensor's name and shape (the first mismatch is named), then
+prepares the weights for inference: fused attention projections, folded weight norm, the stages cast to the
+requested dtype.
 """
 from __future__ import annotations
 
 import importlib.util
-import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
-from vivace.codec import SoundStreamDecoder
-from vivace.config import CodecConfig, MusicLMConfig, PackConfig, TextConfig, TransformerConfig, from_dict, read_json_object, to_dict
+
+from vivace.codecs.soundstream import CodecConfig, SoundStreamDecoder
 from vivace.errors import PackError
-from vivace.layout import MusicLMLayout
-from vivace.text import BuiltinTextEncoder, TextConditioner, TransformersTextEncoder
-from vivace.transformer import StageTransformer
-from vivace.weights import check_tensors, expected_shapes, fold_weight_norm, fuse_attention, split_weight_norm, unfuse_attention
+from vivace.families.musiclm.config import MusicLMConfig, PackConfig, TextConfig
+from vivace.families.musiclm.layout import MusicLMLayout
+from vivace.families.musiclm.text import BuiltinTextEncoder, TextConditioner, TransformersTextEncoder
+from vivace.model.config import TransformerConfig
+from vivace.model.transformer import StageTransformer
+from vivace.model.weights import fold_weight_norm, fuse_attention, split_weight_norm
+from vivace.packs.manifest import (
+    TEXT_MODEL_DIR,
+    CodecOnnx,
+    manifest_header,
+    materialize,
+    read_codec_onnx,
+    read_family_manifest,
+    stored_stage,
+    write_component,
+    write_manifest,
+)
+from vivace.packs.schema import from_dict, to_dict
 
-FORMAT_NAME = "vivace-pack"
-SCHEMA_VERSION = 1
+FAMILY = "musiclm"
 STAGES = ("semantic", "coarse", "fine")
-TEXT_MODEL_DIR = "text"
-
-
-@dataclass(frozen=True)
-class CodecOnnx:
-    """pack.json's optional "codec_onnx" record, written by `vivace export onnx` once the file matched torch."""
-
-    file: str
-    opset: int
-    max_abs_error: float
 
 
 @dataclass
@@ -51,11 +51,7 @@ class Pack:
 
 def config_to_json(config: PackConfig) -> dict:
     return {
-        "format": FORMAT_NAME,
-        "version": SCHEMA_VERSION,
-        "family": config.family,
-        "name": config.name,
-        "sample_rate": config.sample_rate,
+        **manifest_header(FAMILY, config.name, config.sample_rate),
         "stages": {name: to_dict(stage) for name, stage in config.stages.items()},
         "codec": to_dict(config.codec),
         "text": to_dict(config.text),
@@ -63,34 +59,15 @@ def config_to_json(config: PackConfig) -> dict:
     }
 
 
-def read_manifest(path: str | Path) -> dict:
-    """pack.json with its format and version checked; the family's reader checks the rest."""
-    path = Path(path)
-    manifest = path / "pack.json"
-    if not manifest.is_file():
-        raise PackError(f"{path}: not a pack (no pack.json)")
-    data = read_json_object(manifest)
-    if data.get("format") != FORMAT_NAME:
-        raise PackError(f"{manifest}: format is {data.get('format')!r}, expected {FORMAT_NAME!r}")
-    if data.get("version") != SCHEMA_VERSION:
-        raise PackError(f"{manifest}: unknown pack version {data.get('version')!r} (this vivace reads version {SCHEMA_VERSION})")
-    return data
-
-
 def read_config(path: str | Path) -> PackConfig:
     path = Path(path)
     manifest = path / "pack.json"
-    data = read_manifest(path)
-    if data.get("family") != "musiclm":
-        raise PackError(f"{manifest}: unknown family {data.get('family')!r}")
-    for key in ("sample_rate", "stages", "codec", "text"):
-        if key not in data:
-            raise PackError(f"{manifest}: missing key {key!r}")
+    data = read_family_manifest(path, FAMILY, ("sample_rate", "stages", "codec", "text"))
     stages_json = data["stages"]
     if not isinstance(stages_json, dict) or sorted(stages_json) != sorted(STAGES):
         raise PackError(f"{manifest}: stages must be exactly {list(STAGES)}")
     config = PackConfig(
-        family="musiclm",
+        family=FAMILY,
         name=str(data.get("name", "")),
         sample_rate=int(data["sample_rate"]),
         stages={name: from_dict(TransformerConfig, stages_json[name], f"stages.{name}") for name in STAGES},
@@ -100,20 +77,6 @@ def read_config(path: str | Path) -> PackConfig:
     )
     validate_config(config)
     return config
-
-
-def read_codec_onnx(path: str | Path) -> CodecOnnx | None:
-    """The validated "codec_onnx" record of a pack (read_config has checked the rest of pack.json), or None."""
-    path = Path(path)
-    data = read_json_object(path / "pack.json").get("codec_onnx")
-    if data is None:
-        return None
-    record = from_dict(CodecOnnx, data, "codec_onnx")
-    if not isinstance(record.file, str) or Path(record.file).name != record.file or not (path / record.file).is_file():
-        raise PackError(f"{path}: codec_onnx.file {record.file!r} is not a file in the pack")
-    if isinstance(record.opset, bool) or not isinstance(record.opset, int) or not isinstance(record.max_abs_error, (int, float)):
-        raise PackError(f"{path}: codec_onnx needs an integer opset and a numeric max_abs_error")
-    return record
 
 
 def validate_config(config: PackConfig) -> None:
@@ -148,10 +111,6 @@ def validate_config(config: PackConfig) -> None:
         raise PackError("musiclm: a stride may not exceed its window")
 
 
-def _stored_stage(module: StageTransformer) -> dict[str, torch.Tensor]:
-    return unfuse_attention(module.state_dict())
-
-
 def _stored_codec(module: SoundStreamDecoder) -> dict[str, torch.Tensor]:
     return split_weight_norm(module.state_dict())
 
@@ -182,42 +141,19 @@ def package_model_dir(package: str) -> Path:
     return directory
 
 
-def _load_component(path: Path, component: str, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    file = path / f"{component}.safetensors"
-    if not file.is_file():
-        raise PackError(f"{path}: missing file {file.name}")
-    try:
-        stored = load_file(file)
-    except (SafetensorError, OSError) as exc:
-        raise PackError(f"{file}: unreadable ({exc})") from None
-    check_tensors(component, file, stored, expected)
-    return stored
-
-
-def _materialize(
-    build: Callable[[], nn.Module], stored_form: Callable[[nn.Module], dict[str, torch.Tensor]],
-    prepare: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], path: Path, component: str,
-) -> nn.Module:
-    with torch.device("meta"):
-        module = build()
-    stored = _load_component(path, component, expected_shapes(stored_form(module)))
-    module.load_state_dict(prepare(stored), strict=True, assign=True)
-    return module
-
-
 def load_pack(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Pack:
     """A MusicLM pack (other families' packs load through their family, vivace.core.family)."""
     path = Path(path)
     config = read_config(path)
     stages = {}
     for name in STAGES:
-        stage = _materialize(lambda: StageTransformer(config.stages[name]), _stored_stage, fuse_attention, path, name)
+        stage = materialize(lambda: StageTransformer(config.stages[name]), stored_stage, fuse_attention, path, name)
         stage = stage.to(device=device, dtype=dtype).eval()
         stage.refresh_derived()
         stages[name] = stage
     codec = load_codec(path, config)
     builtin = config.text.kind == "builtin"
-    text = _materialize(
+    text = materialize(
         lambda: TextConditioner(config.text, BuiltinTextEncoder(config.text) if builtin else nn.Identity()),
         _stored_text, lambda stored: stored, path, "text",
     )
@@ -230,7 +166,7 @@ def load_codec(path: str | Path, config: PackConfig | None = None) -> SoundStrea
     """Only the codec of a pack (CPU, stored dtype), without loading the stages."""
     path = Path(path)
     config = config or read_config(path)
-    return _materialize(lambda: SoundStreamDecoder(config.codec), _stored_codec, fold_weight_norm, path, "codec").eval()
+    return materialize(lambda: SoundStreamDecoder(config.codec), _stored_codec, fold_weight_norm, path, "codec").eval()
 
 
 def save_pack(
@@ -248,17 +184,13 @@ def save_pack(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    def write(component: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        cast = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-        save_file(cast, str(path / f"{component}.safetensors"))
-
     for name in STAGES:
-        write(name, _stored_stage(stages[name]), storage_dtype)
-    write("codec", _stored_codec(codec), codec_storage_dtype or storage_dtype)
-    save_file({k: v.float().contiguous() for k, v in _stored_text(text).items()}, str(path / "text.safetensors"))
+        write_component(path, name, stored_stage(stages[name]), storage_dtype)
+    write_component(path, "codec", _stored_codec(codec), codec_storage_dtype or storage_dtype)
+    write_component(path, "text", _stored_text(text), torch.float32)
     if config.text.kind == "transformers" and not config.text.encoder_package:
         encoder = text.encoder
         encoder.model.save_pretrained(path / TEXT_MODEL_DIR)
         encoder.tokenizer.save_pretrained(path / TEXT_MODEL_DIR)
-    (path / "pack.json").write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+    write_manifest(path, config_to_json(config))
     return path

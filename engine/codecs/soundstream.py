@@ -7,12 +7,32 @@ left context is therefore the same as the matching slice of one full decode.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vivace.config import CodecConfig
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """SoundStream-style decoder: RVQ dequantisation then a causal SEANet convolutional decoder."""
+
+    num_levels: int = 12
+    codebook_size: int = 1024
+    codebook_dim: int = 128
+    channels: int = 32  # width of the last decoder block; earlier blocks double per ratio
+    ratios: tuple[int, ...] = (8, 5, 4, 3)  # upsampling factors, product = hop length
+    residual_dilations: tuple[int, ...] = (1, 3, 9)
+    kernel_size: int = 7
+    residual_kernel_size: int = 3
+
+    @property
+    def hop_length(self) -> int:
+        hop = 1
+        for ratio in self.ratios:
+            hop *= ratio
+        return hop
 
 
 def pad1d(x: torch.Tensor, left: int, right: int, mode: str = "constant") -> torch.Tensor:
@@ -149,9 +169,3 @@ class SoundStreamDecoder(nn.Module):
             frames += sum(unit.conv1.left_context for unit in block.residuals) / rate
         frames += self.conv_out.left_context / rate
         return math.ceil(frames) + 1
-
-    def decode_range(self, codes: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """PCM of frames [start, end) of codes [B, L, frames], reading only the left context it needs."""
-        context_start = max(0, start - self.receptive_field_frames())
-        pcm = self(codes[..., context_start:end])
-        return pcm[..., (start - context_start) * self.config.hop_length :]

@@ -16,18 +16,24 @@ import numpy as np
 import torch
 
 from vivace.arguments import (
-    SAMPLING_KEYS, Story, check_prompt, check_seconds, is_story_list, seeds, unknown_arguments,
+    SAMPLING_KEYS,
+    Story,
+    check_prompt,
+    check_seconds,
+    is_story_list,
+    seeds,
+    unknown_arguments,
 )
-from vivace.codec_backend import CodecBackend, FrameStream
-from vivace.config import SamplingParams
+from vivace.codecs.backend import CodecBackend, FrameStream
 from vivace.core.family import RequestContext, StageSpec
+from vivace.core.sampling import SamplingParams
+from vivace.core.sequence import Sequence, TimeMajorSchedule
+from vivace.core.windows import Window, plan_chunks, plan_windows
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
-from vivace.layout import MusicLMLayout
-from vivace.pack import STAGES, Pack, load_pack
-from vivace.sampling import stream_id
-from vivace.sequence import Sequence, TimeMajorSchedule
-from vivace.windows import Window, plan_chunks, plan_windows
+from vivace.families.musiclm.layout import MusicLMLayout
+from vivace.families.musiclm.pack import STAGES, Pack, load_codec, load_pack
+from vivace.kernels.sampling import stream_id
 
 STAGE_INDEX = {"semantic": 0, "coarse": 1, "fine": 2}
 
@@ -68,6 +74,10 @@ class MusicLM:
     """The MusicLM family of an engine: its stages, its requests' validation, and a pipeline per request."""
 
     load_pack = staticmethod(load_pack)
+    load_codec = staticmethod(load_codec)
+    # torch streams the causal SoundStream codec with carried state; onnxruntime re-decodes each chunk's left
+    # context and is no faster on the CPU (measured in docs/codec_backends.md)
+    cpu_codec_backend = "torch"
 
     def __init__(self, pack: Pack, codec: CodecBackend) -> None:
         self.pack = pack

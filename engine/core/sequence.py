@@ -8,7 +8,8 @@ and the cache bookkeeping live in vivace._C (TokenSchedule, SequenceState); this
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable, Sequence as Seq
+from collections.abc import Hashable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from vivace import _C
-from vivace.config import SamplingParams
+from vivace.core.sampling import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

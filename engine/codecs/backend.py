@@ -1,9 +1,9 @@
 """Codec backends: who turns codes [B, levels, frames] into PCM [B, frames * hop].
 
-Every backend keeps SoundStreamDecoder's contract (`decode`, `decode_range`) and opens per-row streams for
-the pipeline. "torch" runs the module and streams with carried convolution state (CodecStream);
-"onnxruntime" runs PACK/codec.onnx (written by `vivace export onnx PACK`) and streams by re-decoding the
-receptive field of left context per chunk, since the exported graph is stateless.
+Every backend decodes codes [B, levels, frames] whole (`decode`) and opens per-row streams for the pipeline.
+"torch" runs the module and streams with carried convolution state (CodecStream); "onnxruntime" runs
+PACK/codec.onnx (written by `vivace export onnx PACK`) and streams by re-decoding the receptive field of left
+context per chunk (vivace.codecs.context_decoder), since the exported graph is stateless.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from vivace.codec import PaddedConv1d, SoundStreamDecoder
-from vivace.codec_stream import CodecStream
+from vivace.codecs.causal_stream import CodecStream
+from vivace.codecs.context_decoder import ContextDecoder
+from vivace.codecs.soundstream import PaddedConv1d
 from vivace.errors import VivaceError
-from vivace.pack import CodecOnnx
+from vivace.packs.manifest import CodecOnnx
 
 
 class CodecPack(Protocol):
@@ -49,43 +50,25 @@ class CodecBackend(ABC):
     name: str
 
     def __init__(self, codec: nn.Module) -> None:
-        """codec: SoundStreamDecoder (causal, with a receptive field) or EncodecDecoder (decoded whole)."""
+        """codec: a decoder module; one with receptive_field_frames() (a causal codec) streams by chunks."""
         self.codec = codec
         self.hop_length = codec.config.hop_length
         field = getattr(codec, "receptive_field_frames", None)
         self.context_frames = field() if callable(field) else None
+        # part of a track: exact with the receptive field as left context; None for codecs decoded whole
+        self.context_decoder = ContextDecoder(self.decode, self.hop_length, self.context_frames) if self.context_frames is not None else None
 
     @abstractmethod
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, levels, frames] -> PCM [B, frames * hop] on the codes' device."""
 
-    def decode_range(self, codes: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """PCM of frames [start, end) of codes, decoding only the left context it needs."""
-        context_start = 0 if self.context_frames is None else max(0, start - self.context_frames)
-        return self.decode(codes[..., context_start:end])[..., (start - context_start) * self.hop_length :]
-
     def stream(self) -> FrameStream:
-        if self.context_frames is None:
+        if self.context_decoder is None:
             raise VivaceError(f"{type(self.codec).__name__} has no bounded receptive field: it decodes whole, not by chunks")
-        return ContextStream(self)
+        return self.context_decoder.stream()
 
     def describe(self) -> str:
         return self.name
-
-
-class ContextStream:
-    """Streams any backend by keeping the last receptive field of codes and re-decoding it before each chunk."""
-
-    def __init__(self, backend: CodecBackend) -> None:
-        self.backend = backend
-        self.history: torch.Tensor | None = None
-
-    def push(self, codes: torch.Tensor) -> torch.Tensor:
-        joined = codes if self.history is None else torch.cat([self.history, codes], dim=-1)
-        context = joined.shape[-1] - codes.shape[-1]
-        keep = min(joined.shape[-1], self.backend.context_frames)
-        self.history = joined[..., joined.shape[-1] - keep :]
-        return self.backend.decode(joined)[..., context * self.backend.hop_length :]
 
 
 class TorchBackend(CodecBackend):
@@ -134,15 +117,13 @@ class OnnxRuntimeBackend(CodecBackend):
         return f"{self.name} ({', '.join(self.session.get_providers())})"
 
 
-def select_backend(pack: CodecPack, name: str, device: torch.device) -> CodecBackend:
+def select_backend(pack: CodecPack, name: str, device: torch.device, cpu_preference: str = "torch") -> CodecBackend:
     """The codec backend for codec_backend=name.
 
     "auto" is a fixed preference: "onnxruntime" when the pack has codec.onnx and either the device is CUDA and
-    onnxruntime offers a TensorRT or CUDA execution provider there, or the codec is EnCodec (MusicGen packs: on
-    the CPU onnxruntime decoded the 32 kHz EnCodec 1.7x faster than torch, benchmarks/codec_speed.py); "torch"
-    otherwise. For the SoundStream codec on the CPU, torch streaming with carried state decoded the paper-size codec
-    in 3 s chunks as fast as or faster than onnxruntime, which has to re-decode each chunk's left context. A native
-    "tensorrt" backend is not in this build.
+    onnxruntime offers a TensorRT or CUDA execution provider there, or the family prefers it on the CPU
+    (cpu_preference; measured per codec in docs/codec_backends.md); "torch" otherwise. A native "tensorrt" backend
+    is not in this build.
     """
     if name not in BACKENDS:
         raise VivaceError(f"unknown codec_backend {name!r} (choose one of {', '.join(BACKENDS)})")
@@ -155,8 +136,8 @@ def select_backend(pack: CodecPack, name: str, device: torch.device) -> CodecBac
     providers = _onnxruntime_providers()
     if name == "auto":
         gpu = device.type == "cuda" and providers is not None and any(p in providers for p in GPU_PROVIDERS)
-        encodec = not isinstance(pack.codec, SoundStreamDecoder) and providers is not None
-        name = "onnxruntime" if (gpu or encodec) and pack.codec_onnx is not None else "torch"
+        cpu = cpu_preference == "onnxruntime" and providers is not None
+        name = "onnxruntime" if (gpu or cpu) and pack.codec_onnx is not None else "torch"
     if name == "torch":
         return TorchBackend(pack.codec)
     if providers is None:

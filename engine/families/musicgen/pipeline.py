@@ -8,7 +8,7 @@ layer) and kept for the whole generation. With guidance (scale > 1) the row runs
 a null-condition twin in the same batch and KV pool; their logits mix as null + (cond - null) * scale and one
 token per codebook is drawn for the pair, as transformers' generate does.
 
-MusicGen-Melody (vivace.musicgen_melody) is conditioned by a prefix of input embeddings instead of cross-attention:
+MusicGen-Melody (vivace.families.musicgen.melody) is conditioned by a prefix of input embeddings instead of cross-attention:
 the chroma of a reference audio and the text states, in front of the codes; the null twin reads the null chroma
 and zeroed text states. The prefix occupies the first positions and cache slots of every window's sequence.
 
@@ -22,7 +22,7 @@ last window_s - stride_s of audio so far (12 s with the default 18 s stride), an
 By default a request's audio is decoded once all of its frames exist: the 32 kHz EnCodec decoder is not causal, so
 a whole decode is what transformers' decode returns. With chunk_frames set (Engine.stream), the audio comes in
 chunks as soon as each chunk's frames and `context_frames` after it are drawn, each decoded with up to
-`context_frames` on either side (vivace.encodec_stream's overlap; its error bound applies).
+`context_frames` on either side (vivace.codecs.context_decoder; its error bound applies).
 """
 from __future__ import annotations
 
@@ -35,17 +35,27 @@ import numpy as np
 import torch
 
 from vivace._C import delay_pattern, undelay_pattern
-from vivace.arguments import SAMPLING_KEYS, Story, check_prompt, check_seconds, sampling_params, seeds, unknown_arguments
-from vivace.codec_backend import CodecBackend
-from vivace.config import SamplingParams, to_dict
+from vivace.arguments import (
+    SAMPLING_KEYS,
+    Story,
+    check_prompt,
+    check_seconds,
+    sampling_params,
+    seeds,
+    unknown_arguments,
+)
+from vivace.codecs.backend import CodecBackend
+from vivace.codecs.context_decoder import ContextDecoder
 from vivace.core.family import RequestContext, StageSpec
+from vivace.core.sampling import SamplingParams
+from vivace.core.sequence import CrossCondition, DelaySchedule, Sequence
+from vivace.core.windows import Window, plan_windows
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
-from vivace.musicgen_melody import MelodyLike, MelodyPrefixes, load_melody
-from vivace.musicgen_pack import MusicGenPack, load_musicgen_pack
-from vivace.sampling import stream_id
-from vivace.sequence import CrossCondition, DelaySchedule, Sequence
-from vivace.windows import Window, plan_windows
+from vivace.families.musicgen.melody import MelodyLike, MelodyPrefixes, load_melody
+from vivace.families.musicgen.pack import MusicGenPack, load_musicgen_codec, load_musicgen_pack
+from vivace.kernels.sampling import stream_id
+from vivace.packs.schema import to_dict
 
 STAGE = "decoder"
 CONTEXT_FRAMES = 16  # overlap on each side of a streamed chunk (0.32 s at 50 frames/s)
@@ -110,10 +120,16 @@ class MusicGen:
     """The MusicGen family of an engine: its decoder stage, its requests' validation, and a pipeline per request."""
 
     load_pack = staticmethod(load_musicgen_pack)
+    load_codec = staticmethod(load_musicgen_codec)
+    # on the CPU, onnxruntime decodes EnCodec faster than torch (measured in docs/codec_backends.md)
+    cpu_codec_backend = "onnxruntime"
 
     def __init__(self, pack: MusicGenPack, codec: CodecBackend) -> None:
         self.pack = pack
         self.codec = codec
+        # streamed chunks: CONTEXT_FRAMES of overlap on each side (EnCodec decodes whole; the overlap's error bound
+        # is in docs/codec_backends.md)
+        self.chunk_decoder = ContextDecoder(codec.decode, codec.hop_length, CONTEXT_FRAMES, CONTEXT_FRAMES)
         self.config = pack.config
         self.device = next(pack.decoder.parameters()).device
         self.melody = MelodyPrefixes(pack) if pack.config.melody is not None else None
@@ -379,16 +395,15 @@ class MusicGenPipeline:
         chunk_frames = state.request.chunk_frames
         assert chunk_frames is not None
         chunks = []
-        hop, context = self.config.codec.hop_length, CONTEXT_FRAMES
+        hop, decoder = self.config.codec.hop_length, self.family.chunk_decoder
         total = state.codes.shape[1]
         while state.emitted_frames < total:
             start = state.emitted_frames
             end = min(start + chunk_frames, total)
-            high = min(total, end + context)
+            low, high = decoder.span(start, end, total)
             if state.ready_frames < high:
                 break
-            low = max(0, start - context)
-            pcm = self.family.codec.decode(self._codes(low, high))[0, (start - low) * hop : (end - low) * hop]
+            pcm = decoder.decode_span(self._codes(low, high), low, start, end)[0]
             chunks.append(AudioChunk(state.request.row, state.next_chunk, start * hop, pcm.float().cpu().numpy()))
             state.emitted_frames, state.next_chunk = end, state.next_chunk + 1
         state.decoded = state.emitted_frames == total

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vivace.config import TextConfig
+from vivace.families.musiclm.config import TextConfig
 
 
 def hashed_features(text: str, num_buckets: int) -> list[int]:

@@ -1,7 +1,7 @@
 """MusicGen-Melody's condition: a prefix of input embeddings in front of the codes, as transformers builds it.
 
 prefix = [chroma_length rows of projected chroma ; the projected text states]. The chroma is the reference's one-hot
-chroma (vivace.chroma) through audio_enc_to_dec_proj, repeated when shorter than chroma_length and cut when longer.
+chroma (vivace.families.musicgen.chroma) through audio_enc_to_dec_proj, repeated when shorter than chroma_length and cut when longer.
 Without a reference the chroma is transformers' null chroma: one frame of bin 0. The null condition of guidance is
 that null chroma with zeroed text states (not masked: transformers passes no attention mask to the decoder).
 
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from vivace.audio import read_audio
-from vivace.chroma import ChromaConfig, ChromaExtractor, mono_reference
 from vivace.errors import VivaceError
-from vivace.musicgen_pack import MusicGenPack
+from vivace.families.musicgen.chroma import ChromaConfig, ChromaExtractor, mono_reference
+from vivace.families.musicgen.pack import MusicGenPack
 
 MelodyLike = np.ndarray | torch.Tensor | str | Path
 MAX_CHANNELS = 8

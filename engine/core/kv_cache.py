@@ -1,0 +1,34 @@
+"""Paged KV cache: the key and value blocks of one stage, for every layer (vivace.core.block_manager hands them
+out)."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCachePool:
+    """Key and value blocks of every layer: [num_layers, 2, num_blocks, block_size, num_heads, head_dim]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # Never read before written: slots are only read through block tables of tokens already stored.
+        self.data = torch.empty(num_layers, 2, num_blocks, block_size, num_heads, head_dim, dtype=dtype, device=device)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[index, 0], self.data[index, 1]
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.layer(i) for i in range(self.data.shape[0])]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * 2 * block_size * num_heads * head_dim * torch.finfo(dtype).bits // 8

@@ -1,0 +1,1 @@
+"""The MusicLM hierarchy: semantic -> coarse -> fine acoustic tokens -> SoundStream decoder."""

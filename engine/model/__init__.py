@@ -1,0 +1,1 @@
+"""The stage transformer: its configuration, position schemes, weight preparation and int8 quantization."""
