@@ -82,7 +82,9 @@ def cuda_graph(decode: Callable[[torch.Tensor], torch.Tensor], codes: torch.Tens
     with torch.cuda.graph(graph), torch.inference_mode():
         out = decode(static)
 
-    def replay() -> torch.Tensor:
+    def replay(static_input: torch.Tensor = static) -> torch.Tensor:
+        # the default argument keeps the graph's input alive: freed, its memory goes to eager work and the replay
+        # reads whatever lands there (garbage codebook indices: a device-side assert)
         graph.replay()
         return out
     return replay

@@ -2,7 +2,8 @@
 # Every check and figure of the GPU path in one command, for a machine with one CUDA GPU, torch, triton and
 # transformers installed. Logs and result files end up in one archive, $OUT/gpu_check.tar.gz, beside a summary
 # (summary.txt) of every part's last lines (OUT defaults to benchmarks/results/gpu-<date>); each part has
-# its own time limit (21 minutes in all at most), so one that hangs does not take the others. Name parts to run
+# its own time limit (21 minutes in all at most), so one that hangs does not take the others, and the archive is
+# rewritten after every part, so a run stopped from outside keeps what the finished parts wrote. Name parts to run
 # some of them (build first on a fresh machine), e.g. in three calls of under 10 minutes each:
 #
 #     bash benchmarks/gpu_check.sh build kernel_tests attention
@@ -35,6 +36,12 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND with a time limit, its ou
     tail -n 25 "$LOGS/$name.log"
     echo "== $name: exit $rc after $((SECONDS - start)) s"
     [ $rc -eq 0 ] || status=1
+    archive
+}
+
+archive() {  # this run's result files and every log so far, in one archive
+    find benchmarks/results -maxdepth 1 -name '*.json' -newer "$LOGS/.start" -exec cp {} "$LOGS/" \;
+    tar -czf "$OUT/gpu_check.tar.gz" -C "$LOGS" .
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$LOGS/gpu.txt" 2>&1
@@ -52,6 +59,4 @@ for name in "${@:-build kernel_tests attention decode codec musicgen}"; do for n
   musicgen) part musicgen 300 $PY -m benchmarks musicgen --device cuda --work-dir /tmp/vivace-bench ;;
   *) echo "unknown part $name (build kernel_tests attention decode codec musicgen)"; exit 2 ;;
 esac; done; done
-find benchmarks/results -maxdepth 1 -name '*.json' -newer "$LOGS/.start" -exec cp {} "$LOGS/" \;
-tar -czf "$OUT/gpu_check.tar.gz" -C "$LOGS" .
 exit $status

@@ -219,6 +219,7 @@ def teacher_forced(engine: Engine, prompt: str, grid: np.ndarray) -> torch.Tenso
 def agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor], grids: list[np.ndarray], pad: int) -> dict[str, Any]:
     hits, kls, drawn = [], [], 0
     for ref, cand, grid in zip(reference, candidate, grids):
+        ref, cand = ref.cpu(), cand.cpu()  # logits from a GPU run, compared on the host
         targets = torch.from_numpy(grid[:, 1:].T.copy())  # [positions, K]
         valid = targets != pad
         hits.append((cand.argmax(-1) == targets)[valid].double())

@@ -43,5 +43,11 @@ def add_norm(
     """(residual + update, norm(residual + update)); with update None, (residual, norm(residual))."""
     summed = residual if update is None else residual + update
     shape = (summed.shape[-1],)
-    normed = F.rms_norm(summed, shape, weight, eps) if rms else F.layer_norm(summed, shape, weight, bias, eps)
-    return summed, normed
+    x = summed
+    if weight.dtype != summed.dtype:
+        # weights in another dtype than the activations (float32 norms over bf16 rows): normalize in float32 and
+        # round once, as torch's CPU kernels do; its CUDA kernels refuse mixed dtypes
+        x, weight = summed.float(), weight.float()
+        bias = None if bias is None else bias.float()
+    normed = F.rms_norm(x, shape, weight, eps) if rms else F.layer_norm(x, shape, weight, bias, eps)
+    return summed, normed.to(summed.dtype)
