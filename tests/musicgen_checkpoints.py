@@ -2,6 +2,7 @@
 for the MusicGen tests, and transformers' greedy generation as the reference; no download."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -147,6 +148,25 @@ def edit_config(src: Path, edit: Callable[[dict], object], file: str = "config.j
     (src / file).write_text(json.dumps(data))
 
 
+def keep_condition_on_first_step(model) -> None:
+    """transformers 4.57 (huggingface/transformers#45647, fixed by #48679): generate creates an empty cache before the
+    first step, and MusicGen-Melody's prepare_inputs_for_generation reads "a cache exists" as "past the first step"
+    and drops the text and melody conditioning from every step. Put it back on the step whose cache is still empty.
+    Versions with the fix name the cache argument `cache` and are left alone."""
+    prepare = model.prepare_inputs_for_generation
+    if "past_key_values" not in inspect.signature(prepare).parameters:
+        return
+
+    def first_step_keeps_condition(*args, **kwargs):
+        inputs = prepare(*args, **kwargs)
+        cache, condition = kwargs.get("past_key_values"), kwargs.get("encoder_hidden_states")
+        if cache is not None and condition is not None and cache.get_seq_length() == 0:
+            inputs["encoder_hidden_states"] = condition
+        return inputs
+
+    model.prepare_inputs_for_generation = first_step_keeps_condition
+
+
 def reference(src: Path, prompt: str, frames: int, **inputs) -> tuple[np.ndarray, np.ndarray]:
     """transformers' greedy guided codes [K, frames] (prompt frames included) and its decoded audio. inputs:
     decoder_input_ids (prompt codes [K, T]) or input_features (a melody checkpoint's chroma)."""
@@ -154,6 +174,8 @@ def reference(src: Path, prompt: str, frames: int, **inputs) -> tuple[np.ndarray
 
     melody = AutoConfig.from_pretrained(src).model_type == "musicgen_melody"
     model = (MusicgenMelodyForConditionalGeneration if melody else MusicgenForConditionalGeneration).from_pretrained(src).eval()
+    if melody:
+        keep_condition_on_first_step(model)
     captured = {}
     decode = model.audio_encoder.decode
 
