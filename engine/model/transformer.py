@@ -52,9 +52,10 @@ class AttentionBatch:
 class Linear(nn.Linear):
     """nn.Linear that multiplies a few float32 rows on the CPU as W @ x^T.
 
-    For 2 to 64 float32 rows F.linear runs one matrix-vector product per row there, reading the weights once
-    per row; W @ x^T is one matrix product that reads them once (the guidance pair and small batches of decode
-    steps are such rows). Other dtypes and devices already do this.
+    Where F.linear runs one matrix-vector product per row for 2 to 64 float32 rows, reading the weights once per
+    row, W @ x^T is one matrix product that reads them once (the guidance pair and small batches of decode steps are
+    such rows). Whether that holds depends on the CPU and the torch build: docs/performance.md has a host where it
+    does and one where F.linear is the faster.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
