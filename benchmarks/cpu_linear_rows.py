@@ -8,40 +8,24 @@ few rows on, and the gain per row levels off. For the linear shapes of the demo 
 d_ff 1024) and of MusicGen-small (1024, 4096), in float32 through F.linear and through the engine's Linear
 (W @ x^T for 2 to 64 rows, vivace.model.transformer), and int8 weight-only (torch._weight_int8pack_mm with bf16
 activations, the engine's CPU int8 path), this prints µs per call and the per-row speed-up over one row, and writes
-benchmarks/results/cpu_linear_rows-<date>.json. Times are medians of repeated calls on warm inputs.
+benchmarks/results/cpu_linear_rows-<date>.json. Times are medians of 200 calls, each timed alone, after 5 warm-up calls.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Options, table, write_result
+from benchmarks.common import Options, median_ms, table, time_calls, write_result
 from vivace.model.transformer import Linear
 
 SHAPES = {  # (in_features, out_features) of one layer's linears
     "demo": [(256, 768), (256, 256), (256, 1024), (1024, 256)],
     "musicgen-small": [(1024, 1024), (1024, 4096), (4096, 1024)],
 }
-
-
-def median_us(call: Callable[[], object], seconds: float = 0.1) -> float:
-    call()
-    start = time.perf_counter()
-    call()
-    repeats = max(5, min(500, int(seconds / max(time.perf_counter() - start, 1e-6))))
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            call()
-        times.append((time.perf_counter() - start) / repeats)
-    return statistics.median(times) * 1e6
 
 
 def layer_us(shapes: list[tuple[int, int]], rows: int, mode: str) -> float:
@@ -61,7 +45,7 @@ def layer_us(shapes: list[tuple[int, int]], rows: int, mode: str) -> float:
             scales = (torch.rand(n, generator=gen) + 0.5).bfloat16()
             xb = x.bfloat16()
             calls.append(lambda xb=xb, q=q, s=scales: torch._weight_int8pack_mm(xb, q, s))
-    return median_us(lambda: [call() for call in calls])
+    return median_ms(time_calls(lambda: [call() for call in calls], "cpu", repeats=200, warmup=5)) * 1e3
 
 
 def main() -> None:
