@@ -21,19 +21,6 @@ from vivace.engine import Call, Engine, Sink, assemble
 from vivace.events import AudioChunk, Event
 
 
-def only(wanted: type | None, sink: Sink) -> Sink:
-    """sink, called only for outputs that end a request or carry a `wanted` event (None: every output). A reader of
-    audio alone is then not woken at every step for progress events it would drop: each wake-up takes the GIL from
-    the core's thread."""
-    if wanted is None:
-        return sink
-
-    def forward(output: RequestOutput) -> None:
-        if output.finished or any(isinstance(event, wanted) for event in output.events):
-            sink(output)
-    return forward
-
-
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -92,7 +79,7 @@ class AsyncEngine:
         self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any,
     ) -> AsyncIterator[AudioChunk]:
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.stream_options(options))
-        async for event in self._events_async(specs, AudioChunk):
+        async for event in self._events_async(specs):
             if isinstance(event, AudioChunk):
                 yield event
 
@@ -100,12 +87,12 @@ class AsyncEngine:
         self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any,
     ) -> np.ndarray:
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.whole_options(options))
-        return assemble([event async for event in self._events_async(specs, AudioChunk) if isinstance(event, AudioChunk)])
+        return assemble([event async for event in self._events_async(specs) if isinstance(event, AudioChunk)])
 
-    async def _events_async(self, specs: list[Any], wanted: type | None = None) -> AsyncIterator[Event]:
+    async def _events_async(self, specs: list[Any]) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        call = self._submit(specs, only(wanted, lambda output: loop.call_soon_threadsafe(inbox.put_nowait, output)))
+        call = self._submit(specs, lambda output: loop.call_soon_threadsafe(inbox.put_nowait, output))
         try:
             while call.pending:
                 for event in call.events(await inbox.get()):
@@ -119,15 +106,15 @@ class AsyncEngine:
 
     def stream(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any) -> Iterator[AudioChunk]:
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.stream_options(options))
-        return (event for event in self._events(specs, AudioChunk) if isinstance(event, AudioChunk))
+        return (event for event in self._events(specs) if isinstance(event, AudioChunk))
 
     def generate(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any) -> np.ndarray:
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.whole_options(options))
-        return assemble(event for event in self._events(specs, AudioChunk) if isinstance(event, AudioChunk))
+        return assemble(event for event in self._events(specs) if isinstance(event, AudioChunk))
 
-    def _events(self, specs: list[Any], wanted: type | None = None) -> Iterator[Event]:
+    def _events(self, specs: list[Any]) -> Iterator[Event]:
         inbox: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        call = self._submit(specs, only(wanted, inbox.put))
+        call = self._submit(specs, inbox.put)
         try:
             while call.pending:
                 yield from call.events(inbox.get())

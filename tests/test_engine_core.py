@@ -15,9 +15,7 @@ import pytest
 
 from musicgen_checkpoints import converted_32khz_pack, one_thread  # noqa: F401 - autouse fixture
 from vivace import AsyncEngine, AudioChunk, Engine, EngineBusy, Story, VivaceError, WindowFinished
-from vivace.async_engine import only
-from vivace.core.engine_core import CoreLimits, RequestOutput
-from vivace.events import StageProgress
+from vivace.core.engine_core import CoreLimits
 
 # The codec decodes each request's chunks alone, from the same codes: its audio is the solo audio to rounding of
 # the batched convolutions (see test_pipeline.AUDIO_TOL); tokens are equal exactly.
@@ -215,20 +213,6 @@ def test_asyncio_clients_and_threads_share_one_async_engine(tiny_pack: Path) -> 
     for i, audio in enumerate(results + [threaded[i] for i in range(16, 20)]):
         assert np.abs(audio - expected[i]).max() <= AUDIO_TOL, i
     assert not engine.core.has_unfinished()
-
-
-def test_an_audio_reader_is_handed_only_audio_and_the_end() -> None:
-    """stream / stream_async readers get the outputs that carry audio or end a request, not every step's progress."""
-    progress = RequestOutput(1, [StageProgress("fine", 1, 4)])
-    audio = RequestOutput(1, [StageProgress("fine", 2, 4), AudioChunk(0, 0, 0, np.zeros(4, np.float32))])
-    end, failed = RequestOutput(1, finished=True), RequestOutput(2, finished=True, error="bad prompt")
-    handed: list[RequestOutput] = []
-    everything: list[RequestOutput] = []
-    for output in (progress, audio, end, failed):
-        only(AudioChunk, handed.append)(output)
-        only(None, everything.append)(output)
-    assert handed == [audio, end, failed]
-    assert everything == [progress, audio, end, failed]
 
 
 def test_cancelling_an_async_consumer_aborts_its_request(tiny_pack: Path) -> None:
