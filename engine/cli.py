@@ -1,4 +1,4 @@
-"""Command line: vivace generate | info | random-pack | export onnx | convert musicgen. Bad input exits with code 2 and one line on stderr."""
+"""Command line: vivace generate | serve | info | random-pack | export onnx | convert musicgen. Bad input exits with code 2 and one line on stderr."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,25 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--cuda-graphs", action="store_true", dest="cuda_graphs", help="CUDA: replay those steps as CUDA graphs")
     gen.add_argument("-o", "--output", required=True, help="output .wav path")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    serve = sub.add_parser("serve", help="serve a pack over HTTP (OpenAI's /v1/audio/speech, /v1/music/generations, a web page)")
+    serve.add_argument("--pack", required=True, help="pack directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", dest="api_key", help="require Authorization: Bearer KEY on /v1 (default: $VIVACE_API_KEY)")
+    serve.add_argument("--model-name", dest="model_name", help="the model id clients pass (default: the pack's name)")
+    serve.add_argument("--max-running", type=int, default=16, dest="max_running", help="requests decoding at once")
+    serve.add_argument("--max-queue", type=int, default=64, dest="max_queue", help="requests waiting; past it: 503")
+    serve.add_argument("--max-duration", type=float, dest="max_duration", help="longest clip a request may ask for (s)")
+    serve.add_argument("--default-duration", type=float, default=10.0, dest="default_duration",
+                       help="a request's duration when it names none (s)")
+    serve.add_argument("--grace", type=float, default=30.0, help="on SIGTERM: seconds running requests may finish")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--dtype", default="float32")
+    serve.add_argument("--quantize", choices=["int8"], help="int8 weight-only stage linears")
+    serve.add_argument("--codec-backend", default="auto", dest="codec_backend")
+    serve.add_argument("--kv-cache-gb", type=float, default=4.0, dest="kv_cache_gb")
+    serve.add_argument("--log-level", default="info", dest="log_level", choices=["debug", "info", "warning", "error"])
 
     info = sub.add_parser("info", help="describe a pack")
     info.add_argument("pack")
@@ -113,11 +132,37 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"wrote {output} ({len(audio) / engine.sample_rate:.2f} s at {engine.sample_rate} Hz)", file=sys.stderr)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import os
+
+    from vivace.server.app import ServerSettings
+    from vivace.server.run import serve
+
+    for name in ("port", "max_duration", "default_duration", "grace"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise VivaceError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if args.port > 65535:
+        raise VivaceError(f"--port must be at most 65535, got {args.port}")
+    settings = ServerSettings(
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("VIVACE_API_KEY") or None,
+        model_name=args.model_name, max_duration_s=args.max_duration, default_duration_s=args.default_duration,
+        shutdown_grace_s=args.grace,
+    )
+    engine_options = {
+        "device": args.device, "dtype": args.dtype, "quantize": args.quantize, "codec_backend": args.codec_backend,
+        "kv_cache_gb": args.kv_cache_gb, "max_running": args.max_running, "max_waiting": args.max_queue,
+    }
+    serve(args.pack, settings, engine_options)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "generate":
             _generate(args)
+        elif args.command == "serve":
+            _serve(args)
         elif args.command == "info":
             from vivace.engine import Engine
 
