@@ -21,8 +21,11 @@ install: build-deps
 install-demo: build-deps
 	$(PIP) install $(PINNED) --no-build-isolation -e ".[demo]"
 
+# The browser test (tests/test_server_page.py) drives Debian's chromium; without apt-get it fails, naming what is missing.
 install-dev: build-deps
 	$(PIP) install $(PINNED) --no-build-isolation -e ".[dev]"
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || ! command -v apt-get >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
 
 demo: install-demo
 	mkdir -p demo

@@ -26,7 +26,7 @@ from vivace.server.protocol import (
     ApiError, EngineCall, Limits, MusicRequest, SpeechRequest, music_call, speech_call, validation_error,
 )
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).resolve().parent / "static"  # resolved: an editable install links each file, and StaticFiles follows no link out of its folder
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class ServerSettings:
     max_body_bytes: int = 16 * 2**20  # a melody upload is the largest body
     retry_after_s: int = 1
     shutdown_grace_s: float = 30.0
+    replica_id: str | None = None  # set by a Ray Serve replica: every answer says which replica gave it
 
 
 class ServerState:
@@ -94,6 +95,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings = ServerSettings())
     app = FastAPI(title="vivace", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.vivace = state
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.replica_id is not None:
+        app.add_middleware(ReplicaHeader, replica_id=settings.replica_id)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -256,3 +259,19 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class ReplicaHeader:
+    """Adds X-Vivace-Replica to every answer (a Ray Serve replica's id)."""
+
+    def __init__(self, app: Any, replica_id: str) -> None:
+        self.app = app
+        self.header = (b"x-vivace-replica", replica_id.encode())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        async def tagged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, tagged if scope["type"] == "http" else send)
