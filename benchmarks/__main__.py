@@ -1,7 +1,9 @@
 """python -m benchmarks [SUITE ...] [--quick] [--work-dir DIR] [--device DEV] [--threads N] [--musiclm-dtype DTYPE]
 
-Suites run in the order demo, musiclm, musicgen, floor, serving (the floor suite reads the others' newest results); each prints
-its tables and writes benchmarks/results/<suite>-<date>.json. Models are built once and cached in --work-dir.
+Suites run in the order demo, musiclm, musicgen, floor, serving, serve_load (the floor suite reads the others' newest
+results); each prints its tables and writes benchmarks/results/<suite>-<date>.json. Models are built once and cached in
+--work-dir. Without a SUITE every suite but serve_load runs: serve_load starts `vivace serve` on a free local port and
+needs the [serve] extra and httpx, so it runs only when named.
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ from benchmarks.common import Options
 
 SUITES = {
     "demo": "benchmarks.demo_suite", "musiclm": "benchmarks.musiclm_suite", "musicgen": "benchmarks.musicgen_suite",
-    "floor": "benchmarks.floor", "serving": "benchmarks.serving",
+    "floor": "benchmarks.floor", "serving": "benchmarks.serving", "serve_load": "benchmarks.serve_load",
 }
+DEFAULT = [name for name in SUITES if name != "serve_load"]  # what runs when no suite is named (see the docstring)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
-    parser.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: all)")
+    parser.add_argument("suites", nargs="*", metavar="SUITE",
+                        help=f"any of {', '.join(SUITES)} (default: all but serve_load)")
     parser.add_argument("--quick", action="store_true", help="short clips and fewer batch sizes (a smoke run)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/vivace-bench"), help="where built models are cached")
     parser.add_argument("--device", default="cpu")
@@ -36,7 +40,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     options = Options(args.quick, args.work_dir, args.device, args.threads, args.musiclm_dtype)
-    chosen = [name for name in SUITES if name in args.suites] if args.suites else list(SUITES)
+    chosen = [name for name in SUITES if name in args.suites] if args.suites else DEFAULT
     for name in chosen:
         start = time.perf_counter()
         print(f"== {name} ==", flush=True)
