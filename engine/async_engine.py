@@ -118,6 +118,9 @@ class AsyncEngine:
         decoded when stream, whole clips otherwise) and must be closed (`async with` or close())."""
         family = self.engine.family
         options = family.stream_options(options) if stream else family.whole_options(options)
+        # Refuse at once when not even one more request fits (read without the lock, which a running step holds:
+        # requests only leave meanwhile, so this never refuses what the locked check below would take).
+        self.engine.core.check_capacity(1)
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
 
