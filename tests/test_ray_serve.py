@@ -4,6 +4,7 @@ own in-flight requests, cleanly, while later requests are served. The cluster is
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,29 +38,34 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_vivace_serve_ray_runs_replicas_and_stops_on_sigterm(tiny_pack: Path, offline: Engine) -> None:
-    """The command line: `vivace serve --ray` starts a local cluster, serves through Serve's proxy, and shuts the
-    cluster down on SIGTERM (exit 0). Runs before the module's in-process cluster exists."""
+def test_vivace_serve_ray_routes_two_packs_and_stops_on_sigterm(tiny_pack: Path, offline: Engine, tmp_path: Path) -> None:
+    """The command line: `vivace serve --ray` with two packs starts a local cluster, serves each pack under its own
+    prefix through Serve's proxy, and shuts the cluster down on SIGTERM (exit 0). Runs before the module's
+    in-process cluster exists."""
+    second = Path(shutil.copytree(tiny_pack, tmp_path / "second"))
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "vivace", "serve", "--ray", "--pack", str(tiny_pack), "--port", str(port),
-         "--replicas", "2", "--replica-cpus", "0.5", "--log-level", "warning"],
+        [sys.executable, "-m", "vivace", "serve", "--ray", "--pack", str(tiny_pack), "--pack", str(second),
+         "--port", str(port), "--replicas", "1", "--replica-cpus", "0.5", "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    url = f"http://127.0.0.1:{port}"
+    urls = [f"http://127.0.0.1:{port}/{tiny_pack.name}", f"http://127.0.0.1:{port}/second"]
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                if all(httpx.get(f"{url}/ready", timeout=5).status_code == 200 for url in urls):
                     break
             except httpx.TransportError:
                 pass
             assert server.poll() is None and time.monotonic() < deadline, "vivace serve --ray did not become ready"
             time.sleep(0.2)
-        result = speech(url, 7, 0.5)
-        assert result["status"] == 200 and result["replica"]
-        assert result["audio"] == pcm16(offline.generate("piano", 0.5, seed=7)[0])
+        replicas = set()
+        for url in urls:
+            result = speech(url, 7, 0.5)
+            assert result["status"] == 200 and result["audio"] == pcm16(offline.generate("piano", 0.5, seed=7)[0])
+            replicas.add(result["replica"])
+        assert len(replicas) == 2  # one replica per pack
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=90) == 0, server.stdout.read().decode()[-2000:]
     finally:
