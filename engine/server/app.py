@@ -151,10 +151,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings = ServerSettings())
             raise ApiError(499, "the client closed the request") from None
         finally:
             watcher.cancel()
+        # encoding (mp3, opus: tens of ms a clip) runs in a worker thread, not between other requests' chunks
         if len(seeds) > 1:
-            return JSONResponse(whole_json(clips, seeds, fmt, engine.sample_rate, generation.usage))
-        return Response(encode_whole(fmt, clips[0], engine.sample_rate), media_type=fmt.media_type,
-                        headers=audio_headers(engine.sample_rate))
+            body = await asyncio.to_thread(whole_json, clips, seeds, fmt, engine.sample_rate, generation.usage)
+            return JSONResponse(body)
+        audio = await asyncio.to_thread(encode_whole, fmt, clips[0], engine.sample_rate)
+        return Response(audio, media_type=fmt.media_type, headers=audio_headers(engine.sample_rate))
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
