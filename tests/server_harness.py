@@ -6,6 +6,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
 
 from vivace import AsyncEngine, Engine
 from vivace.server.app import ServerSettings
@@ -45,3 +48,16 @@ def running_server(engine: Engine, settings: ServerSettings = ServerSettings()) 
         thread.join(timeout=START_TIMEOUT_S)
         shared.close()
         assert not thread.is_alive(), "the test server did not stop"
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_pack: Path) -> Engine:
+    """The tiny pack's engine for offline references (a module's own: served engines are separate objects)."""
+    return Engine.from_pack(tiny_pack)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_pack: Path) -> Iterator[Served]:
+    """A server on the tiny pack for a test module."""
+    with running_server(Engine.from_pack(tiny_pack)) as served:
+        yield served

@@ -19,6 +19,7 @@ import ray
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
+from server_harness import offline  # noqa: F401 - fixture
 
 from vivace import Engine
 from vivace.server.audio_formats import pcm16
@@ -114,11 +115,6 @@ def cluster(tiny_pack: Path, ray_metrics_url: str):
             serve.shutdown()
         finally:
             ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def offline(tiny_pack: Path) -> Engine:
-    return Engine.from_pack(tiny_pack)
 
 
 def speech(url: str, seed: int, duration: float, result: dict | None = None) -> dict:

@@ -24,6 +24,7 @@ import pytest
 import soundfile as sf
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
+from server_harness import offline, served  # noqa: F401 - fixtures
 from server_harness import running_server
 
 from vivace import Engine
@@ -67,17 +68,6 @@ def error_of(response: httpx.Response, status: int) -> dict:
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"] and "\n" not in error["message"]
     return error
-
-
-@pytest.fixture(scope="module")
-def offline(tiny_pack: Path) -> Engine:
-    return Engine.from_pack(tiny_pack)
-
-
-@pytest.fixture(scope="module")
-def served(tiny_pack: Path):
-    with running_server(Engine.from_pack(tiny_pack)) as served:
-        yield served
 
 
 def test_openai_client_whole_and_streamed_equal_offline_generate(served, offline: Engine) -> None:

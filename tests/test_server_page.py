@@ -21,6 +21,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
+from server_harness import offline, served  # noqa: F401 - fixtures
 from server_harness import running_server
 
 from vivace import Engine
@@ -33,17 +34,6 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "images" / "serve
 WAIT_S = 120.0  # a generation on the tiny pack takes well under a second; this bounds a stuck one
 BACKGROUND = (11, 13, 18)  # the spectrogram's background (app.js, style.css)
 PROMPT = "upbeat piano with acoustic bass"
-
-
-@pytest.fixture(scope="module")
-def offline(tiny_pack: Path) -> Engine:
-    return Engine.from_pack(tiny_pack)
-
-
-@pytest.fixture(scope="module")
-def served(tiny_pack: Path):
-    with running_server(Engine.from_pack(tiny_pack)) as served:
-        yield served
 
 
 @pytest.fixture(scope="module")
