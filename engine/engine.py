@@ -20,6 +20,7 @@ from vivace.arguments import PromptLike, Story
 from vivace.codecs.backend import select_backend
 from vivace.core.engine_core import CoreLimits, EngineCore, RequestOutput, pool_blocks, stage_runners
 from vivace.core.model_runner import DecodeOptions
+from vivace.core.sampling import is_finite, is_real
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress
 from vivace.model.quant import check_quantize, quantize_stage
@@ -36,7 +37,55 @@ DTYPES = {
 Sink = Callable[[RequestOutput], None]
 
 
+def check_device(device: Any) -> torch.device:
+    """The engine's device: "cpu", or a CUDA device this machine has ("cuda", "cuda:N"). Anything else is refused
+    here, before the pack loads, with one line (torch would raise an AssertionError or RuntimeError mid-load)."""
+    if isinstance(device, torch.device):
+        parsed = device
+    elif isinstance(device, str):
+        try:
+            parsed = torch.device(device)
+        except RuntimeError:
+            raise VivaceError(f"unknown device {device!r} (use 'cpu', 'cuda' or 'cuda:N')") from None
+    else:
+        raise VivaceError(f"device must be a string such as 'cpu' or 'cuda:0', got {device!r}")
+    if parsed.type == "cpu":
+        # torch takes "cpu:3" and allocates on the one CPU device: refuse it rather than report a device that is not
+        if parsed.index not in (None, 0):
+            raise VivaceError(f"device {str(parsed)!r} does not exist: the CPU is one device, 'cpu'")
+        return parsed
+    if parsed.type != "cuda":
+        raise VivaceError(f"device type {parsed.type!r} is not supported (use 'cpu', 'cuda' or 'cuda:N')")
+    if not torch.cuda.is_available():
+        build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise VivaceError(f"device {str(parsed)!r} is not available: {build} (torch {torch.__version__})")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise VivaceError(
+            f"device {str(parsed)!r} does not exist: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+            f"(cuda:0 to cuda:{count - 1})"
+        )
+    return parsed
+
+
 class Engine:
+    """One pack's engine. Its calls (generate, stream, events; AsyncEngine's too) take:
+
+    prompt: a string (one row); a list of strings (a batch, one row each); a Story, or a list of (prompt, seconds)
+      pairs, which is ONE story (one row), not a batch; a list of Story objects (a batch of stories). Stories are
+      MusicLM's; MusicGen refuses them.
+    duration_s: seconds (an int or a float, not a string), required for plain prompts; a story's is its total.
+      Durations round to whole codec frames (a duration shorter than one frame is refused); a story's segment
+      boundaries round to whole semantic tokens (a segment that rounds to none is refused).
+    seed: an integer in [0, 2**63) (row i gets seed + i), or a list with one per row. Booleans are not seeds.
+    options: temperature, top_k, top_p (every stage); stage_sampling ({stage: {temperature, top_k, top_p}} or
+      {stage: SamplingParams}, applied over those; MusicLM's stages are "semantic", "coarse", "fine", MusicGen's one
+      is "decoder"); MusicGen: guidance_scale, chunk_s (stream and events only: seconds per audio chunk, None for one
+      whole decode; MusicLM refuses it, its chunks are the pack's fine_chunk_s), melody, melody_sample_rate.
+
+    Every argument is checked before any work; a bad one raises VivaceError with one line naming it.
+    """
+
     def __init__(
         self, family: Any, device: torch.device, dtype: torch.dtype, block_size: int, kv_cache_gb: float,
         decode: DecodeOptions = DecodeOptions(), limits: CoreLimits = CoreLimits(),
@@ -81,16 +130,19 @@ class Engine:
         steps_per_sync > 1: decode that many steps per host sync on the device (Triton sampling and advance, see
         vivace.core.device_decode); cuda_graphs: capture them as CUDA graphs. Both are for CUDA devices; the default
         (1, False) is the per-step path with the C++ decode batch.
-        max_running / max_waiting: requests running at once and waiting for a place (past both: EngineBusy)."""
+        max_running / max_waiting: requests running at once and waiting for a place (past both: EngineBusy).
+        device: "cpu", "cuda" or "cuda:N" (a string or a torch.device). Every argument, the device included, is
+        checked before the pack loads; kv_cache_gb too small for one longest sequence of a stage is refused once the
+        pack's stage shapes are known, before the pools are allocated."""
         if dtype not in DTYPES:
             raise VivaceError(f"unknown dtype {dtype!r} (choose one of {sorted(set(DTYPES))})")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise VivaceError(f"block_size must be a positive integer, got {block_size!r}")
-        if isinstance(kv_cache_gb, bool) or not isinstance(kv_cache_gb, (int, float)) or not kv_cache_gb > 0:
-            raise VivaceError(f"kv_cache_gb must be > 0, got {kv_cache_gb!r}")
+        if not is_real(kv_cache_gb) or not is_finite(kv_cache_gb) or not kv_cache_gb > 0:
+            raise VivaceError(f"kv_cache_gb must be a finite number > 0, got {kv_cache_gb!r}")
         limits = CoreLimits(max_running, max_waiting)
         limits.validate()
-        torch_device = torch.device(device)
+        torch_device = check_device(device)
         check_quantize(quantize)
         decode = DecodeOptions(steps_per_sync, cuda_graphs)
         decode.validate(torch_device)
@@ -107,22 +159,29 @@ class Engine:
         return self.config.sample_rate
 
     def requests(self, prompt: PromptLike, duration_s: float | None, seed: int | Sequence[int], options: dict[str, Any]) -> list[Any]:
-        """Validates a call's arguments and turns them into one request spec per row (the family's)."""
+        """Validates a call's arguments and turns them into one request spec per row (the family's); every check runs
+        before any work, and a bad argument raises VivaceError with one line naming it."""
         return self.family.requests(prompt, duration_s, seed, options)
 
     # -- calls -------------------------------------------------------------------------------------------------
     def events(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any) -> Iterator[Event]:
-        """Every event of a generation: window starts/ends, per-stage progress and audio chunks. The arguments are
-        validated now; the rows join the engine's running batch when the iterator is first advanced."""
+        """Every event of a generation: window starts/ends, per-stage progress and audio chunks. The arguments
+        (see Engine: a list of (prompt, seconds) pairs is one story, a list of strings or of Story objects a batch)
+        are validated now; the rows join the engine's running batch when the iterator is first advanced."""
         return self._events(self.requests(prompt, duration_s, seed, options))
 
     def stream(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any) -> Iterator[AudioChunk]:
-        """Audio chunks (row, index, start sample, float32 PCM) in order per row, each as soon as it is decoded."""
+        """Audio chunks (row, index, start sample, float32 PCM) in order per row, each as soon as it is decoded.
+        MusicGen: chunk_s seconds each (default 1.0; None: one whole decode); MusicLM: the pack's fine-stage chunks.
+        The arguments are those of events (validated now, before the iterator is first advanced)."""
         specs = self.requests(prompt, duration_s, seed, self.family.stream_options(options))
         return (event for event in self._events(specs) if isinstance(event, AudioChunk))
 
     def generate(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any) -> np.ndarray:
-        """Float32 PCM [rows, samples] at engine.sample_rate."""
+        """Float32 PCM [rows, samples] at engine.sample_rate: one row per prompt of a batch (a list of strings or of
+        Story objects), one row for a story (a Story, or a list of (prompt, seconds) pairs). Each row lasts its
+        duration rounded to whole codec frames; rows shorter than the longest end in zeros. The arguments are
+        validated before any work; a chunk_s other than None is refused (chunks are stream's and events')."""
         specs = self.requests(prompt, duration_s, seed, self.family.whole_options(options))
         return assemble(event for event in self._events(specs) if isinstance(event, AudioChunk))
 

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vivace.codecs.backend import min_frames
+from vivace.codecs.backend import install_hint, min_frames
 from vivace.errors import VivaceError
+from vivace.packs.manifest import read_manifest
 from vivace.packs.registry import family_of
 
 ONNX_FILE = "codec.onnx"
@@ -37,7 +38,7 @@ def require(module: str) -> ModuleType:
     try:
         return __import__(module)
     except ImportError:
-        raise VivaceError(f"the ONNX codec needs the {module!r} package: pip install vivace[onnx]") from None
+        raise VivaceError(f"the ONNX codec needs the {module!r} package: {install_hint('onnx')}") from None
 
 
 def _field_frames(codec: nn.Module) -> int:
@@ -112,7 +113,7 @@ def export_pack_codec(pack_path: str | Path, opset: int = OPSET) -> dict:
     error = export_codec(codec, pack_path / ONNX_FILE, opset)
     record = {"file": ONNX_FILE, "opset": opset, "max_abs_error": error}
     manifest = pack_path / "pack.json"
-    data = json.loads(manifest.read_text())
+    data = read_manifest(pack_path)
     data["codec_onnx"] = record
     tmp = manifest.with_name("pack.json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")

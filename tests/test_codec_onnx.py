@@ -101,9 +101,9 @@ def test_auto_picks_onnxruntime_only_with_a_gpu_provider(
 def test_missing_onnxruntime_names_the_extra(onnx_pack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pack = load_pack(onnx_pack)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(VivaceError, match=r"pip install vivace\[onnx\]"):
+    with pytest.raises(VivaceError, match=r"pip install 'vivace\[onnx\]', or pip install onnx onnxruntime"):
         select_backend(pack, "onnxruntime", torch.device("cpu"))
-    with pytest.raises(VivaceError, match=r"pip install vivace\[onnx\]"):
+    with pytest.raises(VivaceError, match=r"pip install 'vivace\[onnx\]', or pip install onnx onnxruntime"):
         export_codec(pack.codec, onnx_pack / "other.onnx")
     assert select_backend(pack, "auto", torch.device("cuda")).name == "torch"
 

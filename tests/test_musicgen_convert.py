@@ -162,7 +162,7 @@ def test_bad_requests_fail_before_any_work(source: Path, tmp_path: Path) -> None
     for kwargs, message in [
         (dict(guidance_scale=0.5), "guidance_scale must be a finite number >= 1"),
         (dict(top_k=-1), "top_k must be an integer >= 0"),
-        (dict(stage_sampling={}), "unknown sampling argument 'stage_sampling'"),
+        (dict(stage_sampling={"fine": {}}), "stage_sampling names unknown stage 'fine'"),
     ]:
         with pytest.raises(VivaceError, match=message):
             engine.generate("piano", 0.1, **kwargs)

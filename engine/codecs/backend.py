@@ -31,6 +31,14 @@ class CodecPack(Protocol):
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# setup.py's extras as plain packages: `pip install 'vivace[onnx]'` needs vivace on an index (or -e '.[onnx]' in
+# its checkout), while the packages themselves install the same way whichever way vivace was installed
+EXTRA_PACKAGES = {"onnx": "onnx onnxruntime", "tensorrt": "onnx onnxruntime-gpu tensorrt"}
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra, quoted so that zsh does not glob the brackets."""
+    return f"pip install 'vivace[{extra}]', or pip install {EXTRA_PACKAGES[extra]}"
 
 
 def min_frames(codec: nn.Module) -> int:
@@ -94,7 +102,7 @@ class OnnxRuntimeBackend(CodecBackend):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise VivaceError("codec_backend 'onnxruntime' needs onnxruntime: pip install vivace[onnx]") from None
+            raise VivaceError(f"codec_backend 'onnxruntime' needs onnxruntime: {install_hint('onnx')}") from None
         available = ort.get_available_providers()
         gpu = [p for p in GPU_PROVIDERS if p in available] if device.type == "cuda" else []
         options = ort.SessionOptions()
@@ -130,8 +138,8 @@ def select_backend(pack: CodecPack, name: str, device: torch.device, cpu_prefere
     if name == "tensorrt":
         raise VivaceError(
             "codec_backend 'tensorrt' is not available in this build of vivace (no native TensorRT engine builder); "
-            "with pip install vivace[tensorrt] on a CUDA machine, codec_backend 'onnxruntime' runs codec.onnx through "
-            "onnxruntime-gpu's TensorRT execution provider"
+            f"on a CUDA machine with the [tensorrt] extra ({install_hint('tensorrt')}), codec_backend 'onnxruntime' "
+            "runs codec.onnx through onnxruntime-gpu's TensorRT execution provider"
         )
     providers = _onnxruntime_providers()
     if name == "auto":
@@ -141,7 +149,7 @@ def select_backend(pack: CodecPack, name: str, device: torch.device, cpu_prefere
     if name == "torch":
         return TorchBackend(pack.codec)
     if providers is None:
-        raise VivaceError("codec_backend 'onnxruntime' needs onnxruntime: pip install vivace[onnx]")
+        raise VivaceError(f"codec_backend 'onnxruntime' needs onnxruntime: {install_hint('onnx')}")
     if pack.codec_onnx is None:
         raise VivaceError(f"codec_backend 'onnxruntime' needs {pack.path}/codec.onnx: run `vivace export onnx {pack.path}`")
     return OnnxRuntimeBackend(pack.codec, str(pack.path / pack.codec_onnx.file), device)

@@ -29,7 +29,6 @@ from vivace.codecs.encodec import (
     load_encodec_decoder,
 )
 from vivace.errors import PackError
-from vivace.families.musicgen.chroma import ChromaConfig
 from vivace.families.musicgen.config import FAMILY, MelodyConfig, MusicGenConfig, MusicGenPackConfig
 from vivace.families.musicgen.text import MusicGenText
 from vivace.model.config import TransformerConfig
@@ -46,11 +45,11 @@ from vivace.packs.manifest import (
     stored_stage,
     write_component,
     write_manifest,
+    write_text_model,
 )
-from vivace.packs.schema import from_dict, to_dict
+from vivace.packs.schema import from_dict, naming, to_dict
 
 DECODER, CODEC, PROJECTION, CHROMA_PROJECTION = "decoder", "codec", "projection", "chroma_projection"
-TOP_KEYS = ("format", "version", "family", "name", "sample_rate", "decoder", "codec", "musicgen", "melody", "codec_onnx")
 
 
 @dataclass
@@ -118,31 +117,21 @@ def config_to_json(config: MusicGenPackConfig) -> dict[str, Any]:
     }
 
 
-def _melody_from_dict(data: Any) -> MelodyConfig:
-    if not isinstance(data, dict):
-        raise PackError(f"melody: expected an object, got {type(data).__name__}")
-    record = dict(data)
-    chroma = from_dict(ChromaConfig, record.pop("chroma", {}), "melody.chroma")
-    return replace(from_dict(MelodyConfig, record, "melody"), chroma=chroma)
-
-
 def read_musicgen_config(path: str | Path) -> MusicGenPackConfig:
     path = Path(path)
     manifest = path / "pack.json"
-    data = read_family_manifest(path, FAMILY, ("sample_rate", "decoder", "codec", "musicgen"))
-    unknown = sorted(set(data) - set(TOP_KEYS))
-    if unknown:
-        raise PackError(f"{manifest}: unknown key {unknown[0]!r}")
-    config = MusicGenPackConfig(
-        decoder=from_dict(TransformerConfig, data["decoder"], "decoder"),
-        codec=encodec_config_from_dict(data["codec"], "codec"),
-        musicgen=from_dict(MusicGenConfig, data["musicgen"], "musicgen"),
-        name=str(data.get("name", "")),
-        melody=_melody_from_dict(data["melody"]) if "melody" in data else None,
-    )
-    if data["sample_rate"] != config.sample_rate:
-        raise PackError(f"{manifest}: sample_rate {data['sample_rate']!r} differs from the codec's {config.sample_rate}")
-    validate_musicgen_config(config)
+    data = read_family_manifest(path, FAMILY, ("sample_rate", "decoder", "codec", "musicgen"), ("melody",))
+    with naming(manifest):
+        config = MusicGenPackConfig(
+            decoder=from_dict(TransformerConfig, data["decoder"], "decoder"),
+            codec=encodec_config_from_dict(data["codec"], "codec"),
+            musicgen=from_dict(MusicGenConfig, data["musicgen"], "musicgen"),
+            name=data.get("name", ""),
+            melody=from_dict(MelodyConfig, data["melody"], "melody") if "melody" in data else None,
+        )
+        if data["sample_rate"] != config.sample_rate:
+            raise PackError(f"sample_rate {data['sample_rate']} differs from the codec's {config.sample_rate}")
+        validate_musicgen_config(config)
     return config
 
 
@@ -171,13 +160,20 @@ def load_musicgen_pack(path: str | Path, dtype: torch.dtype = torch.float32, dev
 
 
 def load_musicgen_codec(path: str | Path) -> EncodecDecoder:
-    """Only the EnCodec decoder of a MusicGen pack (CPU, float32), without the decoder transformer or text tower."""
+    """Only the EnCodec decoder of a MusicGen pack (CPU, float32), without the decoder transformer or text tower.
+
+    It keeps the codebooks of the levels the decoder predicts (num_codebooks) and drops the rest a codec may store
+    (a checkpoint whose codec allows a higher bandwidth): MusicGen never makes codes for them, and a decoder module
+    that claims them would make `vivace export onnx` fix the graph's input at levels no generation ever passes."""
     path = Path(path)
     config = read_musicgen_config(path)
     with torch.device("meta"):
         expected = expected_shapes(encodec_stored_form(EncodecDecoder(config.codec)))
     stored = load_component(path, CODEC, expected)
-    return load_encodec_decoder(config.codec, stored, torch.float32, "cpu", path / f"{CODEC}.safetensors").eval()
+    levels = config.num_codebooks
+    used = replace(config.codec, num_levels=levels)
+    stored = {**stored, "codebooks": stored["codebooks"][:levels].contiguous()}
+    return load_encodec_decoder(used, stored, torch.float32, "cpu", path / f"{CODEC}.safetensors").eval()
 
 
 def save_musicgen_pack(
@@ -204,7 +200,6 @@ def save_musicgen_pack(
     components = {DECODER: decoder, CODEC: codec, **{k: v for k, v in optional.items() if v is not None}}
     for component, tensors in components.items():
         write_component(path, component, tensors)
-    text_encoder.save_pretrained(path / TEXT_MODEL_DIR)
-    tokenizer.save_pretrained(path / TEXT_MODEL_DIR)
+    write_text_model(path, text_encoder, tokenizer)
     write_manifest(path, config_to_json(config))
     return path

@@ -26,7 +26,6 @@ chunks as soon as each chunk's frames and `context_frames` after it are drawn, e
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,16 +37,17 @@ from vivace._C import delay_pattern, undelay_pattern
 from vivace.arguments import (
     SAMPLING_KEYS,
     Story,
+    check_duration,
     check_prompt,
-    check_seconds,
-    sampling_params,
+    is_story_list,
     seeds,
+    stage_sampling,
     unknown_arguments,
 )
 from vivace.codecs.backend import CodecBackend
 from vivace.codecs.context_decoder import ContextDecoder
 from vivace.core.family import RequestContext, StageSpec
-from vivace.core.sampling import SamplingParams
+from vivace.core.sampling import SamplingParams, is_finite, is_real
 from vivace.core.sequence import CrossCondition, DelaySchedule, Sequence
 from vivace.core.windows import Window, plan_windows
 from vivace.errors import VivaceError
@@ -164,12 +164,16 @@ class MusicGen:
         return {"chunk_s": STREAM_CHUNK_S, **options}
 
     def whole_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        if options.get("chunk_s") is not None:
+            raise VivaceError(
+                f"chunk_s {options['chunk_s']!r} is for stream() and events(): generate() decodes each clip whole"
+            )
         return {**options, "chunk_s": None}
 
     def _chunk_frames(self, chunk_s: Any) -> int | None:
         if chunk_s is None:
             return None
-        if isinstance(chunk_s, bool) or not isinstance(chunk_s, (int, float)) or not math.isfinite(chunk_s) or chunk_s <= 0:
+        if not is_real(chunk_s) or not is_finite(chunk_s) or chunk_s <= 0:
             raise VivaceError(f"chunk_s must be a positive number of seconds, got {chunk_s!r}")
         return max(1, round(chunk_s * self.config.frame_rate))
 
@@ -193,29 +197,33 @@ class MusicGen:
         return [None if item is None else loaded[id(item)] for item in per_row]
 
     def requests(self, prompt: Any, duration_s: Any, seed: Any, options: dict[str, Any]) -> list[MusicGenRequest]:
-        """Validates a call's arguments (options: guidance_scale, temperature, top_k, top_p, chunk_s, and melody,
-        melody_sample_rate for melody packs) and turns them into one request per row."""
+        """Validates a call's arguments and turns them into one request per row. prompt: a string, or a list of them
+        (a batch); stories are MusicLM's. options: guidance_scale, temperature, top_k, top_p, chunk_s (streamed
+        chunks; None: one whole decode), stage_sampling ({"decoder": {key: value} or SamplingParams}: the one stage's
+        sampling, over temperature / top_k / top_p, as MusicLM's per-stage entries are), and melody,
+        melody_sample_rate for melody packs. The clip's length rounds to whole codec frames."""
         m = self.config.musicgen
         options = dict(options)
         guidance_scale = options.pop("guidance_scale", None)
         melody, melody_rate = options.pop("melody", None), options.pop("melody_sample_rate", None)
+        per_stage = options.pop("stage_sampling", None)
         chunk_frames = self._chunk_frames(options.pop("chunk_s", None))
-        if isinstance(prompt, Story) or (isinstance(prompt, (list, tuple)) and any(not isinstance(p, str) for p in prompt)):
+        if isinstance(prompt, Story) or is_story_list(prompt) or (
+            isinstance(prompt, (list, tuple)) and any(isinstance(p, Story) or is_story_list(p) for p in prompt)
+        ):
             raise VivaceError("story mode (segments with their own prompts) is not supported by MusicGen packs")
         rows = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
         if not rows:
             raise VivaceError(f"prompt must be a non-empty string or a list of them, got {prompt!r}")
         if duration_s is None:
             raise VivaceError("duration_s is required")
-        duration = check_seconds(duration_s, "duration", m.max_duration_s)
-        if self.config.frames(duration) < 1:
-            raise VivaceError(f"duration {duration} s is shorter than one frame")
+        duration = check_duration(duration_s, "duration", m.max_duration_s, self.config.frame_rate)
         scale = m.guidance_scale if guidance_scale is None else guidance_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 1:
+        if not is_real(scale) or not is_finite(scale) or scale < 1:
             raise VivaceError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
         melody_keys = ("melody", "melody_sample_rate") if self.config.melody else ()
-        unknown_arguments(options, ("guidance_scale", *SAMPLING_KEYS, *melody_keys))
-        params = sampling_params(m.sampling, options)
+        unknown_arguments(options, ("guidance_scale", *SAMPLING_KEYS, "stage_sampling", "chunk_s", *melody_keys))
+        params = stage_sampling({STAGE: m.sampling}, options, per_stage)[STAGE]
         row_seeds = seeds(seed, len(rows))
         texts = [check_prompt(text) for text in rows]
         melodies = self._melodies(melody, melody_rate, len(rows))

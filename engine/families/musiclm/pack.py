@@ -32,8 +32,9 @@ from vivace.packs.manifest import (
     stored_stage,
     write_component,
     write_manifest,
+    write_text_model,
 )
-from vivace.packs.schema import from_dict, to_dict
+from vivace.packs.schema import from_dict, naming, shown, to_dict
 
 FAMILY = "musiclm"
 STAGES = ("semantic", "coarse", "fine")
@@ -62,20 +63,22 @@ def config_to_json(config: PackConfig) -> dict:
 def read_config(path: str | Path) -> PackConfig:
     path = Path(path)
     manifest = path / "pack.json"
-    data = read_family_manifest(path, FAMILY, ("sample_rate", "stages", "codec", "text"))
-    stages_json = data["stages"]
-    if not isinstance(stages_json, dict) or sorted(stages_json) != sorted(STAGES):
-        raise PackError(f"{manifest}: stages must be exactly {list(STAGES)}")
-    config = PackConfig(
-        family=FAMILY,
-        name=str(data.get("name", "")),
-        sample_rate=int(data["sample_rate"]),
-        stages={name: from_dict(TransformerConfig, stages_json[name], f"stages.{name}") for name in STAGES},
-        codec=from_dict(CodecConfig, data["codec"], "codec"),
-        text=from_dict(TextConfig, data["text"], "text"),
-        musiclm=from_dict(MusicLMConfig, data.get("musiclm", {}), "musiclm"),
-    )
-    validate_config(config)
+    data = read_family_manifest(path, FAMILY, ("sample_rate", "stages", "codec", "text"), ("musiclm",))
+    with naming(manifest):
+        stages_json = data["stages"]
+        if not isinstance(stages_json, dict) or sorted(stages_json) != sorted(STAGES):
+            got = sorted(stages_json) if isinstance(stages_json, dict) else shown(stages_json)
+            raise PackError(f"stages must be an object with exactly the keys {list(STAGES)}, got {got}")
+        config = PackConfig(
+            family=FAMILY,
+            name=data.get("name", ""),
+            sample_rate=data["sample_rate"],
+            stages={name: from_dict(TransformerConfig, stages_json[name], f"stages.{name}") for name in STAGES},
+            codec=from_dict(CodecConfig, data["codec"], "codec"),
+            text=from_dict(TextConfig, data["text"], "text"),
+            musiclm=from_dict(MusicLMConfig, data.get("musiclm", {}), "musiclm"),
+        )
+        validate_config(config)
     return config
 
 
@@ -189,8 +192,6 @@ def save_pack(
     write_component(path, "codec", _stored_codec(codec), codec_storage_dtype or storage_dtype)
     write_component(path, "text", _stored_text(text), torch.float32)
     if config.text.kind == "transformers" and not config.text.encoder_package:
-        encoder = text.encoder
-        encoder.model.save_pretrained(path / TEXT_MODEL_DIR)
-        encoder.tokenizer.save_pretrained(path / TEXT_MODEL_DIR)
+        write_text_model(path, text.encoder.model, text.encoder.tokenizer)
     write_manifest(path, config_to_json(config))
     return path

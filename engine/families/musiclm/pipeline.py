@@ -9,7 +9,7 @@ ready together (of one request or of several) decode as one batch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,10 +18,12 @@ import torch
 from vivace.arguments import (
     SAMPLING_KEYS,
     Story,
+    check_duration,
     check_prompt,
-    check_seconds,
+    codec_frames,
     is_story_list,
     seeds,
+    stage_sampling,
     unknown_arguments,
 )
 from vivace.codecs.backend import CodecBackend, FrameStream
@@ -89,7 +91,7 @@ class MusicLM:
         self.hop = pack.config.codec.hop_length
 
     def frames(self, seconds: float) -> int:
-        return round(seconds * self.frame_rate)
+        return codec_frames(seconds, self.frame_rate)
 
     def semantic_tokens(self, seconds: float) -> int:
         return round(seconds * self.config.musiclm.semantic_rate)
@@ -111,30 +113,30 @@ class MusicLM:
         return options
 
     def whole_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        return options
+        # a whole clip is what generate returns whatever the chunks: chunk_s=None asks for nothing this cannot give
+        return {k: v for k, v in options.items() if not (k == "chunk_s" and v is None)}
 
     def sampling(self, overrides: dict[str, Any]) -> dict[str, SamplingParams]:
+        """Each stage's sampling: the pack's, then temperature / top_k / top_p for every stage, then
+        stage_sampling's entry for that stage ({"semantic" | "coarse" | "fine": {key: value} or SamplingParams})."""
         overrides = dict(overrides)
-        stage_overrides = overrides.pop("stage_sampling", None) or {}
+        per_stage = overrides.pop("stage_sampling", None)
         if any(overrides.pop(key, None) is not None for key in ("melody", "melody_sample_rate")):
             raise VivaceError(f"pack {self.config.name!r} is a MusicLM pack: a melody needs a MusicGen-Melody pack")
+        if "chunk_s" in overrides:
+            raise VivaceError(
+                f"chunk_s {overrides['chunk_s']!r} does not apply to MusicLM pack {self.config.name!r}: its audio "
+                f"streams in the fine stage's chunks of {self.config.musiclm.fine_chunk_s} s, which the pack fixes"
+            )
         unknown_arguments(overrides, (*SAMPLING_KEYS, "stage_sampling"))
         m = self.config.musiclm
         defaults = {"semantic": m.semantic_sampling, "coarse": m.coarse_sampling, "fine": m.fine_sampling}
-        result = {}
-        for stage, params in defaults.items():
-            params = replace(params, **{k: v for k, v in overrides.items() if v is not None})
-            extra = stage_overrides.get(stage, {})
-            params = replace(params, **(vars(extra) if isinstance(extra, SamplingParams) else extra))
-            params.validate()
-            result[stage] = params
-        unknown_stages = sorted(set(stage_overrides) - set(defaults))
-        if unknown_stages:
-            raise VivaceError(f"stage_sampling names unknown stage {unknown_stages[0]!r}")
-        return result
+        return stage_sampling(defaults, overrides, per_stage)
 
     def requests(self, prompt: Any, duration_s: Any, seed: Any, options: dict[str, Any]) -> list[Request]:
-        """Validates a call's arguments and turns them into one Request per row."""
+        """Validates a call's arguments and turns them into one Request per row. A Story, or a list of (prompt,
+        seconds) pairs, is one story (one row); a list of strings or of Story objects is a batch, one row each.
+        A clip's length rounds to whole codec frames, a story's segment boundaries to whole semantic tokens."""
         limit = self.config.musiclm.max_duration_s
         if isinstance(prompt, Story) or is_story_list(prompt):
             rows: list[Any] = [prompt]
@@ -144,25 +146,51 @@ class MusicLM:
             rows = list(prompt)
         else:
             raise VivaceError(f"prompt must be a non-empty string, a list of them, or a story, got {prompt!r}")
+        if duration_s is not None:
+            duration_s = check_duration(duration_s, "duration", limit, self.frame_rate)
         segments_per_row = []
         for row in rows:
             if isinstance(row, str):
                 if duration_s is None:
                     raise VivaceError("duration_s is required for a plain prompt")
-                segments = ((check_prompt(row), check_seconds(duration_s, "duration", limit)),)
+                segments = ((check_prompt(row), duration_s),)
             else:
-                items = row.segments if isinstance(row, Story) else row
-                if not is_story_list(items):
-                    raise VivaceError(f"a story is a non-empty list of (prompt, seconds), got {items!r}")
-                segments = tuple((check_prompt(p), check_seconds(s, "story segment", limit)) for p, s in items)
+                segments = self._story(row.segments if isinstance(row, Story) else row)
                 total = sum(s for _, s in segments)
-                check_seconds(total, "story duration", limit)
-                if duration_s is not None and abs(float(duration_s) - total) > 1e-6:
+                if duration_s is not None and abs(duration_s - total) > 1e-6:
                     raise VivaceError(f"duration_s {duration_s} differs from the story's total {total} s")
             segments_per_row.append(segments)
         row_seeds = seeds(seed, len(rows))
         params = self.sampling(options)
         return [Request(row, segments, row_seeds[row], params) for row, segments in enumerate(segments_per_row)]
+
+    def _story(self, items: Any) -> tuple[tuple[str, float], ...]:
+        """A story's segments, each at least one codec frame long and each holding at least one semantic token once
+        its boundaries round to whole tokens (a segment that rounds to none would never be heard)."""
+        limit = self.config.musiclm.max_duration_s
+        if not is_story_list(items):
+            raise VivaceError(f"a story is a non-empty list of (prompt, seconds), got {items!r}")
+        segments = tuple(
+            (check_prompt(p), check_duration(s, f"story segment {i + 1}", limit, self.frame_rate))
+            for i, (p, s) in enumerate(items)
+        )
+        total = check_duration(sum(s for _, s in segments), "story duration", limit, self.frame_rate)
+        rate = self.config.musiclm.semantic_rate
+        starts = self.segment_starts(segments)
+        ends = [*starts[1:], -(-self.frames(total) // self.frames_per_semantic)]
+        for i, (start, end) in enumerate(zip(starts, ends)):
+            if end <= start:
+                prompt, seconds = segments[i]
+                raise VivaceError(
+                    f"story segment {i + 1} ({prompt!r}, {seconds} s) rounds to no semantic token: a story's prompts "
+                    f"change on whole tokens of {1 / rate:g} s at this pack's {rate} tokens/s"
+                )
+        return segments
+
+    def segment_starts(self, segments: tuple[tuple[str, float], ...]) -> list[int]:
+        """The semantic token each segment starts at."""
+        starts_s = np.cumsum([0.0] + [seconds for _, seconds in segments[:-1]])
+        return [self.semantic_tokens(t) for t in starts_s]
 
     def start(self, request: Request, context: RequestContext) -> MusicLMPipeline:
         return MusicLMPipeline(self, request, context)
@@ -199,8 +227,7 @@ class MusicLMPipeline:
     def _row_state(self, request: Request) -> RowState:
         family = self.family
         m = family.config.musiclm
-        starts_s = np.cumsum([0.0] + [seconds for _, seconds in request.segments[:-1]])
-        semantic_starts = [family.semantic_tokens(t) for t in starts_s]
+        semantic_starts = family.segment_starts(request.segments)
         duration = sum(seconds for _, seconds in request.segments)
         frames = family.frames(duration)
         semantic_total = -(-frames // family.frames_per_semantic)

@@ -49,14 +49,21 @@ def random_pack(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     text_model: str | Path | None = None,
+    force: bool = False,
 ) -> Path:
     """Writes a pack with random weights. Paper-size packs are stored in bfloat16 unless dtype says otherwise.
 
     text_model: a local transformers encoder directory (model + tokenizer) to use as the text tower instead of
     the built-in hashed one; it is copied into the pack and its projection and codebooks are random.
+    force: write into a directory that is not empty (its pack files are replaced, other files are left alone).
     """
     if family != "musiclm":
         raise VivaceError(f"random_pack: unknown family {family!r}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise VivaceError(f"{path}: already exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not force:
+        raise VivaceError(f"{path}: already exists and is not an empty directory (--force, or force=True, writes over it)")
     config = preset_config(preset)
     encoder: torch.nn.Module = BuiltinTextEncoder(config.text)
     if text_model is not None:
