@@ -1,9 +1,10 @@
 """python -m benchmarks [SUITE ...] [--quick] [--work-dir DIR] [--device DEV] [--threads N] [--musiclm-dtype DTYPE]
 
-Suites run in the order demo, musiclm, musicgen, floor, serving, serve_load (the floor suite reads the others' newest
-results); each prints its tables and writes benchmarks/results/<suite>-<date>.json. Models are built once and cached in
---work-dir. Without a SUITE every suite but serve_load runs: serve_load starts `vivace serve` on a free local port and
-needs the [serve] extra and httpx, so it runs only when named.
+Suites run in the order demo, musiclm, musicgen, floor, serving, serve_load, ray_load (the floor suite reads the others'
+newest results); each prints its tables and writes benchmarks/results/<suite>-<date>.json. Models are built once and
+cached in --work-dir. Without a SUITE every suite but serve_load and ray_load runs: they start `vivace serve` (ray_load
+also `vivace serve --ray`, a local Ray cluster) on a free local port and need the [serve] extra and httpx (ray_load the
+[ray] extra too), so they run only when named.
 """
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ from benchmarks.common import Options
 SUITES = {
     "demo": "benchmarks.demo_suite", "musiclm": "benchmarks.musiclm_suite", "musicgen": "benchmarks.musicgen_suite",
     "floor": "benchmarks.floor", "serving": "benchmarks.serving", "serve_load": "benchmarks.serve_load",
+    "ray_load": "benchmarks.ray_load",
 }
-DEFAULT = [name for name in SUITES if name != "serve_load"]  # what runs when no suite is named (see the docstring)
+NAMED_ONLY = ("serve_load", "ray_load")
+DEFAULT = [name for name in SUITES if name not in NAMED_ONLY]  # what runs when no suite is named (see the docstring)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
     parser.add_argument("suites", nargs="*", metavar="SUITE",
-                        help=f"any of {', '.join(SUITES)} (default: all but serve_load)")
+                        help=f"any of {', '.join(SUITES)} (default: all but {' and '.join(NAMED_ONLY)})")
     parser.add_argument("--quick", action="store_true", help="short clips and fewer batch sizes (a smoke run)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/vivace-bench"), help="where built models are cached")
     parser.add_argument("--device", default="cpu")

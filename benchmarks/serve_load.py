@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class Reply:
     ended_at: float | None = None
     body: bytes = b""
     error: str | None = None  # a failed connection, or the code of an error answer
+    replica: str | None = None  # X-Vivace-Replica: which Ray Serve replica answered (none from a plain server)
 
     @property
     def ttfb(self) -> float | None:
@@ -107,19 +109,26 @@ def free_port() -> int:
 
 
 class Server:
-    """`with Server(...) as url:` a `vivace serve` subprocess, ready; it is stopped on leaving, whatever happened."""
+    """`with Server(...) as url:` a `vivace serve` subprocess, ready; it is stopped on leaving, whatever happened.
+    `extra` is more of the command line (ray_load's --ray and replicas), `threads` overrides options.threads and
+    `suite` names the benchmark in the one-line failures."""
 
-    def __init__(self, plan: Plan, options: Options, log: Path) -> None:
+    def __init__(
+        self, plan: Plan, options: Options, log: Path, extra: Sequence[str] = (), threads: int | None = None,
+        suite: str = "serve_load",
+    ) -> None:
         self.port = free_port()
         self.command = [
             sys.executable, "-m", "vivace", "serve", "--pack", str(DEMO_PACK.relative_to(ROOT)), "--quantize", "int8",
             "--port", str(self.port), "--device", options.device, "--max-running", str(plan.max_running),
-            "--max-queue", str(plan.max_queue), "--grace", str(GRACE_S), "--log-level", "warning",
+            "--max-queue", str(plan.max_queue), "--grace", str(GRACE_S), "--log-level", "warning", *extra,
         ]
+        self.threads = options.threads if threads is None else threads
         self.env = dict(os.environ)
-        if options.threads:  # `vivace serve` has no thread flag; torch takes its intra-op threads from these
-            self.env.update(OMP_NUM_THREADS=str(options.threads), MKL_NUM_THREADS=str(options.threads))
+        if self.threads:  # `vivace serve` has no thread flag; torch takes its intra-op threads from these
+            self.env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         self.log = log
+        self.suite = suite
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> str:
@@ -142,14 +151,14 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 code = self.process.returncode
-                raise SystemExit(f"serve_load: the server exited with {code} before it was ready: {self.log_tail()}")
+                raise SystemExit(f"{self.suite}: the server exited with {code} before it was ready: {self.log_tail()}")
             try:
                 if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass  # not listening yet: the pack is still loading
             time.sleep(0.5)
-        raise SystemExit(f"serve_load: the server was not ready within {READY_TIMEOUT_S:.0f} s: {self.log_tail()}")
+        raise SystemExit(f"{self.suite}: the server was not ready within {READY_TIMEOUT_S:.0f} s: {self.log_tail()}")
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -185,6 +194,7 @@ async def send(client: httpx.AsyncClient, model: str, call: Call, start: float) 
     try:
         async with client.stream("POST", "/v1/audio/speech", json=body) as response:
             reply.status, reply.headers_at = response.status_code, time.perf_counter() - start
+            reply.replica = response.headers.get("x-vivace-replica")
             async for chunk in response.aiter_bytes():
                 if chunk and reply.first_audio_at is None:
                     reply.first_audio_at = time.perf_counter() - start
@@ -256,19 +266,26 @@ def summary(phase: Phase, sample_rate: int) -> dict[str, Any]:
     }
 
 
+COLUMNS = ["phase", "requests", "status", "audio s/s", "TTFB p50 s", "TTFB p99 s", "TTFA p50 s", "TTFA p99 s", "wall s"]
+
+
+def columns(s: dict[str, Any]) -> list[Any]:
+    """A phase summary's cells under COLUMNS."""
+    return [s["phase"], s["requests"], " ".join(f"{k}:{v}" for k, v in s["status"].items()), s["audio_s_per_s"],
+            s["ttfb_p50_s"], s["ttfb_p99_s"], s["first_audio_p50_s"], s["first_audio_p99_s"], s["wall_s"]]
+
+
 def print_table(title: str, summaries: list[dict[str, Any]]) -> None:
-    print(table(
-        ["phase", "requests", "status", "audio s/s", "TTFB p50 s", "TTFB p99 s", "TTFA p50 s", "TTFA p99 s", "wall s"],
-        [[s["phase"], s["requests"], " ".join(f"{k}:{v}" for k, v in s["status"].items()), s["audio_s_per_s"],
-          s["ttfb_p50_s"], s["ttfb_p99_s"], s["first_audio_p50_s"], s["first_audio_p99_s"], s["wall_s"]] for s in summaries],
-        title=title,
-    ), flush=True)
+    print(table(COLUMNS, [columns(s) for s in summaries], title=title), flush=True)
 
 
 # -- checks --------------------------------------------------------------------------------------------------------
 def scrape(url: str) -> dict[str, float]:
+    return parse_metrics(httpx.get(f"{url}/metrics", timeout=10).text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
     """/metrics as {'name{label=value}': value} for vivace's samples."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
     found = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -296,7 +313,8 @@ def settled_metrics(url: str) -> tuple[dict[str, float], float]:
         time.sleep(0.2)
 
 
-def status_failures(phases: list[Phase], plan: Plan) -> list[str]:
+def status_failures(phases: list[Phase]) -> list[str]:
+    """Answers other than 200 (and 503 in a burst), and 503s not in the server's shape."""
     failures = []
     for phase in phases:
         allowed = {200, 503} if phase.name == "burst" else {200}
@@ -305,7 +323,11 @@ def status_failures(phases: list[Phase], plan: Plan) -> list[str]:
                 failures.append(f"{phase.name}: {reply.call} answered {reply.status or 'nothing'} ({reply.error})")
             elif reply.status == 503 and reply.error != "engine_busy+retry-after":
                 failures.append(f"{phase.name}: a 503 without engine_busy and Retry-After ({reply.error})")
-    last = phases[-1]
+    return failures
+
+
+def burst_failures(last: Phase, plan: Plan) -> list[str]:
+    failures = []
     refused = sum(r.status == 503 for r in last.replies)
     if refused != plan.extra:
         failures.append(
@@ -365,10 +387,15 @@ def first_difference(served: bytes, offline: bytes) -> str:
 
 
 # -- the suite -----------------------------------------------------------------------------------------------------
-async def load(url: str, model: str, plan: Plan) -> list[Phase]:
+async def closed_loops(url: str, model: str, plan: Plan) -> list[Phase]:
     phases = []
     for number, (clients, count) in enumerate(plan.clients.items()):
         phases.append(await closed_loop(url, model, requests(count, plan.seconds, seed=number), clients))
+    return phases
+
+
+async def load(url: str, model: str, plan: Plan) -> list[Phase]:
+    phases = await closed_loops(url, model, plan)
     # Seeds past the closed loops' (1000 + i): the burst's clips are new ones.
     calls = [(PROMPTS[i % len(PROMPTS)], plan.burst_seconds, 2000 + i) for i in range(plan.admitted + plan.extra)]
     phases.append(await burst(url, model, calls))
@@ -394,6 +421,12 @@ def report_checks(
         print(f"offline check, {row['phase']}: {row['call']} {verdict} ({row['served_bytes']} bytes)")
 
 
+def served_model(url: str) -> tuple[str, int]:
+    """The model's id and sample rate, from /v1/models."""
+    card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+    return card["id"], int(card["sample_rate"])
+
+
 def run(options: Options) -> None:
     chosen = plan(options.quick)
     log = options.work_dir / "serve_load-server.log"
@@ -404,8 +437,7 @@ def run(options: Options) -> None:
     started = time.perf_counter()
     with server as url:
         print(f"server ready in {time.perf_counter() - started:.1f} s at {url}", flush=True)
-        card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
-        model, sample_rate = card["id"], int(card["sample_rate"])
+        model, sample_rate = served_model(url)
         warmup = asyncio.run(closed_loop(url, model, requests(1, chosen.seconds, seed=99), 1))  # first-call costs
         phases = asyncio.run(load(url, model, chosen))
         metrics, settle_s = settled_metrics(url)
@@ -414,7 +446,8 @@ def run(options: Options) -> None:
     comparisons, offline = offline_failures(samples(phases), options)
     report_checks(chosen, phases, metrics, settle_s, comparisons)
     failures = [f"warm-up answered {r.status} ({r.error})" for r in warmup.replies if r.status != 200]
-    failures += status_failures(phases, chosen) + metrics_failures(metrics, phases, len(warmup.replies)) + offline
+    failures += status_failures(phases) + burst_failures(phases[-1], chosen)
+    failures += metrics_failures(metrics, phases, len(warmup.replies)) + offline
     config = {
         "server_command": server.command[2:], "clients": chosen.clients, "clip_seconds": chosen.seconds,
         "max_running": chosen.max_running, "max_queue": chosen.max_queue, "burst_requests": chosen.admitted + chosen.extra,
@@ -422,10 +455,14 @@ def run(options: Options) -> None:
         "load_average_before": load_before,
     }
     results = {"phases": summaries, "metrics_after": metrics, "settle_s": settle_s, "offline": comparisons, "failures": failures}
-    path = write_result("serve_load", options, config, results)
+    finish("serve_load", write_result("serve_load", options, config, results), failures)
+    print(f"checks passed: only the planned 503s; an idle engine with no KV block in use afterwards; "
+          f"{len(comparisons)} served clips equal to offline generation")
+
+
+def finish(suite: str, path: Path, failures: list[str]) -> None:
+    """Says where the results went; exits non-zero with the first failed check in one line (the rest are in the file)."""
     print(f"wrote {path}")
     if failures:
         more = f" (and {len(failures) - 1} more, in {path.name})" if len(failures) > 1 else ""
-        raise SystemExit(f"serve_load: check failed: {failures[0]}{more}")
-    print(f"checks passed: only the planned 503s; an idle engine with no KV block in use afterwards; "
-          f"{len(comparisons)} served clips equal to offline generation")
+        raise SystemExit(f"{suite}: check failed: {failures[0]}{more}")
