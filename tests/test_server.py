@@ -391,3 +391,28 @@ def test_serve_refuses_bad_options_with_one_line(tiny_pack: Path, tmp_path: Path
             assert main(["serve", *args]) == 2, args
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and err.startswith("vivace: error:") and named in err, (args, err)
+
+
+def test_a_request_that_fails_mid_stream_is_visibly_cut(tiny_pack: Path) -> None:
+    """A step that fails after audio went out: a PCM stream ends without its terminating chunk (the client cannot take
+    it for a whole clip), an SSE stream ends with an `error` event, and the failures are counted."""
+    engine = Engine.from_pack(tiny_pack)
+    real_step = engine.core.step
+
+    def failing_step():
+        if any(seq for runner in engine.core.runners.values() for seq in runner.running) and engine.core.steps > 40:
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    engine.core.step = failing_step
+    with running_server(engine) as served:
+        body = {"model": "random-tiny", "input": "organ", "duration": 8.0, "seed": 1, "response_format": "pcm"}
+        with pytest.raises(httpx.RemoteProtocolError):
+            with httpx.stream("POST", f"{served.url}/v1/audio/speech", json=body, timeout=TIMEOUT) as response:
+                assert response.status_code == 200
+                for _ in response.iter_raw():
+                    pass
+        with httpx.stream("POST", f"{served.url}/v1/audio/speech", json={**body, "stream_format": "sse"}, timeout=TIMEOUT) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1]["type"] == "error" and "injected failure" in events[-1]["error"]["message"]
+        assert wait_until_idle(served.url)["vivace_requests_finished_total{reason=error}"] == 2
