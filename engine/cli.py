@@ -1,31 +1,78 @@
-"""Command line: vivace generate | serve | info | random-pack | export onnx | convert musicgen. Bad input exits with code 2 and one line on stderr."""
+"""Command line: vivace generate | serve | info | random-pack | export onnx | convert musicgen.
+
+Bad input exits with code 2 and one line on stderr (`vivace: error: ...`), before any generation where it can be
+known then. Third-party progress bars and warnings (transformers, huggingface_hub, Python's warnings) are silenced
+unless --verbose; the Python API is left as it is."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
+import re
 import sys
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vivace.errors import VivaceError
+from vivace.errors import PackError, VivaceError
+
+GENERATE_EPILOG = """\
+sampling: every stage has the pack's own temperature / top-k / top-p (MusicLM paper: temperature 1.0, 0.95, 0.4
+for semantic, coarse, fine). --temperature, --top-k and --top-p replace them for EVERY stage; --stage sets one:
+  --stage semantic.KEY=V   structure and melody over time (which notes, when): lower values repeat more
+  --stage coarse.KEY=V     timbre and the codec's first RVQ levels (instruments, rhythm, dynamics)
+  --stage fine.KEY=V       detail: the remaining RVQ levels (texture, noise); the pack's low value keeps it clean
+  --stage decoder.KEY=V    MusicGen's one stage (the same as the global flags)
+KEY is temperature, top_k or top_p; --stage is repeatable and wins over the global flags for its stage. A low
+global temperature or top-k / top-p (0, 0.5, 5) freezes a MusicLM pack into a drone after a few seconds: lower
+`semantic` alone for steadier music.
+
+output: -o FILE writes FILE in the format of its extension (.wav .flac .mp3 .ogg .opus) or --format; -o - writes
+WAV (or --format) to stdout. --normalize (default loudness) sets the level first:
+  loudness  one gain to -14 LUFS integrated (ITU-R BS.1770-4), capped so the sample peak stays <= -1 dBFS
+  peak      one gain that puts the sample peak at -1 dBFS
+  clip      no gain; samples past -1 dBFS (0.891) are cut
+  none      the samples as generated (16/24-bit and lossy formats cut what passes full scale; --bits 32 keeps it)"""
+
+# API argument names whose command-line flag has another dest (the others are found by dest: top_k -> --top-k)
+_API_DESTS = {"duration_s": "duration", "stage_sampling": "stage", "max_waiting": "max_queue"}
+_STAGE_KEYS = {"temperature": "temperature", "top_k": "top_k", "top-k": "top_k", "top_p": "top_p", "top-p": "top_p"}
+_GLOBAL_SAMPLING = (("temperature", "--temperature"), ("top_k", "--top-k"), ("top_p", "--top-p"))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, as every other error: argparse's usage block is --help's
+        self.exit(2, f"vivace: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vivace", description="Fast inference for token-based text-to-music models.")
+    # --verbose is accepted before or after the subcommand; SUPPRESS keeps a subcommand from resetting the first
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser = _Parser(prog="vivace", description="Fast inference for token-based text-to-music models.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show third-party progress bars and warnings (transformers, huggingface_hub, Python's)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate music from a prompt or a story")
+    gen = sub.add_parser("generate", parents=[common], help="generate music from a prompt or a story",
+                         epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("prompt", nargs="?", help="text prompt (omit when --segment is used)")
     gen.add_argument("--pack", required=True, help="pack directory")
     gen.add_argument("--duration", type=float, help="seconds of audio")
     gen.add_argument("--segment", nargs=2, action="append", metavar=("PROMPT", "SECONDS"),
                      help="story mode: one segment; repeat for each (the condition switches at the boundaries)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--temperature", type=float, help="all stages (default: the pack's per-stage values)")
-    gen.add_argument("--top-k", type=int, dest="top_k")
-    gen.add_argument("--top-p", type=float, dest="top_p")
+    gen.add_argument("--temperature", type=float, help="every stage (default: each stage's own; see below)")
+    gen.add_argument("--top-k", type=int, dest="top_k", help="every stage (0 = off)")
+    gen.add_argument("--top-p", type=float, dest="top_p", help="every stage (1 = off)")
+    gen.add_argument("--stage", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                     help="one stage's sampling, e.g. fine.temperature=0.4 (repeatable; see below)")
     gen.add_argument("--guidance", type=float, dest="guidance_scale", help="MusicGen: classifier-free guidance scale (1 = off)")
     gen.add_argument("--melody", help="MusicGen-Melody: a reference sound file (WAV, FLAC, ...) whose chroma conditions the music")
     gen.add_argument("--device", default="cpu")
@@ -35,10 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps-per-sync", type=int, default=1, dest="steps_per_sync",
                      help="CUDA: decode steps per host sync (not yet verified on a GPU)")
     gen.add_argument("--cuda-graphs", action="store_true", dest="cuda_graphs", help="CUDA: replay those steps as CUDA graphs")
-    gen.add_argument("-o", "--output", required=True, help="output .wav path")
-    gen.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    serve = sub.add_parser("serve", help="serve a pack over HTTP (OpenAI's /v1/audio/speech, /v1/music/generations, a web page)")
+    gen.add_argument("-o", "--output", required=True, help="output file (.wav .flac .mp3 .ogg .opus), or - for stdout")
+    gen.add_argument("--format", choices=["wav", "flac", "mp3", "ogg", "opus"],
+                     help="output format (default: the output's extension; WAV for stdout). ogg: Vorbis, opus: Opus in Ogg")
+    gen.add_argument("--bits", type=int, choices=[16, 24, 32],
+                     help="WAV and FLAC sample size (default 16; 32: float, WAV only, keeps samples past full scale)")
+    gen.add_argument("--normalize", choices=["loudness", "peak", "clip", "none"], default="loudness",
+                     help="level of the written audio (default loudness: -14 LUFS, peak <= -1 dBFS; see below)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar, warnings or summary line")
+    serve = sub.add_parser("serve", parents=[common], help="serve a pack over HTTP (OpenAI's /v1/audio/speech, /v1/music/generations, a web page)")
     serve.add_argument("--pack", required=True, action="append",
                        help="pack directory (with --ray: repeat for several packs, each under /<pack name>/)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
@@ -63,24 +115,26 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--replica-cpus", type=float, default=1.0, dest="replica_cpus", help="--ray: CPUs per replica")
     serve.add_argument("--replica-gpus", type=float, default=0.0, dest="replica_gpus", help="--ray: GPUs (or a fraction) per replica")
 
-    info = sub.add_parser("info", help="describe a pack")
+    info = sub.add_parser("info", parents=[common], help="describe a pack")
     info.add_argument("pack")
 
-    rand = sub.add_parser("random-pack", help="write a pack with random weights (tests, benchmarks)")
+    rand = sub.add_parser("random-pack", parents=[common], help="write a pack with random weights (tests, benchmarks)")
     rand.add_argument("output")
     rand.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
     rand.add_argument("--seed", type=int, default=0)
+    rand.add_argument("--force", action="store_true",
+                      help="write into a directory that is not empty (its pack files are replaced, others kept)")
 
-    export = sub.add_parser("export", help="write an exported form of a pack component into the pack")
+    export = sub.add_parser("export", parents=[common], help="write an exported form of a pack component into the pack")
     formats = export.add_subparsers(dest="format", required=True)
-    onnx = formats.add_parser("onnx", help="the codec decoder as PACK/codec.onnx, checked against torch")
+    onnx = formats.add_parser("onnx", parents=[common], help="the codec decoder as PACK/codec.onnx, checked against torch")
     onnx.add_argument("pack")
     onnx.add_argument("--opset", type=int, default=17)
 
-    convert = sub.add_parser("convert", help="convert a checkpoint of another format into a pack")
+    convert = sub.add_parser("convert", parents=[common], help="convert a checkpoint of another format into a pack")
     families = convert.add_subparsers(dest="family", required=True)
     musicgen = families.add_parser(
-        "musicgen", help="a transformers MusicgenForConditionalGeneration or MusicgenMelodyForConditionalGeneration directory (or hub id)",
+        "musicgen", parents=[common], help="a transformers MusicgenForConditionalGeneration or MusicgenMelodyForConditionalGeneration directory (or hub id)",
     )
     musicgen.add_argument("src")
     musicgen.add_argument("output")
@@ -89,53 +143,292 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _generate(args: argparse.Namespace) -> None:
-    from vivace.audio import check_output_path, write_wav
-    from vivace.engine import Engine, Story
-    from vivace.events import AudioChunk, StageProgress
 
-    output = check_output_path(args.output)
+
+# -- generate ------------------------------------------------------------------------------------------------------
+def stage_sampling(entries: Sequence[str]) -> dict[str, dict[str, float | int]]:
+    """--stage STAGE.KEY=VALUE entries as the API's stage_sampling ({stage: {key: value}}); the last of a repeated
+    STAGE.KEY wins. Only the form and the numbers are checked here: the engine checks the stage names and ranges."""
+    result: dict[str, dict[str, float | int]] = {}
+    for entry in entries:
+        name, equals, text = entry.partition("=")
+        stage, dot, key = name.strip().partition(".")
+        if not equals or not dot or not stage or key not in _STAGE_KEYS:
+            raise VivaceError(
+                f"--stage {entry!r}: expected STAGE.KEY=VALUE with KEY temperature, top_k or top_p "
+                "(e.g. --stage fine.temperature=0.4)"
+            )
+        key = _STAGE_KEYS[key]
+        try:
+            value: float | int = int(text) if key == "top_k" and text.strip().lstrip("+-").isdigit() else float(text)
+        except ValueError:
+            raise VivaceError(f"--stage {entry!r}: {text!r} is not a number") from None
+        result.setdefault(stage, {})[key] = value
+    return result
+
+
+def _flag_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """An engine message with the API's argument names (guidance_scale, stage_sampling['fine'] top_k, ...) written as
+    this command's flags. Names without a flag here stay as they are."""
+    flags = {
+        action.dest: action.option_strings[-1] for action in parser._actions
+        if action.option_strings and action.option_strings[-1].startswith("--")
+    }
+
+    def flag(name: str) -> str | None:
+        return flags.get(_API_DESTS.get(name, name))
+
+    def unknown(match: re.Match) -> str:
+        name, expected = match.group(1), match.group(2).split(", ")
+        if flag(name) is None:
+            return match.group(0)
+        takes = [flag(e) for e in expected if flag(e) is not None]
+        return f"{flag(name)} does not apply to this pack (it takes {', '.join(takes)})"
+
+    message = re.sub(r"unknown sampling argument '(\w+)' \(expected ([\w, ]*)\)", unknown, message)
+    message = re.sub(r"stage_sampling\['([^']*)'\] (temperature|top_k|top_p)", r"--stage \1.\2", message)
+    message = re.sub(r"^(temperature|seed)\b", lambda m: flag(m.group(1)) or m.group(1), message)
+    return re.sub(r"(?<![\w.\-'/])([a-z]+(?:_[a-z]+)+)\b", lambda m: flag(m.group(1)) or m.group(1), message)
+
+
+@contextlib.contextmanager
+def _engine_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    try:
+        yield
+    except PackError:
+        raise  # names the pack's own keys, which are not flags
+    except VivaceError as exc:
+        raise VivaceError(_flag_names(str(exc), parser)) from None
+
+
+def _output(args: argparse.Namespace) -> tuple[Path | None, Any]:
+    """The output file (None: stdout) and its format, refused before the pack loads if they cannot be written."""
+    from vivace.audio import audio_format, check_output_path
+
+    if args.output == "-":
+        if sys.stdout.isatty():
+            raise VivaceError("-o - writes audio to stdout, which is a terminal: redirect it (> out.wav, | player -)")
+        return None, audio_format(None, args.format, args.bits)
+    return check_output_path(args.output, args.format, args.bits), audio_format(args.output, args.format, args.bits)
+
+
+def _prompt(args: argparse.Namespace) -> Any:
+    from vivace.engine import Story
+
     if args.segment:
         if args.prompt is not None:
             raise VivaceError("give either a prompt or --segment entries, not both")
         try:
-            prompt = Story(tuple((text, float(seconds)) for text, seconds in args.segment))
+            return Story(tuple((text, float(seconds)) for text, seconds in args.segment))
         except ValueError:
             raise VivaceError(f"--segment seconds must be numbers, got {[s for _, s in args.segment]}") from None
-    elif args.prompt is None:
+    if args.prompt is None:
         raise VivaceError("a prompt (or --segment entries) is required")
-    else:
-        prompt = args.prompt
-    engine = Engine.from_pack(
-        args.pack, device=args.device, dtype=args.dtype, quantize=args.quantize, codec_backend=args.codec_backend,
-        steps_per_sync=args.steps_per_sync, cuda_graphs=args.cuda_graphs,
+    return args.prompt
+
+
+def _override_warning(engine: Any, sampling: dict[str, Any], per_stage: dict[str, dict]) -> str | None:
+    """One line when --temperature / --top-k / --top-p replaces a value a stage of the pack sets for itself."""
+    defaults_of = getattr(engine.family, "sampling", None)  # MusicLM's per-stage defaults; MusicGen has one stage
+    if defaults_of is None:
+        return None
+    defaults = defaults_of({})
+    if len(defaults) < 2:
+        return None
+    replaced, given = [], []
+    for key, flag in _GLOBAL_SAMPLING:
+        if sampling.get(key) is None:
+            continue
+        stages = [s for s, p in defaults.items() if getattr(p, key) != sampling[key] and key not in per_stage.get(s, {})]
+        if stages:
+            given.append(f"{flag} {sampling[key]:g}")
+            replaced.append(f"{key} " + ", ".join(f"{s} {getattr(defaults[s], key):g}" for s in stages))
+    if not replaced:
+        return None
+    return (
+        f"vivace: warning: {' and '.join(given)} replace{'s' if len(given) == 1 else ''} the pack's per-stage values "
+        f"({'; '.join(replaced)}); a low value on every stage can freeze the music into a drone: "
+        "--stage STAGE.KEY=VALUE sets one stage (see vivace generate --help)"
     )
-    keys = ("temperature", "top_k", "top_p", "guidance_scale")
-    sampling = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def _terminal_size() -> tuple[int, int]:
+    """stderr's terminal columns and lines, or 80 x 24 where it reports none: a pseudo-terminal without a size
+    reads as 0 x 0, with which tqdm draws nothing."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 80, 24
+    return size.columns or 80, size.lines or 24
+
+
+class _Progress:
+    """One bar on stderr in seconds of audio, with the time left and the speed (seconds of audio per second).
+    Audio is counted from AudioChunk events; until the first arrives (a family that decodes each clip whole sends
+    one at the end) the last stage's token count stands for it, as its tokens are the clip's frames."""
+
+    def __init__(self, total_s: float, last_stage: str) -> None:
+        from tqdm import tqdm
+
+        self.total_s, self.last_stage = total_s, last_stage
+        self.decoded_s = 0.0
+        self.started = time.monotonic()
+        columns, lines = _terminal_size()
+        self.bar = tqdm(
+            total=round(total_s, 2), file=sys.stderr, leave=True,
+            ncols=columns, nrows=lines,
+            bar_format="{percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}{postfix}]",
+        )
+
+    def _move(self, seconds: float, note: str) -> None:
+        seconds = min(round(seconds, 2), self.bar.total)
+        if seconds > self.bar.n:
+            self.bar.update(seconds - self.bar.n)
+        self.bar.set_postfix_str(note, refresh=False)
+        self.bar.update(0)  # redraws at tqdm's interval, so the clock moves while nothing is decoded
+
+    def audio(self, seconds: float) -> None:
+        self.decoded_s += seconds
+        speed = self.decoded_s / max(time.monotonic() - self.started, 1e-9)
+        self._move(self.decoded_s, f"{speed:.2f}x real time")
+
+    def tokens(self, stage: str, done: int, total: int) -> None:
+        if self.decoded_s == 0 and stage == self.last_stage and total > 0:
+            self._move(self.total_s * done / total, stage)
+        elif self.decoded_s == 0:
+            self._move(self.bar.n, stage)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from vivace import audio as vaudio
+    from vivace.engine import Engine
+    from vivace.events import AudioChunk, StageProgress
+
+    output, fmt = _output(args)
+    prompt = _prompt(args)
+    per_stage = stage_sampling(args.stage)
+    sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "guidance_scale") if getattr(args, k) is not None}
+    if per_stage:
+        sampling["stage_sampling"] = per_stage
     if args.melody is not None:
         sampling["melody"] = args.melody
-    events = engine.events(prompt, args.duration, seed=args.seed, **sampling)
-    show = not args.quiet and sys.stderr.isatty()
-    bars: dict = {}
+    terminal = not args.quiet and sys.stderr.isatty()
+    with _engine_errors(parser):
+        engine = Engine.from_pack(
+            args.pack, device=args.device, dtype=args.dtype, quantize=args.quantize, codec_backend=args.codec_backend,
+            steps_per_sync=args.steps_per_sync, cuda_graphs=args.cuda_graphs,
+        )
+        vaudio.check_sample_rate(fmt, engine.sample_rate)
+        events = engine.events(prompt, args.duration, seed=args.seed, **sampling)
+        if terminal:
+            warning = _override_warning(engine, sampling, per_stage)
+            if warning:
+                print(warning, file=sys.stderr)
+    total_s = args.duration if args.duration is not None else sum(seconds for _, seconds in prompt.segments)
+    progress = _Progress(total_s, list(engine.family.stages())[-1]) if terminal else None
     pieces: list[np.ndarray] = []
     try:
-        for event in events:
-            if isinstance(event, AudioChunk):
-                pieces.append(event.pcm)
-            elif isinstance(event, StageProgress) and show:
-                from tqdm import tqdm
-
-                bar = bars.get(event.stage)
-                if bar is None:
-                    bar = bars[event.stage] = tqdm(total=event.total, desc=f"{event.stage:>8}", unit="tok", leave=True)
-                bar.update(event.done - bar.n)
+        # a third-party print during generation must not corrupt audio sent to stdout
+        with contextlib.redirect_stdout(sys.stderr) if output is None else contextlib.nullcontext():
+            for event in events:
+                if isinstance(event, AudioChunk):
+                    pieces.append(event.pcm)
+                    if progress:
+                        progress.audio(len(event.pcm) / engine.sample_rate)
+                elif isinstance(event, StageProgress) and progress:
+                    progress.tokens(event.stage, event.done, event.total)
     finally:
-        for bar in bars.values():
-            bar.close()
-    audio = np.concatenate(pieces)
-    write_wav(output, audio, engine.sample_rate)
+        if progress:
+            progress.close()
+    raw = np.concatenate(pieces)
+    audio = vaudio.normalize(raw, args.normalize, engine.sample_rate)
+    clipped = vaudio.clipped_samples(audio, fmt)
+    if output is None:
+        _write_stdout(vaudio.encode(audio, engine.sample_rate, fmt))
+    else:
+        vaudio.write_audio(output, audio, engine.sample_rate, args.format, args.bits)
     if not args.quiet:
-        print(f"wrote {output} ({len(audio) / engine.sample_rate:.2f} s at {engine.sample_rate} Hz)", file=sys.stderr)
+        level = vaudio.loudness(audio, engine.sample_rate)
+        summary = (
+            f"wrote {'stdout' if output is None else output} ({len(audio) / engine.sample_rate:.2f} s at "
+            f"{engine.sample_rate} Hz, {fmt}; after --normalize {args.normalize}: {level:.1f} LUFS, "
+            f"peak {vaudio.peak_dbfs(audio):.1f} dBFS"
+        )
+        if clipped:
+            summary += f", {clipped} samples clipped at full scale"
+        print(summary + ")", file=sys.stderr)
+
+
+def _write_stdout(data: bytes) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        # the reader left (| head): send the rest of this process's output nowhere, so exit does not fail again
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise VivaceError("stdout was closed before the audio was written") from None
+    except OSError as exc:
+        raise VivaceError(f"could not write the audio to stdout: {exc.strerror or exc}") from None
+
+
+# -- third-party output ----------------------------------------------------------------------------------------------
+_TRANSFORMERS_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+                        "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+@contextlib.contextmanager
+def _third_party_quiet(verbose: bool) -> Iterator[None]:
+    """transformers' logging and progress bars ("Loading weights", "Writing model shards"), huggingface_hub's
+    download bars and Python's warnings are silenced while a command runs, then put back as they were (a Python
+    caller of main keeps its settings). transformers is not imported for this: a command that imports it finds
+    huggingface_hub's bars off, which transformers' own follow, and TRANSFORMERS_VERBOSITY=error."""
+    if verbose:
+        yield
+        return
+    hub = _import_quietly("huggingface_hub.utils")
+    hub_bars = hub is not None and not hub.are_progress_bars_disabled() and "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    if hub_bars:
+        hub.disable_progress_bars()
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    saved_env = os.environ.get("TRANSFORMERS_VERBOSITY")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if saved_env is None:
+            del os.environ["TRANSFORMERS_VERBOSITY"]
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = saved_env
+        loaded = sys.modules.get("transformers.utils.logging")
+        if hf_logging is not None:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+        elif loaded is not None:  # imported during the command: the defaults it would have had
+            loaded.set_verbosity(_TRANSFORMERS_LEVELS.get((saved_env or "").lower(), logging.WARNING))
+            if hub_bars:
+                loaded.enable_progress_bar()
+        if hub_bars:
+            hub.enable_progress_bars()
+
+
+def _import_quietly(name: str) -> Any:
+    """An optional module, or None when it is missing or broken (the command that needs it reports that itself)."""
+    try:
+        return __import__(name, fromlist=["_"])
+    except Exception:
+        return None
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -185,28 +478,35 @@ def replica_options(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
     try:
-        if args.command == "generate":
-            _generate(args)
-        elif args.command == "serve":
-            _serve(args)
-        elif args.command == "info":
-            from vivace.engine import Engine
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # --help, or a bad flag (one line on stderr, from _Parser.error)
+        return exit.code if isinstance(exit.code, int) else 2
+    command = {action.dest: action for action in parser._actions}["command"].choices[args.command]
+    try:
+        with _third_party_quiet(args.verbose):
+            if args.command == "generate":
+                _generate(args, command)
+            elif args.command == "serve":
+                with _engine_errors(command):
+                    _serve(args)
+            elif args.command == "info":
+                from vivace.engine import Engine
 
-            print(json.dumps(Engine.from_pack(args.pack).info(), indent=2))
-        elif args.command == "random-pack":
-            from vivace.families.musiclm.random_pack import random_pack
+                print(json.dumps(Engine.from_pack(args.pack).info(), indent=2))
+            elif args.command == "random-pack":
+                from vivace.families.musiclm.random_pack import random_pack
 
-            print(random_pack(Path(args.output), preset=args.preset, seed=args.seed))
-        elif args.command == "convert":
-            from vivace.export.musicgen import convert_musicgen
+                print(random_pack(Path(args.output), preset=args.preset, seed=args.seed, force=args.force))
+            elif args.command == "convert":
+                from vivace.export.musicgen import convert_musicgen
 
-            print(convert_musicgen(args.src, args.output, window_s=args.window, stride_s=args.stride))
-        elif args.command == "export":
-            from vivace.export.onnx_codec import export_pack_codec
+                print(convert_musicgen(args.src, args.output, window_s=args.window, stride_s=args.stride))
+            elif args.command == "export":
+                from vivace.export.onnx_codec import export_pack_codec
 
-            print(json.dumps(export_pack_codec(args.pack, opset=args.opset)))
+                print(json.dumps(export_pack_codec(args.pack, opset=args.opset)))
     except VivaceError as exc:
         print(f"vivace: error: {exc}", file=sys.stderr)
         return 2
