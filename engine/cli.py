@@ -40,6 +40,9 @@ WAV (or --format) to stdout. --normalize (default loudness) sets the level first
   clip      no gain; samples past -1 dBFS (0.891) are cut
   none      the samples as generated (16/24-bit and lossy formats cut what passes full scale; --bits 32 keeps it)"""
 
+THREADS_HELP = ("torch threads (default: OMP_NUM_THREADS, else torch's choice); audio bytes for a seed repeat exactly "
+                "at one thread count and differ in the last bits between counts")
+
 # API argument names whose command-line flag has another dest (the others are found by dest: top_k -> --top-k)
 _API_DESTS = {"duration_s": "duration", "stage_sampling": "stage", "max_waiting": "max_queue"}
 _STAGE_KEYS = {"temperature": "temperature", "top_k": "top_k", "top-k": "top_k", "top_p": "top_p", "top-p": "top_p"}
@@ -76,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, dest="guidance_scale", help="MusicGen: classifier-free guidance scale (1 = off)")
     gen.add_argument("--melody", help="MusicGen-Melody: a reference sound file (WAV, FLAC, ...) whose chroma conditions the music")
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--threads", type=int, help=THREADS_HELP)
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--quantize", choices=["int8"], help="int8 weight-only stage linears")
     gen.add_argument("--codec-backend", default="auto", dest="codec_backend", help="auto | torch | onnxruntime | tensorrt")
@@ -94,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--pack", required=True, action="append",
                        help="pack directory (with --ray: repeat for several packs, each under /<pack name>/)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    serve.add_argument("--threads", type=int, help=THREADS_HELP + " (--ray: each replica's)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", dest="api_key", help="require Authorization: Bearer KEY on /v1 (default: $VIVACE_API_KEY)")
     serve.add_argument("--model-name", dest="model_name", help="the model id clients pass (default: the pack's name)")
@@ -309,6 +314,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
     output, fmt = _output(args)
     prompt = _prompt(args)
+    _set_threads(args.threads)
     per_stage = stage_sampling(args.stage)
     sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "guidance_scale") if getattr(args, k) is not None}
     if per_stage:
@@ -431,6 +437,15 @@ def _import_quietly(name: str) -> Any:
         return None
 
 
+def _set_threads(threads: int | None) -> None:
+    from vivace.threads import set_threads
+
+    if threads is not None:
+        if threads < 1:
+            raise VivaceError(f"--threads must be at least 1, got {threads}")
+        set_threads(threads)
+
+
 def _serve(args: argparse.Namespace) -> None:
     import os
 
@@ -455,10 +470,13 @@ def _serve(args: argparse.Namespace) -> None:
     if args.ray:
         from vivace.server.run import serve_on_ray
 
-        serve_on_ray(args.pack, settings, engine_options, replica_options(args), args.ray_address)
+        if args.threads is not None and args.threads < 1:
+            raise VivaceError(f"--threads must be at least 1, got {args.threads}")
+        serve_on_ray(args.pack, settings, engine_options, replica_options(args), args.ray_address, args.threads)
         return
     if len(args.pack) > 1:
         raise VivaceError("several --pack need --ray (one process serves one pack)")
+    _set_threads(args.threads)
     serve(args.pack[0], settings, engine_options)
 
 

@@ -3,7 +3,6 @@ Responses equal offline generation, requests spread over both replicas, and a re
 own in-flight requests, cleanly, while later requests are served. The cluster is always shut down."""
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -47,8 +46,8 @@ def test_vivace_serve_ray_routes_two_packs_and_stops_on_sigterm(tiny_pack: Path,
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "vivace", "serve", "--ray", "--pack", str(tiny_pack), "--pack", str(second),
-         "--port", str(port), "--replicas", "1", "--replica-cpus", "0.5", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+         "--port", str(port), "--replicas", "1", "--replica-cpus", "0.5", "--threads", "1", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # --threads 1: the offline reference's count (conftest)
     )
     urls = [f"http://127.0.0.1:{port}/{tiny_pack.name}", f"http://127.0.0.1:{port}/second"]
     try:
@@ -100,12 +99,13 @@ def cluster(tiny_pack: Path, ray_metrics_url: str):
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        deployment = PackDeployment(str(tiny_pack), deployment_options={
+        # threads=1: the offline reference's count (conftest); audio bytes repeat exactly only at one count
+        deployment = PackDeployment(str(tiny_pack), threads=1, deployment_options={
             "num_replicas": REPLICAS, "max_ongoing_requests": MAX_ONGOING, "ray_actor_options": {"num_cpus": 1},
             "health_check_period_s": 1,
         })
         serve.run(deployment.application(), route_prefix="/")
-        tight = PackDeployment(str(tiny_pack), {"max_running": 1, "max_waiting": 0}, deployment_options={
+        tight = PackDeployment(str(tiny_pack), {"max_running": 1, "max_waiting": 0}, threads=1, deployment_options={
             "num_replicas": 1, "max_ongoing_requests": 4, "max_queued_requests": 1, "ray_actor_options": {"num_cpus": 0},
         })
         serve.run(tight.application(), name="tight", route_prefix="/tight")  # one engine place, behind the same proxy
@@ -221,7 +221,7 @@ def replica_actor_names() -> list[str]:
 def test_app_builder_reads_a_serve_config_and_refuses_unknown_args(tiny_pack: Path) -> None:
     app = app_builder({"pack": str(tiny_pack), "engine": {"quantize": "int8"}, "server": {"max_duration_s": 30}})
     assert app is not None
-    with pytest.raises(ValueError, match="pack, engine, server, deployment"):
+    with pytest.raises(ValueError, match="pack, engine, server, threads, deployment"):
         app_builder({"pack": str(tiny_pack), "replicas": 2})
     with pytest.raises(ValueError, match="unknown server setting"):
         app_builder({"pack": str(tiny_pack), "server": {"port": 1}})

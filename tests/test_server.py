@@ -385,7 +385,7 @@ def test_serve_refuses_bad_options_with_one_line(tiny_pack: Path, tmp_path: Path
             (["--pack", str(tiny_pack), "--port", "0"], "--port"),
             (["--pack", str(tiny_pack), "--max-duration", "-1"], "--max-duration"),
             (["--pack", str(tiny_pack), "--port", str(port)], "cannot listen"),
-            (["--pack", str(tiny_pack), "--max-running", "0", "--port", str(free_port())], "max_running"),
+            (["--pack", str(tiny_pack), "--max-running", "0", "--port", str(free_port())], "--max-running"),
         ]
         for args, named in cases:
             assert main(["serve", *args]) == 2, args

@@ -23,6 +23,7 @@ from ray.serve import Application
 from ray.serve import metrics as serve_metrics
 
 from vivace.async_engine import AsyncEngine
+from vivace.threads import check_threads, set_threads
 from vivace.server.app import ServerSettings, create_app
 
 SERVER_FIELDS = ("api_key", "model_name", "max_duration_s", "default_duration_s", "max_prompt_chars", "max_body_bytes", "retry_after_s")
@@ -33,7 +34,11 @@ class VivaceReplica:
     """One replica: one engine, one app (built on the replica, after the engine exists), its metrics mirrored into
     Ray's."""
 
-    def __init__(self, pack: str, engine_options: dict[str, Any], settings: ServerSettings) -> None:
+    def __init__(
+        self, pack: str, engine_options: dict[str, Any], settings: ServerSettings, threads: int | None = None,
+    ) -> None:
+        if threads is not None:  # the replica is its own process: its torch threads are its own
+            set_threads(threads)
         self.settings = replace(settings, replica_id=serve.get_replica_context().replica_tag)
         self.engine = AsyncEngine.from_pack(pack, **engine_options)
         self.mirror: MetricsMirror | None = None
@@ -87,30 +92,37 @@ class MetricsMirror:
 @dataclass(frozen=True)
 class PackDeployment:
     """One pack as a Serve application: the engine's options, the server's settings and Serve's deployment options
-    (num_replicas or autoscaling_config, max_ongoing_requests, max_queued_requests, ray_actor_options)."""
+    (num_replicas or autoscaling_config, max_ongoing_requests, max_queued_requests, ray_actor_options) and each
+    replica's torch threads (None: Ray's default, the replica's num_cpus through OMP_NUM_THREADS)."""
 
     pack: str
     engine_options: Mapping[str, Any] = field(default_factory=dict)
     settings: ServerSettings = ServerSettings()
     deployment_options: Mapping[str, Any] = field(default_factory=dict)
+    threads: int | None = None
 
     def application(self, name: str = "vivace") -> Application:
         deployment = serve.deployment(VivaceReplica, name=name, **self.deployment_options)
-        return deployment.bind(self.pack, dict(self.engine_options), self.settings)
+        return deployment.bind(self.pack, dict(self.engine_options), self.settings, self.threads)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
     """The application of a Serve config file's `args`: `pack`, and optionally `engine` (Engine.from_pack's
-    options), `server` (ServerSettings fields: api_key, model_name, max_duration_s, ...) and `deployment` (Serve's
-    deployment options; autoscaling and resources usually go in the config's `deployments` section instead)."""
-    unknown = sorted(set(args) - {"pack", "engine", "server", "deployment"})
+    options), `server` (ServerSettings fields: api_key, model_name, max_duration_s, ...), `threads` (each
+    replica's torch threads) and `deployment` (Serve's deployment options; autoscaling and resources usually go in
+    the config's `deployments` section instead)."""
+    unknown = sorted(set(args) - {"pack", "engine", "server", "deployment", "threads"})
     if unknown or "pack" not in args:
-        raise ValueError(f"vivace's Serve args take pack, engine, server, deployment; got {sorted(args)}")
+        raise ValueError(f"vivace's Serve args take pack, engine, server, threads, deployment; got {sorted(args)}")
     server = dict(args.get("server") or {})
     bad = sorted(set(server) - set(SERVER_FIELDS))
     if bad:
         raise ValueError(f"unknown server setting {bad[0]!r} (expected one of {', '.join(SERVER_FIELDS)})")
+    threads = args.get("threads")
+    if threads is not None:
+        check_threads(threads)
     pack = str(Path(args["pack"]).resolve())  # replicas may start in another directory: pass them an absolute path
     return PackDeployment(
         pack, dict(args.get("engine") or {}), ServerSettings(**server), dict(args.get("deployment") or {}),
+        args.get("threads"),
     ).application()

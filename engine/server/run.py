@@ -84,10 +84,11 @@ def require(modules: tuple[str, ...], extra: str) -> None:
 
 def serve_on_ray(
     packs: list[str], settings: ServerSettings, engine_options: dict[str, Any], deployment_options: dict[str, Any],
-    address: str | None = None,
+    address: str | None = None, threads: int | None = None,
 ) -> None:
     """Serves packs on Ray Serve until SIGTERM / SIGINT: one application per pack (at / for one pack, else at
-    /<pack directory name>), replicas as deployment_options say, Serve's HTTP proxy on settings.host:port."""
+    /<pack directory name>), replicas as deployment_options say with `threads` torch threads each (None: Ray's
+    default, the replica's num_cpus), Serve's HTTP proxy on settings.host:port."""
     require(SERVE_MODULES + RAY_MODULES, "ray")
     from pathlib import Path
 
@@ -112,7 +113,7 @@ def serve_on_ray(
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         for pack, name in zip(packs, names):
-            application = PackDeployment(pack, engine_options, settings, deployment_options).application()
+            application = PackDeployment(pack, engine_options, settings, deployment_options, threads).application()
             serve.run(application, name=name, route_prefix="/" if len(packs) == 1 else f"/{name}")
         stopped.wait()
     finally:
