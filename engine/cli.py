@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -192,7 +193,7 @@ def _flag_names(message: str, parser: argparse.ArgumentParser) -> str:
 
     message = re.sub(r"unknown sampling argument '(\w+)' \(expected ([\w, ]*)\)", unknown, message)
     message = re.sub(r"stage_sampling\['([^']*)'\] (temperature|top_k|top_p)", r"--stage \1.\2", message)
-    message = re.sub(r"^(temperature|seed)\b", lambda m: flag(m.group(1)) or m.group(1), message)
+    message = re.sub(r"^(temperature|seed|duration)\b", lambda m: flag(m.group(1)) or m.group(1), message)
     return re.sub(r"(?<![\w.\-'/])([a-z]+(?:_[a-z]+)+)\b", lambda m: flag(m.group(1)) or m.group(1), message)
 
 
@@ -230,6 +231,20 @@ def _prompt(args: argparse.Namespace) -> Any:
     if args.prompt is None:
         raise VivaceError("a prompt (or --segment entries) is required")
     return args.prompt
+
+
+def _check_before_loading(args: argparse.Namespace, sampling: dict[str, Any], per_stage: dict[str, dict]) -> None:
+    """The checks that need no pack, run before it loads (seconds on a CPU): the seed, a positive duration and the
+    sampling values. The engine repeats them with the pack's limits and stage names; the messages are the same."""
+    from vivace.arguments import check_seconds, check_seed
+    from vivace.core.sampling import SamplingParams
+
+    check_seed(args.seed)
+    if args.duration is not None and args.duration != math.inf:  # too long needs the pack's limit
+        check_seconds(args.duration, "duration", math.inf)
+    SamplingParams(**{key: sampling[key] for key in ("temperature", "top_k", "top_p") if key in sampling}).validate()
+    for stage, entry in per_stage.items():
+        SamplingParams(**entry).validate(f"stage_sampling[{stage!r}] ")
 
 
 def _override_warning(engine: Any, sampling: dict[str, Any], per_stage: dict[str, dict]) -> str | None:
@@ -323,6 +338,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         sampling["melody"] = args.melody
     terminal = not args.quiet and sys.stderr.isatty()
     with _engine_errors(parser):
+        _check_before_loading(args, sampling, per_stage)
         engine = Engine.from_pack(
             args.pack, device=args.device, dtype=args.dtype, quantize=args.quantize, codec_backend=args.codec_backend,
             steps_per_sync=args.steps_per_sync, cuda_graphs=args.cuda_graphs,

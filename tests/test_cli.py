@@ -192,3 +192,29 @@ def test_verbose_goes_before_or_after_the_subcommand(tiny_pack: Path, capsys) ->
     assert _parser().parse_args(["info", "p"]).verbose is False
     assert main(["--verbose", "info", str(tiny_pack)]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "random-tiny"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--duration", "0"], "--duration must be > 0"),
+        (["--duration", "nan"], "--duration must be > 0"),
+        (["--duration", "1", "--seed", "-1"], "--seed must be an integer"),
+        (["--duration", "1", "--temperature", "-1"], "--temperature must be a finite number"),
+        (["--duration", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--duration", "1", "--stage", "fine.top_k=-2"], "--stage fine.top_k must be an integer >= 0"),
+    ],
+)
+def test_values_that_need_no_pack_are_refused_before_it_loads(
+    tiny_pack: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, args: list, message: str
+) -> None:
+    from vivace.engine import Engine
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pack was loaded")
+
+    monkeypatch.setattr(Engine, "from_pack", no_loading)
+    assert main(["generate", "--pack", str(tiny_pack), "x", *args, "-o", str(tmp_path / "o.wav")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert leftovers(tmp_path) == []
