@@ -67,6 +67,12 @@ def check_duration(value: Any, what: str, limit: float, frame_rate: float) -> fl
     return seconds
 
 
+def check_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise VivaceError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
 def check_seed(value: Any, what: str = "seed") -> int:
     if not is_integer(value) or not 0 <= value <= MAX_SEED:
         raise VivaceError(f"{what} must be an integer in [0, 2**63), got {value!r}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vivace.arguments import PromptLike
+from vivace.arguments import PromptLike, check_bool
 from vivace.core.engine_core import RequestOutput
 from vivace.engine import Call, Engine, Sink, assemble
 from vivace.events import AudioChunk, Event
@@ -104,10 +104,13 @@ class AsyncEngine:
                 yield event
 
     async def generate_async(
-        self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any,
-    ) -> np.ndarray:
+        self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, *,
+        return_codes: bool = False, **options: Any,
+    ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
+        check_bool(return_codes, "return_codes")
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.whole_options(options))
-        return assemble([event async for event in self._events_async(specs) if isinstance(event, AudioChunk)])
+        chunks = [event async for event in self._events_async(specs) if isinstance(event, AudioChunk)]
+        return assemble(chunks, return_codes)
 
     async def submit_async(
         self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, *, stream: bool = True,
@@ -156,9 +159,13 @@ class AsyncEngine:
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.stream_options(options))
         return (event for event in self._events(specs) if isinstance(event, AudioChunk))
 
-    def generate(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any) -> np.ndarray:
+    def generate(
+        self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, *,
+        return_codes: bool = False, **options: Any,
+    ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
+        check_bool(return_codes, "return_codes")
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.whole_options(options))
-        return assemble(event for event in self._events(specs) if isinstance(event, AudioChunk))
+        return assemble((event for event in self._events(specs) if isinstance(event, AudioChunk)), return_codes)
 
     def _events(self, specs: list[Any]) -> Iterator[Event]:
         inbox: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vivace.arguments import PromptLike, Story
+from vivace.arguments import PromptLike, Story, check_bool
 from vivace.codecs.backend import select_backend
 from vivace.core.engine_core import CoreLimits, EngineCore, RequestOutput, pool_blocks, stage_runners
 from vivace.core.model_runner import DecodeOptions
@@ -177,13 +177,29 @@ class Engine:
         specs = self.requests(prompt, duration_s, seed, self.family.stream_options(options))
         return (event for event in self._events(specs) if isinstance(event, AudioChunk))
 
-    def generate(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any) -> np.ndarray:
+    def generate(
+        self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, *,
+        return_codes: bool = False, **options: Any,
+    ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
         """Float32 PCM [rows, samples] at engine.sample_rate: one row per prompt of a batch (a list of strings or of
         Story objects), one row for a story (a Story, or a list of (prompt, seconds) pairs). Each row lasts its
         duration rounded to whole codec frames; rows shorter than the longest end in zeros. The arguments are
-        validated before any work; a chunk_s other than None is refused (chunks are stream's and events')."""
+        validated before any work; a chunk_s other than None is refused (chunks are stream's and events').
+        return_codes: return (audio, codes), codes a list with each row's codec codes, int64 [levels, frames]
+        (Engine.decode turns them back into the row's audio)."""
+        check_bool(return_codes, "return_codes")
         specs = self.requests(prompt, duration_s, seed, self.family.whole_options(options))
-        return assemble(event for event in self._events(specs) if isinstance(event, AudioChunk))
+        return assemble((event for event in self._events(specs) if isinstance(event, AudioChunk)), return_codes)
+
+    def decode(self, codes: Any) -> np.ndarray:
+        """Codec codes -> float32 PCM at engine.sample_rate, decoded whole by the engine's codec backend: [levels,
+        frames] (one clip, as generate(return_codes=True) or AudioChunk.codes give them) -> [frames * hop];
+        [rows, levels, frames] -> [rows, frames * hop]. A MusicGen clip decodes to exactly the audio generate
+        returned; MusicLM's generate decodes chunk by chunk with carried state (the same up to float rounding)."""
+        batch = self.codec.check_codes(codes)
+        # row by row, as the pipelines decode: a batched convolution may sum in another order
+        pcm = np.stack([self.codec.decode(row[None])[0].float().cpu().numpy() for row in batch])
+        return pcm if codes.ndim == 3 else pcm[0]
 
     def _events(self, specs: list[Any]) -> Iterator[Event]:
         inbox: deque[RequestOutput] = deque()
@@ -284,14 +300,17 @@ class Call:
         return events
 
 
-def assemble(chunks: Iterator[AudioChunk]) -> np.ndarray:
-    """Concatenates streamed chunks into [rows, samples]."""
+def assemble(chunks: Iterable[AudioChunk], return_codes: bool = False) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
+    """Concatenates streamed chunks into [rows, samples]; with return_codes also each row's codes [levels, frames]."""
     per_row: dict[int, list[AudioChunk]] = {}
     for chunk in chunks:
         per_row.setdefault(chunk.row, []).append(chunk)
-    rows = [np.concatenate([c.pcm for c in sorted(per_row[r], key=lambda c: c.index)]) for r in sorted(per_row)]
+    ordered = [sorted(per_row[r], key=lambda c: c.index) for r in sorted(per_row)]
+    rows = [np.concatenate([c.pcm for c in row]) for row in ordered]
     length = max(len(r) for r in rows)
     out = np.zeros((len(rows), length), dtype=np.float32)
     for i, row in enumerate(rows):
         out[i, : len(row)] = row
-    return out
+    if not return_codes:
+        return out
+    return out, [np.concatenate([c.codes for c in row], axis=1) for row in ordered]

@@ -38,6 +38,7 @@ class AudioChunk:
     index: int
     start_sample: int
     pcm: np.ndarray  # float32 [samples]
+    codes: np.ndarray  # int64 [levels, frames]: the codec codes these samples were decoded from (Engine.decode's input)
 
 
 Event = WindowStarted | WindowFinished | StageProgress | AudioChunk

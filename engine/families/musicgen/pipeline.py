@@ -371,7 +371,7 @@ class MusicGenPipeline:
             return []
         pcm = self.family.codec.decode(self._codes(0, state.codes.shape[1]))[0]
         state.decoded = True
-        return [AudioChunk(state.request.row, 0, 0, pcm.float().cpu().numpy())]
+        return [AudioChunk(state.request.row, 0, 0, pcm.float().cpu().numpy(), state.codes.copy())]
 
     def _codes(self, start: int, end: int) -> torch.Tensor:
         codes = torch.from_numpy(self.state.codes[:, start:end].copy()).unsqueeze(0)
@@ -411,8 +411,8 @@ class MusicGenPipeline:
             low, high = decoder.span(start, end, total)
             if state.ready_frames < high:
                 break
-            pcm = decoder.decode_span(self._codes(low, high), low, start, end)[0]
-            chunks.append(AudioChunk(state.request.row, state.next_chunk, start * hop, pcm.float().cpu().numpy()))
+            pcm = decoder.decode_span(self._codes(low, high), low, start, end)[0].float().cpu().numpy()
+            chunks.append(AudioChunk(state.request.row, state.next_chunk, start * hop, pcm, state.codes[:, start:end].copy()))
             state.emitted_frames, state.next_chunk = end, state.next_chunk + 1
         state.decoded = state.emitted_frames == total
         return chunks

@@ -378,12 +378,12 @@ class MusicLMPipeline:
         while state.next_audio in state.fine_finished:
             window = state.fine_plan[state.next_audio]
             frames = slice(window.new_start, window.new_end)
-            codes = np.concatenate([state.coarse[frames], state.fine[frames]], axis=1)
-            codes_t = torch.from_numpy(codes.T.copy()).unsqueeze(0).to(family.pack.codec.codebooks.device)
+            codes = np.concatenate([state.coarse[frames], state.fine[frames]], axis=1).T.copy()  # [levels, frames]
+            codes_t = torch.from_numpy(codes).unsqueeze(0).to(family.pack.codec.codebooks.device)
             if state.audio is None:
                 state.audio = family.codec.stream()
-            pcm = state.audio.push(codes_t)[0]
-            chunks.append(AudioChunk(state.request.row, window.index, window.new_start * family.hop, pcm.float().cpu().numpy()))
+            pcm = state.audio.push(codes_t)[0].float().cpu().numpy()
+            chunks.append(AudioChunk(state.request.row, window.index, window.new_start * family.hop, pcm, codes))
             state.next_audio += 1
         return chunks
 
