@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--duration", type=float, help="seconds of audio")
     gen.add_argument("--segment", nargs=2, action="append", metavar=("PROMPT", "SECONDS"),
                      help="story mode: one segment; repeat for each (the condition switches at the boundaries)")
+    gen.add_argument("--unconditional", action="store_true",
+                     help="MusicGen: no text condition (give no prompt); a melody pack may still take --melody")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--temperature", type=float, help="every stage (default: each stage's own; see below)")
     gen.add_argument("--top-k", type=int, dest="top_k", help="every stage (0 = off)")
@@ -221,6 +223,10 @@ def _output(args: argparse.Namespace) -> tuple[Path | None, Any]:
 def _prompt(args: argparse.Namespace) -> Any:
     from vivace.engine import Story
 
+    if args.unconditional:
+        if args.prompt is not None or args.segment:
+            raise VivaceError("--unconditional takes no prompt and no --segment entries")
+        return None
     if args.segment:
         if args.prompt is not None:
             raise VivaceError("give either a prompt or --segment entries, not both")
@@ -229,7 +235,7 @@ def _prompt(args: argparse.Namespace) -> Any:
         except ValueError:
             raise VivaceError(f"--segment seconds must be numbers, got {[s for _, s in args.segment]}") from None
     if args.prompt is None:
-        raise VivaceError("a prompt (or --segment entries) is required")
+        raise VivaceError("a prompt (or --segment entries, or --unconditional) is required")
     return args.prompt
 
 

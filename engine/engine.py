@@ -73,7 +73,7 @@ class Engine:
 
     prompt: a string (one row); a list of strings (a batch, one row each); a Story, or a list of (prompt, seconds)
       pairs, which is ONE story (one row), not a batch; a list of Story objects (a batch of stories). Stories are
-      MusicLM's; MusicGen refuses them.
+      MusicLM's; MusicGen refuses them. MusicGen: None (or a None row) generates unconditionally.
     duration_s: seconds (an int or a float, not a string), required for plain prompts; a story's is its total.
       Durations round to whole codec frames (a duration shorter than one frame is refused); a story's segment
       boundaries round to whole semantic tokens (a segment that rounds to none is refused).

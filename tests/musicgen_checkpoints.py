@@ -167,9 +167,10 @@ def keep_condition_on_first_step(model) -> None:
     model.prepare_inputs_for_generation = first_step_keeps_condition
 
 
-def reference(src: Path, prompt: str, frames: int, **inputs) -> tuple[np.ndarray, np.ndarray]:
+def reference(src: Path, prompt: str | None, frames: int, **inputs) -> tuple[np.ndarray, np.ndarray]:
     """transformers' greedy guided codes [K, frames] (prompt frames included) and its decoded audio. inputs:
-    decoder_input_ids (prompt codes [K, T]) or input_features (a melody checkpoint's chroma)."""
+    decoder_input_ids (prompt codes [K, T]), input_values (an audio prompt [1, 1, samples]) or input_features (a
+    melody checkpoint's chroma). prompt None: get_unconditional_inputs (its guidance scale 1)."""
     from transformers import AutoConfig, MusicgenForConditionalGeneration, MusicgenMelodyForConditionalGeneration
 
     melody = AutoConfig.from_pretrained(src).model_type == "musicgen_melody"
@@ -184,12 +185,13 @@ def reference(src: Path, prompt: str, frames: int, **inputs) -> tuple[np.ndarray
         return decode(codes, *args, **kwargs)
 
     model.audio_encoder.decode = spy
-    new = frames - (inputs["decoder_input_ids"].shape[1] if "decoder_input_ids" in inputs else 0)
+    hop = math.prod(model.config.audio_encoder.upsampling_ratios)
+    given = inputs["decoder_input_ids"].shape[1] if "decoder_input_ids" in inputs else 0
+    given += inputs["input_values"].shape[-1] // hop if "input_values" in inputs else 0
     k = model.decoder.num_codebooks
+    condition = {"guidance_scale": 3.0, **tokenizer()([prompt], return_tensors="pt")} if prompt is not None else model.get_unconditional_inputs(1)
     with torch.no_grad():
-        audio = model.generate(
-            **tokenizer()([prompt], return_tensors="pt"), **inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=new + k - 1,
-        )
+        audio = model.generate(**condition, **inputs, do_sample=False, max_new_tokens=frames - given + k - 1)
     return captured["codes"].numpy(), audio[0, 0].numpy()
 
 

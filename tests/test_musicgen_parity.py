@@ -49,6 +49,25 @@ def test_greedy_guided_codes_and_audio_match_transformers(converted: tuple[Path,
     assert float(np.abs(pcm - audio).max()) <= 1e-4
 
 
+def test_unconditional_codes_and_audio_match_transformers(converted: tuple[Path, Path]) -> None:
+    """prompt None against transformers' get_unconditional_inputs (zero text states under a zero mask, guidance 1)."""
+    src, pack = converted
+    engine = Engine.from_pack(pack)
+    frames = 29
+    events = list(engine.events(None, frames / engine.config.frame_rate, seed=0, temperature=0.0))
+    codes, audio = reference(src, None, frames)
+    np.testing.assert_array_equal(vivace_codes(events, engine.config.num_codebooks), codes)
+    pcm = np.concatenate([e.pcm for e in events if isinstance(e, AudioChunk)])
+    assert pcm.shape == audio.shape and float(np.abs(pcm - audio).max()) <= 1e-4
+    started = next(e for e in events if isinstance(e, WindowStarted))
+    assert started.condition == ()
+    # a batch mixing text and no text: each row as it runs alone (the text row guided, the other not)
+    batch = engine.generate([PROMPTS[0], None], frames / engine.config.frame_rate, seed=[4, 0], temperature=0.0)
+    assert np.array_equal(batch[1], np.concatenate([e.pcm for e in events if isinstance(e, AudioChunk)]))
+    alone = engine.generate(PROMPTS[0], frames / engine.config.frame_rate, seed=4, temperature=0.0)
+    assert np.array_equal(batch[0], alone[0])
+
+
 def test_continuation_windows_match_transformers_with_audio_prompts(tmp_path: Path) -> None:
     """Windows of 40 frames with a 24-frame stride: each later window is transformers' generate with the last 16
     frames as decoder_input_ids (audiocraft's extension)."""

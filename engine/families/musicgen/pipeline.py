@@ -67,7 +67,7 @@ PREFIX_TEXT_TOKENS = 64  # text tokens of a melody prefix the decoder's pool is 
 @dataclass(frozen=True)
 class MusicGenRequest:
     row: int
-    prompt: str
+    prompt: str | None  # None: unconditional (the null condition, no guidance)
     duration_s: float
     seed: int
     sampling: SamplingParams
@@ -198,7 +198,8 @@ class MusicGen:
 
     def requests(self, prompt: Any, duration_s: Any, seed: Any, options: dict[str, Any]) -> list[MusicGenRequest]:
         """Validates a call's arguments and turns them into one request per row. prompt: a string, or a list of them
-        (a batch); stories are MusicLM's. options: guidance_scale, temperature, top_k, top_p, chunk_s (streamed
+        (a batch); None (or a None row) generates unconditionally, from the null condition without guidance, as
+        transformers' get_unconditional_inputs does; stories are MusicLM's. options: guidance_scale, temperature, top_k, top_p, chunk_s (streamed
         chunks; None: one whole decode), stage_sampling ({"decoder": {key: value} or SamplingParams}: the one stage's
         sampling, over temperature / top_k / top_p, as MusicLM's per-stage entries are), and melody,
         melody_sample_rate for melody packs. The clip's length rounds to whole codec frames."""
@@ -212,9 +213,9 @@ class MusicGen:
             isinstance(prompt, (list, tuple)) and any(isinstance(p, Story) or is_story_list(p) for p in prompt)
         ):
             raise VivaceError("story mode (segments with their own prompts) is not supported by MusicGen packs")
-        rows = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
+        rows = [prompt] if prompt is None or isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
         if not rows:
-            raise VivaceError(f"prompt must be a non-empty string or a list of them, got {prompt!r}")
+            raise VivaceError(f"prompt must be a non-empty string, None (unconditional) or a list of them, got {prompt!r}")
         if duration_s is None:
             raise VivaceError("duration_s is required")
         duration = check_duration(duration_s, "duration", m.max_duration_s, self.config.frame_rate)
@@ -225,10 +226,16 @@ class MusicGen:
         unknown_arguments(options, ("guidance_scale", *SAMPLING_KEYS, "stage_sampling", "chunk_s", *melody_keys))
         params = stage_sampling({STAGE: m.sampling}, options, per_stage)[STAGE]
         row_seeds = seeds(seed, len(rows))
-        texts = [check_prompt(text) for text in rows]
+        texts = [None if text is None else check_prompt(text) for text in rows]
         melodies = self._melodies(melody, melody_rate, len(rows))
+        # a row with neither text nor a melody has no condition: guidance would mix the null condition with itself
+        unconditional = [text is None and melodies[row] is None for row, text in enumerate(texts)]
+        if all(unconditional) and guidance_scale is not None and scale > 1:
+            raise VivaceError(f"guidance_scale {guidance_scale!r} has nothing to guide: prompt None is unconditional")
         return [
-            MusicGenRequest(row, text, duration, row_seeds[row], params, float(scale), melodies[row], chunk_frames)
+            MusicGenRequest(
+                row, text, duration, row_seeds[row], params, 1.0 if unconditional[row] else float(scale), melodies[row], chunk_frames,
+            )
             for row, text in enumerate(texts)
         ]
 
@@ -281,18 +288,28 @@ class MusicGenPipeline:
         assert melody is not None
         return Condition((*salt, melody.key(chroma)), prefix=melody.prefix(chroma, states))
 
+    @staticmethod
+    def _text_salt(request: MusicGenRequest, states: torch.Tensor) -> Hashable:
+        """What the text part of a condition is: the prompt, or the null text of so many tokens."""
+        return ("text", request.prompt) if request.prompt is not None else ("null", states.shape[0])
+
     def _row_state(self, request: MusicGenRequest) -> RowState:
         """The text is encoded once per request. The null condition is transformers': zeroed encoder states under an
-        all-zero attention mask (MusicGen), the null chroma and zeroed text states (MusicGen-Melody)."""
+        all-zero attention mask (MusicGen), the null chroma and zeroed text states (MusicGen-Melody). No text (prompt
+        None) reads the null text condition, as long as the empty text's tokens (transformers' and audiocraft's)."""
         melody = self.family.melody
         frames = self.config.frames(request.duration_s)
-        states, ids = self.family.pack.text.encode(request.prompt)
+        text = self.family.pack.text
+        if request.prompt is None:
+            states, ids = torch.zeros(text.num_tokens(""), self.config.decoder.d_model), []
+        else:
+            states, ids = text.encode(request.prompt)
         guided = request.guidance_scale > 1
-        salt, null_salt = ("text", request.prompt), ("null", len(ids))
+        salt, null_salt = self._text_salt(request, states), ("null", states.shape[0])
         plan = self.family.plan(frames)
         condition: Condition | None
         if melody is None:
-            condition = self._cross(states, salt, True)
+            condition = self._cross(states, salt, request.prompt is not None)
             null = self._cross(torch.zeros_like(states), null_salt, False) if guided else None
         else:
             null = self._prefix(melody.chroma(None, None), torch.zeros_like(states), null_salt) if guided else None
@@ -307,7 +324,7 @@ class MusicGenPipeline:
             return state.condition
         assert melody is not None
         chroma = melody.chroma(state.request.melody, window.prefix_start / self.config.frame_rate)
-        return self._prefix(chroma, state.text_states, ("text", state.request.prompt))
+        return self._prefix(chroma, state.text_states, self._text_salt(state.request, state.text_states))
 
     def _sequence(self, window: Window) -> Sequence:
         state = self.state

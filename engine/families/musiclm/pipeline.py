@@ -138,6 +138,11 @@ class MusicLM:
         seconds) pairs, is one story (one row); a list of strings or of Story objects is a batch, one row each.
         A clip's length rounds to whole codec frames, a story's segment boundaries to whole semantic tokens."""
         limit = self.config.musiclm.max_duration_s
+        if prompt is None or (isinstance(prompt, (list, tuple)) and any(row is None for row in prompt)):
+            raise VivaceError(
+                "prompt None (unconditional generation) is MusicGen's: every MusicLM stage reads the prompt's MuLan tokens, "
+                "and no MusicLM pack is trained without them"
+            )
         if isinstance(prompt, Story) or is_story_list(prompt):
             rows: list[Any] = [prompt]
         elif isinstance(prompt, str):
