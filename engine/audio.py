@@ -26,8 +26,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from vivace.errors import VivaceError
 
@@ -311,3 +313,31 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     except (RuntimeError, OSError) as exc:
         raise VivaceError(f"{path}: unreadable audio ({exc})") from None
     return np.ascontiguousarray(data.T), int(rate)
+
+
+MAX_CHANNELS = 8
+
+
+def read_pcm(audio: Any, sample_rate: Any, what: str) -> tuple[np.ndarray, int]:
+    """An audio input of the API (a sound file path, or PCM [samples] / [channels <= 8, samples] as a numpy array or
+    torch tensor, with `{what}_sample_rate`) -> finite real PCM and its sample rate; anything else is refused in one
+    line naming `what`."""
+    if isinstance(audio, (str, Path)):
+        if sample_rate is not None:
+            raise VivaceError(f"{what}_sample_rate is for PCM arrays; a sound file carries its own rate")
+        pcm, sample_rate = read_audio(audio)
+    elif isinstance(audio, (np.ndarray, torch.Tensor)):
+        pcm = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else audio
+        if sample_rate is None:
+            raise VivaceError(f"{what}_sample_rate is required with a PCM array {what}")
+    else:
+        raise VivaceError(f"{what} must be a sound file path or a PCM array, got {type(audio).__name__}")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise VivaceError(f"{what}_sample_rate must be a positive integer, got {sample_rate!r}")
+    if not (np.issubdtype(pcm.dtype, np.floating) or np.issubdtype(pcm.dtype, np.integer)):
+        raise VivaceError(f"{what} PCM must hold real numbers, got dtype {pcm.dtype}")
+    if pcm.ndim not in (1, 2) or pcm.shape[-1] == 0 or (pcm.ndim == 2 and not 1 <= pcm.shape[0] <= MAX_CHANNELS):
+        raise VivaceError(f"{what} PCM must be [samples] or [channels <= {MAX_CHANNELS}, samples], got shape {list(pcm.shape)}")
+    if not np.isfinite(pcm).all():
+        raise VivaceError(f"{what} PCM holds NaN or infinite values")
+    return pcm, int(sample_rate)

@@ -81,7 +81,8 @@ class Engine:
     options: temperature, top_k, top_p (every stage); stage_sampling ({stage: {temperature, top_k, top_p}} or
       {stage: SamplingParams}, applied over those; MusicLM's stages are "semantic", "coarse", "fine", MusicGen's one
       is "decoder"); MusicGen: guidance_scale, chunk_s (stream and events only: seconds per audio chunk, None for one
-      whole decode; MusicLM refuses it, its chunks are the pack's fine_chunk_s), melody, melody_sample_rate.
+      whole decode; MusicLM refuses it, its chunks are the pack's fine_chunk_s), melody, melody_sample_rate;
+      audio_prompt, audio_prompt_sample_rate (a clip to continue; the output begins with it and duration_s counts it).
 
     Every argument is checked before any work; a bad one raises VivaceError with one line naming it.
     """
@@ -190,6 +191,12 @@ class Engine:
         check_bool(return_codes, "return_codes")
         specs = self.requests(prompt, duration_s, seed, self.family.whole_options(options))
         return assemble((event for event in self._events(specs) if isinstance(event, AudioChunk)), return_codes)
+
+    def encode(self, audio: Any, sample_rate: int | None = None) -> np.ndarray:
+        """Audio (a sound file path, or PCM [samples] / [channels, samples] at sample_rate) -> the codec codes the pack's
+        encoder gives, int64 [levels, frames] (downmixed to mono and resampled to the codec's rate first). MusicGen
+        packs carry EnCodec's encoder (packs converted by this version); MusicLM packs carry none yet."""
+        return self.family.encode(audio, sample_rate)
 
     def decode(self, codes: Any) -> np.ndarray:
         """Codec codes -> float32 PCM at engine.sample_rate, decoded whole by the engine's codec backend: [levels,

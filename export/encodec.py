@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import pickle
 from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from vivace.codecs.encodec import EncodecConfig, EncodecDecoder, encodec_stored_form
+from vivace.codecs.encodec_encoder import EncodecEncoder
 from vivace.errors import PackError
 from vivace.packs.schema import read_json_object
 
@@ -81,26 +83,45 @@ def _read_weights(src: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     raise PackError(f"{src}: no model.safetensors or pytorch_model.bin (a sharded checkpoint is not supported)")
 
 
-def _module_sources(config: EncodecConfig) -> dict[str, str]:
-    """vivace convolution prefix -> transformers layer prefix (EncodecDecoder.layers counts the ELUs too)."""
-    sources = {"conv_in": "decoder.layers.0"}
-    index = 2  # layers.1 is the LSTM
+def _decoder_sources(config: EncodecConfig) -> dict[str, str]:
+    """vivace module prefix -> transformers layer prefix (EncodecDecoder.layers counts the ELUs too)."""
+    sources = {"conv_in": "decoder.layers.0", "lstm": "decoder.layers.1"}
+    index = 2
     for i in range(len(config.upsampling_ratios)):
         sources[f"blocks.{i}.upsample"] = f"decoder.layers.{index + 1}"
         index += 2
         for j in range(config.num_residual_layers):
-            for ours, theirs in (("conv1", "block.1"), ("conv2", "block.3"), ("shortcut", "shortcut")):
-                sources[f"blocks.{i}.residuals.{j}.{ours}"] = f"decoder.layers.{index}.{theirs}"
+            sources.update(_residual_sources(f"blocks.{i}.residuals.{j}", f"decoder.layers.{index}"))
             index += 1
     sources["conv_out"] = f"decoder.layers.{index + 1}"
     return sources
+
+
+def _encoder_sources(config: EncodecConfig) -> dict[str, str]:
+    """The same for EncodecEncoder.layers: conv, per ratio its residual blocks, an ELU and the strided conv, then
+    the LSTM, an ELU and the last conv."""
+    sources = {"conv_in": "encoder.layers.0"}
+    index = 1
+    for i in range(len(config.upsampling_ratios)):
+        for j in range(config.num_residual_layers):
+            sources.update(_residual_sources(f"blocks.{i}.residuals.{j}", f"encoder.layers.{index}"))
+            index += 1
+        sources[f"blocks.{i}.downsample"] = f"encoder.layers.{index + 1}"
+        index += 2
+    sources["lstm"] = f"encoder.layers.{index}"
+    sources["conv_out"] = f"encoder.layers.{index + 2}"
+    return sources
+
+
+def _residual_sources(ours: str, theirs: str) -> dict[str, str]:
+    return {f"{ours}.conv1": f"{theirs}.block.1", f"{ours}.conv2": f"{theirs}.block.3", f"{ours}.shortcut": f"{theirs}.shortcut"}
 
 
 def _source_names(name: str, sources: dict[str, str], weight_norm_names: dict[str, str]) -> list[str]:
     """Candidate transformers names of one stored vivace tensor, the checkpoint's own weight-norm spelling first."""
     module, leaf = name.rsplit(".", 1)
     if module == "lstm":
-        return [f"decoder.layers.1.lstm.{leaf}"]
+        return [f"{sources['lstm']}.lstm.{leaf}"]
     if module.endswith(".norm"):
         return [f"{sources[module[: -len('.norm')]]}.norm.{leaf}"]
     if leaf in weight_norm_names:
@@ -139,26 +160,49 @@ def decoder_tensors(
     """The decoder's stored-form tensors from a transformers EncodecModel state dict whose keys start with prefix
     (MusicGen checkpoints nest the codec under "audio_encoder."); every tensor is checked and a bad one named."""
     with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in encodec_stored_form(EncodecDecoder(config)).items()}
-    sources = _module_sources(config)
+        module = EncodecDecoder(config)
+    stored, used = _tensors(module, _decoder_sources(config), state, file, prefix, dtype)
+    shape = tuple(module.codebooks.shape[1:])
+    levels = [_take(file, state, [f"{prefix}quantizer.layers.{i}.codebook.embed"], shape) for i in range(config.num_levels)]
+    used.update(source for source, _ in levels)
+    stored["codebooks"] = torch.stack([tensor for _, tensor in levels]).to(dtype).contiguous()
+    _refuse_unused(state, used, file, prefix, ("decoder.",), lambda local: local.startswith("quantizer.layers.") and local.endswith(".codebook.embed"))
+    return stored
+
+
+def encoder_tensors(
+    config: EncodecConfig, state: dict[str, torch.Tensor], file: Path, prefix: str = "", dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The encoder's stored-form tensors (vivace.codecs.encodec_encoder; its codebooks are the decoder's), every
+    tensor checked as decoder_tensors checks them."""
+    with torch.device("meta"):
+        module = EncodecEncoder(config)
+    stored, used = _tensors(module, _encoder_sources(config), state, file, prefix, dtype)
+    _refuse_unused(state, used, file, prefix, ("encoder.",), lambda local: False)
+    return stored
+
+
+def _tensors(
+    module: torch.nn.Module, sources: dict[str, str], state: dict[str, torch.Tensor], file: Path, prefix: str, dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Every stored-form tensor of module but its codebooks, taken from state, and the state names used."""
     weight_norm_names = _PARAMETRIZED if any(".parametrizations.weight." in k for k in state) else _LEGACY
     used: set[str] = set()
     stored: dict[str, torch.Tensor] = {}
-    for name, shape in expected.items():
+    for name, tensor in encodec_stored_form(module).items():
         if name == "codebooks":
-            levels = [_take(file, state, [f"{prefix}quantizer.layers.{i}.codebook.embed"], shape[1:]) for i in range(shape[0])]
-            used.update(source for source, _ in levels)
-            stored[name] = torch.stack([tensor for _, tensor in levels]).to(dtype).contiguous()
             continue
         candidates = [prefix + c for c in _source_names(name, sources, weight_norm_names)]
-        source, tensor = _take(file, state, candidates, shape)
+        source, value = _take(file, state, candidates, tuple(tensor.shape))
         used.add(source)
-        stored[name] = tensor.to(dtype).contiguous()
+        stored[name] = value.to(dtype).contiguous()
+    return stored, used
+
+
+def _refuse_unused(
+    state: dict[str, torch.Tensor], used: set[str], file: Path, prefix: str, parts: tuple[str, ...], also: Callable[[str], bool],
+) -> None:
     for key in state:
         local = key.removeprefix(prefix)
-        ours = key.startswith(prefix) and (
-            local.startswith("decoder.") or (local.startswith("quantizer.layers.") and local.endswith(".codebook.embed"))
-        )
-        if ours and key not in used:
+        if key.startswith(prefix) and (local.startswith(parts) or also(local)) and key not in used:
             raise PackError(f"{file}: unexpected tensor {key!r} (config.json does not describe these weights)")
-    return stored

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from vivace.errors import PackError, VivaceError
-from vivace.export.encodec import _take, config_from_transformers, decoder_tensors
+from vivace.export.encodec import _take, config_from_transformers, decoder_tensors, encoder_tensors
 from vivace.families.musicgen.chroma import ChromaConfig
 from vivace.families.musicgen.config import MelodyConfig, MusicGenConfig, MusicGenPackConfig
 from vivace.families.musicgen.pack import (
@@ -249,10 +249,15 @@ def convert_musicgen(
             f"{manifest}: the codec has {codec_config.num_levels} x {codec_config.codebook_size} codes, the decoder "
             f"predicts {decoder.num_codebooks} x {decoder.vocab_size}"
         )
+    # audio prompts are encoded as transformers encodes them; a codec that normalizes its input would also rescale the
+    # output by the prompt's loudness, which vivace does not do: such a pack takes no audio prompt
+    with_encoder = not raw["audio_encoder"].get("normalize", False)
     pack_config = MusicGenPackConfig(
         decoder=stage,
         codec=codec_config,
-        musicgen=MusicGenConfig(text_hidden=text_hidden, projection=projection, window_s=window_s, stride_s=stride_s),
+        musicgen=MusicGenConfig(
+            text_hidden=text_hidden, projection=projection, window_s=window_s, stride_s=stride_s, codec_encoder=with_encoder,
+        ),
         name=name or source.name,
         melody=melody_config(source, config, decoder.hidden_size, manifest) if melody else None,
     )
@@ -264,6 +269,7 @@ def convert_musicgen(
         raise PackError(f"{file}: unexpected tensor {stray!r}")
     decoder_stored = decoder_tensors_from(pack_config.decoder, state, file)
     codec_stored = decoder_tensors(codec_config, state, file, prefix="audio_encoder.")
+    encoder_stored = encoder_tensors(codec_config, state, file, prefix="audio_encoder.") if with_encoder else None
     projection_stored = projection_from(state, file, "enc_to_dec_proj", text_hidden, decoder.hidden_size, projection)
     chroma_stored = None
     if pack_config.melody is not None:
@@ -277,7 +283,10 @@ def convert_musicgen(
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        save_musicgen_pack(partial, pack_config, decoder_stored, codec_stored, projection_stored, text_encoder, tokenizer, chroma_stored)
+        save_musicgen_pack(
+            partial, pack_config, decoder_stored, codec_stored, projection_stored, text_encoder, tokenizer, chroma_stored,
+            encoder_stored,
+        )
         if out.exists():
             out.rmdir()
         partial.rename(out)

@@ -37,8 +37,9 @@ def test_pack_layout_and_cli(source: Path, tmp_path: Path, capsys: pytest.Captur
     out = tmp_path / "pack"
     assert main(["convert", "musicgen", str(source), str(out), "--window", "0.5", "--stride", "0.3"]) == 0
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["codec.safetensors", "decoder.safetensors", "pack.json", "projection.safetensors", "text"]
+    assert files == ["codec.safetensors", "codec_encoder.safetensors", "decoder.safetensors", "pack.json", "projection.safetensors", "text"]
     data = json.loads((out / "pack.json").read_text())
+    assert data["musicgen"]["codec_encoder"] is True
     assert (data["family"], data["sample_rate"]) == ("musicgen", 3200)
     assert data["musicgen"]["window_s"] == 0.5 and data["musicgen"]["stride_s"] == 0.3
     decoder = data["decoder"]
@@ -100,6 +101,10 @@ BAD_WEIGHTS = {
               r"'decoder.model.decoder.embed_tokens.3.weight' has shape \[64, 48\], expected \[65, 48\]"),
     "codec": (lambda s: s.pop("audio_encoder.quantizer.layers.3.codebook.embed"),
               "missing tensor 'audio_encoder.quantizer.layers.3.codebook.embed'"),
+    "codec-encoder": (lambda s: s.pop("audio_encoder.encoder.layers.7.lstm.weight_hh_l0"),
+                      "missing tensor 'audio_encoder.encoder.layers.7.lstm.weight_hh_l0'"),
+    "codec-encoder-extra": (lambda s: s.__setitem__("audio_encoder.encoder.layers.20.conv.bias", torch.zeros(2)),
+                            "unexpected tensor 'audio_encoder.encoder.layers.20.conv.bias'"),
     "text": (lambda s: s.pop("text_encoder.encoder.final_layer_norm.weight"),
              "missing tensor 'text_encoder.encoder.final_layer_norm.weight'"),
     "projection": (lambda s: s.pop("enc_to_dec_proj.bias"), "missing tensor 'enc_to_dec_proj.bias'"),

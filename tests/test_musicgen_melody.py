@@ -144,6 +144,33 @@ def test_greedy_guided_codes_and_audio_match_transformers(converted: tuple[Path,
     assert not np.array_equal(codes, codes_text_only)  # the melody moves the codes
 
 
+def test_audio_prompt_with_a_melody_matches_transformers(converted: tuple[Path, Path, TinyMusicGen]) -> None:
+    """transformers' melody model takes no input_values: its reference is generate with the prompt's codes (from
+    EnCodec's encode) as decoder_input_ids, beside the melody's chroma."""
+    src, pack, spec = converted
+    engine = Engine.from_pack(pack)
+    rate = 44100 if spec.sampling_rate == 32000 else 4410
+    melody = noise(3.0 if rate == 44100 else 0.5, rate, seed=2)
+    hop = engine.config.codec.hop_length
+    prompt = noise(8 * hop / spec.sampling_rate, spec.sampling_rate, seed=3)
+    frames = 31
+    events = list(engine.events(
+        PROMPTS[1], frames / engine.config.frame_rate, temperature=0.0, guidance_scale=3.0, melody=melody,
+        melody_sample_rate=rate, audio_prompt=prompt, audio_prompt_sample_rate=spec.sampling_rate,
+    ))
+    from transformers import MusicgenMelodyForConditionalGeneration
+
+    codec = MusicgenMelodyForConditionalGeneration.from_pretrained(src).audio_encoder.eval()
+    with torch.no_grad():
+        prompt_codes = codec.encode(torch.from_numpy(prompt)[None, None]).audio_codes[0, 0]
+    np.testing.assert_array_equal(engine.encode(prompt, spec.sampling_rate), prompt_codes.numpy())
+    codes, audio = reference(
+        src, PROMPTS[1], frames, decoder_input_ids=prompt_codes, input_features=melody_features(spec, melody, rate),
+    )
+    np.testing.assert_array_equal(vivace_codes(events, spec.num_codebooks), codes[:, 8:])
+    assert float(np.abs(generated(events) - audio).max()) <= 1e-4
+
+
 def test_continuation_windows_read_the_reference_from_their_start(tmp_path: Path) -> None:
     """audiocraft's extension: each window is transformers' generate with the last 16 frames as decoder_input_ids and
     the chroma of window_s of the reference from the window's start (the reference repeating)."""

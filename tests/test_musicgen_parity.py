@@ -68,6 +68,27 @@ def test_unconditional_codes_and_audio_match_transformers(converted: tuple[Path,
     assert np.array_equal(batch[0], alone[0])
 
 
+def test_audio_prompt_continuation_matches_transformers(converted: tuple[Path, Path]) -> None:
+    """generate(input_values=...): the prompt encoded by EnCodec's encoder is the decoder's prefix; the codes and the
+    audio (prompt included, re-decoded) are transformers'."""
+    src, pack = converted
+    engine = Engine.from_pack(pack)
+    hop, rate = engine.config.codec.hop_length, engine.sample_rate
+    prompt_frames, frames = 9, 33
+    pcm = (np.random.default_rng(7).standard_normal(prompt_frames * hop) * 0.3).astype(np.float32)
+    events = list(engine.events(
+        PROMPTS[1], frames / engine.config.frame_rate, seed=0, temperature=0.0, guidance_scale=3.0,
+        audio_prompt=pcm, audio_prompt_sample_rate=rate,
+    ))
+    codes, audio = reference(src, PROMPTS[1], frames, input_values=torch.from_numpy(pcm)[None, None])
+    np.testing.assert_array_equal(engine.encode(pcm, rate), codes[:, :prompt_frames])
+    started = next(e for e in events if isinstance(e, WindowStarted))
+    assert (started.prefix_start, started.new_start, started.new_end) == (0, prompt_frames, frames)
+    np.testing.assert_array_equal(vivace_codes(events, engine.config.num_codebooks), codes[:, prompt_frames:])
+    pcm_out = np.concatenate([e.pcm for e in events if isinstance(e, AudioChunk)])
+    assert pcm_out.shape == audio.shape and float(np.abs(pcm_out - audio).max()) <= 1e-4
+
+
 def test_continuation_windows_match_transformers_with_audio_prompts(tmp_path: Path) -> None:
     """Windows of 40 frames with a 24-frame stride: each later window is transformers' generate with the last 16
     frames as decoder_input_ids (audiocraft's extension)."""

@@ -7,9 +7,10 @@ right padding for strided convolutions is always zero here and the output has ex
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -181,23 +182,34 @@ class EncodecDecoder(nn.Module):
         return self.conv_out(F.elu(x)).squeeze(1)
 
 
-def encodec_stored_form(module: EncodecDecoder) -> dict[str, torch.Tensor]:
-    """The decoder's tensors as stored: weight-normed convolutions as (weight_g, weight_v), as EnCodec trained them."""
+def encodec_stored_form(module: nn.Module) -> dict[str, torch.Tensor]:
+    """An EnCodec module's tensors as stored: weight-normed convolutions as (weight_g, weight_v), as EnCodec trained
+    them."""
     state = dict(module.state_dict())
     return split_weight_norm(state) if module.config.norm_type == "weight_norm" else state
+
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def load_encodec_module(
+    module_type: Callable[[EncodecConfig], ModuleT], config: EncodecConfig, stored: dict[str, torch.Tensor],
+    dtype: torch.dtype, device: str | torch.device, where: str | Path, component: str,
+) -> ModuleT:
+    """An EnCodec decoder or encoder from its stored tensors: every name, shape and value checked (the first mismatch
+    is named), the weight norm folded."""
+    config.validate()
+    with torch.device("meta"):
+        module = module_type(config)
+    check_tensors(component, Path(where), stored, expected_shapes(encodec_stored_form(module)))
+    module.load_state_dict(fold_weight_norm(stored), strict=True, assign=True)
+    module = module.to(device=device, dtype=dtype).eval()
+    module.lstm.flatten_parameters()  # cuDNN wants one contiguous weight chunk; a no-op on the CPU
+    return module
 
 
 def load_encodec_decoder(
     config: EncodecConfig, stored: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu", where: str | Path = "encodec",
 ) -> EncodecDecoder:
-    """Checks every stored tensor's name, shape and values (the first mismatch is named), folds the weight norm."""
-
-    config.validate()
-    with torch.device("meta"):
-        module = EncodecDecoder(config)
-    check_tensors("codec", Path(where), stored, expected_shapes(encodec_stored_form(module)))
-    module.load_state_dict(fold_weight_norm(stored), strict=True, assign=True)
-    module = module.to(device=device, dtype=dtype).eval()
-    module.lstm.flatten_parameters()  # cuDNN wants one contiguous weight chunk; a no-op on the CPU
-    return module
+    return load_encodec_module(EncodecDecoder, config, stored, dtype, device, where, "codec")

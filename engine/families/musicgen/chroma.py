@@ -80,11 +80,16 @@ def chroma_filter_bank(sample_rate: int, n_fft: int, num_chroma: int) -> np.ndar
     return np.ascontiguousarray(filters[:, : int(1 + n_fft / 2)])
 
 
-def mono_reference(pcm: np.ndarray | torch.Tensor, sample_rate: int, config: ChromaConfig) -> torch.Tensor:
-    """[samples] or [channels, samples] at sample_rate -> mono float32 [samples'] at the extractor's rate: resampled,
-    then the channels averaged, in the extractor's order."""
-    wave = resample(torch.as_tensor(pcm).to(torch.float32), sample_rate, config.sample_rate)
+def mono(pcm: np.ndarray | torch.Tensor, sample_rate: int, new_rate: int) -> torch.Tensor:
+    """[samples] or [channels, samples] at sample_rate -> mono float32 [samples'] at new_rate: resampled, then the
+    channels averaged (the melody feature extractor's order)."""
+    wave = resample(torch.as_tensor(pcm).to(torch.float32), sample_rate, new_rate)
     return wave.mean(dim=0) if wave.dim() == 2 else wave
+
+
+def mono_reference(pcm: np.ndarray | torch.Tensor, sample_rate: int, config: ChromaConfig) -> torch.Tensor:
+    """A melody reference as mono float32 at the extractor's rate."""
+    return mono(pcm, sample_rate, config.sample_rate)
 
 
 class ChromaExtractor:

@@ -22,6 +22,7 @@ class MusicGenConfig:
     max_duration_s: float = 300.0
     guidance_scale: float = 3.0
     sampling: SamplingParams = SamplingParams(temperature=1.0, top_k=250)
+    codec_encoder: bool = False  # codec_encoder.safetensors: EnCodec's encoder, which audio prompts need
 
 
 @dataclass(frozen=True)

@@ -17,37 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vivace.audio import read_audio
-from vivace.errors import VivaceError
+from vivace.audio import read_pcm
 from vivace.families.musicgen.chroma import ChromaConfig, ChromaExtractor, mono_reference
 from vivace.families.musicgen.pack import MusicGenPack
 
 MelodyLike = np.ndarray | torch.Tensor | str | Path
-MAX_CHANNELS = 8
 
 
 def load_melody(melody: MelodyLike, sample_rate: int | None, config: ChromaConfig) -> torch.Tensor:
     """A reference (a sound file, or PCM [samples] / [channels, samples] at sample_rate) -> mono float32 at the
     chroma extractor's rate."""
-    if isinstance(melody, (str, Path)):
-        if sample_rate is not None:
-            raise VivaceError("melody_sample_rate is for PCM arrays; a sound file carries its own rate")
-        pcm, sample_rate = read_audio(melody)
-    elif isinstance(melody, (np.ndarray, torch.Tensor)):
-        pcm = melody.detach().cpu().numpy() if isinstance(melody, torch.Tensor) else melody
-        if sample_rate is None:
-            raise VivaceError("melody_sample_rate is required with a PCM array melody")
-    else:
-        raise VivaceError(f"melody must be a sound file path or a PCM array, got {type(melody).__name__}")
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise VivaceError(f"melody_sample_rate must be a positive integer, got {sample_rate!r}")
-    if not (np.issubdtype(pcm.dtype, np.floating) or np.issubdtype(pcm.dtype, np.integer)):
-        raise VivaceError(f"melody PCM must hold real numbers, got dtype {pcm.dtype}")
-    if pcm.ndim not in (1, 2) or pcm.shape[-1] == 0 or (pcm.ndim == 2 and not 1 <= pcm.shape[0] <= MAX_CHANNELS):
-        raise VivaceError(f"melody PCM must be [samples] or [channels <= {MAX_CHANNELS}, samples], got shape {list(pcm.shape)}")
-    if not np.isfinite(pcm).all():
-        raise VivaceError("melody PCM holds NaN or infinite values")
-    return mono_reference(pcm, int(sample_rate), config)
+    pcm, rate = read_pcm(melody, sample_rate, "melody")
+    return mono_reference(pcm, rate, config)
 
 
 def window_reference(wave: torch.Tensor, start_s: float, window_s: float, sample_rate: int) -> torch.Tensor:

@@ -4,6 +4,8 @@ decoder.safetensors     the decoder as a vivace stage in stored form (separate q
                         embeddings of codebook_size + 1 rows (the last is pad/BOS), sinusoidal positions,
                         cross-attention in every layer (none in a melody pack), one output head per codebook
 codec.safetensors       the EnCodec decoder in its stored form (vivace.codecs.encodec)
+codec_encoder.safetensors   EnCodec's encoder (vivace.codecs.encodec_encoder; it quantizes with the decoder's
+                        codebooks), when musicgen.codec_encoder is true: what audio prompts are encoded with
 projection.safetensors  transformers' enc_to_dec_proj, when the text encoder's width differs from the decoder's
 chroma_projection.safetensors   melody packs: audio_enc_to_dec_proj, when num_chroma differs from the decoder's width
 text/                   the transformers text encoder (T5) and its tokenizer, as save_pretrained wrote them
@@ -28,6 +30,7 @@ from vivace.codecs.encodec import (
     encodec_stored_form,
     load_encodec_decoder,
 )
+from vivace.codecs.encodec_encoder import EncodecEncoder, load_encodec_encoder
 from vivace.errors import PackError
 from vivace.families.musicgen.config import FAMILY, MelodyConfig, MusicGenConfig, MusicGenPackConfig
 from vivace.families.musicgen.text import MusicGenText
@@ -49,7 +52,8 @@ from vivace.packs.manifest import (
 )
 from vivace.packs.schema import from_dict, naming, to_dict
 
-DECODER, CODEC, PROJECTION, CHROMA_PROJECTION = "decoder", "codec", "projection", "chroma_projection"
+DECODER, CODEC, CODEC_ENCODER = "decoder", "codec", "codec_encoder"
+PROJECTION, CHROMA_PROJECTION = "projection", "chroma_projection"
 
 
 @dataclass
@@ -61,6 +65,7 @@ class MusicGenPack:
     text: MusicGenText
     chroma_projection: nn.Linear | None = None  # melody packs whose num_chroma differs from d_model
     codec_onnx: CodecOnnx | None = None  # codec.onnx, written by `vivace export onnx`
+    codec_encoder: EncodecEncoder | None = None  # packs whose musicgen.codec_encoder is true
 
 
 def validate_musicgen_config(config: MusicGenPackConfig) -> None:
@@ -156,7 +161,13 @@ def load_musicgen_pack(path: str | Path, dtype: torch.dtype = torch.float32, dev
     if not (path / TEXT_MODEL_DIR).is_dir():
         raise PackError(f"{path}: missing the text encoder folder {TEXT_MODEL_DIR}/")
     text = MusicGenText(path / TEXT_MODEL_DIR, projection).to(device)
-    return MusicGenPack(path, config, decoder, codec, text, chroma_projection, read_codec_onnx(path))
+    encoder = None
+    if config.musicgen.codec_encoder:
+        with torch.device("meta"):
+            expected = expected_shapes(encodec_stored_form(EncodecEncoder(config.codec)))
+        stored = load_component(path, CODEC_ENCODER, expected)
+        encoder = load_encodec_encoder(config.codec, stored, torch.float32, device, path / f"{CODEC_ENCODER}.safetensors")
+    return MusicGenPack(path, config, decoder, codec, text, chroma_projection, read_codec_onnx(path), encoder)
 
 
 def load_musicgen_codec(path: str | Path) -> EncodecDecoder:
@@ -185,18 +196,20 @@ def save_musicgen_pack(
     text_encoder: Any,
     tokenizer: Any,
     chroma_projection: dict[str, torch.Tensor] | None = None,
+    codec_encoder: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes stored-form tensors, the text encoder and tokenizer (save_pretrained) and, last, pack.json."""
     validate_musicgen_config(config)
     for key, flag, tensors in [
         ("musicgen.projection", config.musicgen.projection, projection),
         ("melody.projection", config.melody is not None and config.melody.projection, chroma_projection),
+        ("musicgen.codec_encoder", config.musicgen.codec_encoder, codec_encoder),
     ]:
         if (tensors is not None) != flag:
             raise PackError(f"{key} is {flag} but its tensors were {'given' if tensors is not None else 'not given'}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    optional = {PROJECTION: projection, CHROMA_PROJECTION: chroma_projection}
+    optional = {PROJECTION: projection, CHROMA_PROJECTION: chroma_projection, CODEC_ENCODER: codec_encoder}
     components = {DECODER: decoder, CODEC: codec, **{k: v for k, v in optional.items() if v is not None}}
     for component, tensors in components.items():
         write_component(path, component, tensors)

@@ -26,7 +26,7 @@ chunks as soon as each chunk's frames and `context_frames` after it are drawn, e
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,15 +44,18 @@ from vivace.arguments import (
     stage_sampling,
     unknown_arguments,
 )
+from vivace.audio import read_pcm
 from vivace.codecs.backend import CodecBackend
 from vivace.codecs.context_decoder import ContextDecoder
+from vivace.codecs.encodec_encoder import rvq_quantize
 from vivace.core.family import RequestContext, StageSpec
 from vivace.core.sampling import SamplingParams, is_finite, is_real
 from vivace.core.sequence import CrossCondition, DelaySchedule, Sequence
 from vivace.core.windows import Window, plan_windows
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
-from vivace.families.musicgen.melody import MelodyLike, MelodyPrefixes, load_melody
+from vivace.families.musicgen.chroma import mono
+from vivace.families.musicgen.melody import MelodyPrefixes, load_melody
 from vivace.families.musicgen.pack import MusicGenPack, load_musicgen_codec, load_musicgen_pack
 from vivace.kernels.sampling import stream_id
 from vivace.packs.schema import to_dict
@@ -74,6 +77,7 @@ class MusicGenRequest:
     guidance_scale: float  # > 1: classifier-free guidance; 1: the conditional logits alone
     melody: torch.Tensor | None = field(default=None, compare=False)  # melody packs: mono, at the chroma extractor's rate
     chunk_frames: int | None = None  # stream the audio in chunks of this many frames (None: one whole decode)
+    prompt_codes: np.ndarray | None = field(default=None, compare=False)  # an audio prompt's codes [K, frames]
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,19 @@ class RowState:
     ready_frames: int = 0  # leading frames whose codes are all drawn (finished windows and the active one's prefix)
     emitted_frames: int = 0  # streamed audio so far
     next_chunk: int = 0
+
+
+def per_row(value: Any, rows: int, what: str, load: Callable[[Any], Any]) -> list[Any]:
+    """A call's per-row input: one value for every row, or a list or tuple with one per row (None: none for that row).
+    Each distinct object is loaded once."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value] * rows
+    if len(items) != rows:
+        raise VivaceError(f"got {len(items)} {what} for {rows} prompts")
+    loaded: dict[int, Any] = {}
+    for item in items:
+        if item is not None and id(item) not in loaded:
+            loaded[id(item)] = load(item)
+    return [None if item is None else loaded[id(item)] for item in items]
 
 
 def delayed_grid(codes: np.ndarray, pad_id: int) -> np.ndarray:
@@ -149,15 +166,19 @@ class MusicGen:
         prefix = 0 if melody is None else melody.chroma_length + PREFIX_TEXT_TOKENS
         return {STAGE: StageSpec(self.pack.decoder, self.max_sequence_tokens(prefix), rows_per_sequence=2)}
 
-    def plan(self, frames: int) -> list[Window]:
-        """audiocraft's continuation: a full first window, then stride-sized steps, each with a fixed-length prompt."""
+    def plan(self, frames: int, prompt_frames: int = 0) -> list[Window]:
+        """audiocraft's continuation: a full first window, then stride-sized steps, each with a fixed-length prompt.
+        An audio prompt of prompt_frames (shorter than one window) is the first window's prompt."""
         m = self.config.musicgen
         window, stride = self.config.frames(m.window_s), self.config.frames(m.stride_s)
         keep = window - stride
-        return [
+        windows = [
             Window(w.index, max(w.prefix_start, w.new_start - keep), w.new_start, w.new_end, 0)
             for w in plan_windows(frames, window, stride, [0])
         ]
+        first = windows[0]
+        windows[0] = Window(first.index, first.prefix_start, prompt_frames, first.new_end, first.segment)
+        return windows
 
     # -- a call's arguments ------------------------------------------------------------------------------------
     def stream_options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -187,26 +208,61 @@ class MusicGen:
             return [None] * rows
         if sample_rate is not None and melody is None:
             raise VivaceError("melody_sample_rate was given without a melody")
-        per_row: list[MelodyLike | None] = list(melody) if isinstance(melody, (list, tuple)) else [melody] * rows
-        if len(per_row) != rows:
-            raise VivaceError(f"got {len(per_row)} melodies for {rows} prompts")
-        loaded: dict[int, torch.Tensor] = {}  # the same melody object is read once
-        for item in per_row:
-            if item is not None and id(item) not in loaded:
-                loaded[id(item)] = load_melody(item, sample_rate, melody_config.chroma)
-        return [None if item is None else loaded[id(item)] for item in per_row]
+        return per_row(melody, rows, "melodies", lambda item: load_melody(item, sample_rate, melody_config.chroma))
+
+    def _audio_prompts(self, audio: Any, sample_rate: Any, rows: int, frames: int) -> list[np.ndarray | None]:
+        """Each row's audio prompt as codes [num_codebooks, prompt frames] (None: none); a single prompt serves every
+        row, a list gives each row its own. A prompt must be shorter than the clip and than one window."""
+        if audio is None:
+            if sample_rate is not None:
+                raise VivaceError("audio_prompt_sample_rate was given without an audio_prompt")
+            return [None] * rows
+        window = self.config.frames(self.config.musicgen.window_s)
+
+        def codes(item: Any) -> np.ndarray:
+            encoded = self.encode(item, sample_rate, "audio_prompt")
+            seconds = encoded.shape[1] / self.config.frame_rate
+            if encoded.shape[1] >= min(frames, window):
+                limit = "the duration (the whole clip, the prompt included)" if frames <= window else "one window (window_s)"
+                raise VivaceError(
+                    f"audio_prompt of {seconds:g} s must be shorter than {limit}: "
+                    f"{min(frames, window) / self.config.frame_rate:g} s"
+                )
+            return encoded
+
+        return per_row(audio, rows, "audio prompts", codes)
+
+    @torch.inference_mode()
+    def encode(self, audio: Any, sample_rate: Any = None, what: str = "audio") -> np.ndarray:
+        """Audio (a sound file, or PCM [samples] / [channels, samples] at sample_rate) -> the codes transformers'
+        EnCodec encode gives, int64 [num_codebooks, ceil(samples / hop)]: downmixed to mono and resampled to the
+        codec's rate first."""
+        encoder = self.pack.codec_encoder
+        if encoder is None:
+            raise VivaceError(
+                f"pack {self.config.name!r} carries no EnCodec encoder (musicgen.codec_encoder is false: it was converted "
+                "before packs carried one, or its codec normalizes its input): it cannot encode audio"
+            )
+        pcm, rate = read_pcm(audio, sample_rate, what)
+        wave = mono(pcm, rate, self.config.sample_rate)
+        codebooks = self.pack.codec.codebooks
+        return rvq_quantize(codebooks, encoder(wave[None].to(codebooks.device)))[0].cpu().numpy()
 
     def requests(self, prompt: Any, duration_s: Any, seed: Any, options: dict[str, Any]) -> list[MusicGenRequest]:
         """Validates a call's arguments and turns them into one request per row. prompt: a string, or a list of them
         (a batch); None (or a None row) generates unconditionally, from the null condition without guidance, as
-        transformers' get_unconditional_inputs does; stories are MusicLM's. options: guidance_scale, temperature, top_k, top_p, chunk_s (streamed
-        chunks; None: one whole decode), stage_sampling ({"decoder": {key: value} or SamplingParams}: the one stage's
-        sampling, over temperature / top_k / top_p, as MusicLM's per-stage entries are), and melody,
-        melody_sample_rate for melody packs. The clip's length rounds to whole codec frames."""
+        transformers' get_unconditional_inputs does; stories are MusicLM's. options: guidance_scale, temperature,
+        top_k, top_p, chunk_s (streamed chunks; None: one whole decode), stage_sampling ({"decoder": {key: value} or
+        SamplingParams}: the one stage's sampling, over temperature / top_k / top_p, as MusicLM's per-stage entries
+        are), melody, melody_sample_rate for melody packs, and audio_prompt, audio_prompt_sample_rate (a sound file or
+        PCM per row or for all: the clip continues it, and begins with it, re-decoded from its codes, as transformers'
+        generate(input_values=...) does; duration_s is the whole clip's, the prompt included). The clip's length
+        rounds to whole codec frames; an audio prompt's to ceil(samples / hop) frames."""
         m = self.config.musicgen
         options = dict(options)
         guidance_scale = options.pop("guidance_scale", None)
         melody, melody_rate = options.pop("melody", None), options.pop("melody_sample_rate", None)
+        audio_prompt, audio_prompt_rate = options.pop("audio_prompt", None), options.pop("audio_prompt_sample_rate", None)
         per_stage = options.pop("stage_sampling", None)
         chunk_frames = self._chunk_frames(options.pop("chunk_s", None))
         if isinstance(prompt, Story) or is_story_list(prompt) or (
@@ -223,7 +279,9 @@ class MusicGen:
         if not is_real(scale) or not is_finite(scale) or scale < 1:
             raise VivaceError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
         melody_keys = ("melody", "melody_sample_rate") if self.config.melody else ()
-        unknown_arguments(options, ("guidance_scale", *SAMPLING_KEYS, "stage_sampling", "chunk_s", *melody_keys))
+        unknown_arguments(
+            options, ("guidance_scale", *SAMPLING_KEYS, "stage_sampling", "chunk_s", *melody_keys, "audio_prompt", "audio_prompt_sample_rate"),
+        )
         params = stage_sampling({STAGE: m.sampling}, options, per_stage)[STAGE]
         row_seeds = seeds(seed, len(rows))
         texts = [None if text is None else check_prompt(text) for text in rows]
@@ -232,9 +290,11 @@ class MusicGen:
         unconditional = [text is None and melodies[row] is None for row, text in enumerate(texts)]
         if all(unconditional) and guidance_scale is not None and scale > 1:
             raise VivaceError(f"guidance_scale {guidance_scale!r} has nothing to guide: prompt None is unconditional")
+        prompt_codes = self._audio_prompts(audio_prompt, audio_prompt_rate, len(rows), self.config.frames(duration))
         return [
             MusicGenRequest(
-                row, text, duration, row_seeds[row], params, 1.0 if unconditional[row] else float(scale), melodies[row], chunk_frames,
+                row, text, duration, row_seeds[row], params, 1.0 if unconditional[row] else float(scale), melodies[row],
+                chunk_frames, prompt_codes[row],
             )
             for row, text in enumerate(texts)
         ]
@@ -306,7 +366,9 @@ class MusicGenPipeline:
             states, ids = text.encode(request.prompt)
         guided = request.guidance_scale > 1
         salt, null_salt = self._text_salt(request, states), ("null", states.shape[0])
-        plan = self.family.plan(frames)
+        prompt_codes = request.prompt_codes
+        prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[1]
+        plan = self.family.plan(frames, prompt_frames)
         condition: Condition | None
         if melody is None:
             condition = self._cross(states, salt, request.prompt is not None)
@@ -316,7 +378,11 @@ class MusicGenPipeline:
             per_window = request.melody is not None and len(plan) > 1
             condition = None if per_window else self._prefix(melody.chroma(request.melody, None), states, salt)
         codes = np.full((self.config.num_codebooks, frames), -1, dtype=np.int64)
-        return RowState(request, plan, codes, tuple(ids), states, condition, null)
+        if prompt_codes is not None:
+            codes[:, :prompt_frames] = prompt_codes
+        return RowState(
+            request, plan, codes, tuple(ids), states, condition, null, done_frames=prompt_frames, ready_frames=prompt_frames,
+        )
 
     def _condition(self, window: Window) -> Condition:
         state, melody = self.state, self.family.melody

@@ -123,6 +123,8 @@ class MusicLM:
         per_stage = overrides.pop("stage_sampling", None)
         if any(overrides.pop(key, None) is not None for key in ("melody", "melody_sample_rate")):
             raise VivaceError(f"pack {self.config.name!r} is a MusicLM pack: a melody needs a MusicGen-Melody pack")
+        if any(overrides.pop(key, None) is not None for key in ("audio_prompt", "audio_prompt_sample_rate")):
+            self.encode(None)  # refuses: what an audio prompt would need
         if "chunk_s" in overrides:
             raise VivaceError(
                 f"chunk_s {overrides['chunk_s']!r} does not apply to MusicLM pack {self.config.name!r}: its audio "
@@ -132,6 +134,12 @@ class MusicLM:
         m = self.config.musiclm
         defaults = {"semantic": m.semantic_sampling, "coarse": m.coarse_sampling, "fine": m.fine_sampling}
         return stage_sampling(defaults, overrides, per_stage)
+
+    def encode(self, audio: Any, sample_rate: Any = None) -> np.ndarray:
+        raise VivaceError(
+            f"MusicLM pack {self.config.name!r} cannot encode audio: its packs carry no codec encoder or semantic "
+            "tokenizer (w2v-BERT and k-means), which an audio prompt's acoustic and semantic tokens need"
+        )
 
     def requests(self, prompt: Any, duration_s: Any, seed: Any, options: dict[str, Any]) -> list[Request]:
         """Validates a call's arguments and turns them into one Request per row. A Story, or a list of (prompt,
