@@ -2,7 +2,6 @@
 Engine.decode turns codes back into the audio generate made from them."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -13,7 +13,7 @@ import soundfile as sf
 from musicgen_checkpoints import TinyMusicGen, copy_of, edit_config, write_checkpoint
 from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture
 
-from vivace import AudioChunk, Engine, VivaceError, WindowStarted
+from vivace import Engine, VivaceError, WindowStarted
 from vivace.cli import main
 from vivace.export.musicgen import convert_musicgen
 

@@ -277,7 +277,6 @@ class _Plan:
     @classmethod
     def of(cls, batch: _C.DecodeBatch, steps: int, bucket: Bucket, device: torch.device) -> _Plan:
         plan = batch.plan_steps(steps)
-        groups, rows = batch.num_groups, batch.num_groups * batch.num_heads
         padded_rows, heads = bucket.groups * bucket.heads, bucket.heads
 
         def padded(values: np.ndarray, shape: tuple[int, ...], fill: int) -> torch.Tensor:
