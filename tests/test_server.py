@@ -25,7 +25,7 @@ import soundfile as sf
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import offline, served  # noqa: F401 - fixtures
-from server_harness import running_server
+from server_harness import Served, running_server
 
 from vivace import Engine
 from vivace.server.app import ServerSettings
@@ -371,6 +371,48 @@ def test_musicgen_melody_pack_streamed_whole_and_uploaded_melody(melody_pack: Pa
         assert httpx.post(f"{served.url}/v1/music/generations", json=as_json, timeout=TIMEOUT).content == with_melody
         error_of(httpx.post(f"{served.url}/v1/music/generations", data={"request": "{}"}), 400)
         wait_until_idle(served.url)
+
+
+def test_audio_prompt_and_unconditional_requests(melody_pack: Path, tmp_path: Path) -> None:
+    """An audio prompt (multipart or base64) and an unconditional request are answered as offline generate makes
+    them; bad ones get a 400 naming the field."""
+    engine = Engine.from_pack(melody_pack)
+    rate = 3200
+    prompt = np.random.default_rng(1).uniform(-0.5, 0.5, 10 * 16).astype(np.float32)  # 10 frames
+    prompt_file = tmp_path / "prompt.wav"
+    sf.write(prompt_file, prompt, rate, subtype="FLOAT")
+    continued = pcm16(engine.generate("slow piano", 0.2, seed=2, audio_prompt=str(prompt_file))[0])
+    unconditional = pcm16(engine.generate(None, 0.2, seed=2)[0])
+    url = "/v1/music/generations"
+    with running_server(Engine.from_pack(melody_pack)) as served:
+        request = {"prompt": "slow piano", "duration": 0.2, "seed": 2, "response_format": "pcm"}
+        upload = httpx.post(
+            served.url + url, data={"request": json.dumps(request)},
+            files={"audio_prompt": ("prompt.wav", prompt_file.read_bytes(), "audio/wav")}, timeout=TIMEOUT,
+        )
+        assert upload.status_code == 200, upload.text
+        assert upload.content == continued
+        as_json = {**request, "audio_prompt": base64.b64encode(prompt_file.read_bytes()).decode()}
+        assert httpx.post(served.url + url, json=as_json, timeout=TIMEOUT).content == continued
+        body = {"unconditional": True, "duration": 0.2, "seed": 2, "response_format": "pcm"}
+        assert httpx.post(served.url + url, json=body, timeout=TIMEOUT).content == unconditional
+        both = {**body, "prompt": "x"}
+        assert error_of(httpx.post(served.url + url, json=both), 400)["param"] == "prompt"
+        long_prompt = {**as_json, "duration": 0.04}
+        assert "audio_prompt of 0.05 s must be shorter" in error_of(httpx.post(served.url + url, json=long_prompt), 400)["message"]
+        bad = {**request, "audio_prompt": base64.b64encode(b"not a sound").decode()}
+        assert error_of(httpx.post(served.url + url, json=bad), 400)["param"] == "audio_prompt"
+        wait_until_idle(served.url)
+
+
+def test_a_musiclm_pack_refuses_audio_prompts_and_unconditional_requests(served: Served, tmp_path: Path) -> None:
+    url = served.url + "/v1/music/generations"
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(2400, np.float32), 24000, format="WAV")
+    with_prompt = {"prompt": "x", "duration": 0.5, "audio_prompt": base64.b64encode(buffer.getvalue()).decode()}
+    assert "cannot encode audio" in error_of(httpx.post(url, json=with_prompt, timeout=TIMEOUT), 400)["message"]
+    unconditional = {"unconditional": True, "duration": 0.5}
+    assert "unconditional generation" in error_of(httpx.post(url, json=unconditional, timeout=TIMEOUT), 400)["message"]
 
 
 def test_serve_refuses_bad_options_with_one_line(tiny_pack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,7 +23,7 @@ from vivace.server.audio_formats import STREAMABLE, AudioFormat, available_forma
 from vivace.server.generation import Generation, audio_body, sse_body, whole_clips, whole_json
 from vivace.server.metrics import ServerMetrics
 from vivace.server.protocol import (
-    ApiError, EngineCall, Limits, MusicRequest, SpeechRequest, music_call, speech_call, validation_error,
+    UPLOADS, ApiError, EngineCall, Limits, MusicRequest, SpeechRequest, music_call, speech_call, validation_error,
 )
 
 STATIC = Path(__file__).resolve().parent / "static"  # resolved: an editable install links each file, and StaticFiles follows no link out of its folder
@@ -128,10 +128,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings = ServerSettings())
 
     @app.post("/v1/music/generations", dependencies=[Depends(authorize)])
     async def music(request: Request) -> Response:
-        body, melody = await music_body(request)
+        body, uploads = await music_body(request)
         state.check_model(body.model)
         fmt = state.format(body.response_format, stream=body.stream)
-        call = music_call(body, state.limits, melody)
+        call = music_call(body, state.limits, uploads)
         if body.stream and body.stream_format == "audio" and call.rows > 1:
             raise ApiError(400, "several seeds stream as SSE (stream_format 'sse'), one clip per seed", param="seed")
         generation = await state.start(call, stream=body.stream)
@@ -200,18 +200,22 @@ async def abort_on_disconnect(request: Request, generation: Generation) -> None:
     generation.call.close()
 
 
-async def music_body(request: Request) -> tuple[MusicRequest, bytes | None]:
-    """The native body: JSON, or multipart with a `request` JSON field and an optional `melody` file."""
+async def music_body(request: Request) -> tuple[MusicRequest, dict[str, bytes]]:
+    """The native body: JSON, or multipart with a `request` JSON field and optional `melody` / `audio_prompt` files."""
+    uploads: dict[str, bytes] = {}
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
-        text, upload = form.get("request"), form.get("melody")
+        text = form.get("request")
         if not isinstance(text, str):
             raise ApiError(400, "a multipart body needs a 'request' field holding the JSON request", param="request")
-        melody = await upload.read() if upload is not None and not isinstance(upload, str) else None
+        for name in UPLOADS:
+            upload = form.get(name)
+            if upload is not None and not isinstance(upload, str):
+                uploads[name] = await upload.read()
     else:
-        text, melody = (await request.body()).decode(errors="replace"), None
+        text = (await request.body()).decode(errors="replace")
     try:
-        return MusicRequest.model_validate(json.loads(text)), melody
+        return MusicRequest.model_validate(json.loads(text)), uploads
     except json.JSONDecodeError as error:
         raise ApiError(400, f"the body is not JSON ({error.msg} at position {error.pos})") from None
     except ValidationError as error:

@@ -65,15 +65,18 @@ class SpeechRequest(Sampling):
 
 
 class MusicRequest(Sampling):
-    """POST /v1/music/generations: a prompt or a story, one clip per seed, a melody reference for melody packs."""
+    """POST /v1/music/generations: a prompt, a story or (MusicGen) no text at all, one clip per seed, a melody
+    reference for melody packs, an audio prompt to continue (MusicGen packs with EnCodec's encoder)."""
 
     model: str | None = None
     prompt: str | None = None
+    unconditional: bool = False  # MusicGen: no prompt and no segments, the null text condition
     segments: list[tuple[str, float]] | None = None  # a story: (prompt, seconds) played in order
     duration: float | None = None
     seed: StrictInt | list[StrictInt] = 0
     stage_sampling: dict[str, Sampling] | None = None  # MusicLM packs: per-stage temperature / top_k / top_p
     melody: str | None = None  # base64 of a sound file (WAV, FLAC, ...), or sent as a multipart file
+    audio_prompt: str | None = None  # the same; the clip continues it and begins with it (duration counts it)
     response_format: str = "wav"
     stream: bool = False
     stream_format: Literal["audio", "sse"] = "audio"
@@ -92,7 +95,7 @@ class Limits:
 class EngineCall:
     """A request body as AsyncEngine.submit_async's arguments: one row (clip) per seed."""
 
-    prompt: str | Story
+    prompt: str | Story | None
     duration_s: float | None
     seeds: list[int]
     options: dict[str, Any] = field(default_factory=dict)
@@ -133,25 +136,27 @@ def speech_call(body: SpeechRequest, limits: Limits) -> EngineCall:
     return EngineCall(body.input, check_duration(body.duration, limits), [body.seed], sampling_options(body))
 
 
-def music_call(body: MusicRequest, limits: Limits, melody: bytes | None) -> EngineCall:
-    if (body.prompt is None) == (body.segments is None):
-        raise ApiError(400, "give either prompt or segments (a story), not both and not neither", param="prompt")
+UPLOADS = ("melody", "audio_prompt")  # sound files a native request may carry, in JSON as base64 or as multipart files
+
+
+def music_call(body: MusicRequest, limits: Limits, uploads: dict[str, bytes]) -> EngineCall:
+    """uploads: the sound files sent as multipart files, by field name (UPLOADS)."""
+    texts = sum(value is not None for value in (body.prompt, body.segments)) + body.unconditional
+    if texts != 1:
+        raise ApiError(400, "give one of prompt, segments (a story) or unconditional true", param="prompt")
     seeds = body.seed if isinstance(body.seed, list) else [body.seed]
     if not seeds:
         raise ApiError(400, "seed must be an integer or a non-empty list of them", param="seed")
     options = sampling_options(body)
     if body.stage_sampling is not None:
         options["stage_sampling"] = {stage: sampling_options(params) for stage, params in body.stage_sampling.items()}
-    if body.melody is not None and melody is not None:
-        raise ApiError(400, "send the melody either in the JSON body or as a multipart file, not both", param="melody")
-    if body.melody is not None:
-        try:
-            melody = base64.b64decode(body.melody, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "melody must be base64 of a sound file", param="melody") from None
-    if melody is not None:
-        options["melody"], options["melody_sample_rate"] = decode_sound(melody)
-    if body.segments is not None:
+    for name in UPLOADS:
+        data = uploaded(name, getattr(body, name), uploads.get(name))
+        if data is not None:
+            options[name], options[f"{name}_sample_rate"] = decode_sound(data, name)
+    if body.unconditional:
+        prompt, duration = None, check_duration(body.duration, limits)
+    elif body.segments is not None:
         check_prompt_length("".join(text for text, _ in body.segments), limits, "segments")
         total = sum(seconds for _, seconds in body.segments)
         check_duration(total, limits)
@@ -166,12 +171,24 @@ def music_call(body: MusicRequest, limits: Limits, melody: bytes | None) -> Engi
     return EngineCall(prompt, duration, list(seeds), options)
 
 
-def decode_sound(data: bytes) -> tuple[np.ndarray, int]:
+def uploaded(name: str, in_json: str | None, as_file: bytes | None) -> bytes | None:
+    """A sound file sent as base64 in the JSON body or as a multipart file (not both)."""
+    if in_json is not None and as_file is not None:
+        raise ApiError(400, f"send the {name} either in the JSON body or as a multipart file, not both", param=name)
+    if in_json is None:
+        return as_file
+    try:
+        return base64.b64decode(in_json, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{name} must be base64 of a sound file", param=name) from None
+
+
+def decode_sound(data: bytes, name: str) -> tuple[np.ndarray, int]:
     """A sound file's bytes -> float32 [channels, samples] and its rate."""
     import soundfile as sf
 
     try:
         pcm, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (RuntimeError, OSError, TypeError) as exc:
-        raise ApiError(400, f"melody is not a readable sound file ({exc})", param="melody") from None
+        raise ApiError(400, f"{name} is not a readable sound file ({exc})", param=name) from None
     return np.ascontiguousarray(pcm.T), int(rate)
