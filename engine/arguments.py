@@ -34,9 +34,9 @@ def is_story_list(value: Any) -> bool:
     )
 
 
-def check_prompt(prompt: Any) -> str:
+def check_prompt(prompt: Any, what: str = "prompt") -> str:
     if not isinstance(prompt, str) or not prompt.strip():
-        raise VivaceError(f"prompt must be a non-empty string, got {prompt!r}")
+        raise VivaceError(f"{what} must be a non-empty string, got {prompt!r}")
     return prompt
 
 

@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="one stage's sampling, e.g. fine.temperature=0.4 (repeatable; see below)")
     gen.add_argument("--guidance", type=float, dest="guidance_scale", help="MusicGen: classifier-free guidance scale (1 = off)")
     gen.add_argument("--melody", help="MusicGen-Melody: a reference sound file (WAV, FLAC, ...) whose chroma conditions the music")
+    gen.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT",
+                     help="MusicGen: what guidance steers away from (the null row's text instead of none)")
     gen.add_argument("--audio-prompt", dest="audio_prompt", metavar="FILE",
                      help="MusicGen: a sound file to continue; the output begins with it and --duration counts it")
     gen.add_argument("--device", default="cpu")
@@ -344,8 +346,9 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         sampling["stage_sampling"] = per_stage
     if args.melody is not None:
         sampling["melody"] = args.melody
-    if args.audio_prompt is not None:
-        sampling["audio_prompt"] = args.audio_prompt
+    for key in ("audio_prompt", "negative_prompt"):
+        if getattr(args, key) is not None:
+            sampling[key] = getattr(args, key)
     terminal = not args.quiet and sys.stderr.isatty()
     with _engine_errors(parser):
         _check_before_loading(args, sampling, per_stage)

@@ -195,6 +195,36 @@ def reference(src: Path, prompt: str | None, frames: int, **inputs) -> tuple[np.
     return captured["codes"].numpy(), audio[0, 0].numpy()
 
 
+def guided_greedy(src: Path, prompt: str, negative_prompt: str, frames: int, scale: float = 3.0) -> np.ndarray:
+    """Greedy guided codes [K, frames] of a MusicGen checkpoint whose null row reads negative_prompt instead of the
+    zeroed text: transformers' own steps (its forward on the cond / null pair, the delay pattern mask, its guidance
+    mix of the logits), one full forward per step. transformers' generate builds the null row itself, so it has no
+    negative prompt; with the zeroed text for the null row this loop gives generate's codes (tested)."""
+    from transformers import MusicgenForConditionalGeneration
+
+    model = MusicgenForConditionalGeneration.from_pretrained(src).eval()
+    k, pad = model.decoder.num_codebooks, model.decoder.config.pad_token_id
+    rows = []
+    with torch.no_grad():
+        for text in (prompt, negative_prompt):
+            batch = tokenizer()([text], return_tensors="pt") if text else None
+            if batch is None:  # the zeroed, masked-out text of transformers' null row
+                rows.append((torch.zeros(1, 1, model.config.text_encoder.hidden_size), torch.zeros(1, 1, dtype=torch.long)))
+            else:
+                rows.append((model.text_encoder(**batch).last_hidden_state, batch["attention_mask"]))
+    length = max(states.shape[1] for states, _ in rows)
+    states = torch.cat([torch.nn.functional.pad(s, (0, 0, 0, length - s.shape[1])) for s, _ in rows])
+    mask = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for _, m in rows])
+    ids, pattern = model.decoder.build_delay_pattern_mask(torch.full((k, 1), pad), pad, frames + k)
+    with torch.no_grad():
+        for _ in range(frames + k - 1):
+            logits = model(encoder_outputs=(states,), attention_mask=mask, decoder_input_ids=ids.repeat(2, 1)).logits[:, -1]
+            cond, null = logits.float().split(k)
+            drawn = (null + (cond - null) * scale).argmax(-1)
+            ids = model.decoder.apply_delay_pattern_mask(torch.cat([ids, drawn[:, None]], dim=1), pattern)
+    return ids[ids != pad].reshape(k, -1).numpy()
+
+
 def vivace_codes(events: list, num_codebooks: int) -> np.ndarray:
     from vivace import WindowFinished
 

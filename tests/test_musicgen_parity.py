@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from musicgen_checkpoints import TinyMusicGen, reference, vivace_codes, write_checkpoint
+from musicgen_checkpoints import TinyMusicGen, guided_greedy, reference, vivace_codes, write_checkpoint
 from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture
 from vivace import AudioChunk, Engine, WindowStarted
 from vivace.export.musicgen import convert_musicgen
@@ -87,6 +87,22 @@ def test_audio_prompt_continuation_matches_transformers(converted: tuple[Path, P
     np.testing.assert_array_equal(vivace_codes(events, engine.config.num_codebooks), codes[:, prompt_frames:])
     pcm_out = np.concatenate([e.pcm for e in events if isinstance(e, AudioChunk)])
     assert pcm_out.shape == audio.shape and float(np.abs(pcm_out - audio).max()) <= 1e-4
+
+
+def test_negative_prompt_is_the_null_rows_text(converted: tuple[Path, Path]) -> None:
+    """negative_prompt conditions guidance's null row as the prompt conditions the other: greedy codes equal
+    transformers' forward and guidance steps with that null row (guided_greedy, which with the zeroed null text
+    gives generate's own codes)."""
+    src, pack = converted
+    engine = Engine.from_pack(pack)
+    frames = 21
+    seconds = frames / engine.config.frame_rate
+    plain, _ = reference(src, PROMPTS[0], frames)
+    np.testing.assert_array_equal(guided_greedy(src, PROMPTS[0], "", frames), plain)
+    events = list(engine.events(PROMPTS[0], seconds, seed=0, temperature=0.0, guidance_scale=3.0, negative_prompt=PROMPTS[1]))
+    expected = guided_greedy(src, PROMPTS[0], PROMPTS[1], frames)
+    np.testing.assert_array_equal(vivace_codes(events, engine.config.num_codebooks), expected)
+    assert not np.array_equal(expected, plain)
 
 
 def test_continuation_windows_match_transformers_with_audio_prompts(tmp_path: Path) -> None:

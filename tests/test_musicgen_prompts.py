@@ -173,6 +173,9 @@ def test_audio_prompt_from_the_command_line(windowed: Engine, tiny_pack: Path, t
     assert main(argv) == 0
     expected = windowed.generate("piano", 0.15, audio_prompt=prompt, audio_prompt_sample_rate=RATE)[0]
     np.testing.assert_array_equal(sf.read(out, dtype="float32")[0], expected)
+    assert main([*argv, "--negative-prompt", "drums"]) == 0
+    steered = windowed.generate("piano", 0.15, audio_prompt=prompt, audio_prompt_sample_rate=RATE, negative_prompt="drums")[0]
+    np.testing.assert_array_equal(sf.read(out, dtype="float32")[0], steered)
     for pack, extra, message in [
         (windowed.pack.path, ["--duration", "0.05"], "--audio-prompt of 0.05 s must be shorter than the duration"),
         (windowed.pack.path, ["--duration", "0.2", "--audio-prompt", str(tmp_path / "missing.wav")], "does not exist"),
@@ -183,3 +186,25 @@ def test_audio_prompt_from_the_command_line(windowed: Engine, tiny_pack: Path, t
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "bad.wav").exists()
+
+
+def test_negative_prompts(melody_engine: Engine, windowed: Engine, engine: Engine) -> None:
+    plain = windowed.generate("piano", 0.1, seed=1)
+    steered = windowed.generate("piano", 0.1, seed=1, negative_prompt="drums")
+    assert not np.array_equal(plain, steered)
+    batch = windowed.generate(["piano", "piano"], 0.1, seed=[1, 1], negative_prompt=[None, "drums"])
+    assert np.array_equal(batch[0], plain[0]) and np.array_equal(batch[1], steered[0])
+    reference = (np.random.default_rng(0).standard_normal(3200) * 0.3).astype(np.float32)
+    melody = dict(melody=reference, melody_sample_rate=3200)
+    assert not np.array_equal(melody_engine.generate("piano", 0.1, seed=1, **melody),
+                              melody_engine.generate("piano", 0.1, seed=1, negative_prompt="rock", **melody))
+    for call, message in [
+        (lambda: windowed.generate("piano", 0.1, guidance_scale=1.0, negative_prompt="drums"), "needs guidance_scale > 1"),
+        (lambda: windowed.generate(["piano", None], 0.1, negative_prompt="drums"), "negative_prompt (row 1) conditions"),
+        (lambda: windowed.generate("piano", 0.1, negative_prompt=""), "negative_prompt must be a non-empty string"),
+        (lambda: windowed.generate("piano", 0.1, negative_prompt=["a", "b"]), "got 2 negative prompts for 1 prompts"),
+        (lambda: engine.generate("piano", 1.0, negative_prompt="drums"), "runs without guidance"),
+    ]:
+        with pytest.raises(VivaceError) as error:
+            call()
+        assert message in str(error.value), str(error.value)

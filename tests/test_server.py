@@ -373,9 +373,9 @@ def test_musicgen_melody_pack_streamed_whole_and_uploaded_melody(melody_pack: Pa
         wait_until_idle(served.url)
 
 
-def test_audio_prompt_and_unconditional_requests(melody_pack: Path, tmp_path: Path) -> None:
-    """An audio prompt (multipart or base64) and an unconditional request are answered as offline generate makes
-    them; bad ones get a 400 naming the field."""
+def test_audio_prompt_negative_prompt_and_unconditional_requests(melody_pack: Path, tmp_path: Path) -> None:
+    """An audio prompt (multipart or base64), a negative prompt and an unconditional request are answered as offline
+    generate makes them; bad ones get a 400 naming the field."""
     engine = Engine.from_pack(melody_pack)
     rate = 3200
     prompt = np.random.default_rng(1).uniform(-0.5, 0.5, 10 * 16).astype(np.float32)  # 10 frames
@@ -383,6 +383,7 @@ def test_audio_prompt_and_unconditional_requests(melody_pack: Path, tmp_path: Pa
     sf.write(prompt_file, prompt, rate, subtype="FLOAT")
     continued = pcm16(engine.generate("slow piano", 0.2, seed=2, audio_prompt=str(prompt_file))[0])
     unconditional = pcm16(engine.generate(None, 0.2, seed=2)[0])
+    steered = pcm16(engine.generate("slow piano", 0.2, seed=2, negative_prompt="loud rock")[0])
     url = "/v1/music/generations"
     with running_server(Engine.from_pack(melody_pack)) as served:
         request = {"prompt": "slow piano", "duration": 0.2, "seed": 2, "response_format": "pcm"}
@@ -394,6 +395,8 @@ def test_audio_prompt_and_unconditional_requests(melody_pack: Path, tmp_path: Pa
         assert upload.content == continued
         as_json = {**request, "audio_prompt": base64.b64encode(prompt_file.read_bytes()).decode()}
         assert httpx.post(served.url + url, json=as_json, timeout=TIMEOUT).content == continued
+        negative = {**request, "negative_prompt": "loud rock"}
+        assert httpx.post(served.url + url, json=negative, timeout=TIMEOUT).content == steered
         body = {"unconditional": True, "duration": 0.2, "seed": 2, "response_format": "pcm"}
         assert httpx.post(served.url + url, json=body, timeout=TIMEOUT).content == unconditional
         both = {**body, "prompt": "x"}

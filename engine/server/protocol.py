@@ -77,6 +77,7 @@ class MusicRequest(Sampling):
     stage_sampling: dict[str, Sampling] | None = None  # MusicLM packs: per-stage temperature / top_k / top_p
     melody: str | None = None  # base64 of a sound file (WAV, FLAC, ...), or sent as a multipart file
     audio_prompt: str | None = None  # the same; the clip continues it and begins with it (duration counts it)
+    negative_prompt: str | None = None  # MusicGen: the text guidance's null row reads
     response_format: str = "wav"
     stream: bool = False
     stream_format: Literal["audio", "sse"] = "audio"
@@ -150,6 +151,9 @@ def music_call(body: MusicRequest, limits: Limits, uploads: dict[str, bytes]) ->
     options = sampling_options(body)
     if body.stage_sampling is not None:
         options["stage_sampling"] = {stage: sampling_options(params) for stage, params in body.stage_sampling.items()}
+    if body.negative_prompt is not None:
+        check_prompt_length(body.negative_prompt, limits, "negative_prompt")
+        options["negative_prompt"] = body.negative_prompt
     for name in UPLOADS:
         data = uploaded(name, getattr(body, name), uploads.get(name))
         if data is not None:

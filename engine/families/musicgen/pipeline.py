@@ -78,6 +78,7 @@ class MusicGenRequest:
     melody: torch.Tensor | None = field(default=None, compare=False)  # melody packs: mono, at the chroma extractor's rate
     chunk_frames: int | None = None  # stream the audio in chunks of this many frames (None: one whole decode)
     prompt_codes: np.ndarray | None = field(default=None, compare=False)  # an audio prompt's codes [K, frames]
+    negative_prompt: str | None = None  # guidance's null row reads this text instead of the null text
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ class MusicGen:
         guidance_scale = options.pop("guidance_scale", None)
         melody, melody_rate = options.pop("melody", None), options.pop("melody_sample_rate", None)
         audio_prompt, audio_prompt_rate = options.pop("audio_prompt", None), options.pop("audio_prompt_sample_rate", None)
+        negative_prompt = options.pop("negative_prompt", None)
         per_stage = options.pop("stage_sampling", None)
         chunk_frames = self._chunk_frames(options.pop("chunk_s", None))
         if isinstance(prompt, Story) or is_story_list(prompt) or (
@@ -280,7 +282,8 @@ class MusicGen:
             raise VivaceError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
         melody_keys = ("melody", "melody_sample_rate") if self.config.melody else ()
         unknown_arguments(
-            options, ("guidance_scale", *SAMPLING_KEYS, "stage_sampling", "chunk_s", *melody_keys, "audio_prompt", "audio_prompt_sample_rate"),
+            options, ("guidance_scale", *SAMPLING_KEYS, "stage_sampling", "chunk_s", *melody_keys, "audio_prompt", "audio_prompt_sample_rate",
+                      "negative_prompt"),
         )
         params = stage_sampling({STAGE: m.sampling}, options, per_stage)[STAGE]
         row_seeds = seeds(seed, len(rows))
@@ -290,14 +293,26 @@ class MusicGen:
         unconditional = [text is None and melodies[row] is None for row, text in enumerate(texts)]
         if all(unconditional) and guidance_scale is not None and scale > 1:
             raise VivaceError(f"guidance_scale {guidance_scale!r} has nothing to guide: prompt None is unconditional")
+        negatives = self._negative_prompts(negative_prompt, len(rows), [1.0 if u else float(scale) for u in unconditional])
         prompt_codes = self._audio_prompts(audio_prompt, audio_prompt_rate, len(rows), self.config.frames(duration))
         return [
             MusicGenRequest(
                 row, text, duration, row_seeds[row], params, 1.0 if unconditional[row] else float(scale), melodies[row],
-                chunk_frames, prompt_codes[row],
+                chunk_frames, prompt_codes[row], negatives[row],
             )
             for row, text in enumerate(texts)
         ]
+
+    @staticmethod
+    def _negative_prompts(negative: Any, rows: int, scales: list[float]) -> list[str | None]:
+        """Each row's negative prompt (one for every row, or a list with one per row; None: the null text). A row
+        without guidance has no null row for it to condition."""
+        negatives = per_row(negative, rows, "negative prompts", lambda text: check_prompt(text, "negative_prompt"))
+        for row, (text, scale) in enumerate(zip(negatives, scales)):
+            if text is not None and scale <= 1:
+                where = "" if rows == 1 else f" (row {row})"
+                raise VivaceError(f"negative_prompt{where} conditions guidance's null row: it needs guidance_scale > 1 and a prompt or melody")
+        return negatives
 
     def start(self, request: MusicGenRequest, context: RequestContext) -> MusicGenPipeline:
         return MusicGenPipeline(self, request, context)
@@ -364,17 +379,22 @@ class MusicGenPipeline:
             states, ids = torch.zeros(text.num_tokens(""), self.config.decoder.d_model), []
         else:
             states, ids = text.encode(request.prompt)
+        salt = self._text_salt(request, states)
+        # guidance's null row: the null text (zeroed states, masked out of cross-attention), or a negative prompt's
+        null_states, null_salt, null_attends = torch.zeros_like(states), ("null", states.shape[0]), False
+        if request.negative_prompt is not None:
+            null_states, _ = text.encode(request.negative_prompt)
+            null_salt, null_attends = ("text", request.negative_prompt), True
         guided = request.guidance_scale > 1
-        salt, null_salt = self._text_salt(request, states), ("null", states.shape[0])
         prompt_codes = request.prompt_codes
         prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[1]
         plan = self.family.plan(frames, prompt_frames)
         condition: Condition | None
         if melody is None:
             condition = self._cross(states, salt, request.prompt is not None)
-            null = self._cross(torch.zeros_like(states), null_salt, False) if guided else None
+            null = self._cross(null_states, null_salt, null_attends) if guided else None
         else:
-            null = self._prefix(melody.chroma(None, None), torch.zeros_like(states), null_salt) if guided else None
+            null = self._prefix(melody.chroma(None, None), null_states, null_salt) if guided else None
             per_window = request.melody is not None and len(plan) > 1
             condition = None if per_window else self._prefix(melody.chroma(request.melody, None), states, salt)
         codes = np.full((self.config.num_codebooks, frames), -1, dtype=np.int64)

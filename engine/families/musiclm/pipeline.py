@@ -123,6 +123,11 @@ class MusicLM:
         per_stage = overrides.pop("stage_sampling", None)
         if any(overrides.pop(key, None) is not None for key in ("melody", "melody_sample_rate")):
             raise VivaceError(f"pack {self.config.name!r} is a MusicLM pack: a melody needs a MusicGen-Melody pack")
+        if overrides.pop("negative_prompt", None) is not None:
+            raise VivaceError(
+                f"negative_prompt conditions the null row of classifier-free guidance: MusicLM pack {self.config.name!r} "
+                "runs without guidance"
+            )
         if any(overrides.pop(key, None) is not None for key in ("audio_prompt", "audio_prompt_sample_rate")):
             self.encode(None)  # refuses: what an audio prompt would need
         if "chunk_s" in overrides:
