@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from vivace.core.sampling import SamplingParams, is_finite, is_real
 from vivace.errors import PackError, VivaceError
 from vivace.export.encodec import _take, config_from_transformers, decoder_tensors, encoder_tensors
 from vivace.families.musicgen.chroma import ChromaConfig
@@ -110,6 +111,54 @@ def _special_ids(src: Path, decoder: Any, manifest: Path) -> None:
     for name, value in (("decoder_start_token_id", start), ("pad_token_id", pad)):
         if value != decoder.vocab_size:
             raise PackError(f"{manifest}: {name} is {value!r}; MusicGen's delay pattern needs it to be vocab_size {decoder.vocab_size}")
+
+
+def generation_defaults(src: Path) -> tuple[float, SamplingParams]:
+    """The pack's default guidance scale and sampling from generation_config.json, as transformers' generate reads
+    them: do_sample false means greedy (temperature 0), a guidance_scale of 1 or less means none. A key the file does
+    not set (or a missing file) keeps audiocraft's default: guidance 3.0, temperature 1.0, top-k 250, top-p 1.0."""
+    file = src / "generation_config.json"
+    data = read_json_object(file) if file.is_file() else {}
+    defaults = MusicGenConfig(text_hidden=0, projection=False)
+    guidance = data.get("guidance_scale", defaults.guidance_scale)
+    if guidance is None or (is_real(guidance) and guidance <= 1):
+        guidance = 1.0
+    if not is_real(guidance) or not is_finite(guidance):
+        raise PackError(f"{file}: guidance_scale must be a number, got {guidance!r}")
+    base = defaults.sampling
+    values = {key: data.get(key, getattr(base, key)) for key in ("temperature", "top_k", "top_p")}
+    values = {key: getattr(base, key) if value is None else value for key, value in values.items()}
+    if data.get("do_sample") is False:
+        values["temperature"] = 0.0
+    sampling = SamplingParams(**values)
+    try:
+        sampling.validate()
+    except VivaceError as exc:
+        raise PackError(f"{file}: {exc}") from None
+    return float(guidance), sampling.plain()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # a fast tokenizer's, or T5's sentencepiece model
+
+
+def load_tokenizer(src: Path, text_vocab_size: int) -> Any:
+    """The checkpoint's tokenizer, refused in one line when its files are missing or broken: without them
+    AutoTokenizer may build one that maps every prompt to unknown tokens, and every prompt would condition alike."""
+    from transformers import AutoTokenizer
+
+    missing = [name for name in ("tokenizer_config.json",) if not (src / name).is_file()]
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if missing:
+        raise PackError(f"{src}: missing tokenizer files: {', '.join(missing)} (save the tokenizer with the checkpoint)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises TypeError, ValueError, OSError ... on broken files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PackError(f"{src}: the tokenizer does not load ({type(exc).__name__}: {first})") from None
+    if len(tokenizer) > text_vocab_size:
+        raise PackError(f"{src}: the tokenizer has {len(tokenizer)} tokens, the text encoder's vocabulary {text_vocab_size}")
+    return tokenizer
 
 
 def decoder_config(decoder: Any, manifest: Path, melody: bool = False) -> TransformerConfig:
@@ -218,7 +267,7 @@ def convert_musicgen(
     src: str | Path, out: str | Path, name: str = "", window_s: float = 30.0, stride_s: float = 18.0,
 ) -> Path:
     """Converts a MusicGen or MusicGen-Melody checkpoint into a pack at out (which must not exist or be empty)."""
-    from transformers import AutoTokenizer, MusicgenConfig, MusicgenMelodyConfig
+    from transformers import MusicgenConfig, MusicgenMelodyConfig
 
     source = resolve_source(src)
     out = Path(out)
@@ -244,11 +293,12 @@ def convert_musicgen(
         )
     stage = decoder_config(decoder, manifest, melody)
     codec_config = config_from_transformers(raw.get("audio_encoder"), f"{manifest} (audio_encoder)")
-    if codec_config.codebook_size != decoder.vocab_size or codec_config.num_levels < decoder.num_codebooks:
+    if codec_config.codebook_size < decoder.vocab_size or codec_config.num_levels < decoder.num_codebooks:
         raise PackError(
             f"{manifest}: the codec has {codec_config.num_levels} x {codec_config.codebook_size} codes, the decoder "
             f"predicts {decoder.num_codebooks} x {decoder.vocab_size}"
         )
+    guidance_scale, sampling = generation_defaults(source)
     # audio prompts are encoded as transformers encodes them; a codec that normalizes its input would also rescale the
     # output by the prompt's loudness, which vivace does not do: such a pack takes no audio prompt
     with_encoder = not raw["audio_encoder"].get("normalize", False)
@@ -256,12 +306,14 @@ def convert_musicgen(
         decoder=stage,
         codec=codec_config,
         musicgen=MusicGenConfig(
-            text_hidden=text_hidden, projection=projection, window_s=window_s, stride_s=stride_s, codec_encoder=with_encoder,
+            text_hidden=text_hidden, projection=projection, window_s=window_s, stride_s=stride_s,
+            guidance_scale=guidance_scale, sampling=sampling, codec_encoder=with_encoder,
         ),
         name=name or source.name,
         melody=melody_config(source, config, decoder.hidden_size, manifest) if melody else None,
     )
     validate_musicgen_config(pack_config)
+    tokenizer = load_tokenizer(source, config.text_encoder.vocab_size)
     file, state = read_checkpoint(source)
     known = ("decoder.", "text_encoder.", "audio_encoder.", "enc_to_dec_proj.") + (("audio_enc_to_dec_proj.",) if melody else ())
     stray = next((key for key in state if not key.startswith(known)), None)
@@ -276,10 +328,6 @@ def convert_musicgen(
         m = pack_config.melody
         chroma_stored = projection_from(state, file, "audio_enc_to_dec_proj", m.chroma.num_chroma, decoder.hidden_size, m.projection)
     text_encoder = text_encoder_from(config.text_encoder, state, file)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise PackError(f"{source}: no usable tokenizer files ({exc})") from None
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:

@@ -39,6 +39,7 @@ class TinyMusicGen:
     n_fft: int = 512  # the feature extractor's STFT
     hop_length: int = 128
     chunk_length: int = 2  # seconds of reference the feature extractor keeps
+    decoder_vocab: int | None = None  # the decoder's vocabulary, when smaller than the codebook (transformers' tests)
 
 
 def tokenizer():
@@ -73,9 +74,10 @@ def build_model(spec: TinyMusicGen):
         target_bandwidths=[(spec.num_codebooks * frame_rate * bits + 0.5) / 1000], use_causal_conv=False, hidden_size=16,
         codebook_dim=16, num_lstm_layers=1,
     )
-    pad = spec.codebook_size
+    vocab = spec.decoder_vocab or spec.codebook_size
+    pad = vocab
     decoder = dict(
-        vocab_size=spec.codebook_size, hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        vocab_size=vocab, hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
         ffn_dim=spec.ffn, num_codebooks=spec.num_codebooks, pad_token_id=pad, bos_token_id=pad, decoder_start_token_id=pad,
         max_position_embeddings=256,
     )

@@ -5,6 +5,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -175,3 +176,70 @@ def test_bad_requests_fail_before_any_work(source: Path, tmp_path: Path) -> None
         engine.generate("piano", 301.0)
     with pytest.raises(VivaceError, match="story mode"):
         engine.generate([("piano", 1.0)], 1.0)
+
+
+@pytest.mark.parametrize(
+    "missing,message",
+    [
+        (["tokenizer.json", "tokenizer_config.json"], "missing tokenizer files: tokenizer_config.json, tokenizer.json or spiece.model"),
+        (["tokenizer_config.json"], "missing tokenizer files: tokenizer_config.json (save the tokenizer"),
+        (["tokenizer.json"], "missing tokenizer files: tokenizer.json or spiece.model"),
+    ],
+)
+def test_a_checkpoint_without_its_tokenizer_is_refused(
+    missing: list, message: str, source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without them transformers may build a tokenizer that maps every prompt to unknown tokens."""
+    src = copy_of(source, tmp_path)
+    for name in missing:
+        (src / name).unlink()
+    assert main(["convert", "musicgen", str(src), str(tmp_path / "pack")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_broken_tokenizer_is_one_line(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = copy_of(source, tmp_path)
+    (src / "tokenizer.json").write_text("{not json")
+    assert main(["convert", "musicgen", str(src), str(tmp_path / "pack")]) == 2
+    err = capsys.readouterr().err
+    assert "the tokenizer does not load" in err and err.count("\n") == 1
+
+
+def test_generation_config_values_become_the_packs_defaults(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = copy_of(source, tmp_path)
+    edit_config(src, lambda d: d.update(guidance_scale=4.5, top_k=80, temperature=0.7, do_sample=True), "generation_config.json")
+    pack = convert_musicgen(src, tmp_path / "sampled")
+    assert main(["info", str(pack)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["guidance_scale"] == 4.5 and info["sampling"] == {"temperature": 0.7, "top_k": 80, "top_p": 1.0}
+    engine = Engine.from_pack(pack)
+    assert np.array_equal(engine.generate("piano", 0.05, seed=1), engine.generate("piano", 0.05, seed=1, guidance_scale=4.5, top_k=80, temperature=0.7))
+    edit_config(src, lambda d: d.update(do_sample=False, guidance_scale=1.0), "generation_config.json")
+    greedy = json.loads((convert_musicgen(src, tmp_path / "greedy") / "pack.json").read_text())["musicgen"]
+    assert greedy["guidance_scale"] == 1.0 and greedy["sampling"]["temperature"] == 0.0
+    edit_config(src, lambda d: d.update(do_sample=True, temperature=-1), "generation_config.json")
+    with pytest.raises(PackError, match=r"generation_config.json: temperature must be a finite number >= 0, got -1"):
+        convert_musicgen(src, tmp_path / "bad")
+
+
+def test_a_decoder_vocabulary_smaller_than_the_codebook(tmp_path: Path) -> None:
+    """transformers' own test configuration: the decoder predicts 40 of the codec's 64 codes, its pad id is 40."""
+    from musicgen_checkpoints import reference, vivace_codes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src = write_checkpoint(tmp_path / "src", TinyMusicGen(decoder_vocab=40, seed=8))
+    engine = Engine.from_pack(convert_musicgen(src, tmp_path / "pack"))
+    frames = 23
+    events = list(engine.events("slow piano", frames / engine.config.frame_rate, temperature=0.0, guidance_scale=3.0))
+    codes, audio = reference(src, "slow piano", frames)
+    np.testing.assert_array_equal(vivace_codes(events, 4), codes)
+    assert codes.max() < 40
+    pcm = np.concatenate([e.pcm for e in events if hasattr(e, "pcm")])
+    assert float(np.abs(pcm - audio).max()) <= 1e-4
+    # an audio prompt whose codes the decoder cannot read is refused, not fed past its embedding table
+    engine.family.encode = lambda audio, rate, what="audio": np.full((4, 3), 50)
+    with pytest.raises(VivaceError, match="audio_prompt encodes to code 50, past the 40 codes this pack's decoder reads"):
+        engine.generate("slow piano", 0.1, audio_prompt=np.zeros(48, np.float32), audio_prompt_sample_rate=3200)

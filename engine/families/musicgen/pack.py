@@ -78,10 +78,12 @@ def validate_musicgen_config(config: MusicGenPackConfig) -> None:
         raise PackError(f"decoder: a {'melody' if config.melody else 'MusicGen'} pack needs cross_attention {config.melody is None}")
     if d.num_output_heads != d.num_codebooks:
         raise PackError(f"decoder: {d.num_codebooks} codebooks need as many output heads, got {d.num_output_heads}")
-    if d.output_vocab_size != codec.codebook_size or d.vocab_size != codec.codebook_size + 1:
+    # the decoder may predict fewer codes than the codec's codebooks hold (transformers allows it): its pad/BOS id is
+    # one past its own vocabulary
+    if d.output_vocab_size > codec.codebook_size or d.vocab_size != d.output_vocab_size + 1:
         raise PackError(
-            f"decoder: vocabularies ({d.vocab_size}, {d.output_vocab_size}) do not match the codec's "
-            f"{codec.codebook_size} codes plus the pad/BOS row"
+            f"decoder: vocabularies ({d.vocab_size}, {d.output_vocab_size}) must be at most the codec's "
+            f"{codec.codebook_size} codes, plus the pad/BOS row"
         )
     if d.num_codebooks > codec.num_levels:
         raise PackError(f"decoder: {d.num_codebooks} codebooks but the codec has {codec.num_levels} levels")

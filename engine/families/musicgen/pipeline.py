@@ -220,8 +220,15 @@ class MusicGen:
             return [None] * rows
         window = self.config.frames(self.config.musicgen.window_s)
 
+        vocabulary = self.config.decoder.output_vocab_size
+
         def codes(item: Any) -> np.ndarray:
             encoded = self.encode(item, sample_rate, "audio_prompt")
+            if int(encoded.max()) >= vocabulary:
+                raise VivaceError(
+                    f"audio_prompt encodes to code {int(encoded.max())}, past the {vocabulary} codes this pack's decoder "
+                    f"reads (its codec has {self.config.codec.codebook_size}): the decoder cannot continue it"
+                )
             seconds = encoded.shape[1] / self.config.frame_rate
             if encoded.shape[1] >= min(frames, window):
                 limit = "the duration (the whole clip, the prompt included)" if frames <= window else "one window (window_s)"
