@@ -23,6 +23,8 @@ from vivace.core.model_runner import DecodeOptions
 from vivace.core.sampling import is_finite, is_real
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress
+from vivace.model.linear_plan import LinearPlan, plan_linears
+from vivace.model.linear_plan import check_mode as check_linear_products
 from vivace.model.quant import check_quantize, quantize_stage
 from vivace.packs.registry import family_of
 
@@ -90,7 +92,7 @@ class Engine:
     def __init__(
         self, family: Any, device: torch.device, dtype: torch.dtype, block_size: int, kv_cache_gb: float,
         decode: DecodeOptions = DecodeOptions(), limits: CoreLimits = CoreLimits(),
-        num_blocks: dict[str, int] | None = None,
+        num_blocks: dict[str, int] | None = None, linear_plan: LinearPlan = LinearPlan(),
     ) -> None:
         """family: the pack's family object (vivace.core.family). num_blocks: each stage's pool size in blocks
         (default: what kv_cache_gb gives, see vivace.core.engine_core.pool_blocks)."""
@@ -103,6 +105,7 @@ class Engine:
         self.block_size = block_size
         self.kv_cache_gb = kv_cache_gb
         self.decode_options = decode
+        self.linear_plan = linear_plan
         stages = family.stages()
         if num_blocks is None:
             budget = kv_cache_gb * 2**30 / len(stages)
@@ -125,6 +128,7 @@ class Engine:
         cuda_graphs: bool = False,
         max_running: int = 16,
         max_waiting: int = 64,
+        linear_products: str = "auto",
     ) -> Engine:
         """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codecs.backend.select_backend).
         quantize: None, or "int8" for int8 weight-only stage linears (see vivace.model.quant).
@@ -132,6 +136,9 @@ class Engine:
         vivace.core.device_decode); cuda_graphs: capture them as CUDA graphs. Both are for CUDA devices; the default
         (1, False) is the per-step path with the C++ decode batch.
         max_running / max_waiting: requests running at once and waiting for a place (past both: EngineBusy).
+        linear_products: how float32 linear layers multiply 2 to 64 rows on the CPU: "auto" measures F.linear against
+        W x^T per layer shape on this machine (once; cached, see vivace.model.linear_plan), "linear" or "matmul"
+        fix one.
         device: "cpu", "cuda" or "cuda:N" (a string or a torch.device). Every argument, the device included, is
         checked before the pack loads; kv_cache_gb too small for one longest sequence of a stage is refused once the
         pack's stage shapes are known, before the pools are allocated."""
@@ -145,15 +152,18 @@ class Engine:
         limits.validate()
         torch_device = check_device(device)
         check_quantize(quantize)
+        check_linear_products(linear_products)
         decode = DecodeOptions(steps_per_sync, cuda_graphs)
         decode.validate(torch_device)
         family_cls = family_of(path)
         pack = family_cls.load_pack(path, DTYPES[dtype], torch_device)
         family = family_cls(pack, select_backend(pack, codec_backend, torch_device, family_cls.cpu_codec_backend))
+        models = [spec.model for spec in family.stages().values()]
         if quantize is not None:
-            for spec in family.stages().values():
-                quantize_stage(spec.model)
-        return cls(family, torch_device, DTYPES[dtype], block_size, kv_cache_gb, decode, limits)
+            for model in models:
+                quantize_stage(model)
+        plan = plan_linears(models, linear_products)
+        return cls(family, torch_device, DTYPES[dtype], block_size, kv_cache_gb, decode, limits, linear_plan=plan)
 
     @property
     def sample_rate(self) -> int:
@@ -274,6 +284,9 @@ class Engine:
             **self.family.info(),
             "codec": {"levels": c.codec.num_levels, "codebook_size": c.codec.codebook_size, "hop_length": c.codec.hop_length},
             "codec_backend": self.codec.describe(),
+            "linear_matmul_rows": {
+                f"{i}x{o}": sorted(rows) for (i, o), rows in sorted(self.linear_plan.matmul_buckets.items()) if rows
+            },
             "kv_blocks": {stage: runner.pool.num_blocks for stage, runner in self.core.runners.items()},
             "max_running": self.core.limits.max_running,
             "max_waiting": self.core.limits.max_waiting,

@@ -6,6 +6,13 @@ import os
 if os.environ.get("VIVACE_TEST_DEVICE") != "cuda":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Measured linear plans (vivace.model.linear_plan) go to a cache of this test run's own, not the user's ~/.cache;
+# subprocesses of the tests inherit it.
+if "VIVACE_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["VIVACE_CACHE_DIR"] = tempfile.mkdtemp(prefix="vivace-test-cache-")
+
 from pathlib import Path
 
 import pytest

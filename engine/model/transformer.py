@@ -15,6 +15,7 @@ from torch import nn
 from vivace.kernels.dispatch import attention_ops, fused_ops, use_triton
 from vivace.kernels.sinusoid import sinusoid_frequencies, sinusoidal_embedding
 from vivace.model.config import TransformerConfig
+from vivace.model.linear_plan import bucket, matmul_product
 from vivace.model.positions import distance_bias_table, t5_relative_bucket
 
 
@@ -50,18 +51,22 @@ class AttentionBatch:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that multiplies a few float32 rows on the CPU as W @ x^T.
+    """nn.Linear that multiplies 2 to 64 float32 rows on the CPU as W x^T where the engine's linear plan says so.
 
-    Where F.linear runs one matrix-vector product per row for 2 to 64 float32 rows, reading the weights once per
-    row, W @ x^T is one matrix product that reads them once (the guidance pair and small batches of decode steps are
-    such rows). Whether that holds depends on the CPU and the torch build: docs/performance.md has a host where it
-    does and one where F.linear is the faster.
+    F.linear may run one matrix-vector product per row, reading the weights once per row; W x^T is one matrix product
+    that reads them once. Which is faster depends on the CPU, the BLAS and the thread count, so the engine measures
+    both per layer shape and row bucket (vivace.model.linear_plan) and sets matmul_buckets; without a plan every
+    product is F.linear.
     """
 
+    matmul_buckets: frozenset[int] = frozenset()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and 1 < x.shape[0] <= 64 and x.dtype == torch.float32 and x.device.type == "cpu":
-            y = torch.matmul(self.weight, x.T).T.contiguous()
-            return y + self.bias if self.bias is not None else y
+        if (
+            self.matmul_buckets and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and bucket(x.shape[0]) in self.matmul_buckets
+        ):
+            return matmul_product(x, self.weight, self.bias)
         return super().forward(x)
 
 

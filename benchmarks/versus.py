@@ -1,0 +1,100 @@
+"""Versus suite: vivace against transformers' MusicGen generate on this CPU, side by side in one process.
+
+The MusicGen-small-shaped random checkpoint of the musicgen suite (built and converted once in --work-dir), one
+prompt, seed 0, top-k 250, temperature 1, guidance 3.0, batch 1, clips of 2 s (--quick: 0.2 s) and 10 s. Every round
+runs every engine once, in the same order, after one untimed warm-up generation each; a figure is the median over
+the rounds (3; --quick 1). Engines: transformers float32 (MusicgenForConditionalGeneration.generate), and vivace in
+float32 with each linear product plan (vivace.model.linear_plan: "linear" = F.linear everywhere, "matmul" = W x^T for
+2-64 rows, "auto" = measured on this machine), bfloat16 and int8 weight-only. The machine record names the CPU model
+and its flags, torch's and transformers' versions.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from benchmarks.common import Options, release_memory, table, write_result
+from benchmarks.musicgen_suite import GUIDANCE, PROMPTS, TOP_K, WARMUP_STEPS, ensure_models, tokenizer
+from vivace import Engine
+
+VIVACE = {  # name: Engine.from_pack options
+    "vivace float32, linear": {"linear_products": "linear"},
+    "vivace float32, matmul": {"linear_products": "matmul"},
+    "vivace float32, auto": {"linear_products": "auto"},
+    "vivace bfloat16": {"dtype": "bfloat16"},
+    "vivace int8": {"quantize": "int8"},
+}
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that decide which kernels are fast: AVX2 / AVX-512 (VNNI, BF16) / AMX."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+
+
+def transformers_generate(model: Any, seconds: float) -> float:
+    inputs = tokenizer()([PROMPTS[0]], return_tensors="pt")
+    frames = round(seconds * model.config.audio_encoder.frame_rate)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        model.generate(
+            **inputs, do_sample=True, top_k=TOP_K, guidance_scale=GUIDANCE,
+            max_new_tokens=frames + model.decoder.num_codebooks - 1,
+        )
+        return time.perf_counter() - start
+
+
+def vivace_generate(engine: Engine, seconds: float) -> float:
+    start = time.perf_counter()
+    engine.generate(PROMPTS[0], seconds, seed=0, top_k=TOP_K, guidance_scale=GUIDANCE)
+    return time.perf_counter() - start
+
+
+def run(options: Options) -> dict[str, Any]:
+    from transformers import MusicgenForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    src, pack = ensure_models(options.work_dir)
+    durations = [0.2] if options.quick else [2.0, 10.0]
+    rounds = 1 if options.quick else 3
+    model = MusicgenForConditionalGeneration.from_pretrained(src).eval()
+    engines = {name: Engine.from_pack(pack, **kwargs) for name, kwargs in VIVACE.items()}
+    calls = {"transformers float32": lambda s: transformers_generate(model, s)}
+    calls.update({name: (lambda s, e=engine: vivace_generate(e, s)) for name, engine in engines.items()})
+    warmup = WARMUP_STEPS / engines["vivace float32, linear"].config.frame_rate
+    for call in calls.values():
+        call(warmup)
+    results: dict[str, Any] = {"linear_plan": engines["vivace float32, auto"].info()["linear_matmul_rows"]}
+    rows = []
+    for seconds in durations:
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                times[name].append(call(seconds))
+        base = statistics.median(times["transformers float32"])
+        results[f"{seconds:g}s"] = {
+            name: {"wall_s": statistics.median(t), "rounds_s": t, "vs_transformers": base / statistics.median(t)}
+            for name, t in times.items()
+        }
+        for name, t in times.items():
+            rows.append([f"{seconds:g} s", name, f"{statistics.median(t):.2f}", f"{base / statistics.median(t):.2f}x"])
+    print(table(["clip", "engine", "wall s (median)", "vs transformers"], rows,
+                title=f"MusicGen-small shape, guidance {GUIDANCE}, top-k {TOP_K}, batch 1, {rounds} alternating rounds"))
+    print(f"measured linear plan (W x^T at these row buckets): {results['linear_plan']}")
+    del model, engines
+    release_memory()
+    config = {"prompt": PROMPTS[0], "durations_s": durations, "rounds": rounds, "cpu_flags": cpu_flags()}
+    path = write_result("versus", options, config, results)
+    print(f"wrote {path}")
+    return results
