@@ -285,7 +285,12 @@ def write_audio(
     beside it and renamed, so a failed write (a full disk, an encoder error) raises VivaceError with one line and
     leaves neither a partial file nor the temporary one."""
     path = check_output_path(path, format, bits)
-    data = encode(audio, sample_rate, audio_format(path, format, bits))
+    return write_atomically(path, encode(audio, sample_rate, audio_format(path, format, bits)))
+
+
+def write_atomically(path: Path, data: bytes) -> Path:
+    """data to a temporary file beside path, renamed to path: a failed write raises VivaceError with one line and
+    leaves neither a partial file nor the temporary one; the file gets the mode open() would give it."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -1,4 +1,4 @@
-"""Command line: vivace generate | serve | info | random-pack | export onnx | convert musicgen.
+"""Command line: vivace generate | serve | info | random-pack | export onnx | convert musicgen | convert encodec | codec.
 
 Bad input exits with code 2 and one line on stderr (`vivace: error: ...`), before any generation where it can be
 known then. Third-party progress bars and warnings (transformers, huggingface_hub, Python's warnings) are silenced
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import math
@@ -45,6 +46,8 @@ THREADS_HELP = ("torch threads (default: OMP_NUM_THREADS, else torch's choice); 
                 "at one thread count and differ in the last bits between counts")
 
 # API argument names whose command-line flag has another dest (the others are found by dest: top_k -> --top-k)
+LINEAR_HELP = ("float32 CPU linears at 2-64 rows: auto measures F.linear against W x^T per layer shape on this machine "
+               "(once, cached), linear / matmul fix one")
 _API_DESTS = {"duration_s": "duration", "stage_sampling": "stage", "max_waiting": "max_queue"}
 _STAGE_KEYS = {"temperature": "temperature", "top_k": "top_k", "top-k": "top_k", "top_p": "top_p", "top-p": "top_p"}
 _GLOBAL_SAMPLING = (("temperature", "--temperature"), ("top_k", "--top-k"), ("top_p", "--top-p"))
@@ -90,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--quantize", choices=["int8"], help="int8 weight-only stage linears")
     gen.add_argument("--codec-backend", default="auto", dest="codec_backend", help="auto | torch | onnxruntime | tensorrt")
+    gen.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
+                     help=LINEAR_HELP)
     gen.add_argument("--steps-per-sync", type=int, default=1, dest="steps_per_sync",
                      help="CUDA: decode steps per host sync (not yet verified on a GPU)")
     gen.add_argument("--cuda-graphs", action="store_true", dest="cuda_graphs", help="CUDA: replay those steps as CUDA graphs")
@@ -119,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="float32")
     serve.add_argument("--quantize", choices=["int8"], help="int8 weight-only stage linears")
     serve.add_argument("--codec-backend", default="auto", dest="codec_backend")
+    serve.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
+                       help=LINEAR_HELP)
     serve.add_argument("--kv-cache-gb", type=float, default=4.0, dest="kv_cache_gb")
     serve.add_argument("--log-level", default="info", dest="log_level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas behind its HTTP proxy ([ray] extra)")
@@ -152,6 +159,22 @@ def _parser() -> argparse.ArgumentParser:
     musicgen.add_argument("output")
     musicgen.add_argument("--window", type=float, default=30.0, help="seconds one decoder window generates")
     musicgen.add_argument("--stride", type=float, default=18.0, help="continuation stride in seconds")
+    encodec = families.add_parser("encodec", parents=[common], help="a transformers EncodecModel directory: a codec pack")
+    encodec.add_argument("src")
+    encodec.add_argument("output")
+
+    codec = sub.add_parser("codec", parents=[common], help="encode audio into codes or decode codes with a codec pack")
+    codec_commands = codec.add_subparsers(dest="codec_command", required=True)
+    encode = codec_commands.add_parser("encode", parents=[common], help="a sound file -> codes [levels, frames] (.npy)")
+    encode.add_argument("audio")
+    encode.add_argument("--pack", required=True, help="a codec pack (vivace convert encodec)")
+    encode.add_argument("--levels", type=int, help="RVQ levels (default: all the pack has)")
+    encode.add_argument("-o", "--output", required=True, help="codes file (.npy, int64)")
+    decode = codec_commands.add_parser("decode", parents=[common], help="codes (.npy) -> a sound file")
+    decode.add_argument("codes")
+    decode.add_argument("--pack", required=True, help="a codec pack (vivace convert encodec)")
+    decode.add_argument("-o", "--output", required=True, help="output file (.wav .flac .mp3 .ogg .opus)")
+    decode.add_argument("--bits", type=int, choices=[16, 24, 32], help="WAV and FLAC sample size (default 16)")
     return parser
 
 
@@ -354,6 +377,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         _check_before_loading(args, sampling, per_stage)
         engine = Engine.from_pack(
             args.pack, device=args.device, dtype=args.dtype, quantize=args.quantize, codec_backend=args.codec_backend,
+            linear_products=args.linear_products,
             steps_per_sync=args.steps_per_sync, cuda_graphs=args.cuda_graphs,
         )
         vaudio.check_sample_rate(fmt, engine.sample_rate)
@@ -395,6 +419,50 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         if clipped:
             summary += f", {clipped} samples clipped at full scale"
         print(summary + ")", file=sys.stderr)
+
+
+def _info(pack: str) -> dict[str, Any]:
+    from vivace.packs.manifest import read_manifest
+    from vivace.packs.registry import CODEC_PACKS
+
+    if read_manifest(pack).get("family") in CODEC_PACKS:
+        from vivace.codecs.codec_pack import Codec
+
+        return Codec.from_pack(pack).info()
+    from vivace.engine import Engine
+
+    return Engine.from_pack(pack).info()
+
+
+def _codec(args: argparse.Namespace) -> None:
+    """vivace codec encode | decode: the output is checked before the pack loads and written whole or not at all."""
+    from vivace import audio as vaudio
+    from vivace.codecs.codec_pack import Codec
+
+    if args.codec_command == "encode":
+        output = Path(args.output)
+        if output.suffix != ".npy":
+            raise VivaceError(f"-o {args.output}: codes are written as a .npy file")
+        if not output.parent.is_dir():
+            raise VivaceError(f"-o {args.output}: the folder {output.parent} does not exist")
+        codec = Codec.from_pack(args.pack)
+        codes = codec.encode(args.audio, levels=args.levels)
+        buffer = io.BytesIO()
+        np.save(buffer, codes)
+        vaudio.write_atomically(output, buffer.getvalue())
+        print(f"wrote {output} (codes {list(codes.shape)}: {codes.shape[0]} levels x {codes.shape[1]} frames)", file=sys.stderr)
+        return
+    fmt = vaudio.audio_format(args.output, None, args.bits)
+    output = vaudio.check_output_path(args.output, None, args.bits)
+    try:
+        codes = np.load(args.codes, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise VivaceError(f"{args.codes}: not a .npy array of codes ({exc})") from None
+    codec = Codec.from_pack(args.pack)
+    vaudio.check_sample_rate(fmt, codec.sample_rate)
+    pcm = codec.decode(codes)
+    vaudio.write_audio(output, pcm, codec.sample_rate, None, args.bits)
+    print(f"wrote {output} ({len(pcm) / codec.sample_rate:.2f} s at {codec.sample_rate} Hz, {fmt})", file=sys.stderr)
 
 
 def _write_stdout(data: bytes) -> None:
@@ -494,6 +562,7 @@ def _serve(args: argparse.Namespace) -> None:
     )
     engine_options = {
         "device": args.device, "dtype": args.dtype, "quantize": args.quantize, "codec_backend": args.codec_backend,
+        "linear_products": args.linear_products,
         "kv_cache_gb": args.kv_cache_gb, "max_running": args.max_running, "max_waiting": args.max_queue,
     }
     if args.ray:
@@ -539,13 +608,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with _engine_errors(command):
                     _serve(args)
             elif args.command == "info":
-                from vivace.engine import Engine
-
-                print(json.dumps(Engine.from_pack(args.pack).info(), indent=2))
+                print(json.dumps(_info(args.pack), indent=2))
+            elif args.command == "codec":
+                _codec(args)
             elif args.command == "random-pack":
                 from vivace.families.musiclm.random_pack import random_pack
 
                 print(random_pack(Path(args.output), preset=args.preset, seed=args.seed, force=args.force))
+            elif args.command == "convert" and args.family == "encodec":
+                from vivace.export.encodec import convert_encodec_pack
+
+                print(convert_encodec_pack(args.src, args.output))
             elif args.command == "convert":
                 from vivace.export.musicgen import convert_musicgen
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import shutil
 from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 
 from vivace.codecs.encodec import EncodecConfig, EncodecDecoder, encodec_stored_form
 from vivace.codecs.encodec_encoder import EncodecEncoder
-from vivace.errors import PackError
+from vivace.errors import PackError, VivaceError
 from vivace.packs.schema import read_json_object
 
 _LEGACY = {"weight_g": "weight_g", "weight_v": "weight_v"}
@@ -152,6 +153,37 @@ def convert_encodec(src_dir: str | Path, dtype: torch.dtype = torch.float32) -> 
     config = config_from_transformers(read_json_object(manifest), str(manifest))
     file, state = _read_weights(src)
     return config, decoder_tensors(config, state, file, dtype=dtype)
+
+
+def convert_encodec_pack(src: str | Path, out: str | Path, name: str = "") -> Path:
+    """A transformers EncodecModel directory -> a codec pack at out (which must not exist or be empty): the decoder
+    and codebooks of every level the largest bandwidth uses, and the encoder. Written to OUT.partial and renamed at
+    the end, so a failed conversion leaves nothing."""
+    from vivace.codecs.codec_pack import save_codec_pack
+
+    src, out = Path(src), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VivaceError(f"{out}: already exists and is not an empty directory")
+    manifest = src / "config.json"
+    if not manifest.is_file():
+        raise PackError(f"{src}: not a transformers model directory (no config.json)")
+    raw = read_json_object(manifest)
+    config = config_from_transformers(raw, str(manifest))
+    if raw.get("normalize"):
+        raise PackError(f"{manifest}: normalize is true (a per-clip input scale), which vivace's encoder does not apply")
+    file, state = _read_weights(src)
+    decoder = decoder_tensors(config, state, file)
+    encoder = encoder_tensors(config, state, file)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        save_codec_pack(partial, config, name or src.name, decoder, encoder)
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
 
 
 def decoder_tensors(

@@ -121,16 +121,21 @@ def write_checkpoint(path: Path, spec: TinyMusicGen = TinyMusicGen()) -> Path:
     return path
 
 
-def converted_32khz_pack(root: Path, seed: int, **convert: float) -> Path:
-    """A pack converted from a random checkpoint with MusicGen's 32 kHz / 50 frames-per-second codec layout."""
+def converted(root: Path, spec: TinyMusicGen, **convert: float) -> Path:
+    """root/pack, converted from a random checkpoint written to root/src (transformers' config warnings silenced)."""
     import warnings
 
     from vivace.export.musicgen import convert_musicgen
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        src = write_checkpoint(root / "src", TinyMusicGen(sampling_rate=32000, ratios=(8, 5, 4, 4), seed=seed))
+        src = write_checkpoint(root / "src", spec)
     return convert_musicgen(src, root / "pack", **convert)
+
+
+def converted_32khz_pack(root: Path, seed: int, **convert: float) -> Path:
+    """A pack converted from a random checkpoint with MusicGen's 32 kHz / 50 frames-per-second codec layout."""
+    return converted(root, TinyMusicGen(sampling_rate=32000, ratios=(8, 5, 4, 4), seed=seed), **convert)
 
 
 def copy_of(source: Path, tmp_path: Path) -> Path:

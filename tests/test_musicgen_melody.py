@@ -29,7 +29,8 @@ from vivace import AudioChunk, Engine, PackError, VivaceError, WindowStarted
 from vivace.cli import main
 from vivace.core.block_manager import BlockAllocator
 from vivace.export.musicgen import convert_musicgen
-from vivace.families.musicgen.chroma import ChromaConfig, ChromaExtractor, chroma_filter_bank, mono_reference, resample
+from vivace.families.musicgen.chroma import ChromaConfig, ChromaExtractor, chroma_filter_bank, mono_reference
+from vivace.resample import resample
 from vivace.families.musicgen.melody import window_reference
 
 CONFIGS = {

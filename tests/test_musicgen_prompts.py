@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from musicgen_checkpoints import TinyMusicGen, copy_of, edit_config, write_checkpoint
+from musicgen_checkpoints import TinyMusicGen, converted, copy_of, edit_config, write_checkpoint
 from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture
 
 from vivace import Engine, VivaceError, WindowStarted
@@ -40,11 +40,7 @@ def windowed(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
 
 @pytest.fixture(scope="module")
 def melody_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    root = tmp_path_factory.mktemp("melody-prompts")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        src = write_checkpoint(root / "src", TinyMusicGen(melody=True, seed=5))
-    return Engine.from_pack(convert_musicgen(src, root / "pack"))
+    return Engine.from_pack(converted(tmp_path_factory.mktemp("melody-prompts"), TinyMusicGen(melody=True, seed=5)))
 
 
 def test_unconditional_melody_rows(melody_engine: Engine) -> None:

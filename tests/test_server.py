@@ -329,17 +329,9 @@ def test_the_demo_pack_served_through_the_openai_client() -> None:
 
 @pytest.fixture(scope="module")
 def melody_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import warnings
+    from musicgen_checkpoints import TinyMusicGen, converted
 
-    from musicgen_checkpoints import TinyMusicGen, write_checkpoint
-
-    from vivace.export.musicgen import convert_musicgen
-
-    root = tmp_path_factory.mktemp("served_melody")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        src = write_checkpoint(root / "src", TinyMusicGen(melody=True, seed=5))
-    return convert_musicgen(src, root / "pack")
+    return converted(tmp_path_factory.mktemp("served_melody"), TinyMusicGen(melody=True, seed=5))
 
 
 def test_musicgen_melody_pack_streamed_whole_and_uploaded_melody(melody_pack: Path, tmp_path: Path) -> None:

@@ -17,7 +17,13 @@ FAMILIES = {
 }
 
 
+# packs that generate nothing, with the class that opens them
+CODEC_PACKS = {"encodec": "vivace.Codec"}
+
+
 def family_class(name: Any) -> type:
+    if name in CODEC_PACKS:
+        raise PackError(f"a {name} pack is a codec, not a model that generates: open it with {CODEC_PACKS[name]}.from_pack")
     if name not in FAMILIES:
         raise PackError(f"unknown pack family {name!r} (this vivace runs {', '.join(FAMILIES)})")
     module, _, cls = FAMILIES[name].partition(":")

@@ -54,7 +54,7 @@ from vivace.core.sequence import CrossCondition, DelaySchedule, Sequence
 from vivace.core.windows import Window, plan_windows
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
-from vivace.families.musicgen.chroma import mono
+from vivace.resample import mono
 from vivace.families.musicgen.melody import MelodyPrefixes, load_melody
 from vivace.families.musicgen.pack import MusicGenPack, load_musicgen_codec, load_musicgen_pack
 from vivace.kernels.sampling import stream_id
