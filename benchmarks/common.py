@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -184,8 +185,20 @@ def write_result(suite: str, options: Options, config: dict[str, Any], results: 
     device = torch.device(options.device).type
     suffix = "" if device == "cpu" else f"-{device}"  # CPU files keep their historical names
     path = RESULTS / f"{suite}{suffix}-{now.date().isoformat()}.json"
+    if _written_elsewhere(path, report["machine"]):  # another machine's figures of the day stay beside these
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{report['machine']['cpu']} {report['machine']['gpu'] or ''}".lower()).strip("-")
+        path = path.with_name(f"{path.stem}-{slug[:60]}.json")
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return path
+
+
+def _written_elsewhere(path: Path, machine_record: dict[str, Any]) -> bool:
+    """Whether path holds a result of another CPU or GPU (a rerun on the same machine replaces its own file)."""
+    try:
+        previous = json.loads(path.read_text()).get("machine", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (previous.get("cpu"), previous.get("gpu")) != (machine_record.get("cpu"), machine_record.get("gpu"))
 
 
 def latest_result(suite: str, device: str = "cpu") -> tuple[Path, dict[str, Any]] | None:
