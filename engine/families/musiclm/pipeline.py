@@ -129,7 +129,10 @@ class MusicLM:
                 "runs without guidance"
             )
         if any(overrides.pop(key, None) is not None for key in ("audio_prompt", "audio_prompt_sample_rate")):
-            self.encode(None)  # refuses: what an audio prompt would need
+            raise VivaceError(
+                f"audio_prompt needs the codec encoder and the semantic tokenizer that made a MusicLM pack's tokens: "
+                f"pack {self.config.name!r} carries neither (MusicLM packs do not yet)"
+            )
         if "chunk_s" in overrides:
             raise VivaceError(
                 f"chunk_s {overrides['chunk_s']!r} does not apply to MusicLM pack {self.config.name!r}: its audio "
