@@ -3,7 +3,9 @@
 The MusicGen-small-shaped pack of the musicgen suite, float32, F.linear products, a 0.5 s clip (--quick 0.1 s),
 guidance 3.0: timed quiet, then with `python -c "while True: pass"` running beside it, in a fresh process per
 setting (OpenMP reads its wait policy once, when torch loads): 2 threads (libgomp's default spinning), 1 thread,
-2 threads with OMP_WAIT_POLICY=PASSIVE, and 2 threads with GOMP_SPINCOUNT=1000. Each figure is the median of 3 runs.
+2 threads with OMP_WAIT_POLICY=PASSIVE, 2 threads with GOMP_SPINCOUNT=1000, and 2 threads under vivace's ThreadGovernor
+(adaptive_threads: all threads or one, whichever steps faster). Each figure is the median of 3 runs; the adaptive
+engine's governor carries what it learnt quiet into the busy runs, as a server's would.
 """
 from __future__ import annotations
 
@@ -17,18 +19,19 @@ from typing import Any
 from benchmarks.common import ROOT, Options, table, write_result
 from benchmarks.musicgen_suite import ensure_models
 
-SETTINGS = {
-    "2 threads": ({}, 2),
-    "1 thread": ({}, 1),
-    "2 threads, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2),
-    "2 threads, GOMP_SPINCOUNT=1000": ({"GOMP_SPINCOUNT": "1000"}, 2),
+SETTINGS = {  # name: (environment, torch threads, adaptive_threads)
+    "2 threads": ({}, 2, False),
+    "1 thread": ({}, 1, False),
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2, False),
+    "2 threads, GOMP_SPINCOUNT=1000": ({"GOMP_SPINCOUNT": "1000"}, 2, False),
+    "auto (adaptive_threads, --threads auto)": ({}, 2, True),
 }
 RUNS = 3
 CHILD = """
 import json, statistics, subprocess, sys, time, torch
 from vivace import Engine
 torch.set_num_threads({threads})
-engine = Engine.from_pack({pack!r}, linear_products="linear")
+engine = Engine.from_pack({pack!r}, linear_products="linear", adaptive_threads={adaptive})
 engine.generate("warm up", 0.05, seed=0)
 def run():
     start = time.perf_counter()
@@ -50,8 +53,8 @@ def run(options: Options) -> dict[str, Any]:
     seconds = 0.1 if options.quick else 0.5
     results: dict[str, Any] = {}
     rows = []
-    for name, (env, threads) in SETTINGS.items():
-        code = CHILD.format(threads=threads, pack=str(pack), seconds=seconds, runs=1 if options.quick else RUNS)
+    for name, (env, threads, adaptive) in SETTINGS.items():
+        code = CHILD.format(threads=threads, pack=str(pack), seconds=seconds, runs=1 if options.quick else RUNS, adaptive=adaptive)
         started = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, check=True,

@@ -42,8 +42,18 @@ WAV (or --format) to stdout. --normalize (default loudness) sets the level first
   clip      no gain; samples past -1 dBFS (0.891) are cut
   none      the samples as generated (16/24-bit and lossy formats cut what passes full scale; --bits 32 keeps it)"""
 
-THREADS_HELP = ("torch threads (default: OMP_NUM_THREADS, else torch's choice); audio bytes for a seed repeat exactly "
-                "at one thread count and differ in the last bits between counts")
+THREADS_HELP = ("torch threads (default: OMP_NUM_THREADS, else torch's choice), or auto: all of them or one, whichever "
+                "steps faster (for hosts shared with other work); audio bytes for a seed repeat exactly at one thread "
+                "count and differ in the last bits between counts")
+
+
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or auto, got {text!r}") from None
 
 # API argument names whose command-line flag has another dest (the others are found by dest: top_k -> --top-k)
 LINEAR_HELP = ("float32 CPU linears at 2-64 rows: auto measures F.linear against W x^T per layer shape on this machine "
@@ -89,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--audio-prompt", dest="audio_prompt", metavar="FILE",
                      help="MusicGen: a sound file to continue; the output begins with it and --duration counts it")
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--threads", type=int, help=THREADS_HELP)
+    gen.add_argument("--threads", type=_threads, help=THREADS_HELP)
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--quantize", choices=["int8"], help="int8 weight-only stage linears")
     gen.add_argument("--codec-backend", default="auto", dest="codec_backend", help="auto | torch | onnxruntime | tensorrt")
@@ -110,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--pack", required=True, action="append",
                        help="pack directory (with --ray: repeat for several packs, each under /<pack name>/)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    serve.add_argument("--threads", type=int, help=THREADS_HELP + " (--ray: each replica's)")
+    serve.add_argument("--threads", type=_threads, help=THREADS_HELP + " (--ray: each replica's)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", dest="api_key", help="require Authorization: Bearer KEY on /v1 (default: $VIVACE_API_KEY)")
     serve.add_argument("--model-name", dest="model_name", help="the model id clients pass (default: the pack's name)")
@@ -362,7 +372,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
     output, fmt = _output(args)
     prompt = _prompt(args)
-    _set_threads(args.threads)
+    adaptive = _set_threads(args.threads)
     per_stage = stage_sampling(args.stage)
     sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "guidance_scale") if getattr(args, k) is not None}
     if per_stage:
@@ -377,7 +387,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         _check_before_loading(args, sampling, per_stage)
         engine = Engine.from_pack(
             args.pack, device=args.device, dtype=args.dtype, quantize=args.quantize, codec_backend=args.codec_backend,
-            linear_products=args.linear_products,
+            linear_products=args.linear_products, adaptive_threads=adaptive,
             steps_per_sync=args.steps_per_sync, cuda_graphs=args.cuda_graphs,
         )
         vaudio.check_sample_rate(fmt, engine.sample_rate)
@@ -534,13 +544,22 @@ def _import_quietly(name: str) -> Any:
         return None
 
 
-def _set_threads(threads: int | None) -> None:
+def _check_threads(threads: int | str | None) -> bool:
+    """Whether --threads asks for auto; a count below 1 is refused."""
+    if isinstance(threads, int) and threads < 1:
+        raise VivaceError(f"--threads must be at least 1, got {threads}")
+    return threads == "auto"
+
+
+def _set_threads(threads: int | str | None) -> bool:
+    """Sets a fixed --threads count for the process; True for auto (the engine's ThreadGovernor then chooses)."""
     from vivace.threads import set_threads
 
+    if _check_threads(threads):
+        return True
     if threads is not None:
-        if threads < 1:
-            raise VivaceError(f"--threads must be at least 1, got {threads}")
-        set_threads(threads)
+        set_threads(int(threads))
+    return False
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -562,15 +581,14 @@ def _serve(args: argparse.Namespace) -> None:
     )
     engine_options = {
         "device": args.device, "dtype": args.dtype, "quantize": args.quantize, "codec_backend": args.codec_backend,
-        "linear_products": args.linear_products,
+        "linear_products": args.linear_products, "adaptive_threads": args.threads == "auto",
         "kv_cache_gb": args.kv_cache_gb, "max_running": args.max_running, "max_waiting": args.max_queue,
     }
     if args.ray:
         from vivace.server.run import serve_on_ray
 
-        if args.threads is not None and args.threads < 1:
-            raise VivaceError(f"--threads must be at least 1, got {args.threads}")
-        serve_on_ray(args.pack, settings, engine_options, replica_options(args), args.ray_address, args.threads)
+        fixed = None if _check_threads(args.threads) else args.threads
+        serve_on_ray(args.pack, settings, engine_options, replica_options(args), args.ray_address, fixed)
         return
     if len(args.pack) > 1:
         raise VivaceError("several --pack need --ray (one process serves one pack)")

@@ -8,6 +8,7 @@ one thread, or made from several threads, are batched together in the same steps
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from vivace.events import AudioChunk, Event, StageProgress
 from vivace.model.linear_plan import LinearPlan, plan_linears
 from vivace.model.linear_plan import check_mode as check_linear_products
 from vivace.model.quant import check_quantize, quantize_stage
+from vivace.threads import ThreadGovernor
 from vivace.packs.registry import family_of
 
 __all__ = ["Engine", "Story", "assemble"]
@@ -93,6 +95,7 @@ class Engine:
         self, family: Any, device: torch.device, dtype: torch.dtype, block_size: int, kv_cache_gb: float,
         decode: DecodeOptions = DecodeOptions(), limits: CoreLimits = CoreLimits(),
         num_blocks: dict[str, int] | None = None, linear_plan: LinearPlan = LinearPlan(),
+        thread_governor: ThreadGovernor | None = None,
     ) -> None:
         """family: the pack's family object (vivace.core.family). num_blocks: each stage's pool size in blocks
         (default: what kv_cache_gb gives, see vivace.core.engine_core.pool_blocks)."""
@@ -106,6 +109,7 @@ class Engine:
         self.kv_cache_gb = kv_cache_gb
         self.decode_options = decode
         self.linear_plan = linear_plan
+        self.thread_governor = thread_governor
         stages = family.stages()
         if num_blocks is None:
             budget = kv_cache_gb * 2**30 / len(stages)
@@ -129,6 +133,7 @@ class Engine:
         max_running: int = 16,
         max_waiting: int = 64,
         linear_products: str = "auto",
+        adaptive_threads: bool = False,
     ) -> Engine:
         """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codecs.backend.select_backend).
         quantize: None, or "int8" for int8 weight-only stage linears (see vivace.model.quant).
@@ -139,6 +144,9 @@ class Engine:
         linear_products: how float32 linear layers multiply 2 to 64 rows on the CPU: "auto" measures F.linear against
         W x^T per layer shape on this machine (once; cached, see vivace.model.linear_plan), "linear" or "matmul"
         fix one.
+        adaptive_threads: between steps, run on torch's thread count or on one, whichever measures faster
+        (vivace.threads.ThreadGovernor: for hosts shared with other work; tokens are unchanged, audio may differ in
+        its last bits between the two counts). It sets the process's thread count: one such engine per process.
         device: "cpu", "cuda" or "cuda:N" (a string or a torch.device). Every argument, the device included, is
         checked before the pack loads; kv_cache_gb too small for one longest sequence of a stage is refused once the
         pack's stage shapes are known, before the pools are allocated."""
@@ -153,6 +161,7 @@ class Engine:
         torch_device = check_device(device)
         check_quantize(quantize)
         check_linear_products(linear_products)
+        check_bool(adaptive_threads, "adaptive_threads")
         decode = DecodeOptions(steps_per_sync, cuda_graphs)
         decode.validate(torch_device)
         family_cls = family_of(path)
@@ -163,7 +172,11 @@ class Engine:
             for model in models:
                 quantize_stage(model)
         plan = plan_linears(models, linear_products)
-        return cls(family, torch_device, DTYPES[dtype], block_size, kv_cache_gb, decode, limits, linear_plan=plan)
+        governor = ThreadGovernor(torch.get_num_threads()) if adaptive_threads else None
+        return cls(
+            family, torch_device, DTYPES[dtype], block_size, kv_cache_gb, decode, limits, linear_plan=plan,
+            thread_governor=governor,
+        )
 
     @property
     def sample_rate(self) -> int:
@@ -253,8 +266,15 @@ class Engine:
         with self._lock:
             if not self.core.has_unfinished():
                 return False
+            governor = self.thread_governor
+            threads = governor.threads_for_next_step() if governor is not None else 0
+            if governor is not None and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            started = time.perf_counter()
             try:
                 outputs = self.core.step()
+                if governor is not None:
+                    governor.step_took(threads, time.perf_counter() - started)
             except Exception as error:  # the step itself failed: every request in it ends with the error
                 outputs = self.core.fail_all(f"engine step failed: {type(error).__name__}: {error}")
             self.deliver(outputs)
@@ -288,6 +308,8 @@ class Engine:
                 f"{i}x{o}": sorted(rows) for (i, o), rows in sorted(self.linear_plan.matmul_buckets.items()) if rows
             },
             "kv_blocks": {stage: runner.pool.num_blocks for stage, runner in self.core.runners.items()},
+            "threads": torch.get_num_threads(),
+            "adaptive_threads": self.thread_governor is not None,
             "max_running": self.core.limits.max_running,
             "max_waiting": self.core.limits.max_waiting,
         }

@@ -9,6 +9,9 @@ them to the count of the reference the served audio is compared with.
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 import torch
 
 from vivace.errors import VivaceError
@@ -23,3 +26,63 @@ def check_threads(threads: object) -> int:
 def set_threads(threads: int) -> None:
     """torch's intra-op threads for this process, from now on."""
     torch.set_num_threads(check_threads(threads))
+
+
+class ThreadGovernor:
+    """Chooses, between an engine's steps, whether they run on all of its threads or on one, by timing both.
+
+    Every parallel region of torch ends with its threads waiting for each other, spinning at first; when another
+    process holds one of the cores, a descheduled thread stalls the rest, and a step on 2 threads can take 17 times
+    as long as quiet (benchmarks/neighbour.py), while one thread is not slowed at all. So every `probe_every` steps
+    the governor runs `probe_steps` steps on the other count, interleaved with as many on the current one, and keeps
+    the faster by median (the other only when it saves a tenth: neighbouring steps cost nearly the same, a joining
+    request's prefill lands in one sample of the median). A probe that loses doubles the wait before the next, up to
+    `max_wait` steps, so a lasting neighbour costs few slow probes. A step that takes over SLOW_STEP times the median
+    of the recent ones on the current count (a neighbour arriving) brings the next probe forward to the next step.
+
+    Tokens do not depend on the thread count (module docstring); codec audio differs in its last bits between counts,
+    so a run whose bytes must repeat pins a count instead (`threads` an integer, the default).
+    """
+
+    SLOW_STEP = 3.0
+    RECENT = 16
+
+    def __init__(self, threads: int, probe_every: int = 64, probe_steps: int = 3, max_wait: int = 1024) -> None:
+        self.full = check_threads(threads)
+        self.current = self.full
+        self.probe_every, self.probe_steps, self.max_wait = probe_every, probe_steps, max_wait
+        self.wait = probe_every
+        self.steps_since = 0
+        self.plan: list[int] = []  # thread counts of the probe's coming steps
+        self.samples: dict[int, list[float]] = {}
+        self.recent: deque[float] = deque(maxlen=self.RECENT)  # the last steps' seconds on the current count
+
+    @property
+    def other(self) -> int:
+        return 1 if self.current != 1 else self.full
+
+    def threads_for_next_step(self) -> int:
+        """The count the next step runs on (the caller sets it and times the step)."""
+        if not self.plan and self.full > 1 and self.steps_since >= self.wait:
+            self.plan = [self.other, self.current] * self.probe_steps
+            self.samples = {self.other: [], self.current: []}
+        return self.plan[0] if self.plan else self.current
+
+    def step_took(self, threads: int, seconds: float) -> None:
+        if not self.plan:
+            self.steps_since += 1
+            if len(self.recent) >= 4 and seconds > self.SLOW_STEP * statistics.median(self.recent):
+                self.steps_since = max(self.steps_since, self.wait)
+            self.recent.append(seconds)
+            return
+        self.plan.pop(0)
+        self.samples[threads].append(seconds)
+        if self.plan:
+            return
+        other, current = self.other, self.current
+        if statistics.median(self.samples[other]) < 0.9 * statistics.median(self.samples[current]):
+            self.current, self.wait = other, self.probe_every
+            self.recent.clear()
+        else:
+            self.wait = min(2 * self.wait, self.max_wait)
+        self.steps_since = 0

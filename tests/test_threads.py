@@ -64,3 +64,66 @@ def test_threads_below_one_are_refused_in_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--threads must be at least 1, got 0" in err
     assert not (tmp_path / "out.wav").exists()
+
+
+def fed(governor, timings) -> list[int]:
+    """Runs the governor over steps whose duration timings(threads) gives; returns each step's thread count."""
+    counts = []
+    for _ in range(400):
+        threads = governor.threads_for_next_step()
+        counts.append(threads)
+        governor.step_took(threads, timings(threads))
+    return counts
+
+
+def test_the_governor_keeps_the_faster_count_and_backs_off() -> None:
+    from vivace.threads import ThreadGovernor
+
+    quiet = ThreadGovernor(2, probe_every=10, probe_steps=3, max_wait=40)
+    counts = fed(quiet, lambda threads: {1: 1.7, 2: 1.0}[threads])
+    assert quiet.current == 2 and counts[:10] == [2] * 10 and counts[10:16] == [1, 2] * 3
+    assert counts.count(1) <= 3 * 10  # each losing probe doubles the wait: 10, 20, 40, 40, ...
+    busy = ThreadGovernor(2, probe_every=10, probe_steps=3, max_wait=40)
+    counts = fed(busy, lambda threads: {1: 1.0, 2: 17.0}[threads])
+    assert busy.current == 1 and counts[16:26] == [1] * 10 and counts[16:].count(2) <= 3 * 10  # probes: 10, 20, 40, 40, ...
+    # a neighbour that leaves: the next probe of 2 threads wins them back
+    fed(busy, lambda threads: {1: 1.7, 2: 1.0}[threads])
+    assert busy.current == 2
+    near = ThreadGovernor(2, probe_every=10)
+    fed(near, lambda threads: {1: 0.95, 2: 1.0}[threads])  # inside the tenth: no switch
+    assert near.current == 2
+    arriving = ThreadGovernor(2, probe_every=10, max_wait=160)
+    fed(arriving, lambda threads: {1: 1.7, 2: 1.0}[threads])  # quiet: the wait has grown long
+    assert arriving.wait == 160 and arriving.current == 2
+    counts = fed(arriving, lambda threads: {1: 1.0, 2: 17.0}[threads])
+    assert arriving.current == 1 and counts.index(1) <= 2  # the first slow step brings the probe forward
+    single = ThreadGovernor(1)
+    assert set(fed(single, lambda threads: 1.0)) == {1}
+
+
+def test_an_adaptive_engine_draws_the_same_tokens(tiny_pack: Path) -> None:
+    import torch
+
+    from vivace import Engine, VivaceError
+    from vivace.events import WindowFinished
+
+    fixed = Engine.from_pack(tiny_pack)
+    expected = [e.tokens for e in fixed.events("calm piano", 1.0, seed=2) if isinstance(e, WindowFinished)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        adaptive = Engine.from_pack(tiny_pack, adaptive_threads=True)
+        adaptive.thread_governor.probe_every = adaptive.thread_governor.wait = 4
+        got = [e.tokens for e in adaptive.events("calm piano", 1.0, seed=2) if isinstance(e, WindowFinished)]
+        assert adaptive.info()["adaptive_threads"] and adaptive.thread_governor.steps_since < 1000
+    finally:
+        torch.set_num_threads(threads)
+    assert got == expected
+    with pytest.raises(VivaceError, match="adaptive_threads must be True or False"):
+        Engine.from_pack(tiny_pack, adaptive_threads="yes")
+
+
+def test_threads_auto_on_the_command_line(tiny_pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "auto.wav"
+    assert main(["generate", "--pack", str(tiny_pack), "calm piano", "--duration", "0.5", "--threads", "auto", "-o", str(out), "--quiet"]) == 0
+    assert out.is_file()
