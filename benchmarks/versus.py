@@ -92,7 +92,8 @@ def run(options: Options) -> dict[str, Any]:
     print(table(["clip", "engine", "wall s (median)", "vs transformers"], rows,
                 title=f"MusicGen-small shape, guidance {GUIDANCE}, top-k {TOP_K}, batch 1, {rounds} alternating rounds"))
     print(f"measured linear plan (W x^T at these row buckets): {results['linear_plan']}")
-    del model, engines
+    calls.clear()
+    engines.clear()
     release_memory()
     config = {"prompt": PROMPTS[0], "durations_s": durations, "rounds": rounds, "cpu_flags": cpu_flags()}
     path = write_result("versus", options, config, results)

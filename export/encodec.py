@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import shutil
 from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,8 @@ from safetensors.torch import load_file
 
 from vivace.codecs.encodec import EncodecConfig, EncodecDecoder, encodec_stored_form
 from vivace.codecs.encodec_encoder import EncodecEncoder
-from vivace.errors import PackError, VivaceError
+from vivace.errors import PackError
+from vivace.export.pack_output import check_output, source_config, write_pack
 from vivace.packs.schema import read_json_object
 
 _LEGACY = {"weight_g": "weight_g", "weight_v": "weight_v"}
@@ -161,29 +161,15 @@ def convert_encodec_pack(src: str | Path, out: str | Path, name: str = "") -> Pa
     the end, so a failed conversion leaves nothing."""
     from vivace.codecs.codec_pack import save_codec_pack
 
-    src, out = Path(src), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise VivaceError(f"{out}: already exists and is not an empty directory")
-    manifest = src / "config.json"
-    if not manifest.is_file():
-        raise PackError(f"{src}: not a transformers model directory (no config.json)")
-    raw = read_json_object(manifest)
+    src, out = Path(src), check_output(out)
+    manifest, raw = source_config(src)
     config = config_from_transformers(raw, str(manifest))
     if raw.get("normalize"):
         raise PackError(f"{manifest}: normalize is true (a per-clip input scale), which vivace's encoder does not apply")
     file, state = _read_weights(src)
     decoder = decoder_tensors(config, state, file)
     encoder = encoder_tensors(config, state, file)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        save_codec_pack(partial, config, name or src.name, decoder, encoder)
-        if out.exists():
-            out.rmdir()
-        partial.rename(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return out
+    return write_pack(out, lambda directory: save_codec_pack(directory, config, name or src.name, decoder, encoder))
 
 
 def decoder_tensors(

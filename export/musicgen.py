@@ -10,7 +10,6 @@ at the end, so a failed conversion leaves nothing behind.
 from __future__ import annotations
 
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 from vivace.core.sampling import SamplingParams, is_finite, is_real
 from vivace.errors import PackError, VivaceError
 from vivace.export.encodec import _take, config_from_transformers, decoder_tensors, encoder_tensors
+from vivace.export.pack_output import check_output, source_config, write_pack
 from vivace.families.musicgen.chroma import ChromaConfig
 from vivace.families.musicgen.config import MelodyConfig, MusicGenConfig, MusicGenPackConfig
 from vivace.families.musicgen.pack import (
@@ -270,13 +270,8 @@ def convert_musicgen(
     from transformers import MusicgenConfig, MusicgenMelodyConfig
 
     source = resolve_source(src)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise VivaceError(f"{out}: already exists and is not an empty directory")
-    manifest = source / "config.json"
-    if not manifest.is_file():
-        raise PackError(f"{source}: not a transformers model directory (no config.json)")
-    raw = read_json_object(manifest)
+    out = check_output(out)
+    manifest, raw = source_config(source)
     melody = _is_melody(raw, manifest)
     try:
         config = (MusicgenMelodyConfig if melody else MusicgenConfig).from_pretrained(source, local_files_only=True)
@@ -328,16 +323,7 @@ def convert_musicgen(
         m = pack_config.melody
         chroma_stored = projection_from(state, file, "audio_enc_to_dec_proj", m.chroma.num_chroma, decoder.hidden_size, m.projection)
     text_encoder = text_encoder_from(config.text_encoder, state, file)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        save_musicgen_pack(
-            partial, pack_config, decoder_stored, codec_stored, projection_stored, text_encoder, tokenizer, chroma_stored,
-            encoder_stored,
-        )
-        if out.exists():
-            out.rmdir()
-        partial.rename(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return out
+    return write_pack(out, lambda directory: save_musicgen_pack(
+        directory, pack_config, decoder_stored, codec_stored, projection_stored, text_encoder, tokenizer, chroma_stored,
+        encoder_stored,
+    ))
