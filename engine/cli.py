@@ -55,9 +55,10 @@ def _threads(text: str) -> int | str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer or auto, got {text!r}") from None
 
-# API argument names whose command-line flag has another dest (the others are found by dest: top_k -> --top-k)
 LINEAR_HELP = ("float32 CPU linears at 2-64 rows: auto measures F.linear against W x^T per layer shape on this machine "
                "(once, cached), linear / matmul fix one")
+
+# API argument names whose command-line flag has another dest (the others are found by dest: top_k -> --top-k)
 _API_DESTS = {"duration_s": "duration", "stage_sampling": "stage", "max_waiting": "max_queue"}
 _STAGE_KEYS = {"temperature": "temperature", "top_k": "top_k", "top-k": "top_k", "top_p": "top_p", "top-p": "top_p"}
 _GLOBAL_SAMPLING = (("temperature", "--temperature"), ("top_k", "--top-k"), ("top_p", "--top-p"))

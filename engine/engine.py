@@ -24,11 +24,10 @@ from vivace.core.model_runner import DecodeOptions
 from vivace.core.sampling import is_finite, is_real
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress
-from vivace.model.linear_plan import LinearPlan, plan_linears
-from vivace.model.linear_plan import check_mode as check_linear_products
+from vivace.model.linear_plan import LinearPlan, check_linear_products, plan_linears
 from vivace.model.quant import check_quantize, quantize_stage
-from vivace.threads import ThreadGovernor
 from vivace.packs.registry import family_of
+from vivace.threads import ThreadGovernor
 
 __all__ = ["Engine", "Story", "assemble"]
 
@@ -266,19 +265,22 @@ class Engine:
         with self._lock:
             if not self.core.has_unfinished():
                 return False
-            governor = self.thread_governor
-            threads = governor.threads_for_next_step() if governor is not None else 0
-            if governor is not None and torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-            started = time.perf_counter()
             try:
-                outputs = self.core.step()
-                if governor is not None:
-                    governor.step_took(threads, time.perf_counter() - started)
+                outputs = self.core.step() if self.thread_governor is None else self._governed_step(self.thread_governor)
             except Exception as error:  # the step itself failed: every request in it ends with the error
                 outputs = self.core.fail_all(f"engine step failed: {type(error).__name__}: {error}")
             self.deliver(outputs)
             return True
+
+    def _governed_step(self, governor: ThreadGovernor) -> list[RequestOutput]:
+        """One core step on the thread count the governor chooses, timed for it."""
+        threads = governor.threads_for_next_step()
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
+        outputs = self.core.step()
+        governor.step_took(threads, time.perf_counter() - started)
+        return outputs
 
     def deliver(self, outputs: list[RequestOutput]) -> None:
         """Hands each output to its request's sink (under the engine's lock)."""

@@ -32,8 +32,8 @@ class ThreadGovernor:
     """Chooses, between an engine's steps, whether they run on all of its threads or on one, by timing both.
 
     Every parallel region of torch ends with its threads waiting for each other, spinning at first; when another
-    process holds one of the cores, a descheduled thread stalls the rest, and a step on 2 threads can take 17 times
-    as long as quiet (benchmarks/neighbour.py), while one thread is not slowed at all. So every `probe_every` steps
+    process holds one of the cores, a descheduled thread stalls the rest, and a step on 2 threads can take many times
+    as long as quiet, while one thread is barely slowed (benchmarks/neighbour.py; README, "A busy neighbour"). So every `probe_every` steps
     the governor runs `probe_steps` steps on the other count, interleaved with as many on the current one, and keeps
     the faster by median (the other only when it saves a tenth: neighbouring steps cost nearly the same, a joining
     request's prefill lands in one sample of the median). A probe that loses doubles the wait before the next, up to

@@ -1,17 +1,17 @@
 """A transformers `EncodecModel` directory (config.json + model.safetensors or pytorch_model.bin, as
-`save_pretrained` writes it) -> (EncodecConfig, the vivace decoder's tensors in stored form).
+`save_pretrained` writes it) -> the vivace decoder's and encoder's tensors in stored form, or a codec pack of both.
 
-Only the decoder side is read: the decoder layers and each quantizer level's codebook `embed`; the encoder and the
-codebooks' training buffers are ignored. Weight norm may be stored either way transformers has written it: the
-legacy `conv.weight_g` / `conv.weight_v`, or the parametrization's `conv.parametrizations.weight.original0/1`.
-`normalize` only concerns encoding (per-chunk scales); generated codes are decoded with scale None.
+Read: the decoder and encoder layers and each quantizer level's codebook `embed` (the codebooks' training buffers are
+ignored). Weight norm may be stored either way transformers has written it: the legacy `conv.weight_g` /
+`conv.weight_v`, or the parametrization's `conv.parametrizations.weight.original0/1`. `normalize` (per-chunk input
+scales) only concerns encoding: generated codes are decoded with scale None, and a normalizing codec is not encoded.
 """
 from __future__ import annotations
 
 import math
 import pickle
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from vivace.codecs.encodec import EncodecConfig, EncodecDecoder, encodec_stored_
 from vivace.codecs.encodec_encoder import EncodecEncoder
 from vivace.errors import PackError
 from vivace.export.pack_output import check_output, source_config, write_pack
-from vivace.packs.schema import read_json_object
 
 _LEGACY = {"weight_g": "weight_g", "weight_v": "weight_v"}
 _PARAMETRIZED = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
@@ -147,10 +146,8 @@ def _take(file: Path, state: dict[str, torch.Tensor], candidates: list[str], sha
 def convert_encodec(src_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[EncodecConfig, dict[str, torch.Tensor]]:
     """Reads a transformers EncodecModel directory; every decoder tensor is checked and a bad one named."""
     src = Path(src_dir)
-    manifest = src / "config.json"
-    if not manifest.is_file():
-        raise PackError(f"{src}: not a transformers model directory (no config.json)")
-    config = config_from_transformers(read_json_object(manifest), str(manifest))
+    manifest, raw = source_config(src)
+    config = config_from_transformers(raw, str(manifest))
     file, state = _read_weights(src)
     return config, decoder_tensors(config, state, file, dtype=dtype)
 

@@ -92,7 +92,8 @@ def test_the_command_line_round_trip(converted, tmp_path: Path, capsys: pytest.C
         (np.zeros((5, 3), dtype=np.int64), "got shape [5, 3]"),
         (np.zeros((4, 0), dtype=np.int64), "got shape [4, 0]"),
         (np.full((2, 3), 2048), "got values from 2048 to 2048"),
-        (np.zeros((2, 3), dtype=np.float32), "integer numpy array"),
+        (np.zeros((2, 3), dtype=np.float32), "codes must be integers, got float32"),
+        (np.zeros((1, 2, 3), dtype=np.int64), "codes must be one clip, [levels, frames], got shape [1, 2, 3]"),
     ],
 )
 def test_bad_codes_are_one_line(converted, codes, message: str) -> None:

@@ -54,6 +54,29 @@ class FrameStream(Protocol):
         ...
 
 
+def check_codes(codes: Any, codebooks: torch.Tensor, all_levels: bool) -> torch.Tensor:
+    """A user's codes (numpy or torch, [levels, frames] or [rows, levels, frames]) as int64 [rows, levels, frames] on
+    the codebooks' device, refused with one line unless they hold at least one frame, every code is in
+    [0, codebook_size) and the levels are the codebooks' (all_levels) or at most as many."""
+    levels, size = codebooks.shape[:2]
+    if isinstance(codes, np.ndarray):
+        codes = torch.from_numpy(codes)
+    if not isinstance(codes, torch.Tensor):
+        raise VivaceError(f"codes must be a numpy array or a torch tensor, got {type(codes).__name__}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise VivaceError(f"codes must be integers, got {str(codes.dtype).removeprefix('torch.')}")
+    fits = codes.dim() in (2, 3) and (codes.shape[-2] == levels if all_levels else 1 <= codes.shape[-2] <= levels)
+    if not fits:
+        wanted = f"this pack's {levels} levels" if all_levels else f"at most this pack's {levels} levels"
+        raise VivaceError(f"codes must be [levels, frames] or [rows, levels, frames] with {wanted}, got shape {list(codes.shape)}")
+    if codes.numel() == 0:
+        raise VivaceError(f"codes must hold at least one row and one frame, got shape {list(codes.shape)}")
+    if int(codes.min()) < 0 or int(codes.max()) >= size:
+        raise VivaceError(f"codes must be in [0, {size}), got values from {int(codes.min())} to {int(codes.max())}")
+    batch = codes if codes.dim() == 3 else codes.unsqueeze(0)
+    return batch.to(device=codebooks.device, dtype=torch.int64)
+
+
 class CodecBackend(ABC):
     name: str
 
@@ -71,27 +94,8 @@ class CodecBackend(ABC):
         """codes [B, levels, frames] -> PCM [B, frames * hop] on the codes' device."""
 
     def check_codes(self, codes: Any) -> torch.Tensor:
-        """A user's codes (numpy or torch, [levels, frames] or [rows, levels, frames]) as int64 [rows, levels, frames]
-        on the codec's device, refused with one line unless they have the levels this codec decodes and every code is
-        in [0, codebook_size)."""
-        levels, size = self.codec.codebooks.shape[:2]
-        if isinstance(codes, np.ndarray):
-            codes = torch.from_numpy(codes)
-        if not isinstance(codes, torch.Tensor):
-            raise VivaceError(f"codes must be a numpy array or a torch tensor, got {type(codes).__name__}")
-        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise VivaceError(f"codes must be integers, got {str(codes.dtype).removeprefix('torch.')}")
-        if codes.dim() not in (2, 3) or codes.shape[-2] != levels:
-            raise VivaceError(
-                f"codes must be [levels, frames] or [rows, levels, frames] with this pack's {levels} levels, "
-                f"got shape {list(codes.shape)}"
-            )
-        if codes.numel() == 0:
-            raise VivaceError(f"codes must hold at least one row and one frame, got shape {list(codes.shape)}")
-        if (int(codes.min()) < 0 or int(codes.max()) >= size):
-            raise VivaceError(f"codes must be in [0, {size}), got values from {int(codes.min())} to {int(codes.max())}")
-        batch = codes if codes.dim() == 3 else codes.unsqueeze(0)
-        return batch.to(device=self.codec.codebooks.device, dtype=torch.int64)
+        """A user's codes for this codec, all of its levels (see check_codes)."""
+        return check_codes(codes, self.codec.codebooks, all_levels=True)
 
     def stream(self) -> FrameStream:
         if self.context_decoder is None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vivace.audio import read_pcm
+from vivace.codecs.backend import check_codes
 from vivace.codecs.encodec import (
     EncodecConfig,
     EncodecDecoder,
@@ -27,18 +27,11 @@ from vivace.codecs.encodec import (
     encodec_stored_form,
     load_encodec_decoder,
 )
-from vivace.codecs.encodec_encoder import EncodecEncoder, load_encodec_encoder, rvq_quantize
+from vivace.codecs.encodec_encoder import EncodecEncoder, encode_audio, read_encodec_encoder
 from vivace.errors import PackError, VivaceError
-from vivace.packs.manifest import (
-    load_component,
-    manifest_header,
-    read_family_manifest,
-    write_component,
-    write_manifest,
-)
 from vivace.model.weights import expected_shapes
+from vivace.packs.manifest import load_component, manifest_header, read_family_manifest, write_component, write_manifest
 from vivace.packs.schema import naming
-from vivace.resample import mono
 
 FAMILY = "encodec"
 DECODER, ENCODER = "codec", "codec_encoder"
@@ -55,12 +48,6 @@ def save_codec_pack(
     write_component(path, ENCODER, encoder)
     write_manifest(path, {**manifest_header(FAMILY, name, config.sampling_rate), "codec": encodec_config_to_dict(config)})
     return path
-
-
-def _load(path: Path, module_type: type, component: str, config: EncodecConfig) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        expected = expected_shapes(encodec_stored_form(module_type(config)))
-    return load_component(path, component, expected)
 
 
 @dataclass
@@ -80,11 +67,11 @@ class Codec:
             config = encodec_config_from_dict(data["codec"], "codec")
             if data["sample_rate"] != config.sampling_rate:
                 raise PackError(f"sample_rate {data['sample_rate']} differs from the codec's {config.sampling_rate}")
-        decoder = load_encodec_decoder(config, _load(path, EncodecDecoder, DECODER, config), torch.float32, device,
-                                       path / f"{DECODER}.safetensors")
-        encoder = load_encodec_encoder(config, _load(path, EncodecEncoder, ENCODER, config), torch.float32, device,
-                                       path / f"{ENCODER}.safetensors")
-        return cls(config, decoder, encoder, data.get("name", ""))
+        with torch.device("meta"):
+            expected = expected_shapes(encodec_stored_form(EncodecDecoder(config)))
+        stored = load_component(path, DECODER, expected)
+        decoder = load_encodec_decoder(config, stored, torch.float32, device, path / f"{DECODER}.safetensors")
+        return cls(config, decoder, read_encodec_encoder(path, ENCODER, config, device), data.get("name", ""))
 
     def info(self) -> dict[str, Any]:
         c = self.config
@@ -109,27 +96,15 @@ class Codec:
             raise VivaceError(f"levels must be an integer from 1 to {self.num_levels}, got {levels!r}")
         return int(levels)
 
-    @torch.inference_mode()
     def encode(self, audio: Any, sample_rate: int | None = None, levels: int | None = None) -> np.ndarray:
         """Audio (a sound file path, or PCM [samples] / [channels, samples] at sample_rate) -> int64 codes [levels,
         ceil(samples / hop)] (downmixed to mono and resampled to the codec's rate first). levels: the first that many
         RVQ levels (default all: transformers' largest bandwidth)."""
-        count = self._levels(levels)
-        pcm, rate = read_pcm(audio, sample_rate, "audio")
-        wave = mono(pcm, rate, self.sample_rate).to(self.decoder.codebooks.device)
-        return rvq_quantize(self.decoder.codebooks[:count], self.encoder(wave[None]))[0].cpu().numpy()
+        return encode_audio(self.encoder, self.decoder.codebooks[: self._levels(levels)], audio, sample_rate)
 
     @torch.inference_mode()
     def decode(self, codes: Any) -> np.ndarray:
         """int codes [levels, frames] (levels up to num_levels) -> float32 PCM [frames * hop] at sample_rate."""
-        if isinstance(codes, np.ndarray):
-            codes = torch.from_numpy(codes)
-        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
-            raise VivaceError(f"codes must be an integer numpy array or torch tensor, got {type(codes).__name__}")
-        size = self.config.codebook_size
-        if codes.dim() != 2 or not 1 <= codes.shape[0] <= self.num_levels or codes.shape[1] == 0:
-            raise VivaceError(f"codes must be [levels <= {self.num_levels}, frames >= 1], got shape {list(codes.shape)}")
-        if int(codes.min()) < 0 or int(codes.max()) >= size:
-            raise VivaceError(f"codes must be in [0, {size}), got values from {int(codes.min())} to {int(codes.max())}")
-        batch = codes[None].to(self.decoder.codebooks.device, torch.int64)
-        return self.decoder(batch)[0].float().cpu().numpy()
+        if getattr(codes, "ndim", 2) != 2:
+            raise VivaceError(f"codes must be one clip, [levels, frames], got shape {list(codes.shape)}")
+        return self.decoder(check_codes(codes, self.decoder.codebooks, all_levels=False))[0].float().cpu().numpy()

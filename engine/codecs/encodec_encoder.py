@@ -8,13 +8,19 @@ whole number of strides, as EnCodec does.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vivace.codecs.encodec import EncodecConfig, EncodecConv1d, EncodecResidual, load_encodec_module
+from vivace.audio import read_pcm
+from vivace.codecs.encodec import EncodecConfig, EncodecConv1d, EncodecResidual, encodec_stored_form, load_encodec_module
 from vivace.codecs.soundstream import pad1d
+from vivace.model.weights import expected_shapes
+from vivace.packs.manifest import load_component
+from vivace.resample import mono
 
 
 class EncodecDownsample(nn.Conv1d):
@@ -84,6 +90,26 @@ def rvq_quantize(codebooks: torch.Tensor, embeddings: torch.Tensor) -> torch.Ten
         residual = residual - F.embedding(index, embed)
         codes.append(index.view(batch, frames))
     return torch.stack(codes, dim=1)
+
+
+@torch.inference_mode()
+def encode_audio(
+    encoder: EncodecEncoder, codebooks: torch.Tensor, audio: Any, sample_rate: Any, what: str = "audio",
+) -> np.ndarray:
+    """Audio (a sound file path, or PCM [samples] / [channels, samples] at sample_rate) -> int64 codes [levels of
+    codebooks, ceil(samples / hop)], as transformers' EncodecModel.encode gives them: downmixed to mono and resampled
+    to the codec's rate first. what names the argument in errors."""
+    pcm, rate = read_pcm(audio, sample_rate, what)
+    wave = mono(pcm, rate, encoder.config.sampling_rate).to(codebooks.device)
+    return rvq_quantize(codebooks, encoder(wave[None]))[0].cpu().numpy()
+
+
+def read_encodec_encoder(path: Path, component: str, config: EncodecConfig, device: str | torch.device = "cpu") -> EncodecEncoder:
+    """The encoder stored as component.safetensors of the pack at path (float32)."""
+    with torch.device("meta"):
+        expected = expected_shapes(encodec_stored_form(EncodecEncoder(config)))
+    stored = load_component(path, component, expected)
+    return load_encodec_encoder(config, stored, torch.float32, device, path / f"{component}.safetensors")
 
 
 def load_encodec_encoder(

@@ -2,7 +2,7 @@
 
 For 2 to 64 rows, x W^T (F.linear) and W x^T (one matrix product that reads W once) are both candidates: which is
 faster depends on the CPU, the BLAS torch was built with and the thread count (docs/performance.md has a host where
-W x^T is 2x faster at 2 rows and one where it is 2x slower). `measure` times both for each layer shape and row bucket
+W x^T is the faster at 2 rows and one where it is 2x slower). `measure` times both for each layer shape and row bucket
 and keeps W x^T only where it wins by a margin, so a layer is never slower than the plain op by more than the noise of
 the measurement. Plans are cached per CPU model, torch version and thread count (`PlanCache`), so a machine measures
 once and every later engine on it runs the same products (bytes repeat across processes).
@@ -175,7 +175,7 @@ class PlanCache:
             pass
 
 
-def check_mode(mode: object) -> str:
+def check_linear_products(mode: object) -> str:
     if mode not in MODES:
         raise VivaceError(f"linear_products must be one of {', '.join(MODES)}, got {mode!r}")
     return mode  # type: ignore[return-value]

@@ -30,7 +30,7 @@ from vivace.codecs.encodec import (
     encodec_stored_form,
     load_encodec_decoder,
 )
-from vivace.codecs.encodec_encoder import EncodecEncoder, load_encodec_encoder
+from vivace.codecs.encodec_encoder import EncodecEncoder, read_encodec_encoder
 from vivace.errors import PackError
 from vivace.families.musicgen.config import FAMILY, MelodyConfig, MusicGenConfig, MusicGenPackConfig
 from vivace.families.musicgen.text import MusicGenText
@@ -163,12 +163,7 @@ def load_musicgen_pack(path: str | Path, dtype: torch.dtype = torch.float32, dev
     if not (path / TEXT_MODEL_DIR).is_dir():
         raise PackError(f"{path}: missing the text encoder folder {TEXT_MODEL_DIR}/")
     text = MusicGenText(path / TEXT_MODEL_DIR, projection).to(device)
-    encoder = None
-    if config.musicgen.codec_encoder:
-        with torch.device("meta"):
-            expected = expected_shapes(encodec_stored_form(EncodecEncoder(config.codec)))
-        stored = load_component(path, CODEC_ENCODER, expected)
-        encoder = load_encodec_encoder(config.codec, stored, torch.float32, device, path / f"{CODEC_ENCODER}.safetensors")
+    encoder = read_encodec_encoder(path, CODEC_ENCODER, config.codec, device) if config.musicgen.codec_encoder else None
     return MusicGenPack(path, config, decoder, codec, text, chroma_projection, read_codec_onnx(path), encoder)
 
 

@@ -44,17 +44,15 @@ from vivace.arguments import (
     stage_sampling,
     unknown_arguments,
 )
-from vivace.audio import read_pcm
 from vivace.codecs.backend import CodecBackend
 from vivace.codecs.context_decoder import ContextDecoder
-from vivace.codecs.encodec_encoder import rvq_quantize
+from vivace.codecs.encodec_encoder import encode_audio
 from vivace.core.family import RequestContext, StageSpec
 from vivace.core.sampling import SamplingParams, is_finite, is_real
 from vivace.core.sequence import CrossCondition, DelaySchedule, Sequence
 from vivace.core.windows import Window, plan_windows
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
-from vivace.resample import mono
 from vivace.families.musicgen.melody import MelodyPrefixes, load_melody
 from vivace.families.musicgen.pack import MusicGenPack, load_musicgen_codec, load_musicgen_pack
 from vivace.kernels.sampling import stream_id
@@ -219,7 +217,6 @@ class MusicGen:
                 raise VivaceError("audio_prompt_sample_rate was given without an audio_prompt")
             return [None] * rows
         window = self.config.frames(self.config.musicgen.window_s)
-
         vocabulary = self.config.decoder.output_vocab_size
 
         def codes(item: Any) -> np.ndarray:
@@ -240,21 +237,16 @@ class MusicGen:
 
         return per_row(audio, rows, "audio prompts", codes)
 
-    @torch.inference_mode()
     def encode(self, audio: Any, sample_rate: Any = None, what: str = "audio") -> np.ndarray:
         """Audio (a sound file, or PCM [samples] / [channels, samples] at sample_rate) -> the codes transformers'
-        EnCodec encode gives, int64 [num_codebooks, ceil(samples / hop)]: downmixed to mono and resampled to the
-        codec's rate first."""
+        EnCodec encode gives, int64 [num_codebooks, ceil(samples / hop)] (vivace.codecs.encodec_encoder.encode_audio)."""
         encoder = self.pack.codec_encoder
         if encoder is None:
             raise VivaceError(
                 f"pack {self.config.name!r} carries no EnCodec encoder (musicgen.codec_encoder is false: it was converted "
                 "before packs carried one, or its codec normalizes its input): it cannot encode audio"
             )
-        pcm, rate = read_pcm(audio, sample_rate, what)
-        wave = mono(pcm, rate, self.config.sample_rate)
-        codebooks = self.pack.codec.codebooks
-        return rvq_quantize(codebooks, encoder(wave[None].to(codebooks.device)))[0].cpu().numpy()
+        return encode_audio(encoder, self.pack.codec.codebooks, audio, sample_rate, what)
 
     def requests(self, prompt: Any, duration_s: Any, seed: Any, options: dict[str, Any]) -> list[MusicGenRequest]:
         """Validates a call's arguments and turns them into one request per row. prompt: a string, or a list of them
@@ -288,10 +280,11 @@ class MusicGen:
         if not is_real(scale) or not is_finite(scale) or scale < 1:
             raise VivaceError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
         melody_keys = ("melody", "melody_sample_rate") if self.config.melody else ()
-        unknown_arguments(
-            options, ("guidance_scale", *SAMPLING_KEYS, "stage_sampling", "chunk_s", *melody_keys, "audio_prompt", "audio_prompt_sample_rate",
-                      "negative_prompt"),
+        expected = (
+            "guidance_scale", *SAMPLING_KEYS, "stage_sampling", "chunk_s", *melody_keys,
+            "audio_prompt", "audio_prompt_sample_rate", "negative_prompt",
         )
+        unknown_arguments(options, expected)
         params = stage_sampling({STAGE: m.sampling}, options, per_stage)[STAGE]
         row_seeds = seeds(seed, len(rows))
         texts = [None if text is None else check_prompt(text) for text in rows]
