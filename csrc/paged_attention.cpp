@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "numpy_args.h"
 #include "thread_pool.h"
 
 // The build compiles without contraction (setup.py) for the sampler's exact arithmetic; this kernel's float32 sums
@@ -159,29 +160,6 @@ VECTOR_LOOP void attend(const PagedDecode& p, int64_t s, int64_t h0, int64_t h1,
   float* out = p.out + (s * p.num_heads + h0) * dim;
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t d = 0; d < dim; ++d) out[h * dim + d] = static_cast<float>(sum[h * dim + d] / total[h]);
-}
-
-std::string shape_of(const py::array& array) {
-  std::string text = "(";
-  for (py::ssize_t d = 0; d < array.ndim(); ++d) text += (d ? ", " : "") + std::to_string(array.shape(d));
-  return text + (array.ndim() == 1 ? ",)" : ")");
-}
-
-// A C-contiguous view of object; small inputs may be copied into one, the caches never are.
-template <class T>
-py::array_t<T, py::array::c_style> typed_array(py::handle object, const char* name, const char* dtype, int ndim,
-                                               bool copy) {
-  py::array array = py::array::ensure(object);
-  if (!array) throw py::value_error(std::string(name) + " must be a numpy array or a CPU tensor");
-  if (!py::isinstance<py::array_t<T>>(array))
-    throw py::value_error(std::string(name) + " must have dtype " + dtype + ", got " +
-                          py::str(array.dtype()).cast<std::string>());
-  if (array.ndim() != ndim)
-    throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " +
-                          shape_of(array));
-  if (!copy && !(array.flags() & py::array::c_style))
-    throw py::value_error(std::string(name) + " must be C-contiguous (it is not copied)");
-  return py::array_t<T, py::array::c_style>::ensure(array);
 }
 
 py::array_t<float> decode(py::handle query_object, py::handle key_object, py::handle value_object,
