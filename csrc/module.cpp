@@ -1,14 +1,16 @@
 #include <pybind11/pybind11.h>
 
 #include "decode_bindings.h"
+#include "int8_linear.h"
 #include "paged_attention.h"
 #include "rvq_schedule.h"
 #include "sampler_bindings.h"
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "vivace native core: RVQ token schedules, the token sampler, the decode batch and CPU decode attention";
+  m.doc() = "vivace native core: RVQ token schedules, the token sampler, the decode batch, CPU decode attention and int8 linears";
   vivace::register_rvq_schedule(m);
   vivace::register_sampler(m);
   vivace::register_decode(m);
   vivace::register_paged_attention(m);
+  vivace::register_int8_linear(m);
 }
