@@ -57,6 +57,8 @@ def _threads(text: str) -> int | str:
 
 LINEAR_HELP = ("float32 CPU linears at 2-64 rows: auto measures F.linear against W x^T per layer shape on this machine "
                "(once, cached), linear / matmul fix one")
+INT8_KERNEL_HELP = ("--quantize int8 on the CPU: auto times torch's int8 pack mm against vivace's VNNI kernel per layer "
+                    "shape (once per process), pack_mm / vnni fix one")
 
 # API argument names whose command-line flag has another dest (the others are found by dest: top_k -> --top-k)
 _API_DESTS = {"duration_s": "duration", "stage_sampling": "stage", "max_waiting": "max_queue"}
@@ -102,10 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--threads", type=_threads, help=THREADS_HELP)
     gen.add_argument("--dtype", default="float32")
-    gen.add_argument("--quantize", choices=["int8"], help="int8 weight-only stage linears")
+    gen.add_argument("--quantize", choices=["int8"], help="int8 stage linears (int8 weights; see --int8-kernel)")
     gen.add_argument("--codec-backend", default="auto", dest="codec_backend", help="auto | torch | onnxruntime | tensorrt")
     gen.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
                      help=LINEAR_HELP)
+    gen.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "vnni"],
+                     help=INT8_KERNEL_HELP)
     gen.add_argument("--steps-per-sync", type=int, default=1, dest="steps_per_sync",
                      help="CUDA: decode steps per host sync (not yet verified on a GPU)")
     gen.add_argument("--cuda-graphs", action="store_true", dest="cuda_graphs", help="CUDA: replay those steps as CUDA graphs")
@@ -133,10 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, default=30.0, help="on SIGTERM: seconds running requests may finish")
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--dtype", default="float32")
-    serve.add_argument("--quantize", choices=["int8"], help="int8 weight-only stage linears")
+    serve.add_argument("--quantize", choices=["int8"], help="int8 stage linears (int8 weights; see --int8-kernel)")
     serve.add_argument("--codec-backend", default="auto", dest="codec_backend")
     serve.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
                        help=LINEAR_HELP)
+    serve.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "vnni"],
+                       help=INT8_KERNEL_HELP)
     serve.add_argument("--kv-cache-gb", type=float, default=4.0, dest="kv_cache_gb")
     serve.add_argument("--log-level", default="info", dest="log_level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas behind its HTTP proxy ([ray] extra)")
@@ -388,7 +394,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         _check_before_loading(args, sampling, per_stage)
         engine = Engine.from_pack(
             args.pack, device=args.device, dtype=args.dtype, quantize=args.quantize, codec_backend=args.codec_backend,
-            linear_products=args.linear_products, adaptive_threads=adaptive,
+            linear_products=args.linear_products, adaptive_threads=adaptive, int8_kernel=args.int8_kernel,
             steps_per_sync=args.steps_per_sync, cuda_graphs=args.cuda_graphs,
         )
         vaudio.check_sample_rate(fmt, engine.sample_rate)
@@ -583,6 +589,7 @@ def _serve(args: argparse.Namespace) -> None:
     engine_options = {
         "device": args.device, "dtype": args.dtype, "quantize": args.quantize, "codec_backend": args.codec_backend,
         "linear_products": args.linear_products, "adaptive_threads": args.threads == "auto",
+        "int8_kernel": args.int8_kernel,
         "kv_cache_gb": args.kv_cache_gb, "max_running": args.max_running, "max_waiting": args.max_queue,
     }
     if args.ray:

@@ -25,7 +25,7 @@ from vivace.core.sampling import is_finite, is_real
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress
 from vivace.model.linear_plan import LinearPlan, check_linear_products, plan_linears
-from vivace.model.quant import check_quantize, quantize_stage
+from vivace.model.quant import check_int8_kernel, check_quantize, choose_kernels, quantize_stage
 from vivace.packs.registry import family_of
 from vivace.threads import ThreadGovernor
 
@@ -94,7 +94,7 @@ class Engine:
         self, family: Any, device: torch.device, dtype: torch.dtype, block_size: int, kv_cache_gb: float,
         decode: DecodeOptions = DecodeOptions(), limits: CoreLimits = CoreLimits(),
         num_blocks: dict[str, int] | None = None, linear_plan: LinearPlan = LinearPlan(),
-        thread_governor: ThreadGovernor | None = None,
+        thread_governor: ThreadGovernor | None = None, int8_kernels: dict[tuple[int, int], str] | None = None,
     ) -> None:
         """family: the pack's family object (vivace.core.family). num_blocks: each stage's pool size in blocks
         (default: what kv_cache_gb gives, see vivace.core.engine_core.pool_blocks)."""
@@ -108,6 +108,7 @@ class Engine:
         self.kv_cache_gb = kv_cache_gb
         self.decode_options = decode
         self.linear_plan = linear_plan
+        self.int8_kernels = int8_kernels or {}
         self.thread_governor = thread_governor
         stages = family.stages()
         if num_blocks is None:
@@ -133,9 +134,10 @@ class Engine:
         max_waiting: int = 64,
         linear_products: str = "auto",
         adaptive_threads: bool = False,
+        int8_kernel: str = "auto",
     ) -> Engine:
         """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codecs.backend.select_backend).
-        quantize: None, or "int8" for int8 weight-only stage linears (see vivace.model.quant).
+        quantize: None, or "int8" for int8 stage linears (see vivace.model.quant).
         steps_per_sync > 1: decode that many steps per host sync on the device (Triton sampling and advance, see
         vivace.core.device_decode); cuda_graphs: capture them as CUDA graphs. Both are for CUDA devices; the default
         (1, False) is the per-step path with the C++ decode batch.
@@ -143,6 +145,8 @@ class Engine:
         linear_products: how float32 linear layers multiply 2 to 64 rows on the CPU: "auto" measures F.linear against
         W x^T per layer shape on this machine (once; cached, see vivace.model.linear_plan), "linear" or "matmul"
         fix one.
+        int8_kernel: with quantize="int8" on the CPU, "auto" times torch's int8 pack mm against vivace's VNNI kernel
+        per layer shape (once per process) and keeps the faster; "pack_mm" or "vnni" fix one (see vivace.model.quant).
         adaptive_threads: between steps, run on torch's thread count or on one, whichever measures faster
         (vivace.threads.ThreadGovernor: for hosts shared with other work; tokens are unchanged, audio may differ in
         its last bits between the two counts). It sets the process's thread count: one such engine per process.
@@ -160,6 +164,7 @@ class Engine:
         torch_device = check_device(device)
         check_quantize(quantize)
         check_linear_products(linear_products)
+        check_int8_kernel(int8_kernel)
         check_bool(adaptive_threads, "adaptive_threads")
         decode = DecodeOptions(steps_per_sync, cuda_graphs)
         decode.validate(torch_device)
@@ -167,14 +172,17 @@ class Engine:
         pack = family_cls.load_pack(path, DTYPES[dtype], torch_device)
         family = family_cls(pack, select_backend(pack, codec_backend, torch_device, family_cls.cpu_codec_backend))
         models = [spec.model for spec in family.stages().values()]
+        int8_kernels = {}
         if quantize is not None:
             for model in models:
                 quantize_stage(model)
+            if torch_device.type == "cpu":
+                int8_kernels = choose_kernels(models, int8_kernel)
         plan = plan_linears(models, linear_products)
         governor = ThreadGovernor(torch.get_num_threads()) if adaptive_threads else None
         return cls(
             family, torch_device, DTYPES[dtype], block_size, kv_cache_gb, decode, limits, linear_plan=plan,
-            thread_governor=governor,
+            thread_governor=governor, int8_kernels=int8_kernels,
         )
 
     @property
@@ -309,6 +317,7 @@ class Engine:
             "linear_matmul_rows": {
                 f"{i}x{o}": sorted(rows) for (i, o), rows in sorted(self.linear_plan.matmul_buckets.items()) if rows
             },
+            "int8_kernels": {f"{i}x{o}": kernel for (i, o), kernel in sorted(self.int8_kernels.items())},
             "kv_blocks": {stage: runner.pool.num_blocks for stage, runner in self.core.runners.items()},
             "threads": torch.get_num_threads(),
             "adaptive_threads": self.thread_governor is not None,

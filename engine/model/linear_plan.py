@@ -113,16 +113,21 @@ def measure(shapes: Iterable[tuple[int, int]], buckets: Iterable[int] = ROW_BUCK
     return LinearPlan(plan)
 
 
-def machine_key(threads: int | None = None) -> str:
-    """What a plan depends on: the CPU model, torch's version and build, and the thread count."""
+def cpu_and_torch() -> str:
+    """The CPU model and torch's version and build."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
             cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     except OSError:
         pass
+    return f"{cpu} | torch {torch.__version__}"
+
+
+def machine_key(threads: int | None = None) -> str:
+    """What a plan depends on: the CPU model, torch's version and build, and the thread count."""
     threads = torch.get_num_threads() if threads is None else threads
-    return f"{cpu} | torch {torch.__version__} | {threads} threads"
+    return f"{cpu_and_torch()} | {threads} threads"
 
 
 def default_cache_path() -> Path:
@@ -144,12 +149,22 @@ class PlanCache:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def plan(self, shapes: Iterable[tuple[int, int]], key: str | None = None) -> LinearPlan:
-        """The plan for shapes on this machine, measuring (and storing) the shapes not measured before. A cache that
-        cannot be written (a read-only home) costs a measurement per engine, nothing else."""
-        key = machine_key() if key is None else key
+    def entries(self, key: str) -> dict:
+        """What is stored under key ({} if nothing, or something unreadable)."""
+        stored = self._read().get(key)
+        return stored if isinstance(stored, dict) else {}
+
+    def store(self, key: str, entries: dict) -> None:
+        """Stores entries under key, keeping every other key. A cache that cannot be written (a read-only home)
+        costs a measurement per engine, nothing else."""
         data = self._read()
-        stored = data.get(key, {}) if isinstance(data.get(key), dict) else {}
+        data[key] = entries
+        self._write(data)
+
+    def plan(self, shapes: Iterable[tuple[int, int]], key: str | None = None) -> LinearPlan:
+        """The plan for shapes on this machine, measuring (and storing) the shapes not measured before."""
+        key = machine_key() if key is None else key
+        stored = self.entries(key)
         known: dict[tuple[int, int], frozenset[int]] = {}
         for name, value in stored.items():
             try:
@@ -161,8 +176,7 @@ class PlanCache:
         missing = wanted - set(known)
         if missing:
             known.update(measure(missing).matmul_buckets)
-            data[key] = {f"{i}x{o}": sorted(buckets) for (i, o), buckets in sorted(known.items())}
-            self._write(data)
+            self.store(key, {f"{i}x{o}": sorted(buckets) for (i, o), buckets in sorted(known.items())})
         return LinearPlan({shape: known[shape] for shape in wanted})
 
     def _write(self, data: dict) -> None:

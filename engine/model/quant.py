@@ -1,27 +1,41 @@
-"""Int8 weight-only quantization of the stage transformers' linear layers.
+"""Int8 quantization of the stage transformers' linear layers (weights stored as int8).
 
 Each weight row (output channel) is stored as int8 with one float scale: w ≈ q * scale, scale = max|w_row| / 127.
-Activations, norms, embeddings and the KV cache keep the engine's dtype. Applied after loading by swapping every
+The activations between layers, norms, embeddings and the KV cache keep the engine's dtype. Applied after loading by swapping every
 nn.Linear inside the layers (attention qkv / o, cross-attention q / kv / o, FFN) and the output heads for an
 Int8Linear.
 
-CPU: torch._weight_int8pack_mm, fed bfloat16 activations: its float32-activation path is a scalar loop, its
-bfloat16 path is vectorized (docs/performance.md, "int8 weight-only"); it needs in_features to be a multiple of 32,
-so other widths dequantize per call. CUDA: dequantize per call and a plain matmul.
+CPU, one of two kernels per layer (`Int8Linear.kernel`):
+- "pack_mm": torch._weight_int8pack_mm, fed bfloat16 activations: its float32-activation path is a scalar loop, its
+  bfloat16 path is vectorized (docs/performance.md, "int8 linears"); it needs in_features to be a multiple of 32.
+- "vnni" (CPUs with AVX-512 VNNI, float32 activations): vivace's own kernel (csrc/int8_linear.cpp) quantizes each
+  activation row to uint8 on the fly (its range, zero included, over 255 steps) and sums the int8 products exactly in
+  int32, so a row's output never depends on the other rows of the batch.
+`choose_kernels` times both on this machine for each layer shape and keeps the faster, cached beside the float32
+linear plans (docs/performance.md has the figures); bfloat16 activations take "pack_mm". Where neither runs (CUDA;
+in_features not a multiple of 32 without VNNI), the layer dequantizes per call and runs a plain matmul.
 """
 from __future__ import annotations
 
 import functools
+import statistics
+import time
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vivace import _C
 from vivace.errors import VivaceError
+from vivace.model.linear_plan import PlanCache, cpu_and_torch, default_cache_path
 from vivace.model.transformer import StageTransformer
 
 QUANTIZE_MODES = ("int8",)
 PACK_MM_ALIGN = 32
+INT8_KERNELS = ("auto", "pack_mm", "vnni")
+TIMED_ROWS = (2, 8)  # a guided pair and a small batch: a kernel is chosen by its summed time at both
+REPEATS = 5  # alternating timed rounds per candidate; the median counts
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +63,17 @@ def pack_mm_available() -> bool:
     return bool(((out - reference).norm() <= 0.02 * reference.norm()).item())
 
 
+def vnni_available() -> bool:
+    return "avx512_vnni" in _C.int8_linear_isas()
+
+
+def vnni_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, weight_sums: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 rows [r, in] through vivace's VNNI kernel (per-row uint8 activations, exact int32 sums)."""
+    return torch.from_numpy(_C.int8_linear(rows.detach().contiguous(), weight, scales, weight_sums, bias,
+                                           torch.get_num_threads()))
+
+
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -57,6 +82,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.float())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16))
+        self.register_buffer("weight_sums", weight.sum(dim=1, dtype=torch.int32))
+        self.kernel = "pack_mm"  # for float32 CPU activations where both run; set by choose_kernels
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -69,8 +96,14 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scales[:, None]
 
+    def use_vnni(self, x: torch.Tensor) -> bool:
+        return self.kernel == "vnni" and x.device.type == "cpu" and x.dtype == torch.float32 and vnni_available()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if self.use_vnni(x):
+            bias = None if self.bias is None else self.bias.float()
+            return vnni_linear(rows, self.weight, self.scales, self.weight_sums, bias).view(*x.shape[:-1], self.out_features)
         if self.use_pack_mm(x):
             out = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight, self.scales_bf16).to(x.dtype)
         else:
@@ -98,6 +131,74 @@ def quantize_linears(module: nn.Module) -> int:
 def quantize_stage(model: StageTransformer) -> int:
     """The decoder layers' linears and the output heads of one StageTransformer (embeddings and norms stay)."""
     return quantize_linears(model.layers) + quantize_linears(model.heads)
+
+
+def _seconds(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def kernel_timings(in_features: int, out_features: int) -> dict[str, float]:
+    """Seconds of each CPU kernel this machine runs for one layer shape, summed over TIMED_ROWS (medians of REPEATS
+    alternating rounds, on random weights: the kernels' speed does not depend on the values)."""
+    generator = torch.Generator().manual_seed(0)
+    layer = Int8Linear(*quantize_weight(torch.randn(out_features, in_features, generator=generator)), None, torch.float32)
+    inputs = [torch.randn(rows, in_features, generator=generator) for rows in TIMED_ROWS]
+    candidates = {}
+    if in_features % PACK_MM_ALIGN == 0 and pack_mm_available():
+        candidates["pack_mm"] = lambda: [torch._weight_int8pack_mm(x.bfloat16(), layer.weight, layer.scales_bf16) for x in inputs]
+    if vnni_available():
+        candidates["vnni"] = lambda: [vnni_linear(x, layer.weight, layer.scales, layer.weight_sums, None) for x in inputs]
+    for call in candidates.values():  # warm-up
+        call()
+    rounds: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(REPEATS):
+        for name, call in candidates.items():
+            rounds[name].append(_seconds(call))
+    return {name: statistics.median(times) for name, times in rounds.items()}
+
+
+def measured_kernels(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> dict[tuple[int, int], str]:
+    """The faster kernel for float32 activations of each (in_features, out_features) on this machine, measured once
+    per CPU model and torch version, at the thread count of the first engine, then read from cache (a few
+    milliseconds per shape): every later engine on the machine runs the same kernels, so its tokens do not depend on
+    the thread count (the two kernels round differently) and its bytes repeat."""
+    key = f"{cpu_and_torch()} | int8 kernels"
+    stored = {name: kernel for name, kernel in cache.entries(key).items() if kernel in INT8_KERNELS[1:]}
+    chosen = {}
+    for in_features, out_features in sorted(set(shapes)):
+        name = f"{in_features}x{out_features}"
+        if name not in stored:
+            timings = kernel_timings(in_features, out_features)
+            stored[name] = min(timings, key=timings.get) if timings else "pack_mm"
+            cache.store(key, stored)
+        chosen[(in_features, out_features)] = stored[name]
+    return chosen
+
+
+def choose_kernels(models: Iterable[nn.Module], kernel: str = "auto", cache: PlanCache | None = None) -> dict[tuple[int, int], str]:
+    """Sets the CPU kernel of every Int8Linear below models: "auto" the faster one for its shape on this machine
+    (measured_kernels), or the named one; returns the choice per (in_features, out_features)."""
+    check_int8_kernel(kernel)
+    layers = [layer for model in models for layer in model.modules() if isinstance(layer, Int8Linear)]
+    shapes = {(layer.in_features, layer.out_features) for layer in layers}
+    if kernel == "auto":
+        chosen = measured_kernels(shapes, cache or PlanCache(default_cache_path()))
+    else:
+        chosen = dict.fromkeys(shapes, kernel)
+    for layer in layers:
+        layer.kernel = chosen[(layer.in_features, layer.out_features)]
+    return chosen
+
+
+def check_int8_kernel(kernel: object) -> str:
+    if kernel not in INT8_KERNELS:
+        raise VivaceError(f"int8_kernel must be one of {', '.join(INT8_KERNELS)}, got {kernel!r}")
+    if kernel == "vnni" and not vnni_available():
+        raise VivaceError("int8_kernel 'vnni' needs a CPU with AVX-512 VNNI, which this one does not have")
+    return kernel  # type: ignore[return-value]
 
 
 def check_quantize(mode: str | None) -> None:
