@@ -3,8 +3,9 @@
 Bandwidth, measured here:
 - copy: dst.copy_(src) of a large float32 tensor, bytes read + bytes written per second;
 - GEMV: y = x W^T over a chain of [4096, 1024] / [1024, 4096] weights far larger than the caches, weight bytes
-  per second, in float32, bfloat16 and int8 weight-only (vivace.model.quant.Int8Linear, the engine's path), at 1 row
-  and at 2 rows (a MusicGen guidance pair); on the CPU also the two int8 paths the engine does not take.
+  per second, in float32, bfloat16 and int8 (vivace.model.quant.Int8Linear with each of its CPU kernels: torch's
+  int8 pack mm on bfloat16 activations, and vivace's VNNI kernel where the CPU has AVX-512 VNNI), at 1 row and at
+  2 rows (a MusicGen guidance pair); on the CPU also the two int8 paths the engine does not take.
 Bytes per decode step of each model: the weights one step reads (the layers' linears and norms, the output heads,
 one embedding row per codebook; not the embedding tables, nor cross-attention's key/value projection, which runs
 once per request) plus the KV cache read at the step's context (self-attention, and cross-attention over the
@@ -24,7 +25,7 @@ from benchmarks.musicgen_suite import DECODER
 from vivace.families.musiclm.pack import STAGES
 from vivace.families.musiclm.random_pack import preset_config
 from vivace.model.config import TransformerConfig
-from vivace.model.quant import Int8Linear
+from vivace.model.quant import Int8Linear, vnni_available
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MODES = {
@@ -61,7 +62,8 @@ def gemv_bandwidth(kind: str, rows: int, device: str, layers: int, repeats: int)
             linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             linear.weight.data = w
             q = Int8Linear.from_linear(linear).to(device)
-            if kind == "int8":
+            if kind in ("int8", "int8 pack_mm", "int8 vnni"):
+                q.kernel = kind.removeprefix("int8 ") if kind != "int8" else q.kernel
                 calls.append(lambda x=x, q=q: q(x))
             elif kind == "int8 pack_mm float32 activations":
                 calls.append(lambda x=x, q=q: torch._weight_int8pack_mm(x, q.weight, q.scales))
@@ -80,8 +82,9 @@ def gemv_bandwidth(kind: str, rows: int, device: str, layers: int, repeats: int)
 
 
 def step_bytes(config: TransformerConfig, mode: str, rows: int, context: float, enc_len: int = 0) -> dict[str, float]:
-    """Bytes one decode step reads: weights once, the KV cache (and cross-attention K/V) once per row."""
-    dtype, quantize = MODES[mode]
+    """Bytes one decode step reads: weights once, the KV cache (and cross-attention K/V) once per row. mode: a key
+    of MODES, or an int8 mode with its kernel named after it ("int8 vnni": the same bytes as "int8")."""
+    dtype, quantize = MODES[mode.split()[0]]
     base = DTYPE_BYTES[dtype]
     d, layers = config.d_model, config.num_layers
     linears = [(3 * d, d), (d, d), (config.d_ff, d), (d, config.d_ff)]
@@ -136,19 +139,33 @@ def measured_steps(device: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
     return figures, sources
 
 
+def gemv_for(gemv: dict[str, dict[int, dict[str, float]]], mode: str) -> dict[int, dict[str, float]]:
+    """The GEMV figures a mode's step runs on: its own kernel's for "int8 <kernel>", torch's pack mm for
+    "int8+bf16" (bfloat16 activations), the faster int8 kernel for "int8" (the engine measures and keeps it)."""
+    if mode in gemv:
+        return gemv[mode]
+    if mode == "int8+bf16":
+        return gemv.get("int8 pack_mm", gemv.get("int8", {}))
+    if mode == "int8":
+        kernels = [gemv[k] for k in ("int8 pack_mm", "int8 vnni") if k in gemv]
+        return {rows: max((k[rows] for k in kernels), key=lambda r: r["gb_s"]) for rows in (1, 2)} if kernels else {}
+    return {}
+
+
 def run(options: Options) -> dict[str, Any]:
     settings = QUICK if options.quick else FULL
     device = options.device
     copy = copy_bandwidth(device, settings["copy_mib"], settings["repeats"])
     release_memory()
-    kinds = ["float32", "bfloat16", "int8"]
+    kinds = ["float32", "bfloat16", "int8"] if device != "cpu" else ["float32", "bfloat16", "int8 pack_mm"]
     if device == "cpu":
-        kinds += ["int8 pack_mm float32 activations", "int8 dequantize per call"]
+        kinds += (["int8 vnni"] if vnni_available() else []) + ["int8 pack_mm float32 activations", "int8 dequantize per call"]
     gemv: dict[str, dict[int, dict[str, float]]] = {}
     for kind in kinds:
         gemv[kind] = {}
         for rows in (1, 2):
-            layers = settings["gemv_layers"] if kind in ("float32", "bfloat16", "int8") else max(2, settings["gemv_layers"] // 4)
+            engine_path = kind in ("float32", "bfloat16", "int8", "int8 pack_mm", "int8 vnni")
+            layers = settings["gemv_layers"] if engine_path else max(2, settings["gemv_layers"] // 4)
             gemv[kind][rows] = gemv_bandwidth(kind, rows, device, layers, max(3, settings["repeats"] // 2))
             release_memory()
     print(table(
@@ -165,7 +182,7 @@ def run(options: Options) -> dict[str, Any]:
         config = models()[figure["model"]]
         mode = figure["mode"]
         need = step_bytes(config, mode, figure["rows"], figure["context"], figure["enc_len"])
-        measured_gemv = gemv.get("int8" if "int8" in mode else mode, {}).get(min(figure["rows"], 2))
+        measured_gemv = gemv_for(gemv, mode).get(min(figure["rows"], 2))
         floor_ms = need["total"] / (copy["gb_s"] * 1e9) * 1e3
         gemv_floor_ms = need["total"] / (measured_gemv["gb_s"] * 1e9) * 1e3 if measured_gemv else None
         floors.append({

@@ -39,16 +39,23 @@ from benchmarks.common import ROOT, Options, PeakRSS, release_memory, table, wri
 from vivace import AudioChunk, Engine, WindowFinished
 from vivace.events import StageProgress
 from vivace.families.musicgen.pipeline import delayed_grid
+from vivace.model.quant import vnni_available
 
 WORDS = (
     "a the slow fast mellow upbeat piano drums jazz rock ambient pads with and in of bass guitar strings choir loud "
     "soft hip hop lo-fi beat trio solo cello synth arpeggio warm bright dark epic calm groove melody harmony"
 ).split()
 PROMPTS = ("mellow lo-fi hip hop beat with a warm piano", "epic strings and choir with loud drums")
-MODES = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("float32", "int8"), "int8+bf16": ("bfloat16", "int8")}
+MODES = {  # name: Engine.from_pack options
+    "float32": {"dtype": "float32"},
+    "bfloat16": {"dtype": "bfloat16"},
+    "int8": {"dtype": "float32", "quantize": "int8"},
+    "int8 pack_mm": {"dtype": "float32", "quantize": "int8", "int8_kernel": "pack_mm"},
+    "int8 vnni": {"dtype": "float32", "quantize": "int8", "int8_kernel": "vnni"},  # CPUs with AVX-512 VNNI
+    "int8+bf16": {"dtype": "bfloat16", "quantize": "int8"},
+}
 # on CUDA also: bfloat16 with 16 decode steps per host sync replayed as CUDA graphs (vivace.core.device_decode)
-GRAPH_MODES = {"bfloat16+graphs": ("bfloat16", None)}
-STEPS_PER_SYNC = 16
+GRAPH_MODES = {"bfloat16+graphs": {"dtype": "bfloat16", "steps_per_sync": 16, "cuda_graphs": True}}
 QUICK = {"seconds": 0.2, "agreement_s": 0.5, "agreement_prompts": 2}
 FULL = {"seconds": 10.0, "agreement_s": 5.0, "agreement_prompts": 2}
 GUIDANCE, TOP_K = 3.0, 250
@@ -239,14 +246,15 @@ def run(options: Options) -> dict[str, Any]:
     reference: list[torch.Tensor] = []
     grids: list[np.ndarray] = []
     modes = {**MODES, **(GRAPH_MODES if options.device.startswith("cuda") else {})}
-    for mode, (dtype, quantize) in modes.items():
-        graphs = mode in GRAPH_MODES
+    if options.device != "cpu" or not vnni_available():
+        modes = {mode: kwargs for mode, kwargs in modes.items() if "int8_kernel" not in kwargs}
+    for mode, kwargs in modes.items():
         with PeakRSS() as memory:
             start = time.perf_counter()
-            engine = Engine.from_pack(pack, device=options.device, dtype=dtype, quantize=quantize,
-                                      steps_per_sync=STEPS_PER_SYNC if graphs else 1, cuda_graphs=graphs)
+            engine = Engine.from_pack(pack, device=options.device, **kwargs)
             load_s = time.perf_counter() - start
-            result = {"engine": "vivace", "mode": mode, "dtype": dtype, "quantize": quantize, "load_s": load_s}
+            result = {"engine": "vivace", "mode": mode, "dtype": kwargs["dtype"], "quantize": kwargs.get("quantize"),
+                      "int8_kernels": engine.info()["int8_kernels"], "load_s": load_s}
             result.update(vivace_run(engine, prompt, seconds))
         result.update(memory.record())
         if mode == "float32":
@@ -273,8 +281,7 @@ def run(options: Options) -> dict[str, Any]:
     ))
     config = {
         "source": str(src), "pack": str(pack), "prompt": prompt, "seconds": seconds, "seed": 0, "guidance_scale": GUIDANCE,
-        "top_k": TOP_K, "temperature": 1.0, "modes": {m: {"dtype": d, "quantize": q, "steps_per_sync": STEPS_PER_SYNC if m in GRAPH_MODES else 1,
-                                                     "cuda_graphs": m in GRAPH_MODES} for m, (d, q) in modes.items()},
+        "top_k": TOP_K, "temperature": 1.0, "modes": modes,
         "agreement_prompts": agreement_prompts, "agreement_s": settings["agreement_s"],
         "checkpoint": {"decoder": DECODER, "text_encoder_t5": TEXT, "text_vocab_words": len(WORDS), "encodec": ENCODEC_32KHZ,
                        "head_logit_std": HEAD_LOGIT_STD},

@@ -5,8 +5,8 @@ prompt, seed 0, top-k 250, temperature 1, guidance 3.0, batch 1, clips of 2 s (-
 runs every engine once, in the same order, after one untimed warm-up generation each; a figure is the median over
 the rounds (3; --quick 1). Engines: transformers float32 (MusicgenForConditionalGeneration.generate), and vivace in
 float32 with each linear product plan (vivace.model.linear_plan: "linear" = F.linear everywhere, "matmul" = W x^T for
-2-64 rows, "auto" = measured on this machine), bfloat16 and int8 weight-only. The machine record names the CPU model
-and its flags, torch's and transformers' versions.
+2-64 rows, "auto" = measured on this machine), bfloat16 and int8 (its kernels chosen by measurement, and torch's
+int8 pack mm alone). The machine record names the CPU model and its flags, torch's and transformers' versions.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ VIVACE = {  # name: Engine.from_pack options
     "vivace float32, matmul": {"linear_products": "matmul"},
     "vivace float32, auto": {"linear_products": "auto"},
     "vivace bfloat16": {"dtype": "bfloat16"},
-    "vivace int8": {"quantize": "int8"},
+    "vivace int8": {"quantize": "int8"},  # each layer shape on the faster kernel measured here (vivace.model.quant)
+    "vivace int8, pack_mm": {"quantize": "int8", "int8_kernel": "pack_mm"},
 }
 
 
@@ -75,7 +76,8 @@ def run(options: Options) -> dict[str, Any]:
     warmup = WARMUP_STEPS / engines["vivace float32, linear"].config.frame_rate
     for call in calls.values():
         call(warmup)
-    results: dict[str, Any] = {"linear_plan": engines["vivace float32, auto"].info()["linear_matmul_rows"]}
+    results: dict[str, Any] = {"linear_plan": engines["vivace float32, auto"].info()["linear_matmul_rows"],
+                               "int8_kernels": engines["vivace int8"].info()["int8_kernels"]}
     rows = []
     for seconds in durations:
         times: dict[str, list[float]] = {name: [] for name in calls}
@@ -92,6 +94,7 @@ def run(options: Options) -> dict[str, Any]:
     print(table(["clip", "engine", "wall s (median)", "vs transformers"], rows,
                 title=f"MusicGen-small shape, guidance {GUIDANCE}, top-k {TOP_K}, batch 1, {rounds} alternating rounds"))
     print(f"measured linear plan (W x^T at these row buckets): {results['linear_plan']}")
+    print(f"measured int8 kernels: {results['int8_kernels']}")
     calls.clear()
     engines.clear()
     release_memory()
