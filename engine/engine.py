@@ -164,7 +164,7 @@ class Engine:
         torch_device = check_device(device)
         check_quantize(quantize)
         check_linear_products(linear_products)
-        check_int8_kernel(int8_kernel)
+        check_int8_kernel(int8_kernel, DTYPES[dtype])
         check_bool(adaptive_threads, "adaptive_threads")
         decode = DecodeOptions(steps_per_sync, cuda_graphs)
         decode.validate(torch_device)
@@ -177,7 +177,7 @@ class Engine:
             for model in models:
                 quantize_stage(model)
             if torch_device.type == "cpu":
-                int8_kernels = choose_kernels(models, int8_kernel)
+                int8_kernels = choose_kernels(models, int8_kernel, activations=DTYPES[dtype])
         plan = plan_linears(models, linear_products)
         governor = ThreadGovernor(torch.get_num_threads()) if adaptive_threads else None
         return cls(

@@ -224,6 +224,17 @@ def test_int8_kernel_choice_is_measured_once_per_machine(tmp_path: Path) -> None
     assert choose_kernels([model], "pack_mm", cache) == {(64, 32): "pack_mm", (32, 64): "pack_mm"}
     with pytest.raises(VivaceError, match="int8_kernel must be one of auto, pack_mm, vnni, got 'fast'"):
         choose_kernels([model], "fast", cache)
+    assert set(choose_kernels([model], "auto", cache, activations=torch.bfloat16).values()) == {"pack_mm"}
+    assert {layer.kernel for layer in model} == {"pack_mm"}
+
+
+@needs_vnni
+def test_vnni_with_bfloat16_activations_is_refused_before_loading(tiny_pack: Path) -> None:
+    with pytest.raises(VivaceError) as error:
+        Engine.from_pack(tiny_pack, dtype="bfloat16", quantize="int8", int8_kernel="vnni")
+    assert str(error.value) == "int8_kernel 'vnni' takes float32 activations; with dtype bfloat16 the int8 layers run pack_mm"
+    engine = Engine.from_pack(tiny_pack, dtype="bfloat16", quantize="int8")
+    assert set(engine.info()["int8_kernels"].values()) == {"pack_mm"}
 
 
 @needs_vnni

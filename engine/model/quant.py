@@ -178,13 +178,17 @@ def measured_kernels(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> dic
     return chosen
 
 
-def choose_kernels(models: Iterable[nn.Module], kernel: str = "auto", cache: PlanCache | None = None) -> dict[tuple[int, int], str]:
+def choose_kernels(models: Iterable[nn.Module], kernel: str = "auto", cache: PlanCache | None = None,
+                   activations: torch.dtype = torch.float32) -> dict[tuple[int, int], str]:
     """Sets the CPU kernel of every Int8Linear below models: "auto" the faster one for its shape on this machine
-    (measured_kernels), or the named one; returns the choice per (in_features, out_features)."""
-    check_int8_kernel(kernel)
+    (measured_kernels), or the named one; returns the choice per (in_features, out_features). Activations other than
+    float32 always take pack_mm."""
+    check_int8_kernel(kernel, activations)
     layers = [layer for model in models for layer in model.modules() if isinstance(layer, Int8Linear)]
     shapes = {(layer.in_features, layer.out_features) for layer in layers}
-    if kernel == "auto":
+    if activations != torch.float32:
+        chosen = dict.fromkeys(shapes, "pack_mm")
+    elif kernel == "auto":
         chosen = measured_kernels(shapes, cache or PlanCache(default_cache_path()))
     else:
         chosen = dict.fromkeys(shapes, kernel)
@@ -193,11 +197,14 @@ def choose_kernels(models: Iterable[nn.Module], kernel: str = "auto", cache: Pla
     return chosen
 
 
-def check_int8_kernel(kernel: object) -> str:
+def check_int8_kernel(kernel: object, activations: torch.dtype = torch.float32) -> str:
     if kernel not in INT8_KERNELS:
         raise VivaceError(f"int8_kernel must be one of {', '.join(INT8_KERNELS)}, got {kernel!r}")
     if kernel == "vnni" and not vnni_available():
         raise VivaceError("int8_kernel 'vnni' needs a CPU with AVX-512 VNNI, which this one does not have")
+    if kernel == "vnni" and activations != torch.float32:
+        name = str(activations).removeprefix("torch.")
+        raise VivaceError(f"int8_kernel 'vnni' takes float32 activations; with dtype {name} the int8 layers run pack_mm")
     return kernel  # type: ignore[return-value]
 
 
