@@ -2,8 +2,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip -q
 DEMO_PACK ?= packs/demo
 DEMO_PROMPT ?= "upbeat piano with acoustic bass and rock drums in C major"
-# The demo pack's 256-wide int8 layers are too small for a second thread to pay for its wake-ups: one thread is
-# 1.2-1.26x faster here (README, "Demo pack").
+# One thread: 1.21x and 1.26x faster than two for the int8 demo in both runs of 2026-12-05 (README, "Demo pack").
 DEMO_THREADS ?= 1
 # make test / make demo install the exact versions CI last passed with; make test-latest the newest releases, and
 # make test-oldest setup.py's lower bounds (see the README's "Dependencies").

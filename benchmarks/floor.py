@@ -63,7 +63,8 @@ def gemv_bandwidth(kind: str, rows: int, device: str, layers: int, repeats: int)
             linear.weight.data = w
             q = Int8Linear.from_linear(linear).to(device)
             if kind in ("int8", "int8 pack_mm", "int8 vnni"):
-                q.kernel = kind.removeprefix("int8 ") if kind != "int8" else q.kernel
+                if kind != "int8":
+                    q.kernel = kind.removeprefix("int8 ")
                 calls.append(lambda x=x, q=q: q(x))
             elif kind == "int8 pack_mm float32 activations":
                 calls.append(lambda x=x, q=q: torch._weight_int8pack_mm(x, q.weight, q.scales))
@@ -157,9 +158,11 @@ def run(options: Options) -> dict[str, Any]:
     device = options.device
     copy = copy_bandwidth(device, settings["copy_mib"], settings["repeats"])
     release_memory()
-    kinds = ["float32", "bfloat16", "int8"] if device != "cpu" else ["float32", "bfloat16", "int8 pack_mm"]
     if device == "cpu":
-        kinds += (["int8 vnni"] if vnni_available() else []) + ["int8 pack_mm float32 activations", "int8 dequantize per call"]
+        kinds = ["float32", "bfloat16", "int8 pack_mm", *(["int8 vnni"] if vnni_available() else []),
+                 "int8 pack_mm float32 activations", "int8 dequantize per call"]
+    else:
+        kinds = ["float32", "bfloat16", "int8"]
     gemv: dict[str, dict[int, dict[str, float]]] = {}
     for kind in kinds:
         gemv[kind] = {}

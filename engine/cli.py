@@ -58,7 +58,7 @@ def _threads(text: str) -> int | str:
 LINEAR_HELP = ("float32 CPU linears at 2-64 rows: auto measures F.linear against W x^T per layer shape on this machine "
                "(once, cached), linear / matmul fix one")
 INT8_KERNEL_HELP = ("--quantize int8 on the CPU: auto times torch's int8 pack mm against vivace's VNNI kernel per layer "
-                    "shape (once per process), pack_mm / vnni fix one")
+                    "shape (once per CPU model and torch version, cached), pack_mm / vnni fix one")
 
 # API argument names whose command-line flag has another dest (the others are found by dest: top_k -> --top-k)
 _API_DESTS = {"duration_s": "duration", "stage_sampling": "stage", "max_waiting": "max_queue"}

@@ -15,7 +15,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,26 +74,32 @@ def apply(plan: LinearPlan, model: torch.nn.Module) -> None:
             module.matmul_buckets = plan.buckets(module.in_features, module.out_features)
 
 
-def _time(call, calls: int) -> float:
+def _time(call: Callable[[], object], calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
         call()
     return (time.perf_counter() - start) / calls
 
 
-def timings(weight: torch.Tensor, rows: int, generator: torch.Generator) -> tuple[float, float]:
-    """Seconds per call of F.linear and of W x^T on rows x in_features of random float32 data (the products' speed
-    does not depend on the values): medians of REPEATS alternating rounds."""
-    x = torch.randn(rows, weight.shape[1], generator=generator)
-    candidates = (lambda: F.linear(x, weight), lambda: matmul_product(x, weight, None))
-    for call in candidates:  # warm-up
+def median_seconds(candidates: Sequence[Callable[[], object]]) -> list[float]:
+    """Seconds per call of each candidate, after one warm-up call each: medians of REPEATS alternating rounds, a
+    round repeating a call until the first candidate has run about ROUND_S (at most MAX_CALLS calls)."""
+    for call in candidates:
         call()
     calls = max(1, min(MAX_CALLS, round(ROUND_S / max(_time(candidates[0], 1), 1e-7))))
-    times: tuple[list[float], list[float]] = ([], [])
+    times: list[list[float]] = [[] for _ in candidates]
     for _ in range(REPEATS):
         for index, call in enumerate(candidates):
             times[index].append(_time(call, calls))
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
+
+
+def timings(weight: torch.Tensor, rows: int, generator: torch.Generator) -> tuple[float, float]:
+    """Seconds per call of F.linear and of W x^T on rows x in_features of random float32 data (the products' speed
+    does not depend on the values)."""
+    x = torch.randn(rows, weight.shape[1], generator=generator)
+    linear_s, matmul_s = median_seconds([lambda: F.linear(x, weight), lambda: matmul_product(x, weight, None)])
+    return linear_s, matmul_s
 
 
 @torch.inference_mode()

@@ -18,8 +18,6 @@ in_features not a multiple of 32 without VNNI), the layer dequantizes per call a
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 from collections.abc import Iterable
 
 import torch
@@ -28,14 +26,13 @@ from torch import nn
 
 from vivace import _C
 from vivace.errors import VivaceError
-from vivace.model.linear_plan import PlanCache, cpu_and_torch, default_cache_path
+from vivace.model.linear_plan import PlanCache, cpu_and_torch, default_cache_path, median_seconds
 from vivace.model.transformer import StageTransformer
 
 QUANTIZE_MODES = ("int8",)
 PACK_MM_ALIGN = 32
 INT8_KERNELS = ("auto", "pack_mm", "vnni")
 TIMED_ROWS = (2, 8)  # a guided pair and a small batch: a kernel is chosen by its summed time at both
-REPEATS = 5  # alternating timed rounds per candidate; the median counts
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +60,9 @@ def pack_mm_available() -> bool:
     return bool(((out - reference).norm() <= 0.02 * reference.norm()).item())
 
 
+@functools.cache
 def vnni_available() -> bool:
+    """Whether this CPU runs vivace's VNNI kernel (asked once: every forward of an Int8Linear reads it)."""
     return "avx512_vnni" in _C.int8_linear_isas()
 
 
@@ -133,16 +132,10 @@ def quantize_stage(model: StageTransformer) -> int:
     return quantize_linears(model.layers) + quantize_linears(model.heads)
 
 
-def _seconds(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
 @torch.inference_mode()
 def kernel_timings(in_features: int, out_features: int) -> dict[str, float]:
-    """Seconds of each CPU kernel this machine runs for one layer shape, summed over TIMED_ROWS (medians of REPEATS
-    alternating rounds, on random weights: the kernels' speed does not depend on the values)."""
+    """Seconds of each CPU kernel this machine runs for one layer shape, summed over TIMED_ROWS (linear_plan's
+    alternating rounds and medians, on random weights: the kernels' speed does not depend on the values)."""
     generator = torch.Generator().manual_seed(0)
     layer = Int8Linear(*quantize_weight(torch.randn(out_features, in_features, generator=generator)), None, torch.float32)
     inputs = [torch.randn(rows, in_features, generator=generator) for rows in TIMED_ROWS]
@@ -151,13 +144,7 @@ def kernel_timings(in_features: int, out_features: int) -> dict[str, float]:
         candidates["pack_mm"] = lambda: [torch._weight_int8pack_mm(x.bfloat16(), layer.weight, layer.scales_bf16) for x in inputs]
     if vnni_available():
         candidates["vnni"] = lambda: [vnni_linear(x, layer.weight, layer.scales, layer.weight_sums, None) for x in inputs]
-    for call in candidates.values():  # warm-up
-        call()
-    rounds: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(REPEATS):
-        for name, call in candidates.items():
-            rounds[name].append(_seconds(call))
-    return {name: statistics.median(times) for name, times in rounds.items()}
+    return dict(zip(candidates, median_seconds(list(candidates.values())))) if candidates else {}
 
 
 def measured_kernels(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> dict[tuple[int, int], str]:
