@@ -9,6 +9,7 @@
 
 #include <pybind11/stl.h>
 
+#include "avx512_sums.h"
 #include "numpy_args.h"
 #include "thread_pool.h"
 
@@ -104,11 +105,14 @@ void block(const Int8Linear& p, const QuantizedRows& q, int64_t n0, int64_t r0) 
     for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + line * 64), _MM_HINT_T0);
     next += 256;
   }
-  const __m512i sums[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+  // all sixteen reduced at once (exact in int32, so the order does not matter): element 4 * c + r is (c, r)
+  alignas(64) int32_t sums[16];
+  _mm512_store_si512(sums, transpose_sums({a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31,
+                                           a32, a33}, AddInt32{}));
   for (int c = 0; c < 4; ++c) {
     const int64_t n = n0 + c;
     for (int r = 0; r < kRows; ++r) {
-      const int32_t sum = _mm512_reduce_add_epi32(sums[c][r]) - q.zero[r0 + r] * p.weight_sums[n];
+      const int32_t sum = sums[4 * c + r] - q.zero[r0 + r] * p.weight_sums[n];
       const float value = static_cast<float>(sum) * (q.scale[r0 + r] * p.scales[n]);
       p.out[(r0 + r) * p.out_features + n] = p.bias ? value + p.bias[n] : value;
     }
