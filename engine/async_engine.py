@@ -3,7 +3,9 @@
 Every caller's rows join the same running batch. `stream_async` / `events_async` are async iterators; `stream`,
 `events` and `generate` block the calling thread and are safe to call from many threads. Leaving a loop early,
 cancelling the task that reads it, or closing the iterator aborts the call's requests and frees their blocks
-before the core's next step.
+before the core's next step. A reader is woken only for what it reads (Forward): audio chunks for stream and
+generate; windows, chunks and the end for events, each preceded by its stages' latest progress, not a progress
+event per step.
 
 An event loop never waits for a running step: `submit_async` adds requests from a worker thread, and an async
 call's abort is handed to the core's thread, which applies it before its next step. A server's other streams keep
@@ -23,7 +25,32 @@ import numpy as np
 from vivace.arguments import PromptLike, check_bool
 from vivace.core.engine_core import RequestOutput
 from vivace.engine import Call, Engine, Sink, assemble
-from vivace.events import AudioChunk, Event
+from vivace.events import AudioChunk, Event, StageProgress
+
+
+class Forward:
+    """A call's sink that wakes its reader (an event loop or a thread) only for what the reader needs, instead of at
+    every step: with audio_only, outputs without audio are dropped with their other events; otherwise an output
+    carrying nothing but progress is held, and its stages' latest progress goes out at the head of the request's
+    next output (a window, a chunk, the end). Final and failed outputs always go out."""
+
+    def __init__(self, put: Sink, audio_only: bool) -> None:
+        self.put = put
+        self.audio_only = audio_only
+        self._progress: dict[int, dict[str, StageProgress]] = {}
+
+    def __call__(self, output: RequestOutput) -> None:
+        if self.audio_only:
+            output.events = [event for event in output.events if isinstance(event, AudioChunk)]
+        elif all(isinstance(event, StageProgress) for event in output.events):
+            held = self._progress.setdefault(output.request_id, {})
+            held.update((event.stage, event) for event in output.events)
+            if not (output.finished or output.error is not None):
+                return
+            output.events = []
+        if output.events or output.finished or output.error is not None:
+            output.events = [*self._progress.pop(output.request_id, {}).values(), *output.events]
+            self.put(output)
 
 
 class AsyncEngine:
@@ -92,16 +119,15 @@ class AsyncEngine:
     async def events_async(
         self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any,
     ) -> AsyncIterator[Event]:
-        async for event in self._events_async(self.engine.requests(prompt, duration_s, seed, options)):
+        async for event in self._events_async(self.engine.requests(prompt, duration_s, seed, options), audio_only=False):
             yield event
 
     async def stream_async(
         self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any,
     ) -> AsyncIterator[AudioChunk]:
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.stream_options(options))
-        async for event in self._events_async(specs):
-            if isinstance(event, AudioChunk):
-                yield event
+        async for event in self._events_async(specs, audio_only=True):
+            yield event
 
     async def generate_async(
         self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, *,
@@ -109,7 +135,7 @@ class AsyncEngine:
     ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
         check_bool(return_codes, "return_codes")
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.whole_options(options))
-        chunks = [event async for event in self._events_async(specs) if isinstance(event, AudioChunk)]
+        chunks = [event async for event in self._events_async(specs, audio_only=True)]
         return assemble(chunks, return_codes)
 
     async def submit_async(
@@ -129,7 +155,7 @@ class AsyncEngine:
 
         def submit() -> Call:
             specs = self.engine.requests(prompt, duration_s, seed, options)
-            return self._submit(specs, lambda output: loop.call_soon_threadsafe(inbox.put_nowait, output))
+            return self._submit(specs, Forward(lambda output: loop.call_soon_threadsafe(inbox.put_nowait, output), False))
 
         def abort_when_added(done: asyncio.Future[Call]) -> None:
             if done.exception() is None:
@@ -143,21 +169,22 @@ class AsyncEngine:
             raise
         return AsyncCall(self, call, inbox)
 
-    async def _events_async(self, specs: list[Any]) -> AsyncIterator[Event]:
+    async def _events_async(self, specs: list[Any], audio_only: bool) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
-        call = AsyncCall(self, self._submit(specs, lambda output: loop.call_soon_threadsafe(inbox.put_nowait, output)), inbox)
+        forward = Forward(lambda output: loop.call_soon_threadsafe(inbox.put_nowait, output), audio_only)
+        call = AsyncCall(self, self._submit(specs, forward), inbox)
         async with call:
             async for event in call:
                 yield event
 
     # -- threads -----------------------------------------------------------------------------------------------
     def events(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any) -> Iterator[Event]:
-        return self._events(self.engine.requests(prompt, duration_s, seed, options))
+        return self._events(self.engine.requests(prompt, duration_s, seed, options), audio_only=False)
 
     def stream(self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, **options: Any) -> Iterator[AudioChunk]:
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.stream_options(options))
-        return (event for event in self._events(specs) if isinstance(event, AudioChunk))
+        return self._events(specs, audio_only=True)
 
     def generate(
         self, prompt: PromptLike, duration_s: float | None = None, seed: int | Sequence[int] = 0, *,
@@ -165,11 +192,11 @@ class AsyncEngine:
     ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
         check_bool(return_codes, "return_codes")
         specs = self.engine.requests(prompt, duration_s, seed, self.engine.family.whole_options(options))
-        return assemble((event for event in self._events(specs) if isinstance(event, AudioChunk)), return_codes)
+        return assemble(self._events(specs, audio_only=True), return_codes)
 
-    def _events(self, specs: list[Any]) -> Iterator[Event]:
+    def _events(self, specs: list[Any], audio_only: bool) -> Iterator[Event]:
         inbox: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        call = self._submit(specs, inbox.put)
+        call = self._submit(specs, Forward(inbox.put, audio_only))
         try:
             while call.pending:
                 yield from call.events(inbox.get())

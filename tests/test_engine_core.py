@@ -15,7 +15,9 @@ import pytest
 
 from musicgen_checkpoints import converted_32khz_pack, one_thread  # noqa: F401 - autouse fixture
 from vivace import AsyncEngine, AudioChunk, Engine, EngineBusy, Story, VivaceError, WindowFinished
-from vivace.core.engine_core import CoreLimits
+from vivace.async_engine import Forward
+from vivace.core.engine_core import CoreLimits, RequestOutput
+from vivace.events import StageProgress, WindowStarted
 
 # The codec decodes each request's chunks alone, from the same codes: its audio is the solo audio to rounding of
 # the batched convolutions (see test_pipeline.AUDIO_TOL); tokens are equal exactly.
@@ -213,6 +215,51 @@ def test_asyncio_clients_and_threads_share_one_async_engine(tiny_pack: Path) -> 
     for i, audio in enumerate(results + [threaded[i] for i in range(16, 20)]):
         assert np.abs(audio - expected[i]).max() <= AUDIO_TOL, i
     assert not engine.core.has_unfinished()
+
+
+def test_forward_hands_a_reader_only_what_it_reads() -> None:
+    def progress(stage: str, done: int) -> StageProgress:
+        return StageProgress(stage, done, 10)
+
+    window = WindowStarted("fine", 0, 0, 0, 0, 4, ())
+    chunk = AudioChunk(0, 0, 0, np.zeros(8, np.float32), np.zeros((2, 4), np.int64))
+    got: list[RequestOutput] = []
+    forward = Forward(got.append, audio_only=False)
+    forward(RequestOutput(1, [progress("fine", 1)]))
+    forward(RequestOutput(1, [progress("fine", 2), progress("coarse", 1)]))
+    assert got == []  # progress alone does not wake the reader
+    forward(RequestOutput(1, [window]))
+    assert got[-1].events == [progress("fine", 2), progress("coarse", 1), window]
+    forward(RequestOutput(1, [progress("fine", 3)], finished=True))
+    assert got[-1].events == [progress("fine", 3)] and got[-1].finished
+    audio: list[RequestOutput] = []
+    forward = Forward(audio.append, audio_only=True)
+    forward(RequestOutput(2, [window, progress("fine", 1)]))
+    assert audio == []
+    forward(RequestOutput(2, [window, chunk, progress("fine", 2)]))
+    assert audio[-1].events == [chunk]
+    forward(RequestOutput(2, [progress("fine", 3)], finished=True, error="bad"))
+    assert audio[-1].events == [] and audio[-1].error == "bad"
+
+
+def test_async_events_are_the_offline_events_with_progress_merged(tiny_pack: Path) -> None:
+    engine = Engine.from_pack(tiny_pack)
+    offline = list(engine.events("piano", 0.5, seed=4))
+    with AsyncEngine(engine) as shared:
+        async def read() -> list:
+            return [event async for event in shared.events_async("piano", 0.5, seed=4)]
+
+        events = asyncio.run(read())
+
+    def kept(items: list) -> list:
+        return [(type(e).__name__, e.stage if hasattr(e, "stage") else e.index) for e in items if not isinstance(e, StageProgress)]
+
+    assert kept(events) == kept(offline)
+    last = {e.stage: e for e in offline if isinstance(e, StageProgress)}
+    assert {e.stage: e for e in events if isinstance(e, StageProgress)} == last
+    assert len([e for e in events if isinstance(e, StageProgress)]) < len([e for e in offline if isinstance(e, StageProgress)])
+    audio = np.concatenate([e.pcm for e in events if isinstance(e, AudioChunk)])
+    assert np.array_equal(audio, np.concatenate([e.pcm for e in offline if isinstance(e, AudioChunk)]))
 
 
 def test_cancelling_an_async_consumer_aborts_its_request(tiny_pack: Path) -> None:
