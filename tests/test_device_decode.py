@@ -50,6 +50,15 @@ def time_major(prompts: list[list[int]]) -> list[Sequence]:
     ]
 
 
+def test_context_tokens_count_every_key_a_decode_step_reads() -> None:
+    """A row's decode step i (after the prefill's first token) attends to its prompt and i drawn tokens; runs of
+    several steps per sync count the same keys as single steps."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]]
+    expected = sum(len(p) + i for s, p in enumerate(prompts) for i in range(1, 9 + 2 * s))
+    for steps_per_sync in (1, 4):
+        assert run(time_major(prompts), steps_per_sync, 200).stats.context_tokens == expected
+
+
 @pytest.mark.parametrize("num_blocks", [200, 14])
 def test_time_major_sequences_draw_the_same_tokens(num_blocks: int) -> None:
     """Sequences of different lengths finish at different steps; a tight pool makes runs fall back to single steps

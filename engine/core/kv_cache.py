@@ -29,6 +29,12 @@ class KVCachePool:
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self.layer(i) for i in range(self.data.shape[0])]
 
+    @property
+    def bytes_per_token(self) -> int:
+        """Key and value bytes of one cached token, every layer: what a decode step reads per key it attends to."""
+        num_layers, _, _, _, num_heads, head_dim = self.data.shape
+        return self.bytes_per_block(num_layers, 1, num_heads, head_dim, self.data.dtype)
+
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return num_layers * 2 * block_size * num_heads * head_dim * torch.finfo(dtype).bits // 8

@@ -50,6 +50,7 @@ class StepStats:
     decode_tokens: int = 0
     preemptions: int = 0
     device_runs: int = 0  # runs of several decode steps per host sync
+    context_tokens: int = 0  # keys the decoded rows attended to, summed over steps (the KV cache reads, per layer)
 
 
 @dataclass(frozen=True)
@@ -128,14 +129,17 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden).float()
         finished = sample_and_advance(plan.batch, logits)
         self.stats.decode_tokens += plan.batch.num_members
+        self.stats.context_tokens += int(plan.inputs[4].sum())
         return [plan.seqs[index] for index in finished.tolist()]
 
     def decode_on_device(self, plan: DecodePlan, steps: int) -> list[Sequence]:
         """`steps` tokens for every sequence of the plan with one host sync (their blocks already reserved)."""
+        context = sum(member.length for seq in plan.seqs for member in seq.members)  # the first step's, per row
         drawn = self.device_loops.bound_to(plan.batch, plan.cross).run(steps)
         for tokens in drawn:
             finished = plan.batch.advance(tokens)  # groups finish only at the last step (steps <= steps_left)
         self.stats.decode_tokens += plan.batch.num_members * steps
+        self.stats.context_tokens += steps * context + plan.batch.num_members * steps * (steps - 1) // 2  # a key per step
         self.stats.device_runs += 1
         return [plan.seqs[index] for index in finished.tolist()]
 
