@@ -25,7 +25,7 @@ from benchmarks.musicgen_suite import DECODER
 from vivace.families.musiclm.pack import STAGES
 from vivace.families.musiclm.random_pack import preset_config
 from vivace.model.config import TransformerConfig
-from vivace.model.quant import Int8Linear, vnni_available
+from vivace.model.quant import Int8Linear, native_kernels
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MODES = {
@@ -62,7 +62,7 @@ def gemv_bandwidth(kind: str, rows: int, device: str, layers: int, repeats: int)
             linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             linear.weight.data = w
             q = Int8Linear.from_linear(linear).to(device)
-            if kind in ("int8", "int8 pack_mm", "int8 vnni"):
+            if kind in ("int8", "int8 pack_mm", "int8 vnni", "int8 avx2"):
                 if kind != "int8":
                     q.kernel = kind.removeprefix("int8 ")
                 calls.append(lambda x=x, q=q: q(x))
@@ -148,7 +148,7 @@ def gemv_for(gemv: dict[str, dict[int, dict[str, float]]], mode: str) -> dict[in
     if mode == "int8+bf16":
         return gemv.get("int8 pack_mm", gemv.get("int8", {}))
     if mode == "int8":
-        kernels = [gemv[k] for k in ("int8 pack_mm", "int8 vnni") if k in gemv]
+        kernels = [gemv[k] for k in ("int8 pack_mm", "int8 vnni", "int8 avx2") if k in gemv]
         return {rows: max((k[rows] for k in kernels), key=lambda r: r["gb_s"]) for rows in (1, 2)} if kernels else {}
     return {}
 
@@ -159,7 +159,7 @@ def run(options: Options) -> dict[str, Any]:
     copy = copy_bandwidth(device, settings["copy_mib"], settings["repeats"])
     release_memory()
     if device == "cpu":
-        kinds = ["float32", "bfloat16", "int8 pack_mm", *(["int8 vnni"] if vnni_available() else []),
+        kinds = ["float32", "bfloat16", "int8 pack_mm", *(f"int8 {kernel}" for kernel in native_kernels()),
                  "int8 pack_mm float32 activations", "int8 dequantize per call"]
     else:
         kinds = ["float32", "bfloat16", "int8"]
@@ -167,7 +167,7 @@ def run(options: Options) -> dict[str, Any]:
     for kind in kinds:
         gemv[kind] = {}
         for rows in (1, 2):
-            engine_path = kind in ("float32", "bfloat16", "int8", "int8 pack_mm", "int8 vnni")
+            engine_path = kind in ("float32", "bfloat16", "int8", "int8 pack_mm", "int8 vnni", "int8 avx2")
             layers = settings["gemv_layers"] if engine_path else max(2, settings["gemv_layers"] // 4)
             gemv[kind][rows] = gemv_bandwidth(kind, rows, device, layers, max(3, settings["repeats"] // 2))
             release_memory()

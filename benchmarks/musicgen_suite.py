@@ -39,7 +39,7 @@ from benchmarks.common import ROOT, Options, PeakRSS, release_memory, table, wri
 from vivace import AudioChunk, Engine, WindowFinished
 from vivace.events import StageProgress
 from vivace.families.musicgen.pipeline import delayed_grid
-from vivace.model.quant import vnni_available
+from vivace.model.quant import native_kernels
 
 WORDS = (
     "a the slow fast mellow upbeat piano drums jazz rock ambient pads with and in of bass guitar strings choir loud "
@@ -52,6 +52,7 @@ MODES = {  # name: Engine.from_pack options
     "int8": {"dtype": "float32", "quantize": "int8"},
     "int8 pack_mm": {"dtype": "float32", "quantize": "int8", "int8_kernel": "pack_mm"},
     "int8 vnni": {"dtype": "float32", "quantize": "int8", "int8_kernel": "vnni"},  # CPUs with AVX-512 VNNI
+    "int8 avx2": {"dtype": "float32", "quantize": "int8", "int8_kernel": "avx2"},  # CPUs with AVX2 (the same bits)
     "int8+bf16": {"dtype": "bfloat16", "quantize": "int8"},
 }
 # on CUDA also: bfloat16 with 16 decode steps per host sync replayed as CUDA graphs (vivace.core.device_decode)
@@ -246,8 +247,8 @@ def run(options: Options) -> dict[str, Any]:
     reference: list[torch.Tensor] = []
     grids: list[np.ndarray] = []
     modes = {**MODES, **(GRAPH_MODES if options.device.startswith("cuda") else {})}
-    if options.device != "cpu" or not vnni_available():
-        modes = {mode: kwargs for mode, kwargs in modes.items() if "int8_kernel" not in kwargs}
+    runnable = ("pack_mm", *native_kernels()) if options.device == "cpu" else ()
+    modes = {mode: kwargs for mode, kwargs in modes.items() if "int8_kernel" not in kwargs or kwargs["int8_kernel"] in runnable}
     for mode, kwargs in modes.items():
         with PeakRSS() as memory:
             start = time.perf_counter()

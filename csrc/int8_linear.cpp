@@ -161,6 +161,131 @@ void run(const Int8Linear& p, int threads) {
 #pragma GCC pop_options
 #endif
 
+#ifdef VIVACE_X86
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+
+// AVX2 has no int8 dot product that is exact for uint8 x int8 (vpmaddubsw saturates at 16 bits), so activations are
+// widened to int16 once per row and weights sixteen at a time, and vpmaddwd sums pairs into int32: the same exact
+// sums as the VNNI kernel, so both give the same bits. Activation rows are padded with zeros to whole 16s; a weight
+// row's tail past its last 16 is summed in scalar code.
+struct WideRows {
+  int64_t stride;  // in_features rounded up to 16
+  std::vector<int16_t> values;  // [rows, stride], zeros past in_features
+  std::vector<float> scale;
+  std::vector<int32_t> zero;
+};
+
+// The VNNI kernel's quantization, value for value: the range holds 0 (its accumulators start at 0 and masked
+// lanes read 0), and x * (1 / scale) converts to the nearest integer, ties to even.
+WideRows quantize_rows(const float* x, int64_t rows, int64_t in) {
+  const int64_t stride = (in + 15) / 16 * 16;
+  WideRows q{stride, std::vector<int16_t>(rows * stride, 0), std::vector<float>(rows), std::vector<int32_t>(rows)};
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * in;
+    float lowest = 0.0f, highest = 0.0f;
+    for (int64_t k = 0; k < in; ++k) {
+      lowest = std::min(lowest, row[k]);
+      highest = std::max(highest, row[k]);
+    }
+    const float scale = highest > lowest ? (highest - lowest) / 255.0f : 1.0f;
+    const int32_t zero = static_cast<int32_t>(std::clamp(std::nearbyint(-lowest / scale), 0.0f, 255.0f));
+    const float inverse = 1.0f / scale;
+    int16_t* out = q.values.data() + r * stride;
+    for (int64_t k = 0; k < in; ++k)
+      out[k] = static_cast<int16_t>(std::clamp(static_cast<int32_t>(std::nearbyint(row[k] * inverse)) + zero, 0, 255));
+    q.scale[r] = scale;
+    q.zero[r] = zero;
+  }
+  return q;
+}
+
+inline int32_t sum_lanes(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Four weight rows against kRows (1 or 2) activation rows: eight accumulators, the most sixteen ymm registers hold
+// beside the loads.
+template <int kRows>
+void block(const Int8Linear& p, const WideRows& q, int64_t n0, int64_t r0) {
+  const int64_t in = p.in_features, whole = in / 16 * 16;
+  const int8_t* w = p.weight + n0 * in;
+  const int16_t* x0 = q.values.data() + r0 * q.stride;
+  const int16_t* x1 = x0 + q.stride;
+  __m256i acc[4][kRows];
+  for (auto& channel : acc)
+    for (auto& a : channel) a = _mm256_setzero_si256();
+  const int8_t* next = w + 4 * in;  // the next block's four rows, 256 bytes prefetched per 64 inputs (as VNNI's)
+  for (int64_t k = 0; k < whole; k += 16) {
+    if (k % 64 == 0) {
+      for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + line * 64), _MM_HINT_T0);
+      next += 256;
+    }
+    const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + k));
+    const __m256i a1 = kRows > 1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + k)) : a0;
+    for (int c = 0; c < 4; ++c) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * in + k)));
+      acc[c][0] = _mm256_add_epi32(acc[c][0], _mm256_madd_epi16(a0, wv));
+      if constexpr (kRows > 1) acc[c][kRows - 1] = _mm256_add_epi32(acc[c][kRows - 1], _mm256_madd_epi16(a1, wv));
+    }
+  }
+  for (int c = 0; c < 4; ++c) {
+    const int64_t n = n0 + c;
+    for (int r = 0; r < kRows; ++r) {
+      const int16_t* xr = r ? x1 : x0;
+      int32_t sum = sum_lanes(acc[c][r]);
+      for (int64_t k = whole; k < in; ++k) sum += xr[k] * w[c * in + k];
+      sum -= q.zero[r0 + r] * p.weight_sums[n];
+      const float value = static_cast<float>(sum) * (q.scale[r0 + r] * p.scales[n]);
+      p.out[(r0 + r) * p.out_features + n] = p.bias ? value + p.bias[n] : value;
+    }
+  }
+}
+
+// One weight row against every activation row (the channels past the last block of four).
+void single_channel(const Int8Linear& p, const WideRows& q, int64_t n) {
+  const int64_t in = p.in_features, whole = in / 16 * 16;
+  const int8_t* w = p.weight + n * in;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int16_t* xr = q.values.data() + r * q.stride;
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t k = 0; k < whole; k += 16)
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k)),
+                                                    _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)))));
+    int32_t sum = sum_lanes(acc);
+    for (int64_t k = whole; k < in; ++k) sum += xr[k] * w[k];
+    sum -= q.zero[r] * p.weight_sums[n];
+    const float value = static_cast<float>(sum) * (q.scale[r] * p.scales[n]);
+    p.out[r * p.out_features + n] = p.bias ? value + p.bias[n] : value;
+  }
+}
+
+void channels(const Int8Linear& p, const WideRows& q, int64_t begin, int64_t end) {
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) {
+    int64_t r = 0;
+    for (; r + 2 <= p.rows; r += 2) block<2>(p, q, n, r);
+    if (r < p.rows) block<1>(p, q, n, r);
+  }
+  for (; n < end; ++n) single_channel(p, q, n);
+}
+
+void run(const Int8Linear& p, int threads) {
+  const WideRows q = quantize_rows(p.x, p.rows, p.in_features);
+  const int64_t items = (p.out_features + kItemChannels - 1) / kItemChannels;
+  parallel_for(items, threads, [&](int64_t item) {
+    channels(p, q, item * kItemChannels, std::min(p.out_features, (item + 1) * kItemChannels));
+  });
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
 struct Isa {
   const char* name;
   void (*run)(const Int8Linear&, int threads);
@@ -174,16 +299,30 @@ const std::vector<Isa>& supported() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vnni"))
       found.push_back({"avx512_vnni", &avx512_vnni::run});
+    if (__builtin_cpu_supports("avx2")) found.push_back({"avx2", &avx2::run});
 #endif
     return found;
   }();
   return isas;
 }
 
+// The fastest instruction set for "auto", else the one named; std::invalid_argument (ValueError) where it is none
+// this CPU runs.
+const Isa& find(const std::string& name) {
+  const std::vector<Isa>& isas = supported();
+  if (isas.empty()) throw std::invalid_argument("int8_linear needs AVX-512 VNNI or AVX2, which this CPU does not have");
+  if (name == "auto") return isas.front();
+  for (const Isa& isa : isas)
+    if (name == isa.name) return isa;
+  std::string known;
+  for (const Isa& isa : isas) known += std::string(known.empty() ? "" : ", ") + isa.name;
+  throw std::invalid_argument("int8_linear isa '" + name + "' does not run on this CPU (it runs auto, " + known + ")");
+}
+
 py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::handle scales_object,
-                          py::handle weight_sums_object, py::object bias_object, int num_threads) {
+                          py::handle weight_sums_object, py::object bias_object, int num_threads, const std::string& isa) {
   if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
-  if (supported().empty()) throw py::value_error("int8_linear needs AVX-512 VNNI, which this CPU does not have");
+  const Isa& chosen = find(isa);  // before any work: an unknown or missing isa is the caller's error
   const auto x = typed_array<float>(x_object, "x", "float32", 2, true);
   const auto weight = typed_array<int8_t>(weight_object, "weight", "int8", 2, false);
   const auto scales = typed_array<float>(scales_object, "scales", "float32", 1, true);
@@ -209,7 +348,7 @@ py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::han
                            bias_object.is_none() ? nullptr : bias.data(), out.mutable_data(), rows, in, out_features};
   {
     py::gil_scoped_release release;
-    int8_linear(problem, num_threads);
+    chosen.run(problem, num_threads);
   }
   return out;
 }
@@ -222,18 +361,18 @@ std::vector<std::string> int8_linear_isas() {
   return names;
 }
 
-void int8_linear(const Int8Linear& problem, int threads) {
-  if (supported().empty()) throw std::invalid_argument("int8_linear needs AVX-512 VNNI");
-  supported().front().run(problem, std::max(1, threads));
+void int8_linear(const Int8Linear& problem, int threads, const std::string& isa) {
+  find(isa).run(problem, std::max(1, threads));
 }
 
 void register_int8_linear(py::module_& m) {
   m.def("int8_linear", &linear, py::arg("x"), py::arg("weight"), py::arg("scales"), py::arg("weight_sums"),
-        py::arg("bias") = py::none(), py::arg("num_threads") = 1,
+        py::arg("bias") = py::none(), py::arg("num_threads") = 1, py::arg("isa") = "auto",
         "An int8 linear with per-row dynamic uint8 activations: x float32 [rows, in] is quantized per row\n"
         "(asymmetric, its range and 0 over 255 steps), multiplied with weight int8 [out, in] (C-contiguous, read in\n"
         "place) in exact int32 sums, then scaled by the row's scale and scales[n] (+ bias). weight_sums int32 [out]\n"
-        "= weight.sum(1). Returns float32 [rows, out].");
+        "= weight.sum(1). isa: 'auto' (the fastest) or one of int8_linear_isas(); every one gives the same bits.\n"
+        "Returns float32 [rows, out].");
   m.def("int8_linear_isas", &int8_linear_isas, "The instruction sets int8_linear runs on this CPU, best first.");
 }
 

@@ -9,7 +9,8 @@ namespace vivace {
 
 // out[r, n] = x_scale[r] * scales[n] * sum_k (xq[r, k] - x_zero[r]) * weight[n, k] (+ bias[n]): an int8 linear
 // layer whose float32 activations are quantized per row on the fly (asymmetric uint8: the row's range, zero
-// included, over 255 steps) and multiplied with the int8 weights in exact int32 sums (AVX-512 VNNI vpdpbusd).
+// included, over 255 steps) and multiplied with the int8 weights in exact int32 sums (AVX-512 VNNI vpdpbusd, or
+// AVX2 vpmaddwd on values widened to int16).
 // Weights are int8 [out_features, in_features], row-major as quantized (no repacking); weight_sums[n] = sum_k
 // weight[n, k] takes the activations' zero point out of the int32 sums.
 struct Int8Linear {
@@ -22,14 +23,15 @@ struct Int8Linear {
   int64_t rows, in_features, out_features;
 };
 
-// The instruction sets int8_linear can use on this CPU ("avx512_vnni"); empty where it has none (the Python side
-// then keeps torch's int8 path).
+// The instruction sets int8_linear can use on this CPU, fastest first ("avx512_vnni", "avx2"); empty where it has
+// neither (the Python side then keeps torch's int8 path). Every one gives the same bits: the sums are exact.
 std::vector<std::string> int8_linear_isas();
 
 // Runs on up to `threads` threads (vivace::parallel_for); throws std::invalid_argument where the CPU has no
 // instruction set for it. Each output depends on its own row and channel only (its sums are exact integers), not
-// on the batch, the threads or the split.
-void int8_linear(const Int8Linear& problem, int threads);
+// on the batch, the threads, the split or the instruction set. isa: "auto" (the fastest) or one of
+// int8_linear_isas().
+void int8_linear(const Int8Linear& problem, int threads, const std::string& isa = "auto");
 
 // _C.int8_linear, _C.int8_linear_isas.
 void register_int8_linear(pybind11::module_& m);

@@ -57,8 +57,9 @@ def _threads(text: str) -> int | str:
 
 LINEAR_HELP = ("float32 CPU linears at 2-64 rows: auto measures F.linear against W x^T per layer shape on this machine "
                "(once, cached), linear / matmul fix one")
-INT8_KERNEL_HELP = ("--quantize int8 on the CPU: auto times torch's int8 pack mm against vivace's VNNI kernel per layer "
-                    "shape (once per CPU model and torch version, cached), pack_mm / vnni fix one")
+INT8_KERNEL_HELP = ("--quantize int8 on the CPU: auto times torch's int8 pack mm against vivace's kernel (AVX-512 VNNI, "
+                    "AVX2: the same bits) per layer shape (once per CPU model and torch version, cached); "
+                    "pack_mm / vnni / avx2 fix one")
 
 # API argument names whose command-line flag has another dest (the others are found by dest: top_k -> --top-k)
 _API_DESTS = {"duration_s": "duration", "stage_sampling": "stage", "max_waiting": "max_queue"}
@@ -108,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--codec-backend", default="auto", dest="codec_backend", help="auto | torch | onnxruntime | tensorrt")
     gen.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
                      help=LINEAR_HELP)
-    gen.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "vnni"],
+    gen.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "vnni", "avx2"],
                      help=INT8_KERNEL_HELP)
     gen.add_argument("--steps-per-sync", type=int, default=1, dest="steps_per_sync",
                      help="CUDA: decode steps per host sync (not yet verified on a GPU)")
@@ -141,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--codec-backend", default="auto", dest="codec_backend")
     serve.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
                        help=LINEAR_HELP)
-    serve.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "vnni"],
+    serve.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "vnni", "avx2"],
                        help=INT8_KERNEL_HELP)
     serve.add_argument("--kv-cache-gb", type=float, default=4.0, dest="kv_cache_gb")
     serve.add_argument("--log-level", default="info", dest="log_level", choices=["debug", "info", "warning", "error"])

@@ -145,8 +145,9 @@ class Engine:
         linear_products: how float32 linear layers multiply 2 to 64 rows on the CPU: "auto" measures F.linear against
         W x^T per layer shape on this machine (once; cached, see vivace.model.linear_plan), "linear" or "matmul"
         fix one.
-        int8_kernel: with quantize="int8" on the CPU, "auto" times torch's int8 pack mm against vivace's VNNI kernel
-        per layer shape (once per process) and keeps the faster; "pack_mm" or "vnni" fix one (see vivace.model.quant).
+        int8_kernel: with quantize="int8" on the CPU, "auto" times torch's int8 pack mm against vivace's kernel (AVX-512
+        VNNI and AVX2, which give the same bits) per layer shape (once per CPU model and torch version, cached) and
+        keeps the fastest; "pack_mm", "vnni" or "avx2" fix one (see vivace.model.quant).
         adaptive_threads: between steps, run on torch's thread count or on one, whichever measures faster
         (vivace.threads.ThreadGovernor: for hosts shared with other work; tokens are unchanged, audio may differ in
         its last bits between the two counts). It sets the process's thread count: one such engine per process.

@@ -32,7 +32,7 @@ from vivace.cli import main
 from vivace.export.musicgen import convert_musicgen
 from vivace import _C
 from vivace.model.linear_plan import PlanCache
-from vivace.model.quant import Int8Linear, choose_kernels, pack_mm_available, quantize_weight, vnni_available
+from vivace.model.quant import Int8Linear, choose_kernels, native_kernels, pack_mm_available, quantize_weight
 
 SHAPES = [(1024, 4096, False), (4096, 1024, False), (64, 96, True), (37, 5, True)]  # (in, out, bias)
 
@@ -61,7 +61,11 @@ def test_quantize_weight_rounds_to_the_channel_grid() -> None:
     assert not zero_q.any() and bool(torch.isfinite(zero_scales).all())
 
 
-KERNELS = ["pack_mm", pytest.param("vnni", marks=pytest.mark.skipif(not vnni_available(), reason="no AVX-512 VNNI"))]
+NATIVE = [  # vivace's kernels, each where this CPU runs it
+    pytest.param("vnni", marks=pytest.mark.skipif("vnni" not in native_kernels(), reason="no AVX-512 VNNI")),
+    pytest.param("avx2", marks=pytest.mark.skipif("avx2" not in native_kernels(), reason="no AVX2")),
+]
+KERNELS = ["pack_mm", *NATIVE]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -78,13 +82,13 @@ def test_int8_linear_matches_float_references(in_features: int, out_features: in
     bias64 = None if linear.bias is None else linear.bias.detach().double()
     dequantized = torch.nn.functional.linear(x.double(), quantized.dequantized().double(), bias64)
     assert y.shape == reference.shape and y.dtype == x.dtype
-    assert quantized.use_vnni(x) == (kernel == "vnni")
-    pack_mm = not quantized.use_vnni(x) and quantized.use_pack_mm(x)
+    native = quantized.use_native(x)
+    assert native == (kernel != "pack_mm")
+    pack_mm = not native and quantized.use_pack_mm(x)
     if kernel == "pack_mm":
         assert pack_mm == (in_features % 32 == 0 and pack_mm_available())
-    vnni = quantized.use_vnni(x)
-    assert relative_error(y, dequantized) <= (1.5e-2 if vnni else 1e-2 if pack_mm else 1e-5)
-    assert relative_error(y, reference) <= (2e-2 if vnni else 1.5e-2)
+    assert relative_error(y, dequantized) <= (1.5e-2 if native else 1e-2 if pack_mm else 1e-5)
+    assert relative_error(y, reference) <= (2e-2 if native else 1.5e-2)
 
 
 def test_int8_linear_keeps_bfloat16_activations() -> None:
@@ -139,8 +143,9 @@ def test_unknown_quantize_mode_is_refused(tiny_pack: Path) -> None:
         Engine.from_pack(tiny_pack, quantize="int4")
 
 
-# -- the VNNI kernel (csrc/int8_linear.cpp): per-row uint8 activations, exact int32 sums ---------------------------
-needs_vnni = pytest.mark.skipif(not vnni_available(), reason="this CPU has no AVX-512 VNNI (the kernel is not built for it)")
+# -- vivace's kernel (csrc/int8_linear.cpp): per-row uint8 activations, exact int32 sums ---------------------------
+needs_vnni = pytest.mark.skipif("vnni" not in native_kernels(), reason="this CPU has no AVX-512 VNNI")
+needs_native = pytest.mark.skipif(not native_kernels(), reason="this CPU has neither AVX-512 VNNI nor AVX2")
 VNNI_SHAPES = [(1024, 4096, False), (4096, 1024, True), (64, 96, True), (37, 5, True), (130, 7, False)]
 
 
@@ -157,32 +162,32 @@ def vnni_reference(x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
     return out if layer.bias is None else out + layer.bias
 
 
-def vnni_layer(in_features: int, out_features: int, bias: bool) -> tuple[nn.Linear, Int8Linear]:
+def vnni_layer(in_features: int, out_features: int, bias: bool, kernel: str = "vnni") -> tuple[nn.Linear, Int8Linear]:
     torch.manual_seed(in_features * 7 + out_features)
     linear = nn.Linear(in_features, out_features, bias=bias)
     layer = Int8Linear.from_linear(linear)
-    layer.kernel = "vnni"
+    layer.kernel = kernel
     return linear, layer
 
 
-@needs_vnni
+@pytest.mark.parametrize("kernel", NATIVE)
 @pytest.mark.parametrize("in_features,out_features,bias", VNNI_SHAPES)
-def test_vnni_kernel_equals_its_reference_exactly(in_features: int, out_features: int, bias: bool) -> None:
-    """Every step is the reference's float32 op or an exact integer sum, so the outputs are equal, bit for bit
-    (row tails past 64 inputs and channels past a block of four included)."""
-    _, layer = vnni_layer(in_features, out_features, bias)
+def test_native_kernels_equal_their_reference_exactly(in_features: int, out_features: int, bias: bool, kernel: str) -> None:
+    """Every step is the reference's float32 op or an exact integer sum, so the outputs are equal, bit for bit, on
+    either instruction set (row tails past 64 or 16 inputs and channels past a block of four included)."""
+    _, layer = vnni_layer(in_features, out_features, bias, kernel)
     x = torch.randn(7, in_features) * torch.logspace(-2, 1, 7)[:, None]  # rows of very different ranges
     x[3] = x[3].abs()  # a row without negatives: its zero point is 0
     x[5] = 0.0  # an all-zero row
     with torch.no_grad():
         y = layer(x)
-    assert layer.use_vnni(x) and y.dtype == torch.float32
+    assert layer.use_native(x) and y.dtype == torch.float32
     assert torch.equal(y, vnni_reference(x, layer))
 
 
-@needs_vnni
-def test_vnni_rows_do_not_depend_on_the_batch_or_threads() -> None:
-    _, layer = vnni_layer(1024, 256, True)
+@pytest.mark.parametrize("kernel", NATIVE)
+def test_native_rows_do_not_depend_on_the_batch_or_threads(kernel: str) -> None:
+    _, layer = vnni_layer(1024, 256, True, kernel)
     x = torch.randn(11, 1024)
     with torch.no_grad():
         batch = layer(x)
@@ -192,8 +197,8 @@ def test_vnni_rows_do_not_depend_on_the_batch_or_threads() -> None:
     assert torch.equal(batch, alone) and torch.equal(batch, two_threads)
 
 
-@needs_vnni
-def test_vnni_kernel_refuses_bad_arguments_in_one_line() -> None:
+@needs_native
+def test_native_kernel_refuses_bad_arguments_in_one_line() -> None:
     _, layer = vnni_layer(64, 8, False)
     args = (torch.randn(2, 64), layer.weight, layer.scales, layer.weight_sums)
     cases = {
@@ -201,6 +206,7 @@ def test_vnni_kernel_refuses_bad_arguments_in_one_line() -> None:
         "weight (8, 64) must have 32 columns": (torch.randn(2, 32), *args[1:]),
         "weight_sums (7,) must have one value per weight row (8)": (*args[:3], layer.weight_sums[:7]),
         "weight must be C-contiguous": (args[0], layer.weight.T.contiguous().T, *args[2:]),
+        "int8_linear isa 'amx' does not run on this CPU": (*args, None, 1, "amx"),
     }
     for message, call_args in cases.items():
         with pytest.raises(ValueError) as error:
@@ -212,17 +218,17 @@ def test_int8_kernel_choice_is_measured_once_per_machine(tmp_path: Path) -> None
     cache = PlanCache(tmp_path / "plans.json")
     model = nn.Sequential(Int8Linear.from_linear(nn.Linear(64, 32)), Int8Linear.from_linear(nn.Linear(32, 64)))
     chosen = choose_kernels([model], "auto", cache)
-    assert set(chosen) == {(64, 32), (32, 64)} and set(chosen.values()) <= {"pack_mm", "vnni"}
+    assert set(chosen) == {(64, 32), (32, 64)} and set(chosen.values()) <= {"pack_mm", "vnni", "avx2"}
     assert [layer.kernel for layer in model] == [chosen[(64, 32)], chosen[(32, 64)]]
     stored = json.loads((tmp_path / "plans.json").read_text())
-    assert [entries for key, entries in stored.items() if key.endswith("int8 kernels")] == [
+    assert [entries for key, entries in stored.items() if "int8 kernels: " in key] == [
         {"64x32": chosen[(64, 32)], "32x64": chosen[(32, 64)]}
     ]
     for layer in model:
         layer.kernel = "unset"
     assert choose_kernels([model], "auto", cache) == chosen  # read back, not measured again
     assert choose_kernels([model], "pack_mm", cache) == {(64, 32): "pack_mm", (32, 64): "pack_mm"}
-    with pytest.raises(VivaceError, match="int8_kernel must be one of auto, pack_mm, vnni, got 'fast'"):
+    with pytest.raises(VivaceError, match="int8_kernel must be one of auto, pack_mm, vnni, avx2, got 'fast'"):
         choose_kernels([model], "fast", cache)
     assert set(choose_kernels([model], "auto", cache, activations=torch.bfloat16).values()) == {"pack_mm"}
     assert {layer.kernel for layer in model} == {"pack_mm"}
@@ -237,19 +243,26 @@ def test_vnni_with_bfloat16_activations_is_refused_before_loading(tiny_pack: Pat
     assert set(engine.info()["int8_kernels"].values()) == {"pack_mm"}
 
 
-@needs_vnni
-def test_engine_runs_the_vnni_kernel(tiny_pack: Path, tmp_path: Path) -> None:
-    engine = Engine.from_pack(tiny_pack, quantize="int8", int8_kernel="vnni")
-    assert set(engine.info()["int8_kernels"].values()) == {"vnni"}
+@pytest.mark.parametrize("kernel", NATIVE)
+def test_engine_runs_a_native_kernel(tiny_pack: Path, tmp_path: Path, kernel: str) -> None:
+    engine = Engine.from_pack(tiny_pack, quantize="int8", int8_kernel=kernel)
+    assert set(engine.info()["int8_kernels"].values()) == {kernel}
     layers = [m for model in engine.pack.stages.values() for m in model.modules() if isinstance(m, Int8Linear)]
-    assert layers and all(layer.kernel == "vnni" for layer in layers)
+    assert layers and all(layer.kernel == kernel for layer in layers)
     audio = engine.generate(["calm piano", "drums"], duration_s=0.7, seed=3)
     assert bool(np.isfinite(audio).all()) and float(np.abs(audio).max()) > 0
     np.testing.assert_array_equal(engine.generate("drums", duration_s=0.7, seed=4)[0], audio[1])
-    out = tmp_path / "vnni.wav"
+    out = tmp_path / f"{kernel}.wav"
     argv = ["generate", "--pack", str(tiny_pack), "drums", "--duration", "0.6", "--quantize", "int8",
-            "--int8-kernel", "vnni", "-o", str(out), "--quiet"]
+            "--int8-kernel", kernel, "-o", str(out), "--quiet"]
     assert main(argv) == 0 and out.is_file()
+
+
+@pytest.mark.skipif(len(native_kernels()) < 2, reason="needs both AVX-512 VNNI and AVX2")
+def test_both_instruction_sets_give_the_same_audio(tiny_pack: Path) -> None:
+    audio = [Engine.from_pack(tiny_pack, quantize="int8", int8_kernel=kernel).generate("drums", 0.7, seed=4)
+             for kernel in native_kernels()]
+    np.testing.assert_array_equal(audio[0], audio[1])
 
 
 def test_cli_refuses_an_unknown_int8_kernel(tiny_pack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

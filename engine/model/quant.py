@@ -5,15 +5,16 @@ The activations between layers, norms, embeddings and the KV cache keep the engi
 nn.Linear inside the layers (attention qkv / o, cross-attention q / kv / o, FFN) and the output heads for an
 Int8Linear.
 
-CPU, one of two kernels per layer (`Int8Linear.kernel`):
+CPU, one of three kernels per layer (`Int8Linear.kernel`):
 - "pack_mm": torch._weight_int8pack_mm, fed bfloat16 activations: its float32-activation path is a scalar loop, its
   bfloat16 path is vectorized (docs/performance.md, "int8 linears"); it needs in_features to be a multiple of 32.
-- "vnni" (CPUs with AVX-512 VNNI, float32 activations): vivace's own kernel (csrc/int8_linear.cpp) quantizes each
-  activation row to uint8 on the fly (its range, zero included, over 255 steps) and sums the int8 products exactly in
-  int32, so a row's output never depends on the other rows of the batch.
-`choose_kernels` times both on this machine for each layer shape and keeps the faster, cached beside the float32
-linear plans (docs/performance.md has the figures); bfloat16 activations take "pack_mm". Where neither runs (CUDA;
-in_features not a multiple of 32 without VNNI), the layer dequantizes per call and runs a plain matmul.
+- "vnni" (CPUs with AVX-512 VNNI) and "avx2" (CPUs with AVX2), float32 activations: vivace's own kernel
+  (csrc/int8_linear.cpp) quantizes each activation row to uint8 on the fly (its range, zero included, over 255
+  steps) and sums the int8 products exactly in int32, so a row's output never depends on the other rows of the
+  batch, and the two instruction sets give the same bits.
+`choose_kernels` times those this machine runs for each layer shape and keeps the fastest, cached beside the float32
+linear plans (docs/performance.md has the figures); bfloat16 activations take "pack_mm". Where none runs (CUDA;
+in_features not a multiple of 32 without vivace's kernel), the layer dequantizes per call and runs a plain matmul.
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ from vivace.model.transformer import StageTransformer
 
 QUANTIZE_MODES = ("int8",)
 PACK_MM_ALIGN = 32
-INT8_KERNELS = ("auto", "pack_mm", "vnni")
+INT8_KERNELS = ("auto", "pack_mm", "vnni", "avx2")
+NATIVE_ISAS = {"vnni": "avx512_vnni", "avx2": "avx2"}  # vivace's kernels by name -> _C.int8_linear's isa
+ISA_NAMES = {"vnni": "AVX-512 VNNI", "avx2": "AVX2"}
 TIMED_ROWS = (2, 8)  # a guided pair and a small batch: a kernel is chosen by its summed time at both
 
 
@@ -61,16 +64,21 @@ def pack_mm_available() -> bool:
 
 
 @functools.cache
+def native_kernels() -> tuple[str, ...]:
+    """vivace's int8 kernels this CPU runs ("vnni", "avx2"), fastest first (asked once: every forward reads it)."""
+    isas = _C.int8_linear_isas()
+    return tuple(kernel for kernel, isa in NATIVE_ISAS.items() if isa in isas)
+
+
 def vnni_available() -> bool:
-    """Whether this CPU runs vivace's VNNI kernel (asked once: every forward of an Int8Linear reads it)."""
-    return "avx512_vnni" in _C.int8_linear_isas()
+    return "vnni" in native_kernels()
 
 
-def vnni_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, weight_sums: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    """float32 rows [r, in] through vivace's VNNI kernel (per-row uint8 activations, exact int32 sums)."""
+def native_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, weight_sums: torch.Tensor,
+                  bias: torch.Tensor | None, kernel: str = "vnni") -> torch.Tensor:
+    """float32 rows [r, in] through vivace's kernel ("vnni" or "avx2": per-row uint8 activations, exact int32 sums)."""
     return torch.from_numpy(_C.int8_linear(rows.detach().contiguous(), weight, scales, weight_sums, bias,
-                                           torch.get_num_threads()))
+                                           torch.get_num_threads(), NATIVE_ISAS[kernel]))
 
 
 class Int8Linear(nn.Module):
@@ -95,14 +103,16 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scales[:, None]
 
-    def use_vnni(self, x: torch.Tensor) -> bool:
-        return self.kernel == "vnni" and x.device.type == "cpu" and x.dtype == torch.float32 and vnni_available()
+    def use_native(self, x: torch.Tensor) -> bool:
+        return (self.kernel in NATIVE_ISAS and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.kernel in native_kernels())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.use_vnni(x):
+        if self.use_native(x):
             bias = None if self.bias is None else self.bias.float()
-            return vnni_linear(rows, self.weight, self.scales, self.weight_sums, bias).view(*x.shape[:-1], self.out_features)
+            out = native_linear(rows, self.weight, self.scales, self.weight_sums, bias, self.kernel)
+            return out.view(*x.shape[:-1], self.out_features)
         if self.use_pack_mm(x):
             out = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight, self.scales_bf16).to(x.dtype)
         else:
@@ -142,8 +152,10 @@ def kernel_timings(in_features: int, out_features: int) -> dict[str, float]:
     candidates = {}
     if in_features % PACK_MM_ALIGN == 0 and pack_mm_available():
         candidates["pack_mm"] = lambda: [torch._weight_int8pack_mm(x.bfloat16(), layer.weight, layer.scales_bf16) for x in inputs]
-    if vnni_available():
-        candidates["vnni"] = lambda: [vnni_linear(x, layer.weight, layer.scales, layer.weight_sums, None) for x in inputs]
+    for kernel in native_kernels():
+        candidates[kernel] = lambda kernel=kernel: [
+            native_linear(x, layer.weight, layer.scales, layer.weight_sums, None, kernel) for x in inputs
+        ]
     return dict(zip(candidates, median_seconds(list(candidates.values())))) if candidates else {}
 
 
@@ -152,7 +164,8 @@ def measured_kernels(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> dic
     per CPU model and torch version, at the thread count of the first engine, then read from cache (a few
     milliseconds per shape): every later engine on the machine runs the same kernels, so its tokens do not depend on
     the thread count (the two kernels round differently) and its bytes repeat."""
-    key = f"{cpu_and_torch()} | int8 kernels"
+    candidates = [*(["pack_mm"] if pack_mm_available() else []), *native_kernels()]
+    key = f"{cpu_and_torch()} | int8 kernels: {', '.join(candidates)}"  # new candidates are measured afresh
     stored = {name: kernel for name, kernel in cache.entries(key).items() if kernel in INT8_KERNELS[1:]}
     chosen = {}
     for in_features, out_features in sorted(set(shapes)):
@@ -187,11 +200,11 @@ def choose_kernels(models: Iterable[nn.Module], kernel: str = "auto", cache: Pla
 def check_int8_kernel(kernel: object, activations: torch.dtype = torch.float32) -> str:
     if kernel not in INT8_KERNELS:
         raise VivaceError(f"int8_kernel must be one of {', '.join(INT8_KERNELS)}, got {kernel!r}")
-    if kernel == "vnni" and not vnni_available():
-        raise VivaceError("int8_kernel 'vnni' needs a CPU with AVX-512 VNNI, which this one does not have")
-    if kernel == "vnni" and activations != torch.float32:
+    if kernel in NATIVE_ISAS and kernel not in native_kernels():
+        raise VivaceError(f"int8_kernel {kernel!r} needs a CPU with {ISA_NAMES[kernel]}, which this one does not have")
+    if kernel in NATIVE_ISAS and activations != torch.float32:
         name = str(activations).removeprefix("torch.")
-        raise VivaceError(f"int8_kernel 'vnni' takes float32 activations; with dtype {name} the int8 layers run pack_mm")
+        raise VivaceError(f"int8_kernel {kernel!r} takes float32 activations; with dtype {name} the int8 layers run pack_mm")
     return kernel  # type: ignore[return-value]
 
 
