@@ -48,13 +48,23 @@ INLINE T reduce(T* lanes) {
   return (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
 }
 
-INLINE float dot(const float* a, const float* b, int64_t n) {
+// A cached value as float32: float32 as it is, bfloat16 (its bits in a uint16_t) widened exactly.
+INLINE float widen(float x) { return x; }
+INLINE float widen(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &wide, sizeof x);
+  return x;
+}
+
+template <class T>
+INLINE float dot(const float* a, const T* b, int64_t n) {
   float lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * widen(b[i + l]);
   float tail = 0.0f;
-  for (; i < n; ++i) tail += a[i] * b[i];
+  for (; i < n; ++i) tail += a[i] * widen(b[i]);
   return reduce(lanes) + tail;
 }
 
@@ -104,7 +114,10 @@ struct Scratch {
 
 // Heads [h0, h1) of sequence s. Keys and values are read row by row, the heads of a row side by side, so that
 // the reads stay sequential; every head's arithmetic is the same whatever the range it is computed in.
+template <class T>
 VECTOR_LOOP void attend(const PagedDecode& p, int64_t s, int64_t h0, int64_t h1, Scratch& scratch) {
+  const T* key_cache = static_cast<const T*>(p.key_cache);
+  const T* value_cache = static_cast<const T*>(p.value_cache);
   const int64_t length = p.context_lens[s], dim = p.head_dim, heads = h1 - h0;
   const int64_t block_floats = p.block_size * p.num_heads * dim, row_stride = p.num_heads * dim;
   const int32_t* table = p.block_tables + s * p.max_blocks;
@@ -119,7 +132,7 @@ VECTOR_LOOP void attend(const PagedDecode& p, int64_t s, int64_t h0, int64_t h1,
 
   const float* query = p.query + (s * p.num_heads + h0) * dim;
   for (int64_t j0 = 0; j0 < length; j0 += p.block_size) {
-    const float* block = p.key_cache + table[j0 / p.block_size] * block_floats + h0 * dim;
+    const T* block = key_cache + table[j0 / p.block_size] * block_floats + h0 * dim;
     for (int64_t j = j0; j < std::min(j0 + p.block_size, length); ++j)
       for (int64_t h = 0; h < heads; ++h)
         weights[h * length + j] = dot(query + h * dim, block + (j - j0) * row_stride + h * dim, dim) * p.scale;
@@ -139,14 +152,14 @@ VECTOR_LOOP void attend(const PagedDecode& p, int64_t s, int64_t h0, int64_t h1,
 
   int64_t pending = 0;
   for (int64_t j0 = 0; j0 < length; j0 += p.block_size) {
-    const float* block = p.value_cache + table[j0 / p.block_size] * block_floats + h0 * dim;
+    const T* block = value_cache + table[j0 / p.block_size] * block_floats + h0 * dim;
     const int64_t j1 = std::min(j0 + p.block_size, length);
     for (int64_t j = j0; j < j1; ++j)
       for (int64_t h = 0; h < heads; ++h) {
         const float w = weights[h * length + j];
-        const float* v = block + (j - j0) * row_stride + h * dim;
+        const T* v = block + (j - j0) * row_stride + h * dim;
         float* acc = partial + h * dim;
-        for (int64_t d = 0; d < dim; ++d) acc[d] += w * v[d];
+        for (int64_t d = 0; d < dim; ++d) acc[d] += w * widen(v[d]);
       }
     pending += j1 - j0;
     if (pending >= kKeysPerPartial || j1 == length) {
@@ -162,13 +175,25 @@ VECTOR_LOOP void attend(const PagedDecode& p, int64_t s, int64_t h0, int64_t h1,
     for (int64_t d = 0; d < dim; ++d) out[h * dim + d] = static_cast<float>(sum[h * dim + d] / total[h]);
 }
 
+py::array cache_array(py::handle object, const char* name) {
+  py::array array = py::array::ensure(object);
+  if (array && py::isinstance<py::array_t<int16_t>>(array))
+    return typed_array<int16_t>(object, name, "float32 or int16 (bfloat16 bits)", 4, false);
+  return typed_array<float>(object, name, "float32 or int16 (bfloat16 bits)", 4, false);
+}
+
 py::array_t<float> decode(py::handle query_object, py::handle key_object, py::handle value_object,
                           py::handle tables_object, py::handle lens_object, double scale, py::object bias_object,
                           int num_threads) {
   if (num_threads < 0) throw py::value_error("num_threads must be >= 0 (0 = one per hardware thread)");
   const auto query = typed_array<float>(query_object, "query", "float32", 3, true);
-  const auto key_cache = typed_array<float>(key_object, "key_cache", "float32", 4, false);
-  const auto value_cache = typed_array<float>(value_object, "value_cache", "float32", 4, false);
+  // float32 caches, or bfloat16 ones passed as their bits (int16: numpy has no bfloat16)
+  const py::array key_cache = cache_array(key_object, "key_cache");
+  const py::array value_cache = cache_array(value_object, "value_cache");
+  if (!key_cache.dtype().is(value_cache.dtype()))
+    throw py::value_error("key_cache and value_cache must have the same dtype, got " +
+                          py::str(key_cache.dtype()).cast<std::string>() + " and " +
+                          py::str(value_cache.dtype()).cast<std::string>());
   const auto tables = typed_array<int32_t>(tables_object, "block_tables", "int32", 2, true);
   const auto lens = typed_array<int32_t>(lens_object, "context_lens", "int32", 1, true);
   const int64_t num_seqs = query.shape(0), num_heads = query.shape(1), head_dim = query.shape(2);
@@ -208,7 +233,8 @@ py::array_t<float> decode(py::handle query_object, py::handle key_object, py::ha
   }
 
   py::array_t<float> out({num_seqs, num_heads, head_dim});
-  const PagedDecode problem{query.data(), key_cache.data(), value_cache.data(), tables.data(), lens.data(),
+  const PagedDecode problem{query.data(), key_cache.data(), value_cache.data(),
+                            py::isinstance<py::array_t<int16_t>>(key_cache), tables.data(), lens.data(),
                             bias_object.is_none() ? nullptr : bias.data(), out.mutable_data(), num_seqs, num_heads,
                             head_dim, block_size, max_blocks, bias_object.is_none() ? 0 : bias.shape(1),
                             static_cast<float>(scale)};
@@ -234,7 +260,10 @@ void paged_decode_attention(const PagedDecode& problem, int threads) {
     thread_local Scratch scratch;
     const int64_t s = i / groups, g = i % groups;
     try {
-      attend(problem, s, g * num_heads / groups, (g + 1) * num_heads / groups, scratch);
+      if (problem.bfloat16_cache)
+        attend<uint16_t>(problem, s, g * num_heads / groups, (g + 1) * num_heads / groups, scratch);
+      else
+        attend<float>(problem, s, g * num_heads / groups, (g + 1) * num_heads / groups, scratch);
     } catch (const std::bad_alloc&) {
       out_of_memory = true;
     }
@@ -247,7 +276,8 @@ void register_paged_attention(py::module_& m) {
         py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("distance_bias") = py::none(),
         py::arg("num_threads") = 0,
         "Decode attention over a paged float32 KV cache, as vivace.kernels.paged_attention.paged_decode_attention.\n"
-        "query [S, H, D]; key_cache, value_cache [num_blocks, block_size, H, D] (C-contiguous, read in place);\n"
+        "query [S, H, D]; key_cache, value_cache [num_blocks, block_size, H, D] (C-contiguous, read in place),\n"
+        "float32 or bfloat16 as int16 bits (torch: cache.view(torch.int16));\n"
         "block_tables [S, max_blocks] int32; context_lens [S] int32 (the new token included); distance_bias\n"
         "[H, max_distance + 1] float32 or None. Slots past a context are never read. num_threads 0 = one per\n"
         "hardware thread, capped by the work. Returns float32 [S, H, D].");

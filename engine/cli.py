@@ -61,6 +61,9 @@ INT8_KERNEL_HELP = ("--quantize int8 on the CPU: auto times torch's int8 pack mm
                     "AVX2: the same bits) per layer shape (once per CPU model and torch version, cached); "
                     "pack_mm / vnni / avx2 fix one")
 
+KV_DTYPE_HELP = ("the KV caches' dtype: auto (--dtype's) or bfloat16 under float32 (half the bytes each decode step "
+                 "reads; CPU only)")
+
 # API argument names whose command-line flag has another dest (the others are found by dest: top_k -> --top-k)
 _API_DESTS = {"duration_s": "duration", "stage_sampling": "stage", "max_waiting": "max_queue"}
 _STAGE_KEYS = {"temperature": "temperature", "top_k": "top_k", "top-k": "top_k", "top_p": "top_p", "top-p": "top_p"}
@@ -111,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                      help=LINEAR_HELP)
     gen.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "vnni", "avx2"],
                      help=INT8_KERNEL_HELP)
+    gen.add_argument("--kv-cache-dtype", default="auto", dest="kv_cache_dtype", help=KV_DTYPE_HELP)
     gen.add_argument("--steps-per-sync", type=int, default=1, dest="steps_per_sync",
                      help="CUDA: decode steps per host sync (not yet verified on a GPU)")
     gen.add_argument("--cuda-graphs", action="store_true", dest="cuda_graphs", help="CUDA: replay those steps as CUDA graphs")
@@ -144,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
                        help=LINEAR_HELP)
     serve.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "vnni", "avx2"],
                        help=INT8_KERNEL_HELP)
+    serve.add_argument("--kv-cache-dtype", default="auto", dest="kv_cache_dtype", help=KV_DTYPE_HELP)
     serve.add_argument("--kv-cache-gb", type=float, default=4.0, dest="kv_cache_gb")
     serve.add_argument("--log-level", default="info", dest="log_level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas behind its HTTP proxy ([ray] extra)")
@@ -396,7 +401,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         engine = Engine.from_pack(
             args.pack, device=args.device, dtype=args.dtype, quantize=args.quantize, codec_backend=args.codec_backend,
             linear_products=args.linear_products, adaptive_threads=adaptive, int8_kernel=args.int8_kernel,
-            steps_per_sync=args.steps_per_sync, cuda_graphs=args.cuda_graphs,
+            steps_per_sync=args.steps_per_sync, cuda_graphs=args.cuda_graphs, kv_cache_dtype=args.kv_cache_dtype,
         )
         vaudio.check_sample_rate(fmt, engine.sample_rate)
         events = engine.events(prompt, args.duration, seed=args.seed, **sampling)
@@ -590,7 +595,7 @@ def _serve(args: argparse.Namespace) -> None:
     engine_options = {
         "device": args.device, "dtype": args.dtype, "quantize": args.quantize, "codec_backend": args.codec_backend,
         "linear_products": args.linear_products, "adaptive_threads": args.threads == "auto",
-        "int8_kernel": args.int8_kernel,
+        "int8_kernel": args.int8_kernel, "kv_cache_dtype": args.kv_cache_dtype,
         "kv_cache_gb": args.kv_cache_gb, "max_running": args.max_running, "max_waiting": args.max_queue,
     }
     if args.ray:

@@ -71,6 +71,21 @@ def check_device(device: Any) -> torch.device:
     return parsed
 
 
+def check_kv_cache_dtype(kv_cache_dtype: Any, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV caches' dtype for kv_cache_dtype ("auto": the engine's dtype)."""
+    if kv_cache_dtype == "auto":
+        return dtype
+    if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in DTYPES:
+        raise VivaceError(f"unknown kv_cache_dtype {kv_cache_dtype!r} (choose auto or one of {sorted(set(DTYPES))})")
+    kv_dtype = DTYPES[kv_cache_dtype]
+    if kv_dtype != dtype and device.type != "cpu":
+        raise VivaceError(
+            f"kv_cache_dtype {kv_cache_dtype!r} differs from dtype {str(dtype).removeprefix('torch.')!r}: "
+            f"that runs on the CPU only (device {str(device)!r})"
+        )
+    return kv_dtype
+
+
 class Engine:
     """One pack's engine. Its calls (generate, stream, events; AsyncEngine's too) take:
 
@@ -95,15 +110,18 @@ class Engine:
         decode: DecodeOptions = DecodeOptions(), limits: CoreLimits = CoreLimits(),
         num_blocks: dict[str, int] | None = None, linear_plan: LinearPlan = LinearPlan(),
         thread_governor: ThreadGovernor | None = None, int8_kernels: dict[tuple[int, int], str] | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         """family: the pack's family object (vivace.core.family). num_blocks: each stage's pool size in blocks
-        (default: what kv_cache_gb gives, see vivace.core.engine_core.pool_blocks)."""
+        (default: what kv_cache_gb gives, see vivace.core.engine_core.pool_blocks). kv_dtype: the KV caches' dtype
+        (default: dtype)."""
         self.family = family
         self.pack = family.pack
         self.config = family.config
         self.codec = family.codec
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
         self.block_size = block_size
         self.kv_cache_gb = kv_cache_gb
         self.decode_options = decode
@@ -113,8 +131,9 @@ class Engine:
         stages = family.stages()
         if num_blocks is None:
             budget = kv_cache_gb * 2**30 / len(stages)
-            num_blocks = {name: pool_blocks(name, spec, block_size, dtype, budget) for name, spec in stages.items()}
-        self.core = EngineCore(family, stage_runners(stages, num_blocks, block_size, dtype, device, decode), limits)
+            num_blocks = {name: pool_blocks(name, spec, block_size, self.kv_dtype, budget) for name, spec in stages.items()}
+        runners = stage_runners(stages, num_blocks, block_size, self.kv_dtype, device, decode)
+        self.core = EngineCore(family, runners, limits)
         self._lock = threading.RLock()
         self._sinks: dict[int, Sink] = {}
 
@@ -135,6 +154,7 @@ class Engine:
         linear_products: str = "auto",
         adaptive_threads: bool = False,
         int8_kernel: str = "auto",
+        kv_cache_dtype: str = "auto",
     ) -> Engine:
         """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codecs.backend.select_backend).
         quantize: None, or "int8" for int8 stage linears (see vivace.model.quant).
@@ -148,6 +168,10 @@ class Engine:
         int8_kernel: with quantize="int8" on the CPU, "auto" times torch's int8 pack mm against vivace's kernel (AVX-512
         VNNI and AVX2, which give the same bits) per layer shape (once per CPU model and torch version, cached) and
         keeps the fastest; "pack_mm", "vnni" or "avx2" fix one (see vivace.model.quant).
+        kv_cache_dtype: "auto" (dtype) or a dtype for the KV caches: "bfloat16" under a float32 engine halves the
+        bytes every decode step reads and the memory per cached token (the C++ attention kernel widens them as it
+        reads); tokens then differ from float32 caches' as any rounding does, and stay the same whatever else runs.
+        A kv_cache_dtype other than dtype runs on the CPU only.
         adaptive_threads: between steps, run on torch's thread count or on one, whichever measures faster
         (vivace.threads.ThreadGovernor: for hosts shared with other work; tokens are unchanged, audio may differ in
         its last bits between the two counts). It sets the process's thread count: one such engine per process.
@@ -166,6 +190,7 @@ class Engine:
         check_quantize(quantize)
         check_linear_products(linear_products)
         check_int8_kernel(int8_kernel, DTYPES[dtype])
+        kv_dtype = check_kv_cache_dtype(kv_cache_dtype, DTYPES[dtype], torch_device)
         check_bool(adaptive_threads, "adaptive_threads")
         decode = DecodeOptions(steps_per_sync, cuda_graphs)
         decode.validate(torch_device)
@@ -183,7 +208,7 @@ class Engine:
         governor = ThreadGovernor(torch.get_num_threads()) if adaptive_threads else None
         return cls(
             family, torch_device, DTYPES[dtype], block_size, kv_cache_gb, decode, limits, linear_plan=plan,
-            thread_governor=governor, int8_kernels=int8_kernels,
+            thread_governor=governor, int8_kernels=int8_kernels, kv_dtype=kv_dtype,
         )
 
     @property
@@ -312,6 +337,7 @@ class Engine:
             "frame_rate": c.sample_rate / c.codec.hop_length,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             **self.family.info(),
             "codec": {"levels": c.codec.num_levels, "codebook_size": c.codec.codebook_size, "hop_length": c.codec.hop_length},
             "codec_backend": self.codec.describe(),

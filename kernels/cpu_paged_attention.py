@@ -1,8 +1,9 @@
 """Paged decode attention for the CPU: the reference's semantics (paged_attention.py) without its copies.
 
-float32 caches go to vivace._C.paged_decode_attention, a C++ kernel that reads each context in place through
-its block table (never a slot past its end) and runs a float32 softmax per (sequence, head), on torch's
-intra-op thread count once the contexts are long enough to pay for a second thread.
+A float32 query over float32 or bfloat16 caches (an engine's kv_cache_dtype) goes to
+vivace._C.paged_decode_attention, a C++ kernel that reads each context in place through its block table (never a
+slot past its end), widens bfloat16 keys and values exactly as it reads them and runs a float32 softmax per
+(sequence, head), on torch's intra-op thread count once the contexts are long enough to pay for a second thread.
 
 Other dtypes and devices take torch_decode_attention. Each context is gathered once with index_select (instead
 of the reference's advanced indexing and its copies) and attended by one float32 scaled_dot_product_attention call
@@ -23,6 +24,12 @@ from vivace.kernels.paged_attention import paged_prefill_attention, store_kv
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kv"]
 
 PADDED_GATHER_LIMIT = 4 << 20  # bytes of float32 keys above which sequences are attended one by one
+NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ kernel's caches (with a float32 query)
+
+
+def _cache_array(cache: torch.Tensor):  # noqa: ANN202 (a numpy array)
+    """A cache as the C++ kernel reads it, in place: float32 as it is, bfloat16 as its bits (numpy has no bfloat16)."""
+    return cache.numpy() if cache.dtype == torch.float32 else cache.view(torch.int16).numpy()
 
 
 def _bias(distance_bias: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
@@ -43,9 +50,10 @@ def paged_decode_attention(
     scale: float,
     distance_bias: torch.Tensor | None = None,  # [num_heads, max_distance + 1]
 ) -> torch.Tensor:
-    if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (query, key_cache, value_cache)):
+    native_cache = key_cache.dtype in NATIVE_CACHE_DTYPES and value_cache.dtype == key_cache.dtype
+    if query.dtype == torch.float32 and native_cache and all(t.device.type == "cpu" for t in (query, key_cache, value_cache)):
         out = _native_decode(
-            query.contiguous().numpy(), key_cache.numpy(), value_cache.numpy(),
+            query.contiguous().numpy(), _cache_array(key_cache), _cache_array(value_cache),
             block_tables.to(torch.int32).contiguous().numpy(), context_lens.to(torch.int32).contiguous().numpy(),
             scale, None if distance_bias is None else distance_bias.float().contiguous().numpy(),
             torch.get_num_threads(),
