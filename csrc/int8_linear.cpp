@@ -32,6 +32,23 @@ struct QuantizedRows {
   std::vector<int32_t> zero;
 };
 
+// out[r, n] from the exact int32 sum of row r's quantized activations with weight row n (every instruction set).
+inline void store(const Int8Linear& p, float row_scale, int32_t row_zero, int64_t r, int64_t n, int32_t sum) {
+  const float value = static_cast<float>(sum - row_zero * p.weight_sums[n]) * (row_scale * p.scales[n]);
+  p.out[r * p.out_features + n] = p.bias ? value + p.bias[n] : value;
+}
+
+// Every output channel, kItemChannels to a work item, on up to `threads` threads: `channels` is an instruction set's
+// kernel for the channels [begin, end) against every quantized row.
+template <class Rows>
+void run_items(const Int8Linear& p, int threads, const Rows& rows,
+               void (*channels)(const Int8Linear&, const Rows&, int64_t, int64_t)) {
+  const int64_t items = (p.out_features + kItemChannels - 1) / kItemChannels;
+  parallel_for(items, threads, [&](int64_t item) {
+    channels(p, rows, item * kItemChannels, std::min(p.out_features, (item + 1) * kItemChannels));
+  });
+}
+
 #ifdef VIVACE_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
@@ -112,9 +129,7 @@ void block(const Int8Linear& p, const QuantizedRows& q, int64_t n0, int64_t r0) 
   for (int c = 0; c < 4; ++c) {
     const int64_t n = n0 + c;
     for (int r = 0; r < kRows; ++r) {
-      const int32_t sum = sums[4 * c + r] - q.zero[r0 + r] * p.weight_sums[n];
-      const float value = static_cast<float>(sum) * (q.scale[r0 + r] * p.scales[n]);
-      p.out[(r0 + r) * p.out_features + n] = p.bias ? value + p.bias[n] : value;
+      store(p, q.scale[r0 + r], q.zero[r0 + r], r0 + r, n, sums[4 * c + r]);
     }
   }
 }
@@ -130,9 +145,7 @@ void single_channel(const Int8Linear& p, const QuantizedRows& q, int64_t n) {
       const __mmask64 mask = in - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (in - k)) - 1;
       acc = _mm512_dpbusd_epi32(acc, _mm512_maskz_loadu_epi8(mask, xq + k), _mm512_maskz_loadu_epi8(mask, w + k));
     }
-    const int32_t sum = _mm512_reduce_add_epi32(acc) - q.zero[r] * p.weight_sums[n];
-    const float value = static_cast<float>(sum) * (q.scale[r] * p.scales[n]);
-    p.out[r * p.out_features + n] = p.bias ? value + p.bias[n] : value;
+    store(p, q.scale[r], q.zero[r], r, n, _mm512_reduce_add_epi32(acc));
   }
 }
 
@@ -150,11 +163,7 @@ void channels(const Int8Linear& p, const QuantizedRows& q, int64_t begin, int64_
 }
 
 void run(const Int8Linear& p, int threads) {
-  const QuantizedRows q = quantize_rows(p.x, p.rows, p.in_features);
-  const int64_t items = (p.out_features + kItemChannels - 1) / kItemChannels;
-  parallel_for(items, threads, [&](int64_t item) {
-    channels(p, q, item * kItemChannels, std::min(p.out_features, (item + 1) * kItemChannels));
-  });
+  run_items(p, threads, quantize_rows(p.x, p.rows, p.in_features), &channels);
 }
 
 }  // namespace avx512_vnni
@@ -239,9 +248,7 @@ void block(const Int8Linear& p, const WideRows& q, int64_t n0, int64_t r0) {
       const int16_t* xr = r ? x1 : x0;
       int32_t sum = sum_lanes(acc[c][r]);
       for (int64_t k = whole; k < in; ++k) sum += xr[k] * w[c * in + k];
-      sum -= q.zero[r0 + r] * p.weight_sums[n];
-      const float value = static_cast<float>(sum) * (q.scale[r0 + r] * p.scales[n]);
-      p.out[(r0 + r) * p.out_features + n] = p.bias ? value + p.bias[n] : value;
+      store(p, q.scale[r0 + r], q.zero[r0 + r], r0 + r, n, sum);
     }
   }
 }
@@ -258,9 +265,7 @@ void single_channel(const Int8Linear& p, const WideRows& q, int64_t n) {
                                                     _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)))));
     int32_t sum = sum_lanes(acc);
     for (int64_t k = whole; k < in; ++k) sum += xr[k] * w[k];
-    sum -= q.zero[r] * p.weight_sums[n];
-    const float value = static_cast<float>(sum) * (q.scale[r] * p.scales[n]);
-    p.out[r * p.out_features + n] = p.bias ? value + p.bias[n] : value;
+    store(p, q.scale[r], q.zero[r], r, n, sum);
   }
 }
 
@@ -275,11 +280,7 @@ void channels(const Int8Linear& p, const WideRows& q, int64_t begin, int64_t end
 }
 
 void run(const Int8Linear& p, int threads) {
-  const WideRows q = quantize_rows(p.x, p.rows, p.in_features);
-  const int64_t items = (p.out_features + kItemChannels - 1) / kItemChannels;
-  parallel_for(items, threads, [&](int64_t item) {
-    channels(p, q, item * kItemChannels, std::min(p.out_features, (item + 1) * kItemChannels));
-  });
+  run_items(p, threads, quantize_rows(p.x, p.rows, p.in_features), &channels);
 }
 
 }  // namespace avx2
