@@ -84,9 +84,11 @@ def gemv_bandwidth(kind: str, rows: int, device: str, layers: int, repeats: int)
 
 def step_bytes(config: TransformerConfig, mode: str, rows: int, context: float, enc_len: int = 0) -> dict[str, float]:
     """Bytes one decode step reads: weights once, the KV cache (and cross-attention K/V) once per row. mode: a key
-    of MODES, or an int8 mode with its kernel named after it ("int8 vnni": the same bytes as "int8")."""
+    of MODES, or an int8 mode with its kernel named after it ("int8 vnni": the same bytes as "int8"), or a mode with
+    bfloat16 KV caches ("float32 kv-bf16")."""
     dtype, quantize = MODES[mode.split()[0]]
     base = DTYPE_BYTES[dtype]
+    kv_base = DTYPE_BYTES["bfloat16"] if mode.endswith(" kv-bf16") else base
     d, layers = config.d_model, config.num_layers
     linears = [(3 * d, d), (d, d), (config.d_ff, d), (d, config.d_ff)]
     if config.cross_attention:
@@ -97,7 +99,7 @@ def step_bytes(config: TransformerConfig, mode: str, rows: int, context: float, 
     out_channels = layers * sum(o for o, _ in linears) + config.num_output_heads * config.output_vocab_size
     linear_bytes = linear_params + 2 * out_channels if quantize == "int8" else linear_params * base
     other = (layers * norms + 1) * norm_params * base + rows * config.num_codebooks * d * base
-    kv = rows * layers * 2 * d * base * (context + enc_len)
+    kv = rows * layers * 2 * d * (kv_base * context + base * enc_len)  # cross-attention K/V keep the engine's dtype
     return {"weights": linear_bytes + other, "kv": kv, "total": linear_bytes + other + kv}
 
 
@@ -142,7 +144,9 @@ def measured_steps(device: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
 
 def gemv_for(gemv: dict[str, dict[int, dict[str, float]]], mode: str) -> dict[int, dict[str, float]]:
     """The GEMV figures a mode's step runs on: its own kernel's for "int8 <kernel>", torch's pack mm for
-    "int8+bf16" (bfloat16 activations), the faster int8 kernel for "int8" (the engine measures and keeps it)."""
+    "int8+bf16" (bfloat16 activations), the faster int8 kernel for "int8" (the engine measures and keeps it); a
+    kv-bf16 mode runs its weights as the mode without it."""
+    mode = mode.removesuffix(" kv-bf16")
     if mode in gemv:
         return gemv[mode]
     if mode == "int8+bf16":

@@ -20,7 +20,10 @@ Agreement of each reduced-byte mode against float32: float32 greedy sequences (t
 are generated once; every mode then runs them teacher-forced (forward_dense, conditional and null rows, logits
 mixed as null + 3 * (cond - null)) and is compared with float32 on the drawn (not forced) positions: the share
 of positions whose argmax is the float32 greedy token, and the mean KL(float32 || mode) of the full next-token
-distributions (temperature 1, before top-k).
+distributions (temperature 1, before top-k). Teacher forcing runs without a KV cache, so it cannot see a mode's
+KV cache dtype; "greedy prefix" can: each mode decodes the same prompts greedily on its own, and the figure is the
+share of float32's greedy frames it reproduces before its first differing token.
+- vivace with bfloat16 KV caches under float32 and int8 weights ("float32 kv-bf16", "int8 kv-bf16"; CPU only).
 """
 from __future__ import annotations
 
@@ -54,6 +57,8 @@ MODES = {  # name: Engine.from_pack options
     "int8 vnni": {"dtype": "float32", "quantize": "int8", "int8_kernel": "vnni"},  # CPUs with AVX-512 VNNI
     "int8 avx2": {"dtype": "float32", "quantize": "int8", "int8_kernel": "avx2"},  # CPUs with AVX2 (the same bits)
     "int8+bf16": {"dtype": "bfloat16", "quantize": "int8"},
+    "float32 kv-bf16": {"dtype": "float32", "kv_cache_dtype": "bfloat16"},  # bfloat16 KV caches: CPU only
+    "int8 kv-bf16": {"dtype": "float32", "quantize": "int8", "kv_cache_dtype": "bfloat16"},
 }
 # on CUDA also: bfloat16 with 16 decode steps per host sync replayed as CUDA graphs (vivace.core.device_decode)
 GRAPH_MODES = {"bfloat16+graphs": {"dtype": "bfloat16", "steps_per_sync": 16, "cuda_graphs": True}}
@@ -237,6 +242,17 @@ def agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor], grid
     return {"greedy_agreement": float(torch.cat(hits).mean()), "mean_kl": float(torch.cat(kls).mean()), "tokens": drawn}
 
 
+def greedy_prefix(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """The fraction of float32's greedy frames a mode reproduces, decoding greedily on its own (KV cache included),
+    before its first differing token: the decode path's drift, where teacher forcing (forward_dense) has no cache."""
+    same = total = 0
+    for ref, cand in zip(reference, candidate):
+        differs = np.flatnonzero((ref != cand).any(axis=0))
+        same += int(differs[0]) if len(differs) else ref.shape[1]
+        total += ref.shape[1]
+    return same / total
+
+
 def run(options: Options) -> dict[str, Any]:
     settings = QUICK if options.quick else FULL
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -249,6 +265,8 @@ def run(options: Options) -> dict[str, Any]:
     modes = {**MODES, **(GRAPH_MODES if options.device.startswith("cuda") else {})}
     runnable = ("pack_mm", *native_kernels()) if options.device == "cpu" else ()
     modes = {mode: kwargs for mode, kwargs in modes.items() if "int8_kernel" not in kwargs or kwargs["int8_kernel"] in runnable}
+    if options.device != "cpu":
+        modes = {mode: kwargs for mode, kwargs in modes.items() if "kv_cache_dtype" not in kwargs}
     for mode, kwargs in modes.items():
         with PeakRSS() as memory:
             start = time.perf_counter()
@@ -263,6 +281,7 @@ def run(options: Options) -> dict[str, Any]:
             reference = [teacher_forced(engine, p, g) for p, g in zip(agreement_prompts, grids)]
         logits = [teacher_forced(engine, p, g) for p, g in zip(agreement_prompts, grids)]
         result["agreement"] = agreement(reference, logits, grids, engine.config.pad_id)
+        result["greedy_prefix"] = greedy_prefix(grids, greedy_grids(engine, agreement_prompts, settings["agreement_s"]))
         runs.append(result)
         del engine, logits
         release_memory()
@@ -274,10 +293,11 @@ def run(options: Options) -> dict[str, Any]:
         rows.append([
             r["engine"], r["mode"], r["ms_per_step"], r["ms_per_step_min"], r["wall_s"] / r["audio_s"],
             r["time_to_first_audio_s"], r["peak_rss_mb"], base / r["ms_per_step"],
-            a["greedy_agreement"] if a else None, a["mean_kl"] if a else None,
+            a["greedy_agreement"] if a else None, a["mean_kl"] if a else None, r.get("greedy_prefix"),
         ])
     print(table(
-        ["engine", "mode", "ms/step", "min ms", "RTF", "first audio s", "peak RSS MB", "vs HF", "greedy agree", "mean KL"],
+        ["engine", "mode", "ms/step", "min ms", "RTF", "first audio s", "peak RSS MB", "vs HF", "greedy agree", "mean KL",
+         "greedy prefix"],
         rows, title=f"MusicGen-small-shaped, {seconds} s clip, batch 1 with guidance {GUIDANCE} (2 rows), top-k {TOP_K}",
     ))
     config = {
