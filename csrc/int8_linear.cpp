@@ -38,14 +38,18 @@ inline void store(const Int8Linear& p, float row_scale, int32_t row_zero, int64_
   p.out[r * p.out_features + n] = p.bias ? value + p.bias[n] : value;
 }
 
-// Every output channel, kItemChannels to a work item, on up to `threads` threads: `channels` is an instruction set's
-// kernel for the channels [begin, end) against every quantized row.
+// Every output channel, kItemChannels to a work item, on up to `threads` threads, through an instruction set's two
+// kernels: four_channels (channels n..n+3 against every quantized row) and, past the last four, single_channel.
 template <class Rows>
 void run_items(const Int8Linear& p, int threads, const Rows& rows,
-               void (*channels)(const Int8Linear&, const Rows&, int64_t, int64_t)) {
+               void (*four_channels)(const Int8Linear&, const Rows&, int64_t),
+               void (*single_channel)(const Int8Linear&, const Rows&, int64_t)) {
   const int64_t items = (p.out_features + kItemChannels - 1) / kItemChannels;
   parallel_for(items, threads, [&](int64_t item) {
-    channels(p, rows, item * kItemChannels, std::min(p.out_features, (item + 1) * kItemChannels));
+    const int64_t end = std::min(p.out_features, (item + 1) * kItemChannels);
+    int64_t n = item * kItemChannels;
+    for (; n + 4 <= end; n += 4) four_channels(p, rows, n);
+    for (; n < end; ++n) single_channel(p, rows, n);
   });
 }
 
@@ -149,21 +153,17 @@ void single_channel(const Int8Linear& p, const QuantizedRows& q, int64_t n) {
   }
 }
 
-// Output channels [begin, end) for every row.
-void channels(const Int8Linear& p, const QuantizedRows& q, int64_t begin, int64_t end) {
-  int64_t n = begin;
-  for (; n + 4 <= end; n += 4) {
-    int64_t r = 0;
-    for (; r + 4 <= p.rows; r += 4) block<4>(p, q, n, r);
-    if (p.rows - r == 3) block<3>(p, q, n, r);
-    if (p.rows - r == 2) block<2>(p, q, n, r);
-    if (p.rows - r == 1) block<1>(p, q, n, r);
-  }
-  for (; n < end; ++n) single_channel(p, q, n);
+// Channels n..n+3 against every row, four rows at a time.
+void four_channels(const Int8Linear& p, const QuantizedRows& q, int64_t n) {
+  int64_t r = 0;
+  for (; r + 4 <= p.rows; r += 4) block<4>(p, q, n, r);
+  if (p.rows - r == 3) block<3>(p, q, n, r);
+  if (p.rows - r == 2) block<2>(p, q, n, r);
+  if (p.rows - r == 1) block<1>(p, q, n, r);
 }
 
 void run(const Int8Linear& p, int threads) {
-  run_items(p, threads, quantize_rows(p.x, p.rows, p.in_features), &channels);
+  run_items(p, threads, quantize_rows(p.x, p.rows, p.in_features), &four_channels, &single_channel);
 }
 
 }  // namespace avx512_vnni
@@ -269,18 +269,15 @@ void single_channel(const Int8Linear& p, const WideRows& q, int64_t n) {
   }
 }
 
-void channels(const Int8Linear& p, const WideRows& q, int64_t begin, int64_t end) {
-  int64_t n = begin;
-  for (; n + 4 <= end; n += 4) {
-    int64_t r = 0;
-    for (; r + 2 <= p.rows; r += 2) block<2>(p, q, n, r);
-    if (r < p.rows) block<1>(p, q, n, r);
-  }
-  for (; n < end; ++n) single_channel(p, q, n);
+// Channels n..n+3 against every row, two rows at a time.
+void four_channels(const Int8Linear& p, const WideRows& q, int64_t n) {
+  int64_t r = 0;
+  for (; r + 2 <= p.rows; r += 2) block<2>(p, q, n, r);
+  if (r < p.rows) block<1>(p, q, n, r);
 }
 
 void run(const Int8Linear& p, int threads) {
-  run_items(p, threads, quantize_rows(p.x, p.rows, p.in_features), &channels);
+  run_items(p, threads, quantize_rows(p.x, p.rows, p.in_features), &four_channels, &single_channel);
 }
 
 }  // namespace avx2

@@ -155,7 +155,7 @@ class AsyncEngine:
 
         def submit() -> Call:
             specs = self.engine.requests(prompt, duration_s, seed, options)
-            return self._submit(specs, Forward(lambda output: loop.call_soon_threadsafe(inbox.put_nowait, output), False))
+            return self._submit(specs, Forward(lambda output: loop.call_soon_threadsafe(inbox.put_nowait, output), audio_only=False))
 
         def abort_when_added(done: asyncio.Future[Call]) -> None:
             if done.exception() is None:

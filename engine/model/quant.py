@@ -70,10 +70,6 @@ def native_kernels() -> tuple[str, ...]:
     return tuple(kernel for kernel, isa in NATIVE_ISAS.items() if isa in isas)
 
 
-def vnni_available() -> bool:
-    return "vnni" in native_kernels()
-
-
 def native_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, weight_sums: torch.Tensor,
                   bias: torch.Tensor | None, kernel: str = "vnni") -> torch.Tensor:
     """float32 rows [r, in] through vivace's kernel ("vnni" or "avx2": per-row uint8 activations, exact int32 sums)."""
