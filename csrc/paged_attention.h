@@ -21,10 +21,15 @@ struct PagedDecode {
   float scale;
 };
 
+enum class AttentionIsa { kAuto, kPortable };
+
+// Whether this CPU runs the AVX-512 kernel for this head_dim (AttentionIsa::kAuto picks it then).
+bool avx512_attention_supported(int64_t head_dim);
+
 // Runs every (sequence, head) on up to `threads` threads; each output row depends only on its own inputs, not on
 // the batch or `threads`. Lengths and block ids are not checked here (the binding checks them). Throws
 // std::bad_alloc if its scratch cannot grow.
-void paged_decode_attention(const PagedDecode& problem, int threads);
+void paged_decode_attention(const PagedDecode& problem, int threads, AttentionIsa isa = AttentionIsa::kAuto);
 
 // _C.paged_decode_attention.
 void register_paged_attention(pybind11::module_& m);

@@ -65,36 +65,57 @@ def batch_lengths(batch: int, block_size: int, seed: int) -> list[int]:
 # The kernel's logits match the reference's float32 dot products to ~sqrt(head_dim) * 2**-24 of |q||k|, its exp
 # is within 1 ulp and it sums weights and weighted values in float64 (per block in float32); the reference sums
 # in float32 over up to 300 keys. Both land ~1e-6 of the largest output apart; 1e-5 leaves room for the order.
+# Both forms of the kernel: the AVX-512 one (this CPU permitting; 64 and 128) and the portable one (every head_dim).
+@pytest.mark.parametrize("isa", ["avx512", "portable"])
 @pytest.mark.parametrize("head_dim", [24, 64, 128])  # 24: sixteen lanes and a tail
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 @pytest.mark.parametrize("batch", [1, 3, 17])
 @pytest.mark.parametrize("bias_width", [0, 33])  # 33: saturates beyond distance 32
-def test_native_decode_matches_reference(head_dim, block_size, batch, bias_width) -> None:
+def test_native_decode_matches_reference(isa, head_dim, block_size, batch, bias_width) -> None:
+    if isa not in _C.paged_attention_isas(head_dim):
+        pytest.skip(f"this CPU runs no {isa} kernel for head_dim {head_dim}")
     seed = head_dim + block_size + batch + bias_width
     args = paged_case(seed, batch_lengths(batch, block_size, seed), block_size, 4, head_dim)
     bias = torch.randn(4, bias_width, generator=torch.Generator().manual_seed(seed)) * 2 if bias_width else None
-    out = cpu.paged_decode_attention(*args, head_dim**-0.5 * 2, bias)
+    out = native(*args, bias, 0, isa=isa, scale=head_dim**-0.5 * 2)
     assert out.dtype == torch.float32 and out.shape == args[0].shape and torch.isfinite(out).all()
     assert relative_error(out, reference(*args, head_dim**-0.5 * 2, bias)) <= 1e-5
 
 
-def native(query, key_cache, value_cache, tables, lens, bias, threads: int) -> torch.Tensor:
+def test_auto_takes_the_fastest_isa() -> None:
+    args = paged_case(2, [1, 40, 300], 16, 4, 64)
+    fastest = _C.paged_attention_isas(64)[0]
+    assert torch.equal(native(*args, None, 1), native(*args, None, 1, isa=fastest))
+    assert _C.paged_attention_isas(24) == ["portable"]
+
+
+def test_avx512_is_refused_where_it_cannot_run() -> None:
+    args = paged_case(2, [1, 40], 16, 4, 24)
+    with pytest.raises(ValueError, match="head_dim 32, 64 or 128"):
+        native(*args, None, 1, isa="avx512")
+    with pytest.raises(ValueError, match='isa must be "auto", "avx512" or "portable"'):
+        native(*args, None, 1, isa="avx2")
+
+
+def native(query, key_cache, value_cache, tables, lens, bias, threads: int, isa="auto", scale=0.125) -> torch.Tensor:
     arrays = (t.numpy() for t in (query, key_cache, value_cache, tables, lens))
-    return torch.from_numpy(_C.paged_decode_attention(*arrays, 0.125, bias.numpy(), threads))
+    bias = None if bias is None else bias.numpy()
+    return torch.from_numpy(_C.paged_decode_attention(*arrays, scale, bias, threads, isa))
 
 
-def test_native_rows_do_not_depend_on_batch_or_threads() -> None:
+@pytest.mark.parametrize("isa", _C.paged_attention_isas(64))
+def test_native_rows_do_not_depend_on_batch_or_threads(isa) -> None:
     # long enough (2 * 6 * ~700 * 4 * 64 floats) that 2 and 4 threads are really used, split by heads
     query, key_cache, value_cache, tables, lens = paged_case(5, [700, 1, 650, 800, 33, 720], 16, 4, 64)
     bias = torch.randn(4, 129)
-    single = native(query, key_cache, value_cache, tables, lens, bias, 1)
+    single = native(query, key_cache, value_cache, tables, lens, bias, 1, isa)
     for threads in (2, 4):
-        assert torch.equal(native(query, key_cache, value_cache, tables, lens, bias, threads), single)
+        assert torch.equal(native(query, key_cache, value_cache, tables, lens, bias, threads, isa), single)
     for s in range(len(lens)):
-        alone = native(query[s : s + 1], key_cache, value_cache, tables[s : s + 1], lens[s : s + 1], bias, 1)
+        alone = native(query[s : s + 1], key_cache, value_cache, tables[s : s + 1], lens[s : s + 1], bias, 1, isa)
         assert torch.equal(alone[0], single[s])
     order = torch.tensor([3, 0, 5, 1, 4, 2])
-    shuffled = native(query[order], key_cache, value_cache, tables[order], lens[order], bias, 2)
+    shuffled = native(query[order], key_cache, value_cache, tables[order], lens[order], bias, 2, isa)
     assert torch.equal(shuffled, single[order])
 
 

@@ -7,7 +7,7 @@ import torch
 
 from kernel_device import relative_error
 from test_cpu_attention import batch_lengths, native, paged_case, reference
-from vivace import Engine, VivaceError, WindowFinished
+from vivace import Engine, VivaceError, WindowFinished, _C
 from vivace.cli import main
 from vivace.engine import check_kv_cache_dtype
 from vivace.kernels import cpu_paged_attention as cpu
@@ -20,30 +20,36 @@ def bfloat16_caches(args: tuple) -> tuple:
 
 # The kernel widens each stored bfloat16 exactly, so against the reference on the widened caches only its float32
 # summation order differs, as for float32 caches (test_cpu_attention: 1e-5).
+@pytest.mark.parametrize("isa", ["avx512", "portable"])
 @pytest.mark.parametrize("head_dim", [24, 64])
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("bias_width", [0, 33])
-def test_native_decode_reads_bfloat16_caches(head_dim: int, block_size: int, bias_width: int) -> None:
+def test_native_decode_reads_bfloat16_caches(isa: str, head_dim: int, block_size: int, bias_width: int) -> None:
+    if isa not in _C.paged_attention_isas(head_dim):
+        pytest.skip(f"this CPU runs no {isa} kernel for head_dim {head_dim}")
     seed = head_dim + block_size + bias_width
     query, key_cache, value_cache, tables, lens = bfloat16_caches(
         paged_case(seed, batch_lengths(5, block_size, seed), block_size, 4, head_dim)
     )
     bias = torch.randn(4, bias_width, generator=torch.Generator().manual_seed(seed)) if bias_width else None
-    out = cpu.paged_decode_attention(query, key_cache, value_cache, tables, lens, 0.3, bias)
+    out = native(query, key_cache.view(torch.int16), value_cache.view(torch.int16), tables, lens, bias, 0, isa, 0.3)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    if isa == _C.paged_attention_isas(head_dim)[0]:  # the one the engine's path runs
+        assert torch.equal(out, cpu.paged_decode_attention(query, key_cache, value_cache, tables, lens, 0.3, bias))
     assert relative_error(out, reference(query, key_cache.float(), value_cache.float(), tables, lens, 0.3, bias)) <= 1e-5
     torch_path = cpu.torch_decode_attention(query, key_cache, value_cache, tables, lens, 0.3, bias)
     assert relative_error(out, torch_path) <= 1e-5
 
 
-def test_bfloat16_rows_do_not_depend_on_batch_or_threads() -> None:
+@pytest.mark.parametrize("isa", _C.paged_attention_isas(64))
+def test_bfloat16_rows_do_not_depend_on_batch_or_threads(isa: str) -> None:
     query, key_cache, value_cache, tables, lens = bfloat16_caches(paged_case(5, [700, 1, 650, 800, 33], 16, 4, 64))
     keys, values = key_cache.view(torch.int16), value_cache.view(torch.int16)
     bias = torch.randn(4, 129)
-    single = native(query, keys, values, tables, lens, bias, 1)
-    assert torch.equal(native(query, keys, values, tables, lens, bias, 2), single)
+    single = native(query, keys, values, tables, lens, bias, 1, isa)
+    assert torch.equal(native(query, keys, values, tables, lens, bias, 2, isa), single)
     for s in range(len(lens)):
-        alone = native(query[s : s + 1], keys, values, tables[s : s + 1], lens[s : s + 1], bias, 1)
+        alone = native(query[s : s + 1], keys, values, tables[s : s + 1], lens[s : s + 1], bias, 1, isa)
         assert torch.equal(alone[0], single[s])
 
 
