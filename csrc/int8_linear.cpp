@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -9,7 +10,6 @@
 
 #include <pybind11/stl.h>
 
-#include "avx512_sums.h"
 #include "numpy_args.h"
 #include "thread_pool.h"
 
@@ -21,13 +21,15 @@
 namespace vivace {
 namespace {
 
-// Output channels per work item: 64 rows of int8 weights (64-256 KB at 1024-4096 inputs), enough that a wake-up is
-// cheap beside it and few enough that a late thread finds items left.
+// Output channels per work item: 64 channels of int8 weights (64-256 KB at 1024-4096 inputs), enough that a wake-up
+// is cheap beside it and few enough that a late thread finds items left. The VNNI kernel's packed groups are this
+// size.
 constexpr int64_t kItemChannels = 64;
 
 // Rows of activations as uint8 with a scale and zero point each: x ~ (xq - zero) * scale.
 struct QuantizedRows {
-  std::vector<uint8_t> values;  // [rows, in_features]
+  int64_t stride;  // in_features rounded up to 4 (zeros past it): the kernel broadcasts 4 bytes at a time
+  std::vector<uint8_t> values;  // [rows, stride]
   std::vector<float> scale;
   std::vector<int32_t> zero;
 };
@@ -38,19 +40,13 @@ inline void store(const Int8Linear& p, float row_scale, int32_t row_zero, int64_
   p.out[r * p.out_features + n] = p.bias ? value + p.bias[n] : value;
 }
 
-// Every output channel, kItemChannels to a work item, on up to `threads` threads, through an instruction set's two
-// kernels: four_channels (channels n..n+3 against every quantized row) and, past the last four, single_channel.
-template <class Rows>
-void run_items(const Int8Linear& p, int threads, const Rows& rows,
-               void (*four_channels)(const Int8Linear&, const Rows&, int64_t),
-               void (*single_channel)(const Int8Linear&, const Rows&, int64_t)) {
-  const int64_t items = (p.out_features + kItemChannels - 1) / kItemChannels;
-  parallel_for(items, threads, [&](int64_t item) {
-    const int64_t end = std::min(p.out_features, (item + 1) * kItemChannels);
-    int64_t n = item * kItemChannels;
-    for (; n + 4 <= end; n += 4) four_channels(p, rows, n);
-    for (; n < end; ++n) single_channel(p, rows, n);
-  });
+// weight int8 [out, in] -> [ceil(out / 64), ceil(in / 4), 64, 4] at packed, zeros past out and in (see
+// avx512_vnni::packed_block).
+void pack_for_vnni(const int8_t* weight, int64_t out_features, int64_t in, int8_t* packed) {
+  const int64_t steps = (in + 3) / 4;
+  std::memset(packed, 0, (out_features + 63) / 64 * steps * 256);
+  for (int64_t n = 0; n < out_features; ++n)
+    for (int64_t k = 0; k < in; ++k) packed[((n / 64 * steps + k / 4) * 64 + n % 64) * 4 + k % 4] = weight[n * in + k];
 }
 
 #ifdef VIVACE_X86
@@ -58,12 +54,11 @@ void run_items(const Int8Linear& p, int threads, const Rows& rows,
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 namespace avx512_vnni {
 
-// kChannels weight rows stream side by side against kRows activation rows: each 64-byte load of activations is
-// used kChannels times, each of weights kRows times. The tail of a row is read with a byte mask (zeros past it).
-// Row by row: the range always holds 0, so a zero activation (padding, ReLU) is exact; x * (1 / scale) rounds to
+// Row by row, into rows of `stride` bytes (in_features rounded up to 4, zeros past it): the range always holds 0, so a zero activation (padding, ReLU) is exact; x * (1 / scale) rounds to
 // nearest even (the default MXCSR mode), as torch.round.
 QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t in) {
-  QuantizedRows q{std::vector<uint8_t>(rows * in), std::vector<float>(rows), std::vector<int32_t>(rows)};
+  const int64_t stride = (in + 3) / 4 * 4;
+  QuantizedRows q{stride, std::vector<uint8_t>(rows * stride, 0), std::vector<float>(rows), std::vector<int32_t>(rows)};
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * in;
     __m512 low = _mm512_setzero_ps(), high = _mm512_setzero_ps();
@@ -78,7 +73,7 @@ QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t in) {
     const int32_t zero = static_cast<int32_t>(std::clamp(std::nearbyint(-lowest / scale), 0.0f, 255.0f));
     const __m512 inverse = _mm512_set1_ps(1.0f / scale);
     const __m512i zero_v = _mm512_set1_epi32(zero), top = _mm512_set1_epi32(255);
-    uint8_t* out = q.values.data() + r * in;
+    uint8_t* out = q.values.data() + r * stride;
     for (int64_t k = 0; k < in; k += 16) {
       const __mmask16 mask = in - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (in - k)) - 1);
       __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + k), inverse)),
@@ -92,78 +87,82 @@ QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t in) {
   return q;
 }
 
-// Four weight rows stream side by side against kRows (1-4) activation rows: each 64-byte load of activations is used
-// four times, each of weights kRows times. The tail of a row is read with a byte mask (zeros past it). The 16
-// accumulators are named variables: as an array, GCC 12 keeps them on the stack and every vpdpbusd reads and
-// writes memory.
+// Weights as int8_vnni_pack lays them out: per group of 64 channels and step of 4 inputs, 256 contiguous bytes,
+// channel c's 4 weights at 4 * c. One 64-byte load holds 16 channels x 4 inputs, and vpdpbusd against 4 activation
+// bytes broadcast to every lane adds their products into 16 channels' sums at once: no horizontal sums, and a
+// group's weights stream from one sequential run of memory.
+
+// out[r, n0..n0+16) from the int32 sums of 16 channels: store's float32 ops, lane by lane (the same bits).
+inline void store16(const Int8Linear& p, const QuantizedRows& q, int64_t r, int64_t n0, __m512i sums) {
+  const int64_t valid = std::min<int64_t>(16, p.out_features - n0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+  const __m512i centered =
+      _mm512_sub_epi32(sums, _mm512_mullo_epi32(_mm512_set1_epi32(q.zero[r]), _mm512_maskz_loadu_epi32(mask, p.weight_sums + n0)));
+  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(q.scale[r]), _mm512_maskz_loadu_ps(mask, p.scales + n0));
+  __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(centered), scale);
+  if (p.bias) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, p.bias + n0));
+  _mm512_mask_storeu_ps(p.out + r * p.out_features + n0, mask, value);
+}
+
+inline __m512i broadcast4(const uint8_t* x) {
+  int32_t four;
+  std::memcpy(&four, x, sizeof four);
+  return _mm512_set1_epi32(four);
+}
+
+// kRows (1-4) activation rows against the 64 channels of one group: sixteen accumulators at most, named (GCC keeps
+// an array of them on the stack).
 template <int kRows>
-void block(const Int8Linear& p, const QuantizedRows& q, int64_t n0, int64_t r0) {
-  const int64_t in = p.in_features;
-  const int8_t* w = p.weight + n0 * in;
-  const uint8_t* xq = q.values.data() + r0 * in;
-  // The next four weight rows, prefetched at the pace these four are read: the hardware prefetcher follows four short
-  // interleaved streams (1-4 KB each) poorly.
-  const int8_t* next = w + 4 * in;
+void packed_block(const Int8Linear& p, const QuantizedRows& q, int64_t group, int64_t r0) {
+  const int64_t steps = q.stride / 4;
+  const int8_t* w = p.vnni_weight + group * steps * 256;
+  const uint8_t* x = q.values.data() + r0 * q.stride;
   const __m512i zero = _mm512_setzero_si512();
   __m512i a00 = zero, a01 = zero, a02 = zero, a03 = zero, a10 = zero, a11 = zero, a12 = zero, a13 = zero;
   __m512i a20 = zero, a21 = zero, a22 = zero, a23 = zero, a30 = zero, a31 = zero, a32 = zero, a33 = zero;
-  for (int64_t k = 0; k < in; k += 64) {
-    const __mmask64 mask = in - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (in - k)) - 1;
-    const __m512i x0 = _mm512_maskz_loadu_epi8(mask, xq + k);
-    const __m512i x1 = kRows > 1 ? _mm512_maskz_loadu_epi8(mask, xq + in + k) : zero;
-    const __m512i x2 = kRows > 2 ? _mm512_maskz_loadu_epi8(mask, xq + 2 * in + k) : zero;
-    const __m512i x3 = kRows > 3 ? _mm512_maskz_loadu_epi8(mask, xq + 3 * in + k) : zero;
-#define VIVACE_CHANNEL(c)                                                     \
-  {                                                                           \
-    const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + c * in + k);         \
-    a##c##0 = _mm512_dpbusd_epi32(a##c##0, x0, wv);                           \
-    if constexpr (kRows > 1) a##c##1 = _mm512_dpbusd_epi32(a##c##1, x1, wv);  \
-    if constexpr (kRows > 2) a##c##2 = _mm512_dpbusd_epi32(a##c##2, x2, wv);  \
-    if constexpr (kRows > 3) a##c##3 = _mm512_dpbusd_epi32(a##c##3, x3, wv);  \
+  for (int64_t s = 0; s < steps; ++s, w += 256) {
+    const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
+    const __m512i w2 = _mm512_loadu_si512(w + 128), w3 = _mm512_loadu_si512(w + 192);
+#define VIVACE_ROW(r)                                                       \
+  if constexpr (kRows > r) {                                                \
+    const __m512i xb = broadcast4(x + r * q.stride + 4 * s);                \
+    a##r##0 = _mm512_dpbusd_epi32(a##r##0, xb, w0);                         \
+    a##r##1 = _mm512_dpbusd_epi32(a##r##1, xb, w1);                         \
+    a##r##2 = _mm512_dpbusd_epi32(a##r##2, xb, w2);                         \
+    a##r##3 = _mm512_dpbusd_epi32(a##r##3, xb, w3);                         \
   }
-    VIVACE_CHANNEL(0) VIVACE_CHANNEL(1) VIVACE_CHANNEL(2) VIVACE_CHANNEL(3)
-#undef VIVACE_CHANNEL
-    for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + line * 64), _MM_HINT_T0);
-    next += 256;
+    VIVACE_ROW(0) VIVACE_ROW(1) VIVACE_ROW(2) VIVACE_ROW(3)
+#undef VIVACE_ROW
   }
-  // all sixteen reduced at once (exact in int32, so the order does not matter): element 4 * c + r is (c, r)
-  alignas(64) int32_t sums[16];
-  _mm512_store_si512(sums, transpose_sums({a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31,
-                                           a32, a33}, AddInt32{}));
-  for (int c = 0; c < 4; ++c) {
-    const int64_t n = n0 + c;
-    for (int r = 0; r < kRows; ++r) {
-      store(p, q.scale[r0 + r], q.zero[r0 + r], r0 + r, n, sums[4 * c + r]);
-    }
+  const int64_t n0 = group * 64;
+#define VIVACE_STORE(r)                                                                          \
+  if constexpr (kRows > r) {                                                                     \
+    store16(p, q, r0 + r, n0, a##r##0);                                                          \
+    if (n0 + 16 < p.out_features) store16(p, q, r0 + r, n0 + 16, a##r##1);                      \
+    if (n0 + 32 < p.out_features) store16(p, q, r0 + r, n0 + 32, a##r##2);                      \
+    if (n0 + 48 < p.out_features) store16(p, q, r0 + r, n0 + 48, a##r##3);                      \
   }
+  VIVACE_STORE(0) VIVACE_STORE(1) VIVACE_STORE(2) VIVACE_STORE(3)
+#undef VIVACE_STORE
 }
 
-// One weight row against every activation row (the channels past the last block of four).
-void single_channel(const Int8Linear& p, const QuantizedRows& q, int64_t n) {
-  const int64_t in = p.in_features;
-  const int8_t* w = p.weight + n * in;
-  for (int64_t r = 0; r < p.rows; ++r) {
-    const uint8_t* xq = q.values.data() + r * in;
-    __m512i acc = _mm512_setzero_si512();
-    for (int64_t k = 0; k < in; k += 64) {
-      const __mmask64 mask = in - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (in - k)) - 1;
-      acc = _mm512_dpbusd_epi32(acc, _mm512_maskz_loadu_epi8(mask, xq + k), _mm512_maskz_loadu_epi8(mask, w + k));
-    }
-    store(p, q.scale[r], q.zero[r], r, n, _mm512_reduce_add_epi32(acc));
+// Without packed weights (a caller of int8_linear that kept none), they are packed for this call.
+void run(const Int8Linear& unpacked, int threads) {
+  std::vector<int8_t> packed;
+  Int8Linear p = unpacked;
+  if (!p.vnni_weight) {
+    packed.resize((p.out_features + 63) / 64 * ((p.in_features + 3) / 4) * 256);
+    pack_for_vnni(p.weight, p.out_features, p.in_features, packed.data());
+    p.vnni_weight = packed.data();
   }
-}
-
-// Channels n..n+3 against every row, four rows at a time.
-void four_channels(const Int8Linear& p, const QuantizedRows& q, int64_t n) {
-  int64_t r = 0;
-  for (; r + 4 <= p.rows; r += 4) block<4>(p, q, n, r);
-  if (p.rows - r == 3) block<3>(p, q, n, r);
-  if (p.rows - r == 2) block<2>(p, q, n, r);
-  if (p.rows - r == 1) block<1>(p, q, n, r);
-}
-
-void run(const Int8Linear& p, int threads) {
-  run_items(p, threads, quantize_rows(p.x, p.rows, p.in_features), &four_channels, &single_channel);
+  const QuantizedRows q = quantize_rows(p.x, p.rows, p.in_features);
+  parallel_for((p.out_features + kItemChannels - 1) / kItemChannels, threads, [&](int64_t group) {
+    int64_t r = 0;
+    for (; r + 4 <= p.rows; r += 4) packed_block<4>(p, q, group, r);
+    if (p.rows - r == 3) packed_block<3>(p, q, group, r);
+    if (p.rows - r == 2) packed_block<2>(p, q, group, r);
+    if (p.rows - r == 1) packed_block<1>(p, q, group, r);
+  });
 }
 
 }  // namespace avx512_vnni
@@ -276,8 +275,15 @@ void four_channels(const Int8Linear& p, const WideRows& q, int64_t n) {
   if (r < p.rows) block<1>(p, q, n, r);
 }
 
+// Every output channel, kItemChannels to a work item: blocks of four channels, then the channels past the last four.
 void run(const Int8Linear& p, int threads) {
-  run_items(p, threads, quantize_rows(p.x, p.rows, p.in_features), &four_channels, &single_channel);
+  const WideRows rows = quantize_rows(p.x, p.rows, p.in_features);
+  parallel_for((p.out_features + kItemChannels - 1) / kItemChannels, threads, [&](int64_t item) {
+    const int64_t end = std::min(p.out_features, (item + 1) * kItemChannels);
+    int64_t n = item * kItemChannels;
+    for (; n + 4 <= end; n += 4) four_channels(p, rows, n);
+    for (; n < end; ++n) single_channel(p, rows, n);
+  });
 }
 
 }  // namespace avx2
@@ -318,7 +324,8 @@ const Isa& find(const std::string& name) {
 }
 
 py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::handle scales_object,
-                          py::handle weight_sums_object, py::object bias_object, int num_threads, const std::string& isa) {
+                          py::handle weight_sums_object, py::object bias_object, int num_threads, const std::string& isa,
+                          py::object vnni_weight_object) {
   if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
   const Isa& chosen = find(isa);  // before any work: an unknown or missing isa is the caller's error
   const auto x = typed_array<float>(x_object, "x", "float32", 2, true);
@@ -341,14 +348,34 @@ py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::han
     bias = typed_array<float>(bias_object, "bias", "float32", 1, true);
     per_channel(bias, "bias");
   }
+  py::array_t<int8_t, py::array::c_style> vnni_weight;
+  if (!vnni_weight_object.is_none()) {
+    if (std::string(chosen.name) != "avx512_vnni")
+      throw py::value_error("vnni_weight is the avx512_vnni kernel's; isa '" + isa + "' runs " + chosen.name);
+    vnni_weight = typed_array<int8_t>(vnni_weight_object, "vnni_weight", "int8", 4, false);
+    const int64_t groups = (out_features + 63) / 64, steps = (in + 3) / 4;
+    if (vnni_weight.shape(0) != groups || vnni_weight.shape(1) != steps || vnni_weight.shape(2) != 64 ||
+        vnni_weight.shape(3) != 4)
+      throw py::value_error("vnni_weight " + shape_of(vnni_weight) + " must be int8_vnni_pack(weight), shape (" +
+                            std::to_string(groups) + ", " + std::to_string(steps) + ", 64, 4)");
+  }
   py::array_t<float> out({rows, out_features});
   const Int8Linear problem{x.data(),        weight.data(), scales.data(), weight_sums.data(),
-                           bias_object.is_none() ? nullptr : bias.data(), out.mutable_data(), rows, in, out_features};
+                           bias_object.is_none() ? nullptr : bias.data(), out.mutable_data(), rows, in, out_features,
+                           vnni_weight_object.is_none() ? nullptr : vnni_weight.data()};
   {
     py::gil_scoped_release release;
     chosen.run(problem, num_threads);
   }
   return out;
+}
+
+py::array_t<int8_t> vnni_pack(py::handle weight_object) {
+  const auto weight = typed_array<int8_t>(weight_object, "weight", "int8", 2, true);
+  const int64_t out_features = weight.shape(0), in = weight.shape(1);
+  py::array_t<int8_t> packed({(out_features + 63) / 64, (in + 3) / 4, int64_t{64}, int64_t{4}});
+  pack_for_vnni(weight.data(), out_features, in, packed.mutable_data());
+  return packed;
 }
 
 }  // namespace
@@ -366,11 +393,16 @@ void int8_linear(const Int8Linear& problem, int threads, const std::string& isa)
 void register_int8_linear(py::module_& m) {
   m.def("int8_linear", &linear, py::arg("x"), py::arg("weight"), py::arg("scales"), py::arg("weight_sums"),
         py::arg("bias") = py::none(), py::arg("num_threads") = 1, py::arg("isa") = "auto",
+        py::arg("vnni_weight") = py::none(),
         "An int8 linear with per-row dynamic uint8 activations: x float32 [rows, in] is quantized per row\n"
         "(asymmetric, its range and 0 over 255 steps), multiplied with weight int8 [out, in] (C-contiguous, read in\n"
         "place) in exact int32 sums, then scaled by the row's scale and scales[n] (+ bias). weight_sums int32 [out]\n"
         "= weight.sum(1). isa: 'auto' (the fastest) or one of int8_linear_isas(); every one gives the same bits.\n"
+        "vnni_weight: int8_vnni_pack(weight), which the avx512_vnni kernel reads (without it, it packs weight per call).\n"
         "Returns float32 [rows, out].");
+  m.def("int8_vnni_pack", &vnni_pack, py::arg("weight"),
+        "int8 [out, in] -> int8 [ceil(out / 64), ceil(in / 4), 64, 4], zeros past out and in: per group of 64\n"
+        "channels and step of 4 inputs, each channel's 4 weights side by side (the layout vpdpbusd sums from).");
   m.def("int8_linear_isas", &int8_linear_isas, "The instruction sets int8_linear runs on this CPU, best first.");
 }
 

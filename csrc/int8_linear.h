@@ -11,8 +11,9 @@ namespace vivace {
 // layer whose float32 activations are quantized per row on the fly (asymmetric uint8: the row's range, zero
 // included, over 255 steps) and multiplied with the int8 weights in exact int32 sums (AVX-512 VNNI vpdpbusd, or
 // AVX2 vpmaddwd on values widened to int16).
-// Weights are int8 [out_features, in_features], row-major as quantized (no repacking); weight_sums[n] = sum_k
-// weight[n, k] takes the activations' zero point out of the int32 sums.
+// Weights are int8 [out_features, in_features], row-major as quantized; the VNNI kernel reads them packed
+// (_C.int8_vnni_pack: 16 channels x 4 inputs per 64 bytes), packed once by the caller or else per call.
+// weight_sums[n] = sum_k weight[n, k] takes the activations' zero point out of the int32 sums.
 struct Int8Linear {
   const float* x;  // [rows, in_features]
   const int8_t* weight;  // [out_features, in_features]
@@ -21,6 +22,7 @@ struct Int8Linear {
   const float* bias;  // [out_features] or null
   float* out;  // [rows, out_features]
   int64_t rows, in_features, out_features;
+  const int8_t* vnni_weight = nullptr;  // the weights as _C.int8_vnni_pack lays them out, or null (AVX-512 VNNI only)
 };
 
 // The instruction sets int8_linear can use on this CPU, fastest first ("avx512_vnni", "avx2"); empty where it has

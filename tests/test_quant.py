@@ -197,6 +197,45 @@ def test_native_rows_do_not_depend_on_the_batch_or_threads(kernel: str) -> None:
     assert torch.equal(batch, alone) and torch.equal(batch, two_threads)
 
 
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13])
+@pytest.mark.parametrize("in_features,out_features", [(256, 1024), (37, 5), (255, 65), (1024, 130)])
+def test_vnni_reads_its_packed_weights(rows: int, in_features: int, out_features: int) -> None:
+    """A "vnni" layer keeps its weights packed (16 channels x 4 inputs per 64 bytes, zeros past the last group and
+    step); packed or packed per call, its rows equal the reference's bit for bit (groups of 64 channels, steps of 4
+    inputs and blocks of 4 rows, each with a tail)."""
+    _, layer = vnni_layer(in_features, out_features, rows % 2 == 0)
+    packed = layer.vnni_weight
+    assert packed.shape == (-(-out_features // 64), -(-in_features // 4), 64, 4)
+    unpacked = torch.zeros(packed.shape[0] * 64, packed.shape[1] * 4, dtype=torch.int8)
+    unpacked.view(packed.shape[0], 64, packed.shape[1], 4).copy_(packed.permute(0, 2, 1, 3))
+    assert torch.equal(unpacked[:out_features, :in_features], layer.weight) and unpacked.sum() == layer.weight.sum()
+    x = torch.randn(rows, in_features)
+    bias = None if layer.bias is None else layer.bias.float()
+    args = (x, layer.weight, layer.scales, layer.weight_sums, bias, 1, "avx512_vnni")
+    expected = vnni_reference(x, layer)
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+    assert torch.equal(torch.from_numpy(_C.int8_linear(*args)), expected)  # packed per call
+    layer.kernel = "avx2" if "avx2" in native_kernels() else "pack_mm"
+    assert layer.vnni_weight is None  # only the "vnni" kernel keeps the packed copy
+
+
+@needs_vnni
+def test_packed_weights_are_checked() -> None:
+    _, layer = vnni_layer(64, 8, False)
+    args = (torch.randn(2, 64), layer.weight, layer.scales, layer.weight_sums, None, 1)
+    cases = {
+        "vnni_weight (1, 15, 64, 4) must be int8_vnni_pack(weight), shape (1, 16, 64, 4)":
+            (*args, "avx512_vnni", layer.vnni_weight[:, :15].contiguous()),
+        "vnni_weight is the avx512_vnni kernel's; isa 'avx2' runs avx2": (*args, "avx2", layer.vnni_weight),
+    }
+    for message, call_args in cases.items():
+        with pytest.raises(ValueError) as error:
+            _C.int8_linear(*call_args)
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
 @needs_native
 def test_native_kernel_refuses_bad_arguments_in_one_line() -> None:
     _, layer = vnni_layer(64, 8, False)

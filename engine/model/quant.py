@@ -11,7 +11,8 @@ CPU, one of three kernels per layer (`Int8Linear.kernel`):
 - "vnni" (CPUs with AVX-512 VNNI) and "avx2" (CPUs with AVX2), float32 activations: vivace's own kernel
   (csrc/int8_linear.cpp) quantizes each activation row to uint8 on the fly (its range, zero included, over 255
   steps) and sums the int8 products exactly in int32, so a row's output never depends on the other rows of the
-  batch, and the two instruction sets give the same bits.
+  batch, and the two instruction sets give the same bits. A "vnni" layer keeps a second copy of its weights packed
+  for vpdpbusd (_C.int8_vnni_pack, made when the kernel is set): the int8 weights' memory twice over.
 `choose_kernels` times those this machine runs for each layer shape and keeps the fastest, cached beside the float32
 linear plans (docs/performance.md has the figures); bfloat16 activations take "pack_mm". Where none runs (CUDA;
 in_features not a multiple of 32 without vivace's kernel), the layer dequantizes per call and runs a plain matmul.
@@ -71,10 +72,15 @@ def native_kernels() -> tuple[str, ...]:
 
 
 def native_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, weight_sums: torch.Tensor,
-                  bias: torch.Tensor | None, kernel: str = "vnni") -> torch.Tensor:
-    """float32 rows [r, in] through vivace's kernel ("vnni" or "avx2": per-row uint8 activations, exact int32 sums)."""
+                  bias: torch.Tensor | None, kernel: str = "vnni", vnni_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 rows [r, in] through vivace's kernel ("vnni" or "avx2": per-row uint8 activations, exact int32 sums);
+    vnni_weight: the weights packed for "vnni" (_C.int8_vnni_pack), else packed per call."""
     return torch.from_numpy(_C.int8_linear(rows.detach().contiguous(), weight, scales, weight_sums, bias,
-                                           torch.get_num_threads(), NATIVE_ISAS[kernel]))
+                                           torch.get_num_threads(), NATIVE_ISAS[kernel], vnni_weight))
+
+
+def vnni_pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(_C.int8_vnni_pack(weight.contiguous()))
 
 
 class Int8Linear(nn.Module):
@@ -86,7 +92,22 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16))
         self.register_buffer("weight_sums", weight.sum(dim=1, dtype=torch.int32))
-        self.kernel = "pack_mm"  # for float32 CPU activations where both run; set by choose_kernels
+        self.register_buffer("vnni_weight", None, persistent=False)  # packed while the kernel is "vnni"
+        self._kernel = "pack_mm"
+
+    @property
+    def kernel(self) -> str:
+        """The CPU kernel for float32 activations where several run (set by choose_kernels)."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, kernel: str) -> None:
+        self._kernel = kernel
+        use_vnni = kernel == "vnni" and "vnni" in native_kernels() and self.weight.device.type == "cpu"
+        if use_vnni and self.vnni_weight is None:
+            self.vnni_weight = vnni_pack(self.weight)
+        elif not use_vnni:
+            self.vnni_weight = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -107,7 +128,7 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.use_native(x):
             bias = None if self.bias is None else self.bias.float()
-            out = native_linear(rows, self.weight, self.scales, self.weight_sums, bias, self.kernel)
+            out = native_linear(rows, self.weight, self.scales, self.weight_sums, bias, self.kernel, self.vnni_weight)
             return out.view(*x.shape[:-1], self.out_features)
         if self.use_pack_mm(x):
             out = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight, self.scales_bf16).to(x.dtype)
@@ -148,9 +169,11 @@ def kernel_timings(in_features: int, out_features: int) -> dict[str, float]:
     candidates = {}
     if in_features % PACK_MM_ALIGN == 0 and pack_mm_available():
         candidates["pack_mm"] = lambda: [torch._weight_int8pack_mm(x.bfloat16(), layer.weight, layer.scales_bf16) for x in inputs]
+    packed = vnni_pack(layer.weight) if "vnni" in native_kernels() else None
     for kernel in native_kernels():
         candidates[kernel] = lambda kernel=kernel: [
-            native_linear(x, layer.weight, layer.scales, layer.weight_sums, None, kernel) for x in inputs
+            native_linear(x, layer.weight, layer.scales, layer.weight_sums, None, kernel, packed if kernel == "vnni" else None)
+            for x in inputs
         ]
     return dict(zip(candidates, median_seconds(list(candidates.values())))) if candidates else {}
 
@@ -161,7 +184,8 @@ def measured_kernels(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> dic
     milliseconds per shape): every later engine on the machine runs the same kernels, so its tokens do not depend on
     the thread count (the two kernels round differently) and its bytes repeat."""
     candidates = [*(["pack_mm"] if pack_mm_available() else []), *native_kernels()]
-    key = f"{cpu_and_torch()} | int8 kernels: {', '.join(candidates)}"  # new candidates are measured afresh
+    # new candidates, or a candidate in a new form (vnni reading packed weights), are measured afresh
+    key = f"{cpu_and_torch()} | int8 kernels: {', '.join(candidates)}{' (packed)' if 'vnni' in candidates else ''}"
     stored = {name: kernel for name, kernel in cache.entries(key).items() if kernel in INT8_KERNELS[1:]}
     chosen = {}
     for in_features, out_features in sorted(set(shapes)):
