@@ -1,7 +1,7 @@
 """python -m benchmarks [SUITE ...] [--quick] [--work-dir DIR] [--device DEV] [--threads N] [--musiclm-dtype DTYPE]
 
-Suites run in the order demo, musiclm, musicgen, floor, serving, serve_load, ray_load, versus, neighbour (the floor suite
-reads the others' newest results); each prints its tables and writes benchmarks/results/<suite>-<date>.json. Models are built
+Suites run in the order demo, musiclm, musicgen, floor, cpu_attention, serving, serve_load, ray_load, versus,
+neighbour (the floor suite reads the others' newest results); each prints its tables and writes benchmarks/results/<suite>-<date>.json. Models are built
 once and cached in --work-dir. Without a SUITE every suite but serve_load, ray_load, versus and neighbour runs: the first two
 start `vivace serve` (ray_load also `vivace serve --ray`, a local Ray cluster) on a free local port and need the
 [serve] extra and httpx (ray_load the [ray] extra too); versus (vivace against transformers, alternating rounds)
@@ -21,7 +21,7 @@ from benchmarks.common import Options
 
 SUITES = {
     "demo": "benchmarks.demo_suite", "musiclm": "benchmarks.musiclm_suite", "musicgen": "benchmarks.musicgen_suite",
-    "floor": "benchmarks.floor", "serving": "benchmarks.serving", "serve_load": "benchmarks.serve_load",
+    "floor": "benchmarks.floor", "cpu_attention": "benchmarks.cpu_attention", "serving": "benchmarks.serving", "serve_load": "benchmarks.serve_load",
     "ray_load": "benchmarks.ray_load", "versus": "benchmarks.versus",
     "neighbour": "benchmarks.neighbour",
 }

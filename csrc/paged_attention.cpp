@@ -235,10 +235,11 @@ inline __m512 load16(const uint16_t* x) {
 // not L1: a decode batch's caches rarely fit the last-level cache, and then this halves the time of the
 // attention (13 rows of 400 keys, 28 MB of caches); prefetching into L1 instead stalls on the fill buffers.
 template <class T>
-inline void prefetch(const T* first_row, int64_t rows, const HeadRange& r) {
+inline void prefetch_rows(const T* block, int64_t first, int64_t last, const HeadRange& r) {
+  if (!block) return;
   const int64_t bytes = r.heads * r.dim * static_cast<int64_t>(sizeof(T));
-  for (int64_t row = 0; row < rows; ++row) {
-    const char* line = reinterpret_cast<const char*>(first_row + row * r.row_stride);
+  for (int64_t row = first; row < last; ++row) {
+    const char* line = reinterpret_cast<const char*>(block + row * r.row_stride);
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(line + b, _MM_HINT_T2);
   }
 }
@@ -252,36 +253,94 @@ __attribute__((always_inline)) inline __m512 key_lanes(const float* q, const T* 
   return a;
 }
 
-// scores[j] = scale * (q . k_j) for up to sixteen keys of one head: each key's products summed in lanes over the
-// dims, then the sixteen keys' lanes reduced together by one transpose tree (not one horizontal sum per key).
-// The sixteen vectors are written out, not filled in a loop: GCC keeps a loop-filled array on the stack.
-template <class T, int kDim>
-__attribute__((always_inline)) inline void scores16(const float* q, const T* key, int64_t row_stride, int64_t count,
-                                                    float scale, float* scores) {
-#define VIVACE_KEY(j) \
-  _mm512_castps_si512(j < count ? key_lanes<T, kDim>(q, key + j * row_stride) : _mm512_setzero_ps())
-  const __m512i lanes[16] = {VIVACE_KEY(0),  VIVACE_KEY(1),  VIVACE_KEY(2),  VIVACE_KEY(3),
-                             VIVACE_KEY(4),  VIVACE_KEY(5),  VIVACE_KEY(6),  VIVACE_KEY(7),
-                             VIVACE_KEY(8),  VIVACE_KEY(9),  VIVACE_KEY(10), VIVACE_KEY(11),
-                             VIVACE_KEY(12), VIVACE_KEY(13), VIVACE_KEY(14), VIVACE_KEY(15)};
-#undef VIVACE_KEY
-  const __m512 sums = _mm512_castsi512_ps(transpose_sums(lanes, AddFloat{}));
-  _mm512_mask_storeu_ps(scores, static_cast<__mmask16>((1u << count) - 1), _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
+// Sixteen vectors' lane sums as one vector (lanes_of(i) for i < count, zeros past it), by one transpose tree. The
+// vectors are written out, not filled in a loop: GCC keeps a loop-filled array on the stack. Each sum's tree is
+// the same whichever vectors it is reduced beside.
+template <class LanesOf>
+__attribute__((always_inline)) inline __m512 sums16(int64_t count, const LanesOf& lanes_of) {
+#define VIVACE_LANES(i) _mm512_castps_si512(i < count ? lanes_of(i) : _mm512_setzero_ps())
+  const __m512i lanes[16] = {VIVACE_LANES(0),  VIVACE_LANES(1),  VIVACE_LANES(2),  VIVACE_LANES(3),
+                             VIVACE_LANES(4),  VIVACE_LANES(5),  VIVACE_LANES(6),  VIVACE_LANES(7),
+                             VIVACE_LANES(8),  VIVACE_LANES(9),  VIVACE_LANES(10), VIVACE_LANES(11),
+                             VIVACE_LANES(12), VIVACE_LANES(13), VIVACE_LANES(14), VIVACE_LANES(15)};
+#undef VIVACE_LANES
+  return _mm512_castsi512_ps(transpose_sums(lanes, AddFloat{}));
 }
 
-// acc += w[j] * v_j over `count` keys of one head, key by key (each element's sums in the portable kernel's order).
+// Scores of one block's keys, scale * (q_h . k_j), into weights[h * length + j0 + j]. Narrow rows (a few heads):
+// head by head, sixteen keys reduced together. Wide rows (2 KB or more: reading one head's sixteen keys would
+// stride 2-4 KB, which maps them onto a few L1 sets): key by key, sixteen heads reduced together, so the block
+// is read in order. A score's arithmetic is the same either way.
 template <class T, int kDim>
-inline void weighted_values(const float* w, const T* value, int64_t row_stride, int64_t count, float* acc) {
-  __m512 a[kDim / 16];
-#pragma GCC unroll 8
-  for (int c = 0; c < kDim / 16; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
-  for (int64_t j = 0; j < count; ++j) {
-    const __m512 weight = _mm512_set1_ps(w[j]);
-#pragma GCC unroll 8
-    for (int c = 0; c < kDim / 16; ++c) a[c] = _mm512_fmadd_ps(weight, load16(value + j * row_stride + 16 * c), a[c]);
+void block_scores(const PagedDecode& p, HeadRange& r, const T* block, int64_t j0, int64_t rows, bool wide,
+                  const T* next, int64_t next_rows) {
+  const __m512 scale = _mm512_set1_ps(p.scale);
+  if (!wide) {
+    for (int64_t h = 0; h < r.heads; ++h) {
+      prefetch_rows(next, h * next_rows / r.heads, (h + 1) * next_rows / r.heads, r);
+      for (int64_t j = 0; j < rows; j += 16) {
+        const float* q = r.query + h * kDim;
+        const T* key = block + j * r.row_stride + h * kDim;
+        const int64_t count = std::min<int64_t>(16, rows - j);
+        const __m512 sums = sums16(count, [&](int i) __attribute__((always_inline)) {
+          return key_lanes<T, kDim>(q, key + i * r.row_stride);
+        });
+        _mm512_mask_storeu_ps(r.weights + h * r.length + j0 + j, static_cast<__mmask16>((1u << count) - 1),
+                              _mm512_mul_ps(sums, scale));
+      }
+    }
+    return;
   }
+  alignas(64) float scores[16];
+  for (int64_t j = 0; j < rows; ++j) {
+    prefetch_rows(next, j * next_rows / rows, (j + 1) * next_rows / rows, r);
+    for (int64_t h = 0; h < r.heads; h += 16) {
+      const float* q = r.query + h * kDim;
+      const T* key = block + j * r.row_stride + h * kDim;
+      const int64_t count = std::min<int64_t>(16, r.heads - h);
+      _mm512_store_ps(scores, _mm512_mul_ps(sums16(count, [&](int i) __attribute__((always_inline)) {
+                        return key_lanes<T, kDim>(q + i * kDim, key + i * kDim);
+                      }), scale));
+      for (int64_t i = 0; i < count; ++i) r.weights[(h + i) * r.length + j0 + j] = scores[i];
+    }
+  }
+}
+
+// partial[h] += w[h, j] * v_j,h over one block's keys, each element's sum in key order (the portable kernel's):
+// narrow rows head by head with the sums in registers, wide rows key by key (read in order, as block_scores).
+template <class T, int kDim>
+void block_values(HeadRange& r, const T* block, int64_t j0, int64_t rows, bool wide, const T* next,
+                  int64_t next_rows) {
+  if (!wide) {
+    for (int64_t h = 0; h < r.heads; ++h) {
+      prefetch_rows(next, h * next_rows / r.heads, (h + 1) * next_rows / r.heads, r);
+      const float* w = r.weights + h * r.length + j0;
+      float* acc = r.partial + h * kDim;
+      __m512 a[kDim / 16];
 #pragma GCC unroll 8
-  for (int c = 0; c < kDim / 16; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
+      for (int c = 0; c < kDim / 16; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
+      for (int64_t j = 0; j < rows; ++j) {
+        const __m512 weight = _mm512_set1_ps(w[j]);
+        const T* v = block + j * r.row_stride + h * kDim;
+#pragma GCC unroll 8
+        for (int c = 0; c < kDim / 16; ++c) a[c] = _mm512_fmadd_ps(weight, load16(v + 16 * c), a[c]);
+      }
+#pragma GCC unroll 8
+      for (int c = 0; c < kDim / 16; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < rows; ++j) {
+    prefetch_rows(next, j * next_rows / rows, (j + 1) * next_rows / rows, r);
+    for (int64_t h = 0; h < r.heads; ++h) {
+      const __m512 weight = _mm512_set1_ps(r.weights[h * r.length + j0 + j]);
+      const T* v = block + j * r.row_stride + h * kDim;
+      float* acc = r.partial + h * kDim;
+#pragma GCC unroll 8
+      for (int c = 0; c < kDim / 16; ++c)
+        _mm512_storeu_ps(acc + 16 * c, _mm512_fmadd_ps(weight, load16(v + 16 * c), _mm512_loadu_ps(acc + 16 * c)));
+    }
+  }
 }
 
 // head_dim = kDim (a multiple of 16): block by block, every head of the range per block, the next block prefetched.
@@ -289,26 +348,19 @@ template <class T, int kDim>
 void attend(const PagedDecode& p, HeadRange& r) {
   const int64_t length = r.length, block_size = p.block_size;
   const int64_t blocks = (length + block_size - 1) / block_size;
+  const bool wide = r.row_stride * static_cast<int64_t>(sizeof(T)) >= 2048;
   auto rows = [&](int64_t b) { return std::min(block_size, length - b * block_size); };
   for (int64_t b = 0; b < blocks; ++b) {
-    if (b + 1 < blocks)
-      prefetch(r.block<T>(p.key_cache, b + 1), rows(b + 1), r);
-    else
-      prefetch(r.block<T>(p.value_cache, 0), rows(0), r);
-    const T* block = r.block<T>(p.key_cache, b);
-    for (int64_t h = 0; h < r.heads; ++h)
-      for (int64_t j = 0; j < rows(b); j += 16)
-        scores16<T, kDim>(r.query + h * kDim, block + j * r.row_stride + h * kDim, r.row_stride,
-                          std::min<int64_t>(16, rows(b) - j), p.scale, r.weights + h * length + b * block_size + j);
+    const bool last = b + 1 == blocks;  // then the first block of values comes next
+    block_scores<T, kDim>(p, r, r.block<T>(p.key_cache, b), b * block_size, rows(b), wide,
+                          last ? r.block<T>(p.value_cache, 0) : r.block<T>(p.key_cache, b + 1), rows(last ? 0 : b + 1));
   }
   softmax(p, r);
   int64_t pending = 0;
   for (int64_t b = 0; b < blocks; ++b) {
-    if (b + 1 < blocks) prefetch(r.block<T>(p.value_cache, b + 1), rows(b + 1), r);
-    const T* block = r.block<T>(p.value_cache, b);
-    for (int64_t h = 0; h < r.heads; ++h)
-      weighted_values<T, kDim>(r.weights + h * length + b * block_size, block + h * kDim, r.row_stride, rows(b),
-                               r.partial + h * kDim);
+    const bool last = b + 1 == blocks;
+    block_values<T, kDim>(r, r.block<T>(p.value_cache, b), b * block_size, rows(b), wide,
+                          last ? nullptr : r.block<T>(p.value_cache, b + 1), last ? 0 : rows(b + 1));
     pending += rows(b);
     if (pending >= kKeysPerPartial || b + 1 == blocks) {
       flush(r);

@@ -4,9 +4,10 @@ A float32 query over float32 or bfloat16 caches (an engine's kv_cache_dtype) goe
 vivace._C.paged_decode_attention, a C++ kernel that reads each context in place through its block table (never a
 slot past its end), widens bfloat16 keys and values exactly as it reads them and runs a float32 softmax per
 (sequence, head), on torch's intra-op thread count once the contexts are long enough to pay for a second thread.
-Where the CPU has AVX-512 and head_dim is 32, 64 or 128 it scores sixteen keys per transpose-tree reduction and
-prefetches each next block (its blocks lie anywhere in the pool); elsewhere a portable form runs
-(_C.paged_attention_isas lists what this CPU runs).
+Where the CPU has AVX-512 and head_dim is 32, 64 or 128 it reduces sixteen dot products per transpose tree (sixteen
+keys of a head, or for rows of 2 KB and more sixteen heads of a key, so that a block is read in order) and
+prefetches each next block while it computes the current one (blocks lie anywhere in the pool); elsewhere a
+portable form runs (_C.paged_attention_isas lists what this CPU runs).
 
 Other dtypes and devices take torch_decode_attention. Each context is gathered once with index_select (instead
 of the reference's advanced indexing and its copies) and attended by one float32 scaled_dot_product_attention call
