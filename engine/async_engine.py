@@ -7,6 +7,9 @@ before the core's next step. A reader is woken only for what it reads (Forward):
 generate; windows, chunks and the end for events, each preceded by its stages' latest progress, not a progress
 event per step.
 
+The core's thread is the one thread that runs torch's parallel regions: starting it frees the calling thread's
+OpenMP team (vivace.threads.release_thread_team), which would otherwise slow every region of both.
+
 An event loop never waits for a running step: `submit_async` adds requests from a worker thread, and an async
 call's abort is handed to the core's thread, which applies it before its next step. A server's other streams keep
 flowing while one request joins or leaves.
@@ -26,6 +29,7 @@ from vivace.arguments import PromptLike, check_bool
 from vivace.core.engine_core import RequestOutput
 from vivace.engine import Call, Engine, Sink, assemble
 from vivace.events import AudioChunk, Event, StageProgress
+from vivace.threads import release_thread_team
 
 
 class Forward:
@@ -60,6 +64,7 @@ class AsyncEngine:
         self._stopped = False
         self._aborts: list[int] = []  # requests to abort before the core's next step (from event loops)
         self._thread = threading.Thread(target=self._run_core, name="vivace-engine-core", daemon=True)
+        release_thread_team()  # the engine was loaded (and maybe run) here: see the module docstring
         self._thread.start()
 
     @classmethod

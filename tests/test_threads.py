@@ -134,3 +134,28 @@ def test_threads_auto_on_the_command_line(tiny_pack: Path, tmp_path: Path) -> No
     out = tmp_path / "auto.wav"
     assert main(["generate", "--pack", str(tiny_pack), "calm piano", "--duration", "0.5", "--threads", "auto", "-o", str(out), "--quiet"]) == 0
     assert out.is_file()
+
+
+RELEASE = """
+import os, torch
+from vivace.threads import release_thread_team
+torch.set_num_threads(2)
+x = torch.randn(512, 512)
+before = x @ x  # a parallel region: this thread now owns an OpenMP team
+gomp = any("/libgomp" in line for line in open("/proc/self/maps"))
+threads = len(os.listdir("/proc/self/task"))
+released = release_thread_team()
+after_release = len(os.listdir("/proc/self/task"))
+again = x @ x  # a new team
+print(gomp, released, threads, after_release, bool(torch.equal(before, again)))
+"""
+
+
+def test_release_thread_team_frees_the_openmp_workers() -> None:
+    """The calling thread's OpenMP workers exit (AsyncEngine does this before its core's thread starts), and the
+    next parallel region starts new ones with the same results. Where torch loaded no libgomp it does nothing."""
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True, cwd=REPO)
+    gomp, released, threads, after_release, equal = out.stdout.split()
+    assert released == gomp and equal == "True"
+    if gomp == "True":
+        assert int(after_release) < int(threads)
