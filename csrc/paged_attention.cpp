@@ -232,8 +232,8 @@ inline __m512 load16(const uint16_t* x) {
 
 // A block's rows of this range, one prefetch per cache line, while the current block is computed: blocks lie
 // anywhere in the pool, so the hardware prefetcher cannot see the jump to the next one coming. Into L2 (T2 hint),
-// not L1: a decode batch's caches rarely fit the last-level cache, and then this halves the time of the
-// attention (13 rows of 400 keys, 28 MB of caches); prefetching into L1 instead stalls on the fill buffers.
+// not L1, and row by row rather than a block at once: both of those stalled on the fill buffers
+// (docs/performance.md, "CPU decode attention, AVX-512 form").
 template <class T>
 inline void prefetch_rows(const T* block, int64_t first, int64_t last, const HeadRange& r) {
   if (!block) return;

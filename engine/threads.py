@@ -44,9 +44,8 @@ def release_thread_team() -> bool:
 
     libgomp keeps one team per thread that ever ran a parallel region, and counts every docked worker of every team
     against the cores: once two threads own teams on a 2-core machine, its workers stop spinning between regions
-    and every region of either thread pays a futex wake-up. Measured here, the demo pack's core stepped in a second
-    thread took 1.6x as long as in the thread that loaded the engine, and as long once that thread's team was freed
-    (AsyncEngine does so when its core's thread starts)."""
+    and every region of either thread pays a futex wake-up (docs/performance.md, "Serving", has the measurement).
+    AsyncEngine calls this before its core's thread starts."""
     pause = _pause_openmp()
     return pause is not None and pause(1) == 0  # 1: omp_pause_soft (the runtime keeps its state)
 

@@ -65,15 +65,17 @@ def batch_lengths(batch: int, block_size: int, seed: int) -> list[int]:
 # The kernel's logits match the reference's float32 dot products to ~sqrt(head_dim) * 2**-24 of |q||k|, its exp
 # is within 1 ulp and it sums weights and weighted values in float64 (per block in float32); the reference sums
 # in float32 over up to 300 keys. Both land ~1e-6 of the largest output apart; 1e-5 leaves room for the order.
-# Both forms of the kernel: the AVX-512 one (this CPU permitting; 64 and 128) and the portable one (every head_dim).
-@pytest.mark.parametrize("isa", ["avx512", "portable"])
-@pytest.mark.parametrize("head_dim", [24, 64, 128])  # 24: sixteen lanes and a tail
+# Every form of the kernel this CPU runs: the AVX-512 one (64 and 128 here) and the portable one (every head_dim).
+def forms(head_dims: list[int]) -> list[tuple[str, int]]:
+    """(isa, head_dim) for every form of the kernel this CPU runs at each head_dim (AVX-512: 32, 64, 128)."""
+    return [(isa, head_dim) for head_dim in head_dims for isa in _C.paged_attention_isas(head_dim)]
+
+
+@pytest.mark.parametrize("isa,head_dim", forms([24, 64, 128]))  # 24: sixteen lanes and a tail
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 @pytest.mark.parametrize("batch", [1, 3, 17])
 @pytest.mark.parametrize("bias_width", [0, 33])  # 33: saturates beyond distance 32
 def test_native_decode_matches_reference(isa, head_dim, block_size, batch, bias_width) -> None:
-    if isa not in _C.paged_attention_isas(head_dim):
-        pytest.skip(f"this CPU runs no {isa} kernel for head_dim {head_dim}")
     seed = head_dim + block_size + batch + bias_width
     args = paged_case(seed, batch_lengths(batch, block_size, seed), block_size, 4, head_dim)
     bias = torch.randn(4, bias_width, generator=torch.Generator().manual_seed(seed)) * 2 if bias_width else None

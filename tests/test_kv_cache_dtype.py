@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_device import relative_error
-from test_cpu_attention import batch_lengths, native, paged_case, reference
+from test_cpu_attention import batch_lengths, forms, native, paged_case, reference
 from vivace import Engine, VivaceError, WindowFinished, _C
 from vivace.cli import main
 from vivace.engine import check_kv_cache_dtype
@@ -20,13 +20,10 @@ def bfloat16_caches(args: tuple) -> tuple:
 
 # The kernel widens each stored bfloat16 exactly, so against the reference on the widened caches only its float32
 # summation order differs, as for float32 caches (test_cpu_attention: 1e-5).
-@pytest.mark.parametrize("isa", ["avx512", "portable"])
-@pytest.mark.parametrize("head_dim", [24, 64])
+@pytest.mark.parametrize("isa,head_dim", forms([24, 64]))
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("bias_width", [0, 33])
 def test_native_decode_reads_bfloat16_caches(isa: str, head_dim: int, block_size: int, bias_width: int) -> None:
-    if isa not in _C.paged_attention_isas(head_dim):
-        pytest.skip(f"this CPU runs no {isa} kernel for head_dim {head_dim}")
     seed = head_dim + block_size + bias_width
     query, key_cache, value_cache, tables, lens = bfloat16_caches(
         paged_case(seed, batch_lengths(5, block_size, seed), block_size, 4, head_dim)
