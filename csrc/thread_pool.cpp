@@ -1,10 +1,14 @@
 #include "thread_pool.h"
 
+#include <dlfcn.h>
+#include <link.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <condition_variable>
 #include <mutex>
+#include <algorithm>
 #include <thread>
 #include <vector>
 
@@ -85,8 +89,59 @@ ThreadPool& pool() {
   return *instance;
 }
 
+// libgomp's entry for `#pragma omp parallel`: runs fn(data) on a team of num_threads, the caller included.
+using OpenMpParallel = void (*)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+
+// GOMP_parallel of the OpenMP runtime already loaded in this process (torch's CPU wheels bring their own libgomp),
+// looked up once, at the first parallel call; null where none is loaded.
+OpenMpParallel loaded_openmp() {
+  static const OpenMpParallel found = [] {
+    OpenMpParallel parallel = nullptr;
+    dl_iterate_phdr(
+        [](dl_phdr_info* info, size_t, void* out) -> int {
+          const char* name = info->dlpi_name;
+          if (!name || (!std::strstr(name, "libgomp") && !std::strstr(name, "libiomp") && !std::strstr(name, "libomp")))
+            return 0;
+          void* library = dlopen(name, RTLD_NOW | RTLD_NOLOAD);
+          if (!library) return 0;
+          auto* symbol = reinterpret_cast<OpenMpParallel>(dlsym(library, "GOMP_parallel"));
+          dlclose(library);  // RTLD_NOLOAD took a reference to a library that stays loaded
+          *static_cast<OpenMpParallel*>(out) = symbol;
+          return symbol ? 1 : 0;
+        },
+        &parallel);
+    return parallel;
+  }();
+  return found;
+}
+
+struct OpenMpJob {
+  const std::function<void(int64_t)>* fn;
+  int64_t n;
+  std::atomic<int64_t> next{0};
+};
+
+void drain_job(void* data) {
+  auto& job = *static_cast<OpenMpJob*>(data);
+  for (int64_t i = job.next.fetch_add(1); i < job.n; i = job.next.fetch_add(1)) (*job.fn)(i);
+}
+
 }  // namespace
 
-void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn) { pool().run(n, threads, fn); }
+// On torch's OpenMP team where torch loaded one: its workers are the ones torch's own ops just used, still spinning
+// between regions, so a kernel right after a torch op starts at once, and no second set of threads competes with
+// them for the cores (a pool of its own paid a futex wake-up per call, 20-40 µs on a 2-core VM).
+void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
+  if (threads <= 1 || n <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  if (const OpenMpParallel parallel = loaded_openmp()) {
+    OpenMpJob job{&fn, n};
+    parallel(&drain_job, &job, static_cast<unsigned>(std::min<int64_t>(threads, n)), 0);
+    return;
+  }
+  pool().run(n, threads, fn);
+}
 
 }  // namespace vivace
