@@ -7,8 +7,8 @@ matrix-vector product. A small model's weights stay in the CPU's caches, so its 
 few rows on, and the gain per row levels off. For the linear shapes of the demo pack's stages (d_model 256,
 d_ff 1024) and of MusicGen-small (1024, 4096), in float32 through F.linear and through the engine's Linear
 (W @ x^T for 2 to 64 rows, vivace.model.transformer), and int8 weight-only through each CPU kernel of
-vivace.model.quant.Int8Linear this machine runs (torch._weight_int8pack_mm with bf16 activations; vivace's VNNI
-kernel on packed weights and its AVX2 kernel, float32 activations), this prints µs per call and the per-row speed-up over one row, and writes
+vivace.model.quant.Int8Linear this machine runs (torch._weight_int8pack_mm with bf16 activations; vivace's AMX and
+VNNI kernels on packed weights and its AVX2 kernel, float32 activations), this prints µs per call and the per-row speed-up over one row, and writes
 benchmarks/results/cpu_linear_rows-<date>.json. Times are medians of 200 calls, each timed alone, after 5 warm-up calls.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def layer_us(shapes: list[tuple[int, int]], rows: int, mode: str) -> float:
             scales = (torch.rand(n, generator=gen) + 0.5).bfloat16()
             xb = x.bfloat16()
             calls.append(lambda xb=xb, q=q, s=scales: torch._weight_int8pack_mm(xb, q, s))
-        else:  # "int8 vnni" / "int8 avx2": the layer as the engine runs it, Python wrapper included
+        else:  # "int8 amx" / "int8 vnni" / "int8 avx2": the layer as the engine runs it, Python wrapper included
             layer = Int8Linear(*quantize_weight(torch.randn(n, k, generator=gen)), None, torch.float32)
             layer.kernel = mode.removeprefix("int8 ")
             calls.append(lambda x=x, layer=layer: layer(x))

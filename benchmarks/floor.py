@@ -4,7 +4,7 @@ Bandwidth, measured here:
 - copy: dst.copy_(src) of a large float32 tensor, bytes read + bytes written per second;
 - GEMV: y = x W^T over a chain of [4096, 1024] / [1024, 4096] weights far larger than the caches, weight bytes
   per second, in float32, bfloat16 and int8 (vivace.model.quant.Int8Linear with each of its CPU kernels: torch's
-  int8 pack mm on bfloat16 activations, and vivace's VNNI kernel where the CPU has AVX-512 VNNI), at 1 row and at
+  int8 pack mm on bfloat16 activations, and vivace's AMX, VNNI and AVX2 kernels where the CPU has them), at 1 row and at
   2 rows (a MusicGen guidance pair); on the CPU also the two int8 paths the engine does not take.
 Bytes per decode step of each model: the weights one step reads (the layers' linears and norms, the output heads,
 one embedding row per codebook; not the embedding tables, nor cross-attention's key/value projection, which runs
@@ -32,6 +32,7 @@ MODES = {
     "float32": ("float32", None), "bfloat16": ("bfloat16", None), "float16": ("float16", None),
     "int8": ("float32", "int8"), "int8+bf16": ("bfloat16", "int8"),
 }
+ENGINE_INT8_KINDS = ("int8", "int8 pack_mm", "int8 amx", "int8 vnni", "int8 avx2")  # the int8 layer as the engine runs it
 QUICK = {"copy_mib": 256, "gemv_layers": 8, "repeats": 5}
 FULL = {"copy_mib": 1024, "gemv_layers": 24, "repeats": 20}
 
@@ -62,7 +63,7 @@ def gemv_bandwidth(kind: str, rows: int, device: str, layers: int, repeats: int)
             linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             linear.weight.data = w
             q = Int8Linear.from_linear(linear).to(device)
-            if kind in ("int8", "int8 pack_mm", "int8 vnni", "int8 avx2"):
+            if kind in ENGINE_INT8_KINDS:
                 if kind != "int8":
                     q.kernel = kind.removeprefix("int8 ")
                 calls.append(lambda x=x, q=q: q(x))
@@ -152,7 +153,7 @@ def gemv_for(gemv: dict[str, dict[int, dict[str, float]]], mode: str) -> dict[in
     if mode == "int8+bf16":
         return gemv.get("int8 pack_mm", gemv.get("int8", {}))
     if mode == "int8":
-        kernels = [gemv[k] for k in ("int8 pack_mm", "int8 vnni", "int8 avx2") if k in gemv]
+        kernels = [gemv[k] for k in ENGINE_INT8_KINDS[1:] if k in gemv]
         return {rows: max((k[rows] for k in kernels), key=lambda r: r["gb_s"]) for rows in (1, 2)} if kernels else {}
     return {}
 
@@ -171,7 +172,7 @@ def run(options: Options) -> dict[str, Any]:
     for kind in kinds:
         gemv[kind] = {}
         for rows in (1, 2):
-            engine_path = kind in ("float32", "bfloat16", "int8", "int8 pack_mm", "int8 vnni", "int8 avx2")
+            engine_path = kind in ("float32", "bfloat16", *ENGINE_INT8_KINDS)
             layers = settings["gemv_layers"] if engine_path else max(2, settings["gemv_layers"] // 4)
             gemv[kind][rows] = gemv_bandwidth(kind, rows, device, layers, max(3, settings["repeats"] // 2))
             release_memory()

@@ -54,6 +54,7 @@ MODES = {  # name: Engine.from_pack options
     "bfloat16": {"dtype": "bfloat16"},
     "int8": {"dtype": "float32", "quantize": "int8"},
     "int8 pack_mm": {"dtype": "float32", "quantize": "int8", "int8_kernel": "pack_mm"},
+    "int8 amx": {"dtype": "float32", "quantize": "int8", "int8_kernel": "amx"},  # CPUs with AMX-INT8
     "int8 vnni": {"dtype": "float32", "quantize": "int8", "int8_kernel": "vnni"},  # CPUs with AVX-512 VNNI
     "int8 avx2": {"dtype": "float32", "quantize": "int8", "int8_kernel": "avx2"},  # CPUs with AVX2 (the same bits)
     "int8+bf16": {"dtype": "bfloat16", "quantize": "int8"},

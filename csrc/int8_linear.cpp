@@ -14,7 +14,10 @@
 #include "thread_pool.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define VIVACE_X86 1
 #endif
 
@@ -47,6 +50,17 @@ void pack_for_vnni(const int8_t* weight, int64_t out_features, int64_t in, int8_
   std::memset(packed, 0, (out_features + 63) / 64 * steps * 256);
   for (int64_t n = 0; n < out_features; ++n)
     for (int64_t k = 0; k < in; ++k) packed[((n / 64 * steps + k / 4) * 64 + n % 64) * 4 + k % 4] = weight[n * in + k];
+}
+
+// p with packed weights: the caller's, or packed into `storage` for this call where it kept none.
+Int8Linear with_packed_weights(const Int8Linear& p, std::vector<int8_t>& storage) {
+  Int8Linear packed = p;
+  if (!packed.vnni_weight) {
+    storage.resize((p.out_features + 63) / 64 * ((p.in_features + 3) / 4) * 256);
+    pack_for_vnni(p.weight, p.out_features, p.in_features, storage.data());
+    packed.vnni_weight = storage.data();
+  }
+  return packed;
 }
 
 #ifdef VIVACE_X86
@@ -146,15 +160,9 @@ void packed_block(const Int8Linear& p, const QuantizedRows& q, int64_t group, in
 #undef VIVACE_STORE
 }
 
-// Without packed weights (a caller of int8_linear that kept none), they are packed for this call.
 void run(const Int8Linear& unpacked, int threads) {
-  std::vector<int8_t> packed;
-  Int8Linear p = unpacked;
-  if (!p.vnni_weight) {
-    packed.resize((p.out_features + 63) / 64 * ((p.in_features + 3) / 4) * 256);
-    pack_for_vnni(p.weight, p.out_features, p.in_features, packed.data());
-    p.vnni_weight = packed.data();
-  }
+  std::vector<int8_t> storage;
+  const Int8Linear p = with_packed_weights(unpacked, storage);
   const QuantizedRows q = quantize_rows(p.x, p.rows, p.in_features);
   parallel_for((p.out_features + kItemChannels - 1) / kItemChannels, threads, [&](int64_t group) {
     int64_t r = 0;
@@ -166,6 +174,100 @@ void run(const Int8Linear& unpacked, int threads) {
 }
 
 }  // namespace avx512_vnni
+#pragma GCC pop_options
+#endif
+
+#ifdef VIVACE_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")
+namespace amx_int8 {
+
+// AMX tiles on the VNNI kernel's packed weights and quantized rows: a B tile is 16 steps of 4 inputs x 16 channels,
+// which the packed layout holds as 16 rows of 64 bytes 256 bytes apart, so tileloadd reads the weights in place.
+// tdpbusd adds uint8 x int8 products into exact int32 sums like vpdpbusd, so the outputs are the same bits; the
+// steps past the last whole 16 (inputs past the last 64) are added by vpdpbusd before the store.
+// Tiles: tmm0-3 the sums of one group's 4 x 16 channels, tmm4 the activations, tmm5-6 weights.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure(int64_t rows) {
+  TileConfig config;
+  for (int tile = 0; tile < 7; ++tile) {
+    config.bytes_per_row[tile] = 64;
+    config.rows[tile] = tile < 5 ? static_cast<uint8_t>(rows) : 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+// Rows r0..r0 + rows (at most 16, the tiles as configured) against the 64 channels of one group.
+void block(const Int8Linear& p, const QuantizedRows& q, int64_t group, int64_t r0, int64_t rows) {
+  const int64_t steps = q.stride / 4, whole = steps / 16 * 16;
+  const int8_t* w = p.vnni_weight + group * steps * 256;
+  const uint8_t* x = q.values.data() + r0 * q.stride;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < whole; s += 16) {
+    const int8_t* ws = w + s * 256;
+    _tile_loadd(4, x + 4 * s, q.stride);
+    _tile_loadd(5, ws, 256);
+    _tile_loadd(6, ws + 64, 256);
+    _tile_dpbusd(0, 4, 5);
+    _tile_dpbusd(1, 4, 6);
+    _tile_loadd(5, ws + 128, 256);
+    _tile_loadd(6, ws + 192, 256);
+    _tile_dpbusd(2, 4, 5);
+    _tile_dpbusd(3, 4, 6);
+  }
+  alignas(64) int32_t sums[16][64];
+  _tile_stored(0, &sums[0][0], sizeof sums[0]);
+  _tile_stored(1, &sums[0][16], sizeof sums[0]);
+  _tile_stored(2, &sums[0][32], sizeof sums[0]);
+  _tile_stored(3, &sums[0][48], sizeof sums[0]);
+  const int64_t n0 = group * 64;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < 4 && n0 + 16 * j < p.out_features; ++j) {
+      __m512i sum = _mm512_load_si512(&sums[r][16 * j]);
+      for (int64_t s = whole; s < steps; ++s)
+        sum = _mm512_dpbusd_epi32(sum, avx512_vnni::broadcast4(x + r * q.stride + 4 * s),
+                                  _mm512_loadu_si512(w + s * 256 + 64 * j));
+      avx512_vnni::store16(p, q, r0 + r, n0 + 16 * j, sum);
+    }
+  }
+}
+
+void run(const Int8Linear& unpacked, int threads) {
+  std::vector<int8_t> storage;
+  const Int8Linear p = with_packed_weights(unpacked, storage);
+  const QuantizedRows q = avx512_vnni::quantize_rows(p.x, p.rows, p.in_features);
+  parallel_for((p.out_features + kItemChannels - 1) / kItemChannels, threads, [&](int64_t group) {
+    int64_t configured = 0;  // tile configuration is per thread, and its rows change only at the last block
+    for (int64_t r = 0; r < p.rows; r += 16) {
+      const int64_t rows = std::min<int64_t>(16, p.rows - r);
+      if (rows != configured) configure(configured = rows);
+      block(p, q, group, r, rows);
+    }
+    _tile_release();
+  });
+}
+
+// The CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7) and Linux lets this process use the tile data state (which
+// it asks for once; kernels before 5.16 have no such request and do not allow it).
+bool usable() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (!(edx & (1u << 24)) || !(edx & (1u << 25))) return false;
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+}
+
+}  // namespace amx_int8
 #pragma GCC pop_options
 #endif
 
@@ -300,6 +402,9 @@ const std::vector<Isa>& supported() {
     std::vector<Isa> found;
 #ifdef VIVACE_X86
     __builtin_cpu_init();
+    const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vnni");
+    if (vnni && amx_int8::usable()) found.push_back({"amx_int8", &amx_int8::run});
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vnni"))
       found.push_back({"avx512_vnni", &avx512_vnni::run});
@@ -350,8 +455,9 @@ py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::han
   }
   py::array_t<int8_t, py::array::c_style> vnni_weight;
   if (!vnni_weight_object.is_none()) {
-    if (std::string(chosen.name) != "avx512_vnni")
-      throw py::value_error("vnni_weight is the avx512_vnni kernel's; isa '" + isa + "' runs " + chosen.name);
+    if (std::string(chosen.name) != "avx512_vnni" && std::string(chosen.name) != "amx_int8")
+      throw py::value_error("vnni_weight is read by the avx512_vnni and amx_int8 kernels; isa '" + isa + "' runs " +
+                            chosen.name);
     vnni_weight = typed_array<int8_t>(vnni_weight_object, "vnni_weight", "int8", 4, false);
     const int64_t groups = (out_features + 63) / 64, steps = (in + 3) / 4;
     if (vnni_weight.shape(0) != groups || vnni_weight.shape(1) != steps || vnni_weight.shape(2) != 64 ||

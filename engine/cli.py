@@ -57,9 +57,9 @@ def _threads(text: str) -> int | str:
 
 LINEAR_HELP = ("float32 CPU linears at 2-64 rows: auto measures F.linear against W x^T per layer shape on this machine "
                "(once, cached), linear / matmul fix one")
-INT8_KERNEL_HELP = ("--quantize int8 on the CPU: auto times torch's int8 pack mm against vivace's kernel (AVX-512 VNNI, "
-                    "AVX2: the same bits) per layer shape (once per CPU model and torch version, cached); "
-                    "pack_mm / vnni / avx2 fix one")
+INT8_KERNEL_HELP = ("--quantize int8 on the CPU: auto times torch's int8 pack mm against vivace's kernel (AMX-INT8, "
+                    "AVX-512 VNNI, AVX2: the same bits) per layer shape (once per CPU model and torch version, "
+                    "cached); pack_mm / amx / vnni / avx2 fix one")
 
 KV_DTYPE_HELP = ("the KV caches' dtype: auto (--dtype's) or bfloat16 under float32 (half the bytes each decode step "
                  "reads; CPU only)")
@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--codec-backend", default="auto", dest="codec_backend", help="auto | torch | onnxruntime | tensorrt")
     gen.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
                      help=LINEAR_HELP)
-    gen.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "vnni", "avx2"],
+    gen.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "amx", "vnni", "avx2"],
                      help=INT8_KERNEL_HELP)
     gen.add_argument("--kv-cache-dtype", default="auto", dest="kv_cache_dtype", help=KV_DTYPE_HELP)
     gen.add_argument("--steps-per-sync", type=int, default=1, dest="steps_per_sync",
@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--codec-backend", default="auto", dest="codec_backend")
     serve.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
                        help=LINEAR_HELP)
-    serve.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "vnni", "avx2"],
+    serve.add_argument("--int8-kernel", default="auto", dest="int8_kernel", choices=["auto", "pack_mm", "amx", "vnni", "avx2"],
                        help=INT8_KERNEL_HELP)
     serve.add_argument("--kv-cache-dtype", default="auto", dest="kv_cache_dtype", help=KV_DTYPE_HELP)
     serve.add_argument("--kv-cache-gb", type=float, default=4.0, dest="kv_cache_gb")

@@ -165,9 +165,9 @@ class Engine:
         linear_products: how float32 linear layers multiply 2 to 64 rows on the CPU: "auto" measures F.linear against
         W x^T per layer shape on this machine (once; cached, see vivace.model.linear_plan), "linear" or "matmul"
         fix one.
-        int8_kernel: with quantize="int8" on the CPU, "auto" times torch's int8 pack mm against vivace's kernel (AVX-512
-        VNNI and AVX2, which give the same bits) per layer shape (once per CPU model and torch version, cached) and
-        keeps the fastest; "pack_mm", "vnni" or "avx2" fix one (see vivace.model.quant).
+        int8_kernel: with quantize="int8" on the CPU, "auto" times torch's int8 pack mm against vivace's kernel
+        (AMX-INT8, AVX-512 VNNI and AVX2, which give the same bits) per layer shape (once per CPU model and torch
+        version, cached) and keeps the fastest; "pack_mm", "amx", "vnni" or "avx2" fix one (see vivace.model.quant).
         kv_cache_dtype: "auto" (dtype) or a dtype for the KV caches: "bfloat16" under a float32 engine halves the
         bytes every decode step reads and the memory per cached token (the C++ attention kernel widens them as it
         reads); tokens then differ from float32 caches' as any rounding does, and stay the same whatever else runs.

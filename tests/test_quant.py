@@ -32,7 +32,15 @@ from vivace.cli import main
 from vivace.export.musicgen import convert_musicgen
 from vivace import _C
 from vivace.model.linear_plan import PlanCache
-from vivace.model.quant import Int8Linear, choose_kernels, native_kernels, pack_mm_available, quantize_weight
+from vivace.model.quant import (
+    NATIVE_ISAS,
+    PACKED_KERNELS,
+    Int8Linear,
+    choose_kernels,
+    native_kernels,
+    pack_mm_available,
+    quantize_weight,
+)
 
 SHAPES = [(1024, 4096, False), (4096, 1024, False), (64, 96, True), (37, 5, True)]  # (in, out, bias)
 
@@ -61,10 +69,8 @@ def test_quantize_weight_rounds_to_the_channel_grid() -> None:
     assert not zero_q.any() and bool(torch.isfinite(zero_scales).all())
 
 
-NATIVE = [  # vivace's kernels, each where this CPU runs it
-    pytest.param("vnni", marks=pytest.mark.skipif("vnni" not in native_kernels(), reason="no AVX-512 VNNI")),
-    pytest.param("avx2", marks=pytest.mark.skipif("avx2" not in native_kernels(), reason="no AVX2")),
-]
+NATIVE = list(native_kernels())  # vivace's kernels this CPU runs (amx, vnni, avx2)
+PACKED = [kernel for kernel in NATIVE if kernel in PACKED_KERNELS]  # those that read int8_vnni_pack's layout
 KERNELS = ["pack_mm", *NATIVE]
 
 
@@ -197,14 +203,14 @@ def test_native_rows_do_not_depend_on_the_batch_or_threads(kernel: str) -> None:
     assert torch.equal(batch, alone) and torch.equal(batch, two_threads)
 
 
-@needs_vnni
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13])
-@pytest.mark.parametrize("in_features,out_features", [(256, 1024), (37, 5), (255, 65), (1024, 130)])
-def test_vnni_reads_its_packed_weights(rows: int, in_features: int, out_features: int) -> None:
-    """A "vnni" layer keeps its weights packed (16 channels x 4 inputs per 64 bytes, zeros past the last group and
-    step); packed or packed per call, its rows equal the reference's bit for bit (groups of 64 channels, steps of 4
-    inputs and blocks of 4 rows, each with a tail)."""
-    _, layer = vnni_layer(in_features, out_features, rows % 2 == 0)
+@pytest.mark.parametrize("kernel", PACKED)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 13, 16, 17, 35])
+@pytest.mark.parametrize("in_features,out_features", [(256, 1024), (37, 5), (255, 65), (1024, 130), (100, 70)])
+def test_packed_kernels_read_their_packed_weights(rows: int, in_features: int, out_features: int, kernel: str) -> None:
+    """An "amx" or "vnni" layer keeps its weights packed (16 channels x 4 inputs per 64 bytes, zeros past the last
+    group and step); packed or packed per call, its rows equal the reference's bit for bit (groups of 64 channels,
+    steps of 4 inputs, vnni's blocks of 4 rows and amx's tiles of 16 rows and 64 inputs, each with a tail)."""
+    _, layer = vnni_layer(in_features, out_features, rows % 2 == 0, kernel)
     packed = layer.vnni_weight
     assert packed.shape == (-(-out_features // 64), -(-in_features // 4), 64, 4)
     unpacked = torch.zeros(packed.shape[0] * 64, packed.shape[1] * 4, dtype=torch.int8)
@@ -212,13 +218,13 @@ def test_vnni_reads_its_packed_weights(rows: int, in_features: int, out_features
     assert torch.equal(unpacked[:out_features, :in_features], layer.weight) and unpacked.sum() == layer.weight.sum()
     x = torch.randn(rows, in_features)
     bias = None if layer.bias is None else layer.bias.float()
-    args = (x, layer.weight, layer.scales, layer.weight_sums, bias, 1, "avx512_vnni")
+    args = (x, layer.weight, layer.scales, layer.weight_sums, bias, 2, NATIVE_ISAS[kernel])
     expected = vnni_reference(x, layer)
     with torch.no_grad():
         assert torch.equal(layer(x), expected)
     assert torch.equal(torch.from_numpy(_C.int8_linear(*args)), expected)  # packed per call
     layer.kernel = "avx2" if "avx2" in native_kernels() else "pack_mm"
-    assert layer.vnni_weight is None  # only the "vnni" kernel keeps the packed copy
+    assert layer.vnni_weight is None  # only the "amx" and "vnni" kernels keep the packed copy
 
 
 @needs_vnni
@@ -228,7 +234,7 @@ def test_packed_weights_are_checked() -> None:
     cases = {
         "vnni_weight (1, 15, 64, 4) must be int8_vnni_pack(weight), shape (1, 16, 64, 4)":
             (*args, "avx512_vnni", layer.vnni_weight[:, :15].contiguous()),
-        "vnni_weight is the avx512_vnni kernel's; isa 'avx2' runs avx2": (*args, "avx2", layer.vnni_weight),
+        "vnni_weight is read by the avx512_vnni and amx_int8 kernels; isa 'avx2' runs avx2": (*args, "avx2", layer.vnni_weight),
     }
     for message, call_args in cases.items():
         with pytest.raises(ValueError) as error:
@@ -257,7 +263,7 @@ def test_int8_kernel_choice_is_measured_once_per_machine(tmp_path: Path) -> None
     cache = PlanCache(tmp_path / "plans.json")
     model = nn.Sequential(Int8Linear.from_linear(nn.Linear(64, 32)), Int8Linear.from_linear(nn.Linear(32, 64)))
     chosen = choose_kernels([model], "auto", cache)
-    assert set(chosen) == {(64, 32), (32, 64)} and set(chosen.values()) <= {"pack_mm", "vnni", "avx2"}
+    assert set(chosen) == {(64, 32), (32, 64)} and set(chosen.values()) <= {"pack_mm", "amx", "vnni", "avx2"}
     assert [layer.kernel for layer in model] == [chosen[(64, 32)], chosen[(32, 64)]]
     stored = json.loads((tmp_path / "plans.json").read_text())
     assert [entries for key, entries in stored.items() if "int8 kernels: " in key] == [
@@ -267,7 +273,7 @@ def test_int8_kernel_choice_is_measured_once_per_machine(tmp_path: Path) -> None
         layer.kernel = "unset"
     assert choose_kernels([model], "auto", cache) == chosen  # read back, not measured again
     assert choose_kernels([model], "pack_mm", cache) == {(64, 32): "pack_mm", (32, 64): "pack_mm"}
-    with pytest.raises(VivaceError, match="int8_kernel must be one of auto, pack_mm, vnni, avx2, got 'fast'"):
+    with pytest.raises(VivaceError, match="int8_kernel must be one of auto, pack_mm, amx, vnni, avx2, got 'fast'"):
         choose_kernels([model], "fast", cache)
     assert set(choose_kernels([model], "auto", cache, activations=torch.bfloat16).values()) == {"pack_mm"}
     assert {layer.kernel for layer in model} == {"pack_mm"}
@@ -297,11 +303,12 @@ def test_engine_runs_a_native_kernel(tiny_pack: Path, tmp_path: Path, kernel: st
     assert main(argv) == 0 and out.is_file()
 
 
-@pytest.mark.skipif(len(native_kernels()) < 2, reason="needs both AVX-512 VNNI and AVX2")
-def test_both_instruction_sets_give_the_same_audio(tiny_pack: Path) -> None:
+@pytest.mark.skipif(len(native_kernels()) < 2, reason="needs two of AMX-INT8, AVX-512 VNNI and AVX2")
+def test_every_instruction_set_gives_the_same_audio(tiny_pack: Path) -> None:
     audio = [Engine.from_pack(tiny_pack, quantize="int8", int8_kernel=kernel).generate("drums", 0.7, seed=4)
              for kernel in native_kernels()]
-    np.testing.assert_array_equal(audio[0], audio[1])
+    for other in audio[1:]:
+        np.testing.assert_array_equal(audio[0], other)
 
 
 def test_cli_refuses_an_unknown_int8_kernel(tiny_pack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

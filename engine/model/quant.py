@@ -5,14 +5,15 @@ The activations between layers, norms, embeddings and the KV cache keep the engi
 nn.Linear inside the layers (attention qkv / o, cross-attention q / kv / o, FFN) and the output heads for an
 Int8Linear.
 
-CPU, one of three kernels per layer (`Int8Linear.kernel`):
+CPU, one of four kernels per layer (`Int8Linear.kernel`):
 - "pack_mm": torch._weight_int8pack_mm, fed bfloat16 activations: its float32-activation path is a scalar loop, its
   bfloat16 path is vectorized (docs/performance.md, "int8 linears"); it needs in_features to be a multiple of 32.
-- "vnni" (CPUs with AVX-512 VNNI) and "avx2" (CPUs with AVX2), float32 activations: vivace's own kernel
+- "amx" (CPUs with AMX-INT8), "vnni" (AVX-512 VNNI) and "avx2" (AVX2), float32 activations: vivace's own kernel
   (csrc/int8_linear.cpp) quantizes each activation row to uint8 on the fly (its range, zero included, over 255
   steps) and sums the int8 products exactly in int32, so a row's output never depends on the other rows of the
-  batch, and the two instruction sets give the same bits. A "vnni" layer keeps a second copy of its weights packed
-  for vpdpbusd (_C.int8_vnni_pack, made when the kernel is set): the int8 weights' memory twice over.
+  batch, and the three instruction sets give the same bits. An "amx" or "vnni" layer keeps a second copy of its
+  weights packed for vpdpbusd and AMX tiles (_C.int8_vnni_pack, made when the kernel is set): the int8 weights'
+  memory twice over.
 `choose_kernels` times those this machine runs for each layer shape and keeps the fastest, cached beside the float32
 linear plans (docs/performance.md has the figures); bfloat16 activations take "pack_mm". Where none runs (CUDA;
 in_features not a multiple of 32 without vivace's kernel), the layer dequantizes per call and runs a plain matmul.
@@ -33,9 +34,10 @@ from vivace.model.transformer import StageTransformer
 
 QUANTIZE_MODES = ("int8",)
 PACK_MM_ALIGN = 32
-INT8_KERNELS = ("auto", "pack_mm", "vnni", "avx2")
-NATIVE_ISAS = {"vnni": "avx512_vnni", "avx2": "avx2"}  # vivace's kernels by name -> _C.int8_linear's isa
-ISA_NAMES = {"vnni": "AVX-512 VNNI", "avx2": "AVX2"}
+INT8_KERNELS = ("auto", "pack_mm", "amx", "vnni", "avx2")
+NATIVE_ISAS = {"amx": "amx_int8", "vnni": "avx512_vnni", "avx2": "avx2"}  # vivace's kernels by name -> _C.int8_linear's isa
+ISA_NAMES = {"amx": "AMX-INT8", "vnni": "AVX-512 VNNI", "avx2": "AVX2"}
+PACKED_KERNELS = ("amx", "vnni")  # the kernels that read _C.int8_vnni_pack's layout
 TIMED_ROWS = (2, 8)  # a guided pair and a small batch: a kernel is chosen by its summed time at both
 
 
@@ -66,15 +68,15 @@ def pack_mm_available() -> bool:
 
 @functools.cache
 def native_kernels() -> tuple[str, ...]:
-    """vivace's int8 kernels this CPU runs ("vnni", "avx2"), fastest first (asked once: every forward reads it)."""
+    """vivace's int8 kernels this CPU runs ("amx", "vnni", "avx2"), in that order (asked once: every forward reads it)."""
     isas = _C.int8_linear_isas()
     return tuple(kernel for kernel, isa in NATIVE_ISAS.items() if isa in isas)
 
 
 def native_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, weight_sums: torch.Tensor,
                   bias: torch.Tensor | None, kernel: str = "vnni", vnni_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 rows [r, in] through vivace's kernel ("vnni" or "avx2": per-row uint8 activations, exact int32 sums);
-    vnni_weight: the weights packed for "vnni" (_C.int8_vnni_pack), else packed per call."""
+    """float32 rows [r, in] through vivace's kernel ("amx", "vnni" or "avx2": per-row uint8 activations, exact int32
+    sums); vnni_weight: the weights packed for "amx" and "vnni" (_C.int8_vnni_pack), else packed per call."""
     return torch.from_numpy(_C.int8_linear(rows.detach().contiguous(), weight, scales, weight_sums, bias,
                                            torch.get_num_threads(), NATIVE_ISAS[kernel], vnni_weight))
 
@@ -92,8 +94,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16))
         self.register_buffer("weight_sums", weight.sum(dim=1, dtype=torch.int32))
-        self.register_buffer("vnni_weight", None, persistent=False)  # packed while the kernel is "vnni"
+        self.register_buffer("vnni_weight", None, persistent=False)  # packed while the kernel is "amx" or "vnni"
         self._kernel = "pack_mm"
+        self._native_args: tuple | None = None  # numpy views of the buffers for _C.int8_linear, made once
 
     @property
     def kernel(self) -> str:
@@ -103,10 +106,11 @@ class Int8Linear(nn.Module):
     @kernel.setter
     def kernel(self, kernel: str) -> None:
         self._kernel = kernel
-        use_vnni = kernel == "vnni" and "vnni" in native_kernels() and self.weight.device.type == "cpu"
-        if use_vnni and self.vnni_weight is None:
+        self._native_args = None
+        packed = kernel in PACKED_KERNELS and kernel in native_kernels() and self.weight.device.type == "cpu"
+        if packed and self.vnni_weight is None:
             self.vnni_weight = vnni_pack(self.weight)
-        elif not use_vnni:
+        elif not packed:
             self.vnni_weight = None
 
     @classmethod
@@ -120,6 +124,20 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scales[:, None]
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._native_args = None  # .to(), .cpu() and friends may replace the buffers
+        return super()._apply(fn, recurse)
+
+    def native_args(self) -> tuple:
+        """The buffers as _C.int8_linear takes them, converted once: turning five tensors into arrays on every call
+        cost more than a small layer's kernel."""
+        if self._native_args is None:
+            bias = None if self.bias is None else self.bias.float().numpy()
+            packed = None if self.vnni_weight is None else self.vnni_weight.numpy()
+            self._native_args = (self.weight.numpy(), self.scales.numpy(), self.weight_sums.numpy(), bias,
+                                 NATIVE_ISAS[self.kernel], packed)
+        return self._native_args
+
     def use_native(self, x: torch.Tensor) -> bool:
         return (self.kernel in NATIVE_ISAS and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.kernel in native_kernels())
@@ -127,9 +145,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.use_native(x):
-            bias = None if self.bias is None else self.bias.float()
-            out = native_linear(rows, self.weight, self.scales, self.weight_sums, bias, self.kernel, self.vnni_weight)
-            return out.view(*x.shape[:-1], self.out_features)
+            weight, scales, weight_sums, bias, isa, packed = self.native_args()
+            out = _C.int8_linear(rows.detach().contiguous().numpy(), weight, scales, weight_sums, bias,
+                                 torch.get_num_threads(), isa, packed)
+            return torch.from_numpy(out).view(*x.shape[:-1], self.out_features)
         if self.use_pack_mm(x):
             out = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight, self.scales_bf16).to(x.dtype)
         else:
@@ -169,10 +188,10 @@ def kernel_timings(in_features: int, out_features: int) -> dict[str, float]:
     candidates = {}
     if in_features % PACK_MM_ALIGN == 0 and pack_mm_available():
         candidates["pack_mm"] = lambda: [torch._weight_int8pack_mm(x.bfloat16(), layer.weight, layer.scales_bf16) for x in inputs]
-    packed = vnni_pack(layer.weight) if "vnni" in native_kernels() else None
+    packed = vnni_pack(layer.weight) if set(PACKED_KERNELS) & set(native_kernels()) else None
     for kernel in native_kernels():
         candidates[kernel] = lambda kernel=kernel: [
-            native_linear(x, layer.weight, layer.scales, layer.weight_sums, None, kernel, packed if kernel == "vnni" else None)
+            native_linear(x, layer.weight, layer.scales, layer.weight_sums, None, kernel, packed if kernel in PACKED_KERNELS else None)
             for x in inputs
         ]
     return dict(zip(candidates, median_seconds(list(candidates.values())))) if candidates else {}
