@@ -2,15 +2,17 @@
 
 #include "decode_bindings.h"
 #include "int8_linear.h"
+#include "kv_store.h"
 #include "paged_attention.h"
 #include "rvq_schedule.h"
 #include "sampler_bindings.h"
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "vivace native core: RVQ token schedules, the token sampler, the decode batch, CPU decode attention and int8 linears";
+  m.doc() = "vivace native core: RVQ token schedules, the token sampler, the decode batch, CPU decode attention, KV cache writes and int8 linears";
   vivace::register_rvq_schedule(m);
   vivace::register_sampler(m);
   vivace::register_decode(m);
   vivace::register_paged_attention(m);
+  vivace::register_kv_store(m);
   vivace::register_int8_linear(m);
 }

@@ -130,7 +130,7 @@ void drain_job(void* data) {
 
 // On torch's OpenMP team where torch loaded one: its workers are the ones torch's own ops just used, still spinning
 // between regions, so a kernel right after a torch op starts at once, and no second set of threads competes with
-// them for the cores (a pool of its own paid a futex wake-up per call, 20-40 µs on a 2-core VM).
+// them for the cores (the pool below sleeps on a condition variable: a futex wake-up per call).
 void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
   if (threads <= 1 || n <= 1) {
     for (int64_t i = 0; i < n; ++i) fn(i);

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from vivace._C import paged_decode_attention as _native_decode
-from vivace.kernels.paged_attention import paged_prefill_attention, store_kv
+from vivace._C import store_kv as _native_store
+from vivace.kernels import paged_attention as reference
+from vivace.kernels.paged_attention import paged_prefill_attention
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kv"]
 
@@ -43,6 +45,25 @@ def _bias(distance_bias: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """The rows of blocks (any shape of block ids), concatenated: [num_ids * block_size, H, D] in float32."""
     return cache.index_select(0, blocks.reshape(-1).long()).flatten(0, 1).float()
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    value: torch.Tensor,
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_heads, head_dim]
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+) -> None:
+    """The reference's writes; float32 keys and values into float32 or bfloat16 caches by vivace._C.store_kv, which
+    reads the views split from the qkv projection in place (torch's indexed assignment cost more per layer than
+    the attention it feeds)."""
+    native_cache = key_cache.dtype in NATIVE_CACHE_DTYPES and value_cache.dtype == key_cache.dtype
+    tensors = (key, value, key_cache, value_cache, slot_mapping)
+    if key.dtype == value.dtype == torch.float32 and native_cache and all(t.device.type == "cpu" for t in tensors):
+        _native_store(key.detach().numpy(), value.detach().numpy(), _cache_array(key_cache), _cache_array(value_cache),
+                      slot_mapping.to(torch.int64).numpy())
+        return
+    reference.store_kv(key, value, key_cache, value_cache, slot_mapping)
 
 
 def paged_decode_attention(

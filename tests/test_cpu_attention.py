@@ -133,3 +133,44 @@ def test_native_rejects_bad_inputs(change, message) -> None:
     change(args)
     with pytest.raises(ValueError, match=message):
         cpu.paged_decode_attention(*args.values(), 0.3)
+
+
+# -- KV cache writes (vivace._C.store_kv behind cpu_paged_attention.store_kv) ---------------------------------------
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_native_store_equals_the_reference_bit_for_bit(cache_dtype) -> None:
+    """Keys and values split from a fused projection (strided views) land in their slots as the reference writes
+    them: float32 copied, bfloat16 rounded to nearest even as torch converts (NaN, infinities, overflow to inf,
+    subnormals and ties included); negative slots are skipped."""
+    gen = torch.Generator().manual_seed(5)
+    heads, head_dim, tokens = 4, 16, 6
+    qkv = torch.randn(tokens, 3, heads, head_dim, generator=gen) * 10
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38, 1e-40, -1e-42, 1.00390625, 1.01171875])
+    qkv[0, 1, 0, :8] = specials  # 1 + 2**-8 and 1 + 3 * 2**-8: ties, to even down and up
+    _, key, value = qkv.unbind(1)
+    assert not key.is_contiguous()
+    slots = torch.tensor([3, 17, -1, 0, 30, 9])
+    caches = [torch.full((4, 8, heads, head_dim), 7.0, dtype=cache_dtype) for _ in range(4)]
+    cpu.store_kv(key, value, caches[0], caches[1], slots)
+    written = slots >= 0
+    ref.store_kv(key[written], value[written], caches[2], caches[3], slots[written])
+    for ours, theirs in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(ours.view(torch.int16 if cache_dtype == torch.bfloat16 else torch.int32),
+                           theirs.view(torch.int16 if cache_dtype == torch.bfloat16 else torch.int32))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"slots": torch.tensor([0, 32])}, "slot_mapping holds slot 32, past the 32-slot cache"),
+    ({"key": torch.randn(2, 3, 16)}, "key (2, 3, 16) must be [2, 4, 16] (tokens, the cache's heads and head_dim)"),
+    ({"value": torch.randn(2, 4, 16).double()}, "value must have dtype float32, got float64"),
+    ({"value_cache": torch.zeros(4, 8, 4, 8)}, "must have one shape"),
+    ({"key": torch.randn(2, 4, 32)[:, :, ::2]}, "key must have contiguous rows of head_dim values"),
+])
+def test_native_store_refuses_bad_inputs_in_one_line(change, message) -> None:
+    args = {"key": torch.randn(2, 4, 16), "value": torch.randn(2, 4, 16), "key_cache": torch.zeros(4, 8, 4, 16),
+            "value_cache": torch.zeros(4, 8, 4, 16), "slots": torch.tensor([0, 5])}
+    args.update(change)
+    before = args["key_cache"].clone()
+    with pytest.raises(ValueError) as error:
+        _C.store_kv(*args.values())
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert torch.equal(args["key_cache"], before)  # checked before anything is written
