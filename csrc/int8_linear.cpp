@@ -10,6 +10,7 @@
 
 #include <pybind11/stl.h>
 
+#include "gelu.h"
 #include "numpy_args.h"
 #include "thread_pool.h"
 
@@ -430,8 +431,10 @@ const Isa& find(const std::string& name) {
 
 py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::handle scales_object,
                           py::handle weight_sums_object, py::object bias_object, int num_threads, const std::string& isa,
-                          py::object vnni_weight_object) {
+                          py::object vnni_weight_object, const std::string& activation) {
   if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
+  if (activation != "none" && activation != "gelu")
+    throw py::value_error("activation must be 'none' or 'gelu', got '" + activation + "'");
   const Isa& chosen = find(isa);  // before any work: an unknown or missing isa is the caller's error
   const auto x = typed_array<float>(x_object, "x", "float32", 2, true);
   const auto weight = typed_array<int8_t>(weight_object, "weight", "int8", 2, false);
@@ -472,6 +475,7 @@ py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::han
   {
     py::gil_scoped_release release;
     chosen.run(problem, num_threads);
+    if (activation == "gelu") gelu_inplace(problem.out, rows * out_features);  // one pass, on any isa
   }
   return out;
 }
@@ -499,13 +503,14 @@ void int8_linear(const Int8Linear& problem, int threads, const std::string& isa)
 void register_int8_linear(py::module_& m) {
   m.def("int8_linear", &linear, py::arg("x"), py::arg("weight"), py::arg("scales"), py::arg("weight_sums"),
         py::arg("bias") = py::none(), py::arg("num_threads") = 1, py::arg("isa") = "auto",
-        py::arg("vnni_weight") = py::none(),
+        py::arg("vnni_weight") = py::none(), py::arg("activation") = "none",
         "An int8 linear with per-row dynamic uint8 activations: x float32 [rows, in] is quantized per row\n"
         "(asymmetric, its range and 0 over 255 steps), multiplied with weight int8 [out, in] (C-contiguous, read in\n"
         "place) in exact int32 sums, then scaled by the row's scale and scales[n] (+ bias). weight_sums int32 [out]\n"
         "= weight.sum(1). isa: 'auto' (the fastest) or one of int8_linear_isas(); every one gives the same bits.\n"
-        "vnni_weight: int8_vnni_pack(weight), which the avx512_vnni kernel reads (without it, it packs weight per call).\n"
-        "Returns float32 [rows, out].");
+        "vnni_weight: int8_vnni_pack(weight), which the amx_int8 and avx512_vnni kernels read (without it, they pack\n"
+        "weight per call). activation 'gelu' applies torch's exact GELU to the outputs (to a few ulps, the same bits\n"
+        "on every isa). Returns float32 [rows, out].");
   m.def("int8_vnni_pack", &vnni_pack, py::arg("weight"),
         "int8 [out, in] -> int8 [ceil(out / 64), ceil(in / 4), 64, 4], zeros past out and in: per group of 64\n"
         "channels and step of 4 inputs, each channel's 4 weights side by side (the layout vpdpbusd sums from).");

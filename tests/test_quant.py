@@ -25,6 +25,7 @@ import pytest
 import soundfile as sf
 import torch
 from musicgen_checkpoints import TinyMusicGen, write_checkpoint
+import torch.nn.functional as F
 from torch import nn
 
 from vivace import Engine, VivaceError
@@ -316,3 +317,41 @@ def test_cli_refuses_an_unknown_int8_kernel(tiny_pack: Path, tmp_path: Path, cap
             "--int8-kernel", "fast", "-o", str(tmp_path / "x.wav"), "--quiet"]
     assert main(argv) == 2
     assert "--int8-kernel" in capsys.readouterr().err and not (tmp_path / "x.wav").exists()
+
+
+# -- GELU in the int8 layer's output pass (FeedForward.fuse_activation) ----------------------------------------------
+@pytest.mark.parametrize("kernel", NATIVE)
+def test_native_gelu_is_torchs_gelu_within_ulps_and_the_same_bits_on_every_isa(kernel: str) -> None:
+    """The output pass computes the exact GELU with erf by Abramowitz and Stegun 7.1.26 (|error| < 1.5e-7, scaled
+    by |x| / 2 where 1 + erf cancels: the largest differences lie between x = -4 and -2): within 1e-6 of F.gelu
+    over the outputs' whole range, against the int8 layer's own error of about 1 %; and the same bits whichever
+    kernel produced the sums."""
+    _, layer = vnni_layer(1024, 4096, True, kernel)
+    x = torch.randn(5, 1024) * torch.logspace(-1, 1.5, 5)[:, None]  # outputs from about -300 to 300
+    with torch.no_grad():
+        plain = layer(x)
+        layer.activation = "gelu"
+        fused = layer(x)
+    torch.testing.assert_close(fused, F.gelu(plain), rtol=1e-6, atol=1e-6)
+    layer.kernel = NATIVE[0]
+    with torch.no_grad():
+        assert torch.equal(layer(x), fused)
+
+
+def test_quantized_stage_applies_gelu_once_inside_fc1(tiny_pack: Path) -> None:
+    engine = Engine.from_pack(tiny_pack, quantize="int8")
+    ffns = [layer.ffn for model in engine.pack.stages.values() for layer in model.layers]
+    assert ffns and all(ffn.activation is None and ffn.fc1.activation == ffn.activation_name == "gelu" for ffn in ffns)
+    ffn = ffns[0]
+    x = torch.randn(3, ffn.fc1.in_features)
+    with torch.no_grad():
+        fused = ffn(x)
+        ffn.fc1.activation, ffn.activation = "none", F.gelu
+        unfused = ffn(x)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
+
+
+def test_native_activation_is_checked() -> None:
+    _, layer = vnni_layer(64, 8, False, NATIVE[0])
+    with pytest.raises(ValueError, match="activation must be 'none' or 'gelu', got 'tanh'"):
+        _C.int8_linear(torch.randn(2, 64), layer.weight, layer.scales, layer.weight_sums, None, 1, "auto", None, "tanh")

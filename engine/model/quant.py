@@ -37,7 +37,8 @@ PACK_MM_ALIGN = 32
 INT8_KERNELS = ("auto", "pack_mm", "amx", "vnni", "avx2")
 NATIVE_ISAS = {"amx": "amx_int8", "vnni": "avx512_vnni", "avx2": "avx2"}  # vivace's kernels by name -> _C.int8_linear's isa
 ISA_NAMES = {"amx": "AMX-INT8", "vnni": "AVX-512 VNNI", "avx2": "AVX2"}
-PACKED_KERNELS = ("amx", "vnni")  # the kernels that read _C.int8_vnni_pack's layout
+PACKED_KERNELS = ("amx", "vnni")
+FUSED_ACTIVATIONS = ("gelu",)  # activations an Int8Linear applies itself  # the kernels that read _C.int8_vnni_pack's layout
 TIMED_ROWS = (2, 8)  # a guided pair and a small batch: a kernel is chosen by its summed time at both
 
 
@@ -97,6 +98,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("vnni_weight", None, persistent=False)  # packed while the kernel is "amx" or "vnni"
         self._kernel = "pack_mm"
         self._native_args: tuple | None = None  # numpy views of the buffers for _C.int8_linear, made once
+        self.activation = "none"  # "gelu": this layer applies GELU to its outputs (FeedForward.fuse_activation)
 
     @property
     def kernel(self) -> str:
@@ -147,7 +149,7 @@ class Int8Linear(nn.Module):
         if self.use_native(x):
             weight, scales, weight_sums, bias, isa, packed = self.native_args()
             out = _C.int8_linear(rows.detach().contiguous().numpy(), weight, scales, weight_sums, bias,
-                                 torch.get_num_threads(), isa, packed)
+                                 torch.get_num_threads(), isa, packed, self.activation)
             return torch.from_numpy(out).view(*x.shape[:-1], self.out_features)
         if self.use_pack_mm(x):
             out = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight, self.scales_bf16).to(x.dtype)
@@ -155,10 +157,13 @@ class Int8Linear(nn.Module):
             out = F.linear(rows, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
+        if self.activation == "gelu":
+            out = F.gelu(out)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        fused = "" if self.activation == "none" else f", activation={self.activation}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{fused}"
 
 
 def quantize_linears(module: nn.Module) -> int:
@@ -174,8 +179,13 @@ def quantize_linears(module: nn.Module) -> int:
 
 
 def quantize_stage(model: StageTransformer) -> int:
-    """The decoder layers' linears and the output heads of one StageTransformer (embeddings and norms stay)."""
-    return quantize_linears(model.layers) + quantize_linears(model.heads)
+    """The decoder layers' linears and the output heads of one StageTransformer (embeddings and norms stay); each
+    FFN's GELU moves into its first linear, which applies it in the same call (one torch op less per layer)."""
+    count = quantize_linears(model.layers) + quantize_linears(model.heads)
+    for layer in model.layers:
+        if layer.ffn.activation_name in FUSED_ACTIVATIONS:
+            layer.ffn.fuse_activation()
+    return count
 
 
 @torch.inference_mode()

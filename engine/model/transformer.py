@@ -6,6 +6,8 @@ and the reference that paged decoding is tested against).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass
 
 import torch
@@ -152,10 +154,17 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = Linear(config.d_model, config.d_ff, bias=config.ffn_bias)
         self.fc2 = Linear(config.d_ff, config.d_model, bias=config.ffn_bias)
-        self.activation = F.gelu if config.activation == "gelu" else F.relu
+        self.activation_name = config.activation
+        self.activation: Callable[[torch.Tensor], torch.Tensor] | None = F.gelu if config.activation == "gelu" else F.relu
+
+    def fuse_activation(self) -> None:
+        """fc1 applies the activation itself from now on (an int8 layer in its kernel's output pass)."""
+        self.fc1.activation = self.activation_name
+        self.activation = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(h if self.activation is None else self.activation(h))
 
 
 class DecoderLayer(nn.Module):
