@@ -6,6 +6,7 @@
 #include "paged_attention.h"
 #include "rvq_schedule.h"
 #include "sampler_bindings.h"
+#include "thread_pool.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vivace native core: RVQ token schedules, the token sampler, the decode batch, CPU decode attention, KV cache writes and int8 linears";
@@ -15,4 +16,7 @@ PYBIND11_MODULE(_C, m) {
   vivace::register_paged_attention(m);
   vivace::register_kv_store(m);
   vivace::register_int8_linear(m);
+  m.def("parallel_backend", [] { return vivace::parallel_on_openmp() ? "openmp" : "threads"; },
+        "What the native kernels' threads are: 'openmp' (the OpenMP runtime torch loaded: the same workers as\n"
+        "torch's ops) or 'threads' (a pool of vivace's own, where no OpenMP runtime is loaded).");
 }

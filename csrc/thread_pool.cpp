@@ -144,4 +144,6 @@ void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn
   pool().run(n, threads, fn);
 }
 
+bool parallel_on_openmp() { return loaded_openmp() != nullptr; }
+
 }  // namespace vivace

@@ -10,4 +10,7 @@ namespace vivace {
 // while another one runs, from a second Python thread, runs on its caller alone). fn must not throw.
 void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn);
 
+// Whether parallel_for runs on an OpenMP runtime loaded in this process (else on its own threads).
+bool parallel_on_openmp();
+
 }  // namespace vivace

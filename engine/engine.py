@@ -25,7 +25,7 @@ from vivace.core.sampling import is_finite, is_real
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress
 from vivace.model.linear_plan import LinearPlan, check_linear_products, plan_linears
-from vivace.model.quant import check_int8_kernel, check_quantize, choose_kernels, quantize_stage
+from vivace.model.quant import amx_from_rows, check_int8_kernel, check_quantize, choose_kernels, quantize_stage
 from vivace.packs.registry import family_of
 from vivace.threads import ThreadGovernor
 
@@ -345,6 +345,7 @@ class Engine:
                 f"{i}x{o}": sorted(rows) for (i, o), rows in sorted(self.linear_plan.matmul_buckets.items()) if rows
             },
             "int8_kernels": {f"{i}x{o}": kernel for (i, o), kernel in sorted(self.int8_kernels.items())},
+            "int8_amx_from_rows": amx_from_rows(spec.model for spec in self.family.stages().values()),
             "kv_blocks": {stage: runner.pool.num_blocks for stage, runner in self.core.runners.items()},
             "threads": torch.get_num_threads(),
             "adaptive_threads": self.thread_governor is not None,

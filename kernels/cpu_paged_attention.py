@@ -47,14 +47,9 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, blocks.reshape(-1).long()).flatten(0, 1).float()
 
 
-def store_kv(
-    key: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    value: torch.Tensor,
-    key_cache: torch.Tensor,  # [num_blocks, block_size, num_heads, head_dim]
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,  # [num_tokens] int64
-) -> None:
-    """The reference's writes; float32 keys and values into float32 or bfloat16 caches by vivace._C.store_kv, which
+def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """AttentionOps.store_kv (vivace.kernels.ops has the shapes): the reference's writes; float32 keys and values into float32 or bfloat16 caches by vivace._C.store_kv, which
     reads the views split from the qkv projection in place (torch's indexed assignment cost more per layer than
     the attention it feeds)."""
     native_cache = key_cache.dtype in NATIVE_CACHE_DTYPES and value_cache.dtype == key_cache.dtype

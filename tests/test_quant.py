@@ -32,7 +32,8 @@ from vivace import Engine, VivaceError
 from vivace.cli import main
 from vivace.export.musicgen import convert_musicgen
 from vivace import _C
-from vivace.model.linear_plan import PlanCache
+from vivace.model import quant
+from vivace.model.linear_plan import ROW_BUCKETS, PlanCache
 from vivace.model.quant import (
     NATIVE_ISAS,
     PACKED_KERNELS,
@@ -355,3 +356,32 @@ def test_native_activation_is_checked() -> None:
     _, layer = vnni_layer(64, 8, False, NATIVE[0])
     with pytest.raises(ValueError, match="activation must be 'none' or 'gelu', got 'tanh'"):
         _C.int8_linear(torch.randn(2, 64), layer.weight, layer.scales, layer.weight_sums, None, 1, "auto", None, "tanh")
+
+
+@pytest.mark.skipif(not {"amx", "vnni"} <= set(native_kernels()), reason="needs AMX-INT8 and AVX-512 VNNI")
+def test_vnni_layers_switch_to_amx_by_rows_without_changing_a_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto measures vnni against amx per row bucket for the shapes it keeps on vnni, once per machine and thread
+    count; a layer then runs amx from that many rows on, and every row equals the row computed alone."""
+    cache = PlanCache(tmp_path / "plans.json")
+    model = nn.Sequential(Int8Linear.from_linear(nn.Linear(1024, 256)))
+    monkeypatch.setattr(quant, "measured_kernels", lambda shapes, cache: dict.fromkeys(shapes, "vnni"))
+    choose_kernels([model], "auto", cache)
+    measured = model[0].amx_from_rows
+    assert measured is None or measured in ROW_BUCKETS
+    stored = json.loads((tmp_path / "plans.json").read_text())
+    assert [entries for key, entries in stored.items() if key.endswith("int8 amx from rows")] == [{"1024x256": measured or 0}]
+    monkeypatch.setattr(quant, "amx_row_timings", lambda *shape: pytest.fail("measured twice"))
+    choose_kernels([model], "auto", cache)  # read back
+    assert model[0].amx_from_rows == measured
+    model[0].amx_from_rows = 8
+    calls = []
+    isas = quant._C.int8_linear
+    monkeypatch.setattr(quant._C, "int8_linear", lambda *args: calls.append(args[6]) or isas(*args))
+    x = torch.randn(11, 1024)
+    with torch.no_grad():
+        batch = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+    assert calls == ["amx_int8"] + ["avx512_vnni"] * 11
+    assert torch.equal(batch, alone)
+    model[0].kernel = "vnni"
+    assert model[0].amx_from_rows is None  # a kernel set by hand runs alone

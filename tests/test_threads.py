@@ -159,3 +159,29 @@ def test_release_thread_team_frees_the_openmp_workers() -> None:
     assert released == gomp and equal == "True"
     if gomp == "True":
         assert int(after_release) < int(threads)
+
+
+SHARED_TEAM = """
+import os, numpy as np, torch
+from vivace import _C
+torch.set_num_threads(2)
+x = torch.randn(512, 512)
+x @ x  # torch's team for this thread
+gomp = any("/libgomp" in line for line in open("/proc/self/maps"))
+before = len(os.listdir("/proc/self/task"))
+weight = np.ones((256, 512), np.int8)
+out = _C.int8_linear(np.ones((2, 512), np.float32), weight, np.ones(256, np.float32), weight.sum(1, dtype=np.int32), None, 2)
+after = len(os.listdir("/proc/self/task"))
+print(gomp, _C.parallel_backend(), before, after, float(out[0, 0]))
+"""
+
+
+def test_native_kernels_run_on_torchs_openmp_team() -> None:
+    """Where torch loaded libgomp, vivace's kernels run their parallel loops on its team (the workers torch's ops
+    use) and start no threads of their own; elsewhere they keep a pool of their own."""
+    out = subprocess.run([sys.executable, "-c", SHARED_TEAM], capture_output=True, text=True, check=True, cwd=REPO)
+    gomp, backend, before, after, value = out.stdout.split()
+    assert float(value) == 512.0
+    assert backend == ("openmp" if gomp == "True" else "threads")
+    if gomp == "True":
+        assert after == before

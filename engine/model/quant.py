@@ -15,7 +15,8 @@ CPU, one of four kernels per layer (`Int8Linear.kernel`):
   weights packed for vpdpbusd and AMX tiles (_C.int8_vnni_pack, made when the kernel is set): the int8 weights'
   memory twice over.
 `choose_kernels` times those this machine runs for each layer shape and keeps the fastest, cached beside the float32
-linear plans (docs/performance.md has the figures); bfloat16 activations take "pack_mm". Where none runs (CUDA;
+linear plans (docs/performance.md has the figures); where it keeps "vnni" on a CPU with AMX it also times both per
+row bucket, and the layer runs "amx" from the rows where that wins (the same bits, so tokens do not move); bfloat16 activations take "pack_mm". Where none runs (CUDA;
 in_features not a multiple of 32 without vivace's kernel), the layer dequantizes per call and runs a plain matmul.
 """
 from __future__ import annotations
@@ -29,7 +30,16 @@ from torch import nn
 
 from vivace import _C
 from vivace.errors import VivaceError
-from vivace.model.linear_plan import PlanCache, cpu_and_torch, default_cache_path, median_seconds
+from vivace.model.linear_plan import (
+    ROW_BUCKETS,
+    WIN_MARGIN,
+    PlanCache,
+    bucket,
+    cpu_and_torch,
+    default_cache_path,
+    machine_key,
+    median_seconds,
+)
 from vivace.model.transformer import StageTransformer
 
 QUANTIZE_MODES = ("int8",)
@@ -99,6 +109,7 @@ class Int8Linear(nn.Module):
         self._kernel = "pack_mm"
         self._native_args: tuple | None = None  # numpy views of the buffers for _C.int8_linear, made once
         self.activation = "none"  # "gelu": this layer applies GELU to its outputs (FeedForward.fuse_activation)
+        self.amx_from_rows: int | None = None  # a "vnni" layer runs "amx" (the same bits) from this many rows on
 
     @property
     def kernel(self) -> str:
@@ -109,6 +120,7 @@ class Int8Linear(nn.Module):
     def kernel(self, kernel: str) -> None:
         self._kernel = kernel
         self._native_args = None
+        self.amx_from_rows = None  # choose_kernels sets it after the kernel
         packed = kernel in PACKED_KERNELS and kernel in native_kernels() and self.weight.device.type == "cpu"
         if packed and self.vnni_weight is None:
             self.vnni_weight = vnni_pack(self.weight)
@@ -148,6 +160,8 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.use_native(x):
             weight, scales, weight_sums, bias, isa, packed = self.native_args()
+            if self.amx_from_rows is not None and rows.shape[0] >= self.amx_from_rows:
+                isa = NATIVE_ISAS["amx"]
             out = _C.int8_linear(rows.detach().contiguous().numpy(), weight, scales, weight_sums, bias,
                                  torch.get_num_threads(), isa, packed, self.activation)
             return torch.from_numpy(out).view(*x.shape[:-1], self.out_features)
@@ -227,6 +241,50 @@ def measured_kernels(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> dic
     return chosen
 
 
+def amx_row_timings(in_features: int, out_features: int) -> dict[int, tuple[float, float]]:
+    """Seconds of the vnni and the amx kernel for one layer shape at each row bucket (the same packed weights and
+    quantized rows, so the same bits: only their speed differs)."""
+    generator = torch.Generator().manual_seed(0)
+    layer = Int8Linear(*quantize_weight(torch.randn(out_features, in_features, generator=generator)), None, torch.float32)
+    packed = vnni_pack(layer.weight)
+    timings = {}
+    for rows in ROW_BUCKETS:
+        x = torch.randn(rows, in_features, generator=generator)
+        vnni_s, amx_s = median_seconds([
+            lambda kernel=kernel: native_linear(x, layer.weight, layer.scales, layer.weight_sums, None, kernel, packed)
+            for kernel in ("vnni", "amx")
+        ])
+        timings[rows] = (vnni_s, amx_s)
+    return timings
+
+
+def measured_amx_rows(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> dict[tuple[int, int], int | None]:
+    """For each shape, the fewest rows from which the amx kernel beats vnni (under WIN_MARGIN of its time at that
+    row bucket and every larger one), or None; measured once per CPU model, torch version and thread count, then
+    read from cache. Choosing by row count costs no token: the two kernels give the same bits."""
+    key = f"{machine_key()} | int8 amx from rows"
+    stored = cache.entries(key)
+    chosen: dict[tuple[int, int], int | None] = {}
+    for in_features, out_features in sorted(set(shapes)):
+        name = f"{in_features}x{out_features}"
+        if name not in stored:
+            timings = amx_row_timings(in_features, out_features)
+            wins = [rows for rows, (vnni_s, amx_s) in timings.items() if amx_s < WIN_MARGIN * vnni_s]
+            losses = [rows for rows in timings if rows not in wins]
+            from_rows = [rows for rows in wins if all(loss < rows for loss in losses)]
+            stored[name] = min(from_rows) if from_rows else 0  # 0: never
+            cache.store(key, stored)
+        chosen[(in_features, out_features)] = stored[name] or None
+    return chosen
+
+
+def amx_from_rows(models: Iterable[nn.Module]) -> dict[str, int]:
+    """Where "vnni" layers switch to the amx kernel (engine.info): {"in x out": rows}."""
+    found = {f"{m.in_features}x{m.out_features}": m.amx_from_rows
+             for model in models for m in model.modules() if isinstance(m, Int8Linear) and m.amx_from_rows is not None}
+    return dict(sorted(found.items()))
+
+
 def choose_kernels(models: Iterable[nn.Module], kernel: str = "auto", cache: PlanCache | None = None,
                    activations: torch.dtype = torch.float32) -> dict[tuple[int, int], str]:
     """Sets the CPU kernel of every Int8Linear below models: "auto" the faster one for its shape on this machine
@@ -238,11 +296,17 @@ def choose_kernels(models: Iterable[nn.Module], kernel: str = "auto", cache: Pla
     if activations != torch.float32:
         chosen = dict.fromkeys(shapes, "pack_mm")
     elif kernel == "auto":
-        chosen = measured_kernels(shapes, cache or PlanCache(default_cache_path()))
+        cache = cache or PlanCache(default_cache_path())
+        chosen = measured_kernels(shapes, cache)
     else:
         chosen = dict.fromkeys(shapes, kernel)
+    switch = {}
+    if kernel == "auto" and activations == torch.float32 and {"amx", "vnni"} <= set(native_kernels()):
+        switch = measured_amx_rows([shape for shape, name in chosen.items() if name == "vnni"], cache)
     for layer in layers:
-        layer.kernel = chosen[(layer.in_features, layer.out_features)]
+        shape = (layer.in_features, layer.out_features)
+        layer.kernel = chosen[shape]
+        layer.amx_from_rows = switch.get(shape)
     return chosen
 
 
