@@ -28,10 +28,12 @@ float gelu_scalar(float x) {
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 // exp(v) for v <= 0 (here -a^2): 2^n * e^r, n = round(v / ln 2), r = v - n ln 2 (two-part ln 2), e^r by its
-// degree-7 Taylor polynomial (|r| <= ln 2 / 2: truncation under 2e-8, about a float32 ulp with the rounding); below -87, 0 through scalef.
+// degree-7 Taylor polynomial (|r| <= ln 2 / 2: truncation under 2e-8, about a float32 ulp with the rounding);
+// v is clamped at -104, where scalef's 2^n underflows to 0.
 __m512 exp_nonpositive(__m512 v) {
   v = _mm512_max_ps(v, _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  const __m512 log2_e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, log2_e), _MM_FROUND_TO_NEAREST_INT);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.0f / 5040);
@@ -56,7 +58,8 @@ void gelu_avx512(float* x, int64_t n) {
     r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(kP3));
     r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(kP2));
     r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(kP1));
-    const __m512 minus_exp = _mm512_sub_ps(_mm512_setzero_ps(), exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a))));
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 minus_exp = _mm512_sub_ps(zero, exp_nonpositive(_mm512_sub_ps(zero, _mm512_mul_ps(a, a))));
     const __m512 erf_abs = _mm512_fmadd_ps(_mm512_mul_ps(t, minus_exp), r, one);  // torch's order of operations
     const __m512i sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN));
     const __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), sign));

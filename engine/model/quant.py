@@ -16,8 +16,9 @@ CPU, one of four kernels per layer (`Int8Linear.kernel`):
   memory twice over.
 `choose_kernels` times those this machine runs for each layer shape and keeps the fastest, cached beside the float32
 linear plans (docs/performance.md has the figures); where it keeps "vnni" on a CPU with AMX it also times both per
-row bucket, and the layer runs "amx" from the rows where that wins (the same bits, so tokens do not move); bfloat16 activations take "pack_mm". Where none runs (CUDA;
-in_features not a multiple of 32 without vivace's kernel), the layer dequantizes per call and runs a plain matmul.
+row bucket, and the layer runs "amx" from the rows where that wins (the same bits, so tokens do not move).
+bfloat16 activations take "pack_mm". Where none runs (CUDA; in_features not a multiple of 32 without vivace's
+kernel), the layer dequantizes per call and runs a plain matmul.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from vivace.model.linear_plan import (
     ROW_BUCKETS,
     WIN_MARGIN,
     PlanCache,
-    bucket,
     cpu_and_torch,
     default_cache_path,
     machine_key,
@@ -47,8 +47,8 @@ PACK_MM_ALIGN = 32
 INT8_KERNELS = ("auto", "pack_mm", "amx", "vnni", "avx2")
 NATIVE_ISAS = {"amx": "amx_int8", "vnni": "avx512_vnni", "avx2": "avx2"}  # vivace's kernels by name -> _C.int8_linear's isa
 ISA_NAMES = {"amx": "AMX-INT8", "vnni": "AVX-512 VNNI", "avx2": "AVX2"}
-PACKED_KERNELS = ("amx", "vnni")
-FUSED_ACTIVATIONS = ("gelu",)  # activations an Int8Linear applies itself  # the kernels that read _C.int8_vnni_pack's layout
+PACKED_KERNELS = ("amx", "vnni")  # the kernels that read _C.int8_vnni_pack's layout
+FUSED_ACTIVATIONS = ("gelu",)  # activations an Int8Linear applies itself
 TIMED_ROWS = (2, 8)  # a guided pair and a small batch: a kernel is chosen by its summed time at both
 
 
