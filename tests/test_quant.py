@@ -358,6 +358,13 @@ def test_native_activation_is_checked() -> None:
         _C.int8_linear(torch.randn(2, 64), layer.weight, layer.scales, layer.weight_sums, None, 1, "auto", None, "tanh")
 
 
+def test_amx_takes_over_from_the_fewest_rows_where_it_keeps_winning() -> None:
+    assert quant.amx_threshold({2: (1.0, 1.2), 8: (1.0, 0.8), 16: (1.0, 0.5), 32: (1.0, 0.4)}) == 8
+    assert quant.amx_threshold({2: (1.0, 0.5), 8: (1.0, 0.95), 16: (1.0, 0.5)}) == 16  # a loss at 8 rows in between
+    assert quant.amx_threshold({2: (1.0, 0.5), 8: (1.0, 0.5), 16: (1.0, 1.0)}) is None  # not at the largest bucket
+    assert quant.amx_threshold({2: (1.0, 0.89), 4: (1.0, 0.9)}) is None  # a win means under 90 % of vnni's time
+
+
 @pytest.mark.skipif(not {"amx", "vnni"} <= set(native_kernels()), reason="needs AMX-INT8 and AVX-512 VNNI")
 def test_vnni_layers_switch_to_amx_by_rows_without_changing_a_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """auto measures vnni against amx per row bucket for the shapes it keeps on vnni, once per machine and thread

@@ -258,6 +258,18 @@ def amx_row_timings(in_features: int, out_features: int) -> dict[int, tuple[floa
     return timings
 
 
+def amx_threshold(timings: dict[int, tuple[float, float]]) -> int | None:
+    """The fewest rows from which amx takes under WIN_MARGIN of vnni's time at that bucket and every larger one,
+    from {rows: (vnni seconds, amx seconds)}; None where amx does not win at the largest bucket."""
+    from_rows = None
+    for rows in sorted(timings, reverse=True):
+        vnni_s, amx_s = timings[rows]
+        if amx_s >= WIN_MARGIN * vnni_s:
+            break
+        from_rows = rows
+    return from_rows
+
+
 def measured_amx_rows(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> dict[tuple[int, int], int | None]:
     """For each shape, the fewest rows from which the amx kernel beats vnni (under WIN_MARGIN of its time at that
     row bucket and every larger one), or None; measured once per CPU model, torch version and thread count, then
@@ -268,11 +280,7 @@ def measured_amx_rows(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> di
     for in_features, out_features in sorted(set(shapes)):
         name = f"{in_features}x{out_features}"
         if name not in stored:
-            timings = amx_row_timings(in_features, out_features)
-            wins = [rows for rows, (vnni_s, amx_s) in timings.items() if amx_s < WIN_MARGIN * vnni_s]
-            losses = [rows for rows in timings if rows not in wins]
-            from_rows = [rows for rows in wins if all(loss < rows for loss in losses)]
-            stored[name] = min(from_rows) if from_rows else 0  # 0: never
+            stored[name] = amx_threshold(amx_row_timings(in_features, out_features)) or 0  # 0: never
             cache.store(key, stored)
         chosen[(in_features, out_features)] = stored[name] or None
     return chosen
