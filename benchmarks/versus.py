@@ -4,9 +4,10 @@ The MusicGen-small-shaped random checkpoint of the musicgen suite (built and con
 prompt, seed 0, top-k 250, temperature 1, guidance 3.0, batch 1, clips of 2 s (--quick: 0.2 s) and 10 s. Every round
 runs every engine once, in the same order, after one untimed warm-up generation each; a figure is the median over
 the rounds (3; --quick 1). Engines: transformers float32 (MusicgenForConditionalGeneration.generate), and vivace in
-float32 with each linear product plan (vivace.model.linear_plan: "linear" = F.linear everywhere, "matmul" = W x^T for
-2-64 rows, "auto" = measured on this machine), bfloat16 and int8 (its kernels chosen by measurement, and torch's
-int8 pack mm alone). The machine record names the CPU model and its flags, torch's and transformers' versions.
+float32 with each linear product plan (vivace.model.linear_plan: "linear" = F.linear everywhere, "matmul" = W x^T
+for 2-64 rows, "auto" = measured on this machine), bfloat16 and int8 (its kernels chosen by measurement with the
+decode steps' layers in one native call, the same with the layers run from Python, and torch's int8 pack mm alone).
+The machine record names the CPU model and its flags, torch's and transformers' versions.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ VIVACE = {  # name: Engine.from_pack options
     "vivace float32, auto": {"linear_products": "auto"},
     "vivace bfloat16": {"dtype": "bfloat16"},
     "vivace int8": {"quantize": "int8"},  # each layer shape on the faster kernel measured here (vivace.model.quant)
+    "vivace int8, Python layers": {"quantize": "int8", "native_layers": False},  # the same kernels, no native stack
     "vivace int8, pack_mm": {"quantize": "int8", "int8_kernel": "pack_mm"},
 }
 

@@ -97,6 +97,21 @@ void store(py::handle key_object, py::handle value_object, py::handle key_cache_
 
 }  // namespace
 
+void store_kv_rows(const float* keys, const float* values, int64_t token_stride, void* key_cache, void* value_cache,
+                   bool bfloat16_cache, const int64_t* slots, int64_t tokens, int64_t heads, int64_t head_dim) {
+  const auto stride = static_cast<py::ssize_t>(token_stride * sizeof(float));
+  const auto head_stride = static_cast<py::ssize_t>(head_dim * sizeof(float));
+  const TokenRows key_rows{reinterpret_cast<const char*>(keys), stride, head_stride};
+  const TokenRows value_rows{reinterpret_cast<const char*>(values), stride, head_stride};
+  if (bfloat16_cache) {
+    write(key_rows, static_cast<uint16_t*>(key_cache), slots, tokens, heads, head_dim);
+    write(value_rows, static_cast<uint16_t*>(value_cache), slots, tokens, heads, head_dim);
+  } else {
+    write(key_rows, static_cast<float*>(key_cache), slots, tokens, heads, head_dim);
+    write(value_rows, static_cast<float*>(value_cache), slots, tokens, heads, head_dim);
+  }
+}
+
 void register_kv_store(py::module_& m) {
   m.def("store_kv", &store, py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"),
         py::arg("slot_mapping"),

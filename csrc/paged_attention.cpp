@@ -459,9 +459,7 @@ py::array_t<float> decode(py::handle query_object, py::handle key_object, py::ha
                             bias_object.is_none() ? nullptr : bias.data(), out.mutable_data(), num_seqs, num_heads,
                             head_dim, block_size, max_blocks, bias_object.is_none() ? 0 : bias.shape(1),
                             static_cast<float>(scale)};
-  static const int hardware_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int64_t wanted = num_threads ? num_threads : hardware_threads;
-  const int threads = static_cast<int>(std::min<int64_t>(wanted, std::max<int64_t>(1, floats / kFloatsPerThread)));
+  const int threads = decode_attention_threads(floats, num_threads);
   {
     py::gil_scoped_release release;
     paged_decode_attention(problem, threads, isa);
@@ -470,6 +468,12 @@ py::array_t<float> decode(py::handle query_object, py::handle key_object, py::ha
 }
 
 }  // namespace
+
+int decode_attention_threads(int64_t floats, int wanted) {
+  static const int hardware_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int64_t threads = wanted ? wanted : hardware_threads;
+  return static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, floats / kFloatsPerThread)));
+}
 
 bool avx512_attention_supported(int64_t head_dim) {
 #ifdef VIVACE_X86

@@ -26,6 +26,10 @@ enum class AttentionIsa { kAuto, kPortable };
 // Whether this CPU runs the AVX-512 kernel for this head_dim (AttentionIsa::kAuto picks it then).
 bool avx512_attention_supported(int64_t head_dim);
 
+// How many of `wanted` threads (0: one per hardware thread) pay for themselves on `floats` cached key and value
+// floats read (2 * sum of context_lens * num_heads * head_dim).
+int decode_attention_threads(int64_t floats, int wanted);
+
 // Runs every (sequence, head) on up to `threads` threads; each output row depends only on its own inputs, not on
 // the batch or `threads`. Lengths and block ids are not checked here (the binding checks them). Throws
 // std::bad_alloc if its scratch cannot grow.

@@ -24,6 +24,7 @@ from vivace.core.model_runner import DecodeOptions
 from vivace.core.sampling import is_finite, is_real
 from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress
+from vivace.model.decoder_stack import use_native_stacks
 from vivace.model.linear_plan import LinearPlan, check_linear_products, plan_linears
 from vivace.model.quant import amx_from_rows, check_int8_kernel, check_quantize, choose_kernels, quantize_stage
 from vivace.packs.registry import family_of
@@ -155,6 +156,7 @@ class Engine:
         adaptive_threads: bool = False,
         int8_kernel: str = "auto",
         kv_cache_dtype: str = "auto",
+        native_layers: bool = True,
     ) -> Engine:
         """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codecs.backend.select_backend).
         quantize: None, or "int8" for int8 stage linears (see vivace.model.quant).
@@ -172,6 +174,10 @@ class Engine:
         bytes every decode step reads and the memory per cached token (the C++ attention kernel widens them as it
         reads); tokens then differ from float32 caches' as any rounding does, and stay the same whatever else runs.
         A kv_cache_dtype other than dtype runs on the CPU only.
+        native_layers: where every linear of a stage's layers is int8 on vivace's own kernels (quantize="int8" on
+        the CPU with float32 activations), its decode steps run all the layers in one native call
+        (vivace.model.decoder_stack; hidden states agree with the Python layers to a few float32 ulps); False keeps
+        the layers in Python.
         adaptive_threads: between steps, run on torch's thread count or on one, whichever measures faster
         (vivace.threads.ThreadGovernor: for hosts shared with other work; tokens are unchanged, audio may differ in
         its last bits between the two counts). It sets the process's thread count: one such engine per process.
@@ -192,6 +198,7 @@ class Engine:
         check_int8_kernel(int8_kernel, DTYPES[dtype])
         kv_dtype = check_kv_cache_dtype(kv_cache_dtype, DTYPES[dtype], torch_device)
         check_bool(adaptive_threads, "adaptive_threads")
+        check_bool(native_layers, "native_layers")
         decode = DecodeOptions(steps_per_sync, cuda_graphs)
         decode.validate(torch_device)
         family_cls = family_of(path)
@@ -203,7 +210,9 @@ class Engine:
             for model in models:
                 quantize_stage(model)
             if torch_device.type == "cpu":
-                int8_kernels = choose_kernels(models, int8_kernel, activations=DTYPES[dtype])
+                int8_kernels = choose_kernels(models, int8_kernel, activations=DTYPES[dtype], native_only=native_layers)
+                if native_layers:
+                    use_native_stacks(models)
         plan = plan_linears(models, linear_products)
         governor = ThreadGovernor(torch.get_num_threads()) if adaptive_threads else None
         return cls(
@@ -346,6 +355,7 @@ class Engine:
             },
             "int8_kernels": {f"{i}x{o}": kernel for (i, o), kernel in sorted(self.int8_kernels.items())},
             "int8_amx_from_rows": amx_from_rows(spec.model for spec in self.family.stages().values()),
+            "native_layers": {stage: spec.model.native_decoder is not None for stage, spec in self.family.stages().items()},
             "kv_blocks": {stage: runner.pool.num_blocks for stage, runner in self.core.runners.items()},
             "threads": torch.get_num_threads(),
             "adaptive_threads": self.thread_governor is not None,

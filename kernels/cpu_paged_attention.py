@@ -33,7 +33,7 @@ PADDED_GATHER_LIMIT = 4 << 20  # bytes of float32 keys above which sequences are
 NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ kernel's caches (with a float32 query)
 
 
-def _cache_array(cache: torch.Tensor):  # noqa: ANN202 (a numpy array)
+def cache_array(cache: torch.Tensor):  # noqa: ANN202 (a numpy array)
     """A cache as the C++ kernel reads it, in place: float32 as it is, bfloat16 as its bits (numpy has no bfloat16)."""
     return cache.numpy() if cache.dtype == torch.float32 else cache.view(torch.int16).numpy()
 
@@ -55,7 +55,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
     native_cache = key_cache.dtype in NATIVE_CACHE_DTYPES and value_cache.dtype == key_cache.dtype
     tensors = (key, value, key_cache, value_cache, slot_mapping)
     if key.dtype == value.dtype == torch.float32 and native_cache and all(t.device.type == "cpu" for t in tensors):
-        _native_store(key.detach().numpy(), value.detach().numpy(), _cache_array(key_cache), _cache_array(value_cache),
+        _native_store(key.detach().numpy(), value.detach().numpy(), cache_array(key_cache), cache_array(value_cache),
                       slot_mapping.to(torch.int64).numpy())
         return
     reference.store_kv(key, value, key_cache, value_cache, slot_mapping)
@@ -73,7 +73,7 @@ def paged_decode_attention(
     native_cache = key_cache.dtype in NATIVE_CACHE_DTYPES and value_cache.dtype == key_cache.dtype
     if query.dtype == torch.float32 and native_cache and all(t.device.type == "cpu" for t in (query, key_cache, value_cache)):
         out = _native_decode(
-            query.contiguous().numpy(), _cache_array(key_cache), _cache_array(value_cache),
+            query.contiguous().numpy(), cache_array(key_cache), cache_array(value_cache),
             block_tables.to(torch.int32).contiguous().numpy(), context_lens.to(torch.int32).contiguous().numpy(),
             scale, None if distance_bias is None else distance_bias.float().contiguous().numpy(),
             torch.get_num_threads(),

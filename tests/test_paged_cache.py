@@ -7,61 +7,13 @@ import random
 import pytest
 import torch
 from kernel_device import relative_error
-from stage_models import make_model
+from stage_models import PagedDriver, make_model
 
-from vivace.core.block_manager import BlockAllocator
-from vivace.core.kv_cache import KVCachePool
-from vivace.model.transformer import AttentionBatch, CrossBatch, StageTransformer
+from vivace.model.transformer import CrossBatch
 
 # float32 throughout: the paged and dense paths sum the same products in different orders, so agreement
 # is at rounding level (~1e-6 relative); 1e-5 leaves room without hiding an indexing error (those are O(1)).
 RTOL = 1e-5
-
-
-class PagedDriver:
-    """Feeds sequences to the model in random-sized pieces through a shared block pool."""
-
-    def __init__(self, model: StageTransformer, block_size: int, num_blocks: int, dtype: torch.dtype = torch.float32) -> None:
-        c = model.config
-        self.model = model
-        self.block_size = block_size
-        self.pool = KVCachePool(c.num_layers, num_blocks, block_size, c.num_heads, c.head_dim, dtype, "cpu")
-        self.pool.data.fill_(float("nan"))  # a read of an unwritten slot poisons the result
-        self.allocator = BlockAllocator(num_blocks, block_size)
-        self.tables: dict[int, list[int]] = {}
-        self.done: dict[int, int] = {}
-
-    def run(self, pieces: list[tuple[int, torch.Tensor, int]], cross: CrossBatch | None) -> torch.Tensor:
-        """pieces: (seq id, all its tokens, number of new tokens this step)."""
-        rows, positions, slots, starts, lens, tables = [], [], [], [0], [], []
-        for seq_id, tokens, n_new in pieces:
-            table = self.tables.setdefault(seq_id, [])
-            start = self.done.get(seq_id, 0)
-            end = start + n_new
-            while len(table) * self.block_size < end:
-                table.append(self.allocator.allocate())
-            for pos in range(start, end):
-                rows.append(tokens[pos])
-                positions.append(pos)
-                slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            self.done[seq_id] = end
-            starts.append(len(rows))
-            lens.append(end)
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        batch = AttentionBatch(
-            slot_mapping=torch.tensor(slots),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-            context_lens=torch.tensor(lens, dtype=torch.int32),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            is_decode=all(n == 1 for _, _, n in pieces),
-            cross=cross,
-        )
-        hidden = self.model(torch.stack(rows), torch.tensor(positions), self.pool.layers(), batch)
-        return self.model.compute_logits(hidden)
-
-    def free(self, seq_id: int) -> None:
-        self.allocator.release(self.tables.pop(seq_id))
 
 
 @pytest.fixture(params=["torch", "triton"])

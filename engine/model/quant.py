@@ -203,14 +203,15 @@ def quantize_stage(model: StageTransformer) -> int:
 
 
 @torch.inference_mode()
-def kernel_timings(in_features: int, out_features: int) -> dict[str, float]:
-    """Seconds of each CPU kernel this machine runs for one layer shape, summed over TIMED_ROWS (linear_plan's
-    alternating rounds and medians, on random weights: the kernels' speed does not depend on the values)."""
+def kernel_timings(in_features: int, out_features: int, native_only: bool = False) -> dict[str, float]:
+    """Seconds of each CPU kernel this machine runs for one layer shape (vivace's own only, with native_only), summed
+    over TIMED_ROWS (linear_plan's alternating rounds and medians, on random weights: the kernels' speed does not
+    depend on the values)."""
     generator = torch.Generator().manual_seed(0)
     layer = Int8Linear(*quantize_weight(torch.randn(out_features, in_features, generator=generator)), None, torch.float32)
     inputs = [torch.randn(rows, in_features, generator=generator) for rows in TIMED_ROWS]
     candidates = {}
-    if in_features % PACK_MM_ALIGN == 0 and pack_mm_available():
+    if in_features % PACK_MM_ALIGN == 0 and pack_mm_available() and not native_only:
         candidates["pack_mm"] = lambda: [torch._weight_int8pack_mm(x.bfloat16(), layer.weight, layer.scales_bf16) for x in inputs]
     packed = vnni_pack(layer.weight) if set(PACKED_KERNELS) & set(native_kernels()) else None
     for kernel in native_kernels():
@@ -221,12 +222,12 @@ def kernel_timings(in_features: int, out_features: int) -> dict[str, float]:
     return dict(zip(candidates, median_seconds(list(candidates.values())))) if candidates else {}
 
 
-def measured_kernels(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> dict[tuple[int, int], str]:
-    """The faster kernel for float32 activations of each (in_features, out_features) on this machine, measured once
-    per CPU model and torch version, at the thread count of the first engine, then read from cache (a few
-    milliseconds per shape): every later engine on the machine runs the same kernels, so its tokens do not depend on
-    the thread count (the two kernels round differently) and its bytes repeat."""
-    candidates = [*(["pack_mm"] if pack_mm_available() else []), *native_kernels()]
+def measured_kernels(shapes: Iterable[tuple[int, int]], cache: PlanCache, native_only: bool = False) -> dict[tuple[int, int], str]:
+    """The faster kernel for float32 activations of each (in_features, out_features) on this machine (of vivace's own,
+    with native_only), measured once per CPU model and torch version, at the thread count of the first engine, then
+    read from cache (a few milliseconds per shape): every later engine on the machine runs the same kernels, so its
+    tokens do not depend on the thread count (the two kernels round differently) and its bytes repeat."""
+    candidates = [*(["pack_mm"] if pack_mm_available() and not native_only else []), *native_kernels()]
     # new candidates, or a candidate in a new form (vnni reading packed weights), are measured afresh
     key = f"{cpu_and_torch()} | int8 kernels: {', '.join(candidates)}{' (packed)' if 'vnni' in candidates else ''}"
     stored = {name: kernel for name, kernel in cache.entries(key).items() if kernel in INT8_KERNELS[1:]}
@@ -234,7 +235,7 @@ def measured_kernels(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> dic
     for in_features, out_features in sorted(set(shapes)):
         name = f"{in_features}x{out_features}"
         if name not in stored:
-            timings = kernel_timings(in_features, out_features)
+            timings = kernel_timings(in_features, out_features, native_only)
             stored[name] = min(timings, key=timings.get) if timings else "pack_mm"
             cache.store(key, stored)
         chosen[(in_features, out_features)] = stored[name]
@@ -294,10 +295,11 @@ def amx_from_rows(models: Iterable[nn.Module]) -> dict[str, int]:
 
 
 def choose_kernels(models: Iterable[nn.Module], kernel: str = "auto", cache: PlanCache | None = None,
-                   activations: torch.dtype = torch.float32) -> dict[tuple[int, int], str]:
+                   activations: torch.dtype = torch.float32, native_only: bool = False) -> dict[tuple[int, int], str]:
     """Sets the CPU kernel of every Int8Linear below models: "auto" the faster one for its shape on this machine
-    (measured_kernels), or the named one; returns the choice per (in_features, out_features). Activations other than
-    float32 always take pack_mm."""
+    (measured_kernels; with native_only, the faster of vivace's own kernels where this CPU runs one: the native
+    decoder stack runs only those, and saves more per layer than pack_mm's lead on small shapes), or the named one;
+    returns the choice per (in_features, out_features). Activations other than float32 always take pack_mm."""
     check_int8_kernel(kernel, activations)
     layers = [layer for model in models for layer in model.modules() if isinstance(layer, Int8Linear)]
     shapes = {(layer.in_features, layer.out_features) for layer in layers}
@@ -305,7 +307,7 @@ def choose_kernels(models: Iterable[nn.Module], kernel: str = "auto", cache: Pla
         chosen = dict.fromkeys(shapes, "pack_mm")
     elif kernel == "auto":
         cache = cache or PlanCache(default_cache_path())
-        chosen = measured_kernels(shapes, cache)
+        chosen = measured_kernels(shapes, cache, native_only and bool(native_kernels()))
     else:
         chosen = dict.fromkeys(shapes, kernel)
     switch = {}

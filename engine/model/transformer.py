@@ -195,6 +195,8 @@ class StageTransformer(nn.Module):
         self.register_buffer("distance_bias", None, persistent=False)
         self.register_buffer("codebook_tables", None, persistent=False)
         self.register_buffer("sinusoid_freqs", None, persistent=False)
+        # where set (vivace.model.decoder_stack), decode forwards run the layers through it in one native call
+        self.native_decoder: Callable[..., torch.Tensor] | None = None
 
     def refresh_derived(self) -> None:
         """Recomputes tensors derived from the weights; call after loading or editing weights (moves and casts call
@@ -215,6 +217,7 @@ class StageTransformer(nn.Module):
         # .to() / .cuda() / .half() would cast the derived buffers too (float32 frequencies to bf16): rebuild them
         super()._apply(fn, recurse)
         self.refresh_derived()
+        self.native_decoder = None  # it reads the weights where they were
         return self
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix: PrefixBatch | None) -> torch.Tensor:
@@ -249,6 +252,8 @@ class StageTransformer(nn.Module):
     ) -> torch.Tensor:
         # each sublayer's update joins the residual stream in the same pass that normalizes the next input
         h = self._embed(input_ids, positions, batch.prefix)
+        if batch.is_decode and self.native_decoder is not None:
+            return self.native_decoder(h, kv_caches, batch, self.distance_bias)
         update = None
         for i, layer in enumerate(self.layers):
             h, x = _add_norm(h, update, layer.attn_norm)

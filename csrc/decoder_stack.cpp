@@ -1,0 +1,473 @@
+#include "decoder_stack.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "gelu.h"
+#include "int8_linear.h"
+#include "kv_store.h"
+#include "numpy_args.h"
+#include "paged_attention.h"
+
+namespace vivace {
+namespace {
+
+namespace py = pybind11;
+
+// LayerNorm or RMSNorm over rows of `dim` floats, its statistics summed in float64 (torch sums in float32: the two
+// agree to a few float32 ulps, not bit for bit).
+struct Norm {
+  const float* weight = nullptr;
+  const float* bias = nullptr;  // LayerNorm's, or null
+  float eps = 0.0f;
+  bool rms = false;
+
+  void apply(const float* x, float* out, int64_t rows, int64_t dim) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = x + r * dim;
+      float* y = out + r * dim;
+      if (rms) {
+        double squares = 0.0;
+        for (int64_t i = 0; i < dim; ++i) squares += static_cast<double>(row[i]) * row[i];
+        const float scale = static_cast<float>(1.0 / std::sqrt(squares / dim + eps));
+        for (int64_t i = 0; i < dim; ++i) y[i] = row[i] * scale * weight[i];
+        continue;
+      }
+      double sum = 0.0;
+      for (int64_t i = 0; i < dim; ++i) sum += row[i];
+      const double mean = sum / dim;
+      double squares = 0.0;
+      for (int64_t i = 0; i < dim; ++i) squares += (row[i] - mean) * (row[i] - mean);
+      const double rstd = 1.0 / std::sqrt(squares / dim + eps);
+      // torch's layer norm kernel: (x * rstd + (-rstd * mean)) * weight + bias
+      const float scale = static_cast<float>(rstd), shift = static_cast<float>(-rstd * mean);
+      for (int64_t i = 0; i < dim; ++i) y[i] = (row[i] * scale + shift) * weight[i] + (bias ? bias[i] : 0.0f);
+    }
+  }
+};
+
+enum class Activation { kNone, kGelu, kRelu };
+
+// One Int8Linear as vivace.model.quant hands it over: its buffers (read in place), its kernel, and from how many
+// rows on it runs the amx kernel instead (the same bits).
+struct Linear {
+  Int8Linear problem{};  // x, out and rows filled per call
+  std::string isa;
+  int64_t amx_from_rows = 0;  // 0: never
+  Activation activation = Activation::kNone;
+
+  void run(const float* x, float* out, int64_t rows, int threads) const {
+    Int8Linear call = problem;
+    call.x = x;
+    call.out = out;
+    call.rows = rows;
+    int8_linear(call, threads, amx_from_rows > 0 && rows >= amx_from_rows ? std::string("amx_int8") : isa);
+    const int64_t n = rows * problem.out_features;
+    if (activation == Activation::kGelu) gelu_inplace(out, n);
+    if (activation == Activation::kRelu)
+      for (int64_t i = 0; i < n; ++i) out[i] = std::max(out[i], 0.0f);
+  }
+};
+
+struct Layer {
+  Norm attn_norm, ffn_norm;
+  Linear qkv, o, fc1, fc2;
+  std::optional<Norm> cross_norm;
+  std::optional<Linear> cross_q, cross_o;
+};
+
+// What a decode step reads besides the weights, checked once per call.
+struct StepInputs {
+  int64_t rows;
+  std::vector<void*> key_caches, value_caches;
+  bool bfloat16_cache = false;
+  int64_t num_blocks = 0, block_size = 0;
+  const int64_t* slots;
+  const int32_t* block_tables;
+  int64_t max_blocks;
+  const int32_t* context_lens;
+  const float* distance_bias = nullptr;
+  int64_t bias_width = 0;
+  float scale;
+  int64_t cached_floats = 0;  // key and value floats the attention reads per layer (its thread count)
+  // cross-attention: per layer [num_seqs, enc_len, heads, head_dim]; token_seq[r] is row r's sequence
+  std::vector<const float*> cross_keys, cross_values;
+  const bool* enc_mask = nullptr;
+  const int64_t* token_seq = nullptr;
+  int64_t cross_seqs = 0, enc_len = 0;
+};
+
+class DecoderStack {
+ public:
+  DecoderStack(const py::list& layers, py::object final_norm, int64_t num_heads, int64_t head_dim)
+      : num_heads_(num_heads), head_dim_(head_dim), d_model_(num_heads * head_dim) {
+    if (num_heads < 1 || head_dim < 1) throw py::value_error("num_heads and head_dim must be >= 1");
+    if (layers.empty()) throw py::value_error("layers must not be empty");
+    for (py::size_t i = 0; i < layers.size(); ++i) layers_.push_back(parse_layer(layers[i].cast<py::dict>(), i));
+    if (!final_norm.is_none()) final_norm_ = parse_norm(final_norm, "final_norm");
+    const bool cross = layers_.front().cross_q.has_value();
+    for (const Layer& layer : layers_)
+      if (layer.cross_q.has_value() != cross)
+        throw py::value_error("either every layer or none has cross-attention");
+    d_ff_ = layers_.front().fc1.problem.out_features;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  bool has_cross() const { return layers_.front().cross_q.has_value(); }
+
+  py::array_t<float> decode(py::handle hidden_object, const py::list& key_caches, const py::list& value_caches,
+                            py::handle slots_object, py::handle tables_object, py::handle lens_object, double scale,
+                            py::object bias_object, py::object cross_keys, py::object cross_values,
+                            py::object enc_mask_object, py::object token_seq_object, int num_threads) {
+    if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
+    const auto hidden = typed_array<float>(hidden_object, "hidden", "float32", 2, true);
+    if (hidden.shape(1) != d_model_)
+      throw py::value_error("hidden " + shape_of(hidden) + " must have d_model = " + std::to_string(d_model_) +
+                            " columns");
+    StepInputs in{};
+    in.rows = hidden.shape(0);
+    in.scale = static_cast<float>(scale);
+    std::vector<py::array> keep;  // the arrays the raw pointers below point into
+    check_caches(key_caches, value_caches, in, keep);
+    const auto slots = typed_array<int64_t>(slots_object, "slot_mapping", "int64", 1, true);
+    const auto tables = typed_array<int32_t>(tables_object, "block_tables", "int32", 2, true);
+    const auto lens = typed_array<int32_t>(lens_object, "context_lens", "int32", 1, true);
+    if (slots.shape(0) != in.rows || tables.shape(0) != in.rows || lens.shape(0) != in.rows)
+      throw py::value_error("slot_mapping " + shape_of(slots) + ", block_tables " + shape_of(tables) +
+                            " and context_lens " + shape_of(lens) + " must have one row per hidden row (" +
+                            std::to_string(in.rows) + ")");
+    in.slots = slots.data();
+    in.block_tables = tables.data();
+    in.max_blocks = tables.shape(1);
+    in.context_lens = lens.data();
+    check_rows(in);
+    py::array_t<float, py::array::c_style> bias;
+    if (!bias_object.is_none()) {
+      bias = typed_array<float>(bias_object, "distance_bias", "float32", 2, true);
+      if (bias.shape(0) != num_heads_ || bias.shape(1) == 0)
+        throw py::value_error("distance_bias " + shape_of(bias) + " must be [" + std::to_string(num_heads_) +
+                              ", max_distance + 1]");
+      in.distance_bias = bias.data();
+      in.bias_width = bias.shape(1);
+    }
+    if (has_cross() != !cross_keys.is_none())
+      throw py::value_error(has_cross() ? "this stack's layers cross-attend: pass cross_keys, cross_values, enc_mask "
+                                          "and token_seq"
+                                        : "this stack has no cross-attention: cross_keys must be None");
+    if (has_cross()) check_cross(cross_keys, cross_values, enc_mask_object, token_seq_object, in, keep);
+
+    py::array_t<float> out({in.rows, d_model_});
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mutex_);
+      run(hidden.data(), in, out.mutable_data(), num_threads);
+    }
+    return out;
+  }
+
+ private:
+  Norm parse_norm(py::handle object, const std::string& name) {
+    const auto fields = object.cast<py::tuple>();
+    if (fields.size() != 4) throw py::value_error(name + " must be (weight, bias or None, eps, rms)");
+    Norm norm;
+    norm.weight = keep_array<float>(fields[0], name + ".weight", "float32", 1);
+    if (!fields[1].is_none()) norm.bias = keep_array<float>(fields[1], name + ".bias", "float32", 1);
+    norm.eps = fields[2].cast<float>();
+    norm.rms = fields[3].cast<bool>();
+    return norm;
+  }
+
+  Linear parse_linear(py::handle object, const std::string& name) {
+    const auto fields = object.cast<py::tuple>();
+    if (fields.size() != 8)
+      throw py::value_error(name + " must be (weight, scales, weight_sums, bias, isa, vnni_weight, amx_from_rows, "
+                                   "activation)");
+    Linear linear;
+    const auto weight = typed_array<int8_t>(fields[0], (name + ".weight").c_str(), "int8", 2, false);
+    held_.push_back(weight);
+    Int8Linear& p = linear.problem;
+    p.weight = weight.data();
+    p.out_features = weight.shape(0);
+    p.in_features = weight.shape(1);
+    p.scales = keep_array<float>(fields[1], name + ".scales", "float32", 1, p.out_features);
+    p.weight_sums = keep_array<int32_t>(fields[2], name + ".weight_sums", "int32", 1, p.out_features);
+    if (!fields[3].is_none()) p.bias = keep_array<float>(fields[3], name + ".bias", "float32", 1, p.out_features);
+    linear.isa = fields[4].cast<std::string>();
+    if (!fields[5].is_none()) {
+      const auto packed = typed_array<int8_t>(fields[5], (name + ".vnni_weight").c_str(), "int8", 4, false);
+      if (packed.shape(0) != (p.out_features + 63) / 64 || packed.shape(1) != (p.in_features + 3) / 4)
+        throw py::value_error(name + ".vnni_weight " + shape_of(packed) + " must be int8_vnni_pack(weight)");
+      held_.push_back(packed);
+      p.vnni_weight = packed.data();
+    }
+    linear.amx_from_rows = fields[6].cast<int64_t>();
+    const auto activation = fields[7].cast<std::string>();
+    if (activation == "gelu") {
+      linear.activation = Activation::kGelu;
+    } else if (activation == "relu") {
+      linear.activation = Activation::kRelu;
+    } else if (activation != "none") {
+      throw py::value_error(name + " activation must be 'none', 'gelu' or 'relu', got '" + activation + "'");
+    }
+    return linear;
+  }
+
+  Layer parse_layer(const py::dict& fields, py::size_t index) {
+    const std::string prefix = "layers[" + std::to_string(index) + "].";
+    const auto norm = [&](const char* key) {
+      if (!fields.contains(key)) throw py::value_error(prefix + key + " is missing");
+      return parse_norm(fields[key], prefix + key);
+    };
+    const auto linear = [&](const char* key, int64_t in, int64_t out) {
+      if (!fields.contains(key)) throw py::value_error(prefix + key + " is missing");
+      Linear l = parse_linear(fields[key], prefix + key);
+      if (l.problem.in_features != in || (out > 0 && l.problem.out_features != out))
+        throw py::value_error(prefix + key + " is [" + std::to_string(l.problem.out_features) + ", " +
+                              std::to_string(l.problem.in_features) + "], expected " +
+                              (out > 0 ? "[" + std::to_string(out) + ", " : "[any, ") + std::to_string(in) + "]");
+      return l;
+    };
+    Layer layer;
+    layer.attn_norm = norm("attn_norm");
+    layer.qkv = linear("qkv", d_model_, 3 * d_model_);
+    layer.o = linear("o", d_model_, d_model_);
+    if (fields.contains("cross_q")) {
+      layer.cross_norm = norm("cross_norm");
+      layer.cross_q = linear("cross_q", d_model_, d_model_);
+      layer.cross_o = linear("cross_o", d_model_, d_model_);
+    }
+    layer.ffn_norm = norm("ffn_norm");
+    layer.fc1 = linear("fc1", d_model_, 0);
+    layer.fc2 = linear("fc2", layer.fc1.problem.out_features, d_model_);
+    if (index > 0 && layer.fc1.problem.out_features != layers_.front().fc1.problem.out_features)
+      throw py::value_error(prefix + "fc1 must have the first layer's d_ff outputs");
+    return layer;
+  }
+
+  // A 1-d float or int array kept alive by the stack, of `length` values where length >= 0 (norms: d_model).
+  template <class T>
+  const T* keep_array(py::handle object, const std::string& name, const char* dtype, int ndim, int64_t length = -1) {
+    const auto array = typed_array<T>(object, name.c_str(), dtype, ndim, false);
+    const int64_t want = length >= 0 ? length : d_model_;
+    if (array.shape(0) != want)
+      throw py::value_error(name + " " + shape_of(array) + " must have " + std::to_string(want) + " values");
+    held_.push_back(array);
+    return array.data();
+  }
+
+  void check_caches(const py::list& key_caches, const py::list& value_caches, StepInputs& in,
+                    std::vector<py::array>& keep) const {
+    if (static_cast<int64_t>(key_caches.size()) != num_layers() || value_caches.size() != key_caches.size())
+      throw py::value_error("key_caches and value_caches must hold one cache per layer (" +
+                            std::to_string(num_layers()) + ")");
+    for (py::size_t i = 0; i < key_caches.size(); ++i) {
+      for (int side = 0; side < 2; ++side) {
+        const py::array cache = py::array::ensure(side ? value_caches[i] : key_caches[i]);
+        const std::string name = std::string(side ? "value_caches[" : "key_caches[") + std::to_string(i) + "]";
+        if (!cache) throw py::value_error(name + " must be a numpy array or a CPU tensor");
+        const bool bfloat16 = py::isinstance<py::array_t<int16_t>>(cache);
+        if (!bfloat16 && !py::isinstance<py::array_t<float>>(cache))
+          throw py::value_error(name + " must have dtype float32, or int16 holding bfloat16 bits");
+        if (cache.ndim() != 4 || cache.shape(2) != num_heads_ || cache.shape(3) != head_dim_ || cache.shape(1) < 1)
+          throw py::value_error(name + " " + shape_of(cache) + " must be [num_blocks, block_size, " +
+                                std::to_string(num_heads_) + ", " + std::to_string(head_dim_) + "]");
+        if (!(cache.flags() & py::array::c_style) || !cache.writeable())
+          throw py::value_error(name + " must be writeable and C-contiguous (it is written in place)");
+        if (i == 0 && side == 0) {
+          in.bfloat16_cache = bfloat16;
+          in.num_blocks = cache.shape(0);
+          in.block_size = cache.shape(1);
+        } else if (bfloat16 != in.bfloat16_cache || cache.shape(0) != in.num_blocks || cache.shape(1) != in.block_size) {
+          throw py::value_error(name + " " + shape_of(cache) + " must have the dtype and shape of key_caches[0]");
+        }
+        (side ? in.value_caches : in.key_caches).push_back(const_cast<void*>(cache.data()));
+        keep.push_back(cache);
+      }
+    }
+  }
+
+  void check_rows(StepInputs& in) const {
+    const int64_t num_slots = in.num_blocks * in.block_size;
+    for (int64_t r = 0; r < in.rows; ++r) {
+      if (in.slots[r] >= num_slots)
+        throw py::value_error("slot_mapping holds slot " + std::to_string(in.slots[r]) + ", past the " +
+                              std::to_string(num_slots) + "-slot cache");
+      const int64_t length = in.context_lens[r];
+      if (length < 1 || length > in.max_blocks * in.block_size)
+        throw py::value_error("context_lens[" + std::to_string(r) + "] = " + std::to_string(length) +
+                              " is outside [1, " + std::to_string(in.max_blocks * in.block_size) +
+                              "], what its block table holds");
+      for (int64_t b = 0; b * in.block_size < length; ++b) {
+        const int64_t block = in.block_tables[r * in.max_blocks + b];
+        if (block < 0 || block >= in.num_blocks)
+          throw py::value_error("block_tables[" + std::to_string(r) + ", " + std::to_string(b) + "] = " +
+                                std::to_string(block) + " is not a block of the " + std::to_string(in.num_blocks) +
+                                "-block cache");
+      }
+      in.cached_floats += 2 * length * d_model_;
+    }
+  }
+
+  void check_cross(const py::object& keys, const py::object& values, const py::object& mask_object,
+                   const py::object& token_seq_object, StepInputs& in, std::vector<py::array>& keep) const {
+    const auto key_list = keys.cast<py::list>(), value_list = values.cast<py::list>();
+    if (static_cast<int64_t>(key_list.size()) != num_layers() || value_list.size() != key_list.size())
+      throw py::value_error("cross_keys and cross_values must hold one array per layer (" +
+                            std::to_string(num_layers()) + ")");
+    const auto mask = typed_array<bool>(mask_object, "enc_mask", "bool", 2, true);
+    const auto token_seq = typed_array<int64_t>(token_seq_object, "token_seq", "int64", 1, true);
+    in.cross_seqs = mask.shape(0);
+    in.enc_len = mask.shape(1);
+    if (token_seq.shape(0) != in.rows)
+      throw py::value_error("token_seq " + shape_of(token_seq) + " must have one entry per hidden row");
+    for (int64_t r = 0; r < in.rows; ++r)
+      if (token_seq.data()[r] < 0 || token_seq.data()[r] >= in.cross_seqs)
+        throw py::value_error("token_seq[" + std::to_string(r) + "] = " + std::to_string(token_seq.data()[r]) +
+                              " is not one of the " + std::to_string(in.cross_seqs) + " sequences of enc_mask");
+    for (py::size_t i = 0; i < key_list.size(); ++i) {
+      for (int side = 0; side < 2; ++side) {
+        const std::string name = std::string(side ? "cross_values[" : "cross_keys[") + std::to_string(i) + "]";
+        const auto array = typed_array<float>(side ? value_list[i] : key_list[i], name.c_str(), "float32", 4, false);
+        if (array.shape(0) != in.cross_seqs || array.shape(1) != in.enc_len || array.shape(2) != num_heads_ ||
+            array.shape(3) != head_dim_)
+          throw py::value_error(name + " " + shape_of(array) + " must be [" + std::to_string(in.cross_seqs) + ", " +
+                                std::to_string(in.enc_len) + ", " + std::to_string(num_heads_) + ", " +
+                                std::to_string(head_dim_) + "] (enc_mask's sequences and length)");
+        (side ? in.cross_values : in.cross_keys).push_back(array.data());
+        keep.push_back(array);
+      }
+    }
+    keep.push_back(mask);
+    keep.push_back(token_seq);
+    in.enc_mask = mask.data();
+    in.token_seq = token_seq.data();
+  }
+
+  // Attention of each row's query [heads, head_dim] over its sequence's encoder keys and values, as
+  // vivace.model.transformer.CrossAttention: masked scores become float32's lowest value rather than -inf, so a
+  // row with every position masked (guidance's null condition) attends uniformly instead of turning into NaN.
+  void cross_attention(const float* query, const float* keys, const float* values, const StepInputs& in,
+                       float* out) {
+    const int64_t heads = num_heads_, dim = head_dim_, len = in.enc_len;
+    scores_.resize(len);
+    for (int64_t r = 0; r < in.rows; ++r) {
+      const int64_t s = in.token_seq[r];
+      const bool* mask = in.enc_mask + s * len;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* q = query + (r * heads + h) * dim;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t e = 0; e < len; ++e) {
+          const float* k = keys + ((s * len + e) * heads + h) * dim;
+          float dot = 0.0f;
+          for (int64_t d = 0; d < dim; ++d) dot += q[d] * k[d];
+          scores_[e] = mask[e] ? dot * in.scale : std::numeric_limits<float>::lowest();
+          top = std::max(top, scores_[e]);
+        }
+        float total = 0.0f;
+        for (int64_t e = 0; e < len; ++e) total += scores_[e] = std::exp(scores_[e] - top);
+        float* o = out + (r * heads + h) * dim;
+        std::fill(o, o + dim, 0.0f);
+        for (int64_t e = 0; e < len; ++e) {
+          const float weight = scores_[e] / total;
+          const float* v = values + ((s * len + e) * heads + h) * dim;
+          for (int64_t d = 0; d < dim; ++d) o[d] += weight * v[d];
+        }
+      }
+    }
+  }
+
+  // residual += update (where there is one), then normed = norm(residual)
+  void add_norm(float* residual, const float* update, const Norm& norm, float* normed, int64_t rows) const {
+    if (update != nullptr)
+      for (int64_t i = 0; i < rows * d_model_; ++i) residual[i] += update[i];
+    norm.apply(residual, normed, rows, d_model_);
+  }
+
+  void run(const float* hidden, const StepInputs& in, float* out, int threads) {
+    const int64_t rows = in.rows, d = d_model_;
+    residual_.assign(hidden, hidden + rows * d);
+    normed_.resize(rows * d);
+    update_.resize(rows * d);
+    qkv_.resize(rows * 3 * d);
+    query_.resize(rows * d);
+    attended_.resize(rows * d);
+    ffn_.resize(rows * d_ff_);
+    const int attention_threads = decode_attention_threads(in.cached_floats, threads);
+    const float* update = nullptr;
+    for (int64_t i = 0; i < num_layers(); ++i) {
+      const Layer& layer = layers_[i];
+      add_norm(residual_.data(), update, layer.attn_norm, normed_.data(), rows);
+      layer.qkv.run(normed_.data(), qkv_.data(), rows, threads);
+      store_kv_rows(qkv_.data() + d, qkv_.data() + 2 * d, 3 * d, in.key_caches[i], in.value_caches[i],
+                    in.bfloat16_cache, in.slots, rows, num_heads_, head_dim_);
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(&query_[r * d], &qkv_[r * 3 * d], d * sizeof(float));
+      const PagedDecode attention{query_.data(), in.key_caches[i], in.value_caches[i], in.bfloat16_cache,
+                                  in.block_tables, in.context_lens, in.distance_bias, attended_.data(), rows,
+                                  num_heads_, head_dim_, in.block_size, in.max_blocks, in.bias_width, in.scale};
+      paged_decode_attention(attention, attention_threads);
+      layer.o.run(attended_.data(), update_.data(), rows, threads);
+      update = update_.data();
+      if (layer.cross_q) {
+        add_norm(residual_.data(), update, *layer.cross_norm, normed_.data(), rows);
+        layer.cross_q->run(normed_.data(), query_.data(), rows, threads);
+        cross_attention(query_.data(), in.cross_keys[i], in.cross_values[i], in, attended_.data());
+        layer.cross_o->run(attended_.data(), update_.data(), rows, threads);
+      }
+      add_norm(residual_.data(), update, layer.ffn_norm, normed_.data(), rows);
+      layer.fc1.run(normed_.data(), ffn_.data(), rows, threads);
+      layer.fc2.run(ffn_.data(), update_.data(), rows, threads);
+    }
+    if (final_norm_) {
+      add_norm(residual_.data(), update, *final_norm_, out, rows);
+    } else {
+      for (int64_t i = 0; i < rows * d; ++i) out[i] = residual_[i] + update[i];
+    }
+  }
+
+  int64_t num_heads_, head_dim_, d_model_, d_ff_ = 0;
+  std::vector<Layer> layers_;
+  std::optional<Norm> final_norm_;
+  std::vector<py::array> held_;  // the weights the layers point into
+  std::mutex mutex_;  // one step at a time: the scratch below is the stack's
+  std::vector<float> residual_, normed_, update_, qkv_, query_, attended_, ffn_, scores_;
+};
+
+}  // namespace
+
+void register_decoder_stack(py::module_& m) {
+  py::class_<DecoderStack>(m, "DecoderStack")
+      .def(py::init<const py::list&, py::object, int64_t, int64_t>(), py::arg("layers"), py::arg("final_norm"),
+           py::arg("num_heads"), py::arg("head_dim"),
+           "layers: one dict per decoder layer: 'attn_norm', 'ffn_norm' (and 'cross_norm') as (weight, bias or None,\n"
+           "eps, rms) of float32 arrays; 'qkv', 'o', 'fc1', 'fc2' (and 'cross_q', 'cross_o') as int8 linears\n"
+           "(weight int8 [out, in], scales float32 [out], weight_sums int32 [out], bias float32 [out] or None, isa,\n"
+           "vnni_weight or None, amx_from_rows (0: never), activation 'none' | 'gelu' | 'relu'), every array read in\n"
+           "place and kept alive by the stack. final_norm: (weight, bias, eps, rms) or None.")
+      .def_property_readonly("num_layers", &DecoderStack::num_layers)
+      .def_property_readonly("has_cross", &DecoderStack::has_cross)
+      .def("decode", &DecoderStack::decode, py::arg("hidden"), py::arg("key_caches"), py::arg("value_caches"),
+           py::arg("slot_mapping"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+           py::arg("distance_bias") = py::none(), py::arg("cross_keys") = py::none(),
+           py::arg("cross_values") = py::none(), py::arg("enc_mask") = py::none(), py::arg("token_seq") = py::none(),
+           py::arg("num_threads") = 1,
+           "One decode step of every layer: hidden float32 [rows, d_model] (the input embeddings, one token per\n"
+           "row) -> the final norm's output [rows, d_model] (or the last residual where there is none). Each layer:\n"
+           "norm, qkv, the row's key and value into slot_mapping's slot of its caches (float32, or int16 holding\n"
+           "bfloat16 bits; [num_blocks, block_size, heads, head_dim], one pair per layer), paged decode attention\n"
+           "over block_tables / context_lens (int32, with the T5 distance_bias [heads, width] where given), o,\n"
+           "then cross-attention over cross_keys / cross_values[layer] [seqs, enc_len, heads, head_dim] of\n"
+           "sequence token_seq[row] (enc_mask [seqs, enc_len] bool) where the layers have it, then the FFN; each\n"
+           "sublayer's output added to the residual stream. Rows are independent of one another.");
+}
+
+}  // namespace vivace

@@ -1,0 +1,126 @@
+"""A stage transformer's decoder layers as one native call per decode step (vivace._C.DecoderStack).
+
+At batch 1 to 16 a decode step's kernels are small, and a layer's Python and its dozen small tensor ops (norms,
+residual adds, reshapes, the cross-attention over the text) cost as much as its int8 linears. Where every linear of
+the layers is an Int8Linear on vivace's own kernels (CPU, float32 activations), the decode steps run every layer in
+C++: the same int8 kernels (amx, vnni or avx2, chosen per layer as in Python), the same KV writes and paged
+attention, norms and cross-attention of its own. Prefills, the embeddings and the output heads stay in Python.
+
+The native norms sum their statistics in float64 where torch sums in float32, so hidden states agree with the
+Python layers to a few float32 ulps, not bit for bit (tests/test_decoder_stack.py bounds the difference); each row
+still depends on its own inputs only, so a request's tokens do not depend on what runs beside it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vivace import _C
+from vivace.kernels.cpu_paged_attention import cache_array
+from vivace.model.quant import NATIVE_ISAS, Int8Linear, native_kernels
+from vivace.model.transformer import AttentionBatch, FeedForward, StageTransformer
+
+ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}  # FeedForward.activation_name -> the stack's name for it
+
+
+def _norm(norm: nn.Module) -> tuple:
+    rms = isinstance(norm, nn.RMSNorm)
+    eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+    bias = None if rms or norm.bias is None else norm.bias.detach().numpy()
+    return norm.weight.detach().numpy(), bias, float(eps), rms
+
+
+def _linear(linear: Int8Linear, activation: str = "none") -> tuple:
+    weight, scales, weight_sums, bias, isa, packed = linear.native_args()
+    return weight, scales, weight_sums, bias, isa, packed, linear.amx_from_rows or 0, activation
+
+
+def _fc1_activation(ffn: FeedForward) -> str:
+    """What fc1's outputs go through: the fused GELU the layer applies itself, or the FFN's own activation."""
+    return ffn.fc1.activation if ffn.activation is None else ACTIVATIONS[ffn.activation_name]
+
+
+def unsupported(model: StageTransformer) -> str | None:
+    """Why the native stack cannot run model's decode steps, or None where it can."""
+    layers = list(model.layers)
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear | Int8Linear)]
+    if not all(isinstance(m, Int8Linear) for m in linears):
+        return "its layers' linears are not int8"
+    if any(m.kernel not in NATIVE_ISAS or m.kernel not in native_kernels() for m in linears):
+        return "its int8 layers do not run vivace's kernels (amx, vnni or avx2)"
+    params = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
+    if any(t.device.type != "cpu" for t in params):
+        return "it is not on the CPU"
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm | nn.RMSNorm)]
+    if any(m.weight is None or m.weight.dtype != torch.float32 for m in norms):
+        return "its norms are not float32 with weights"
+    if model.embed[0].weight.dtype != torch.float32:
+        return "its activations are not float32"
+    if any(layer.ffn.activation is not None and layer.ffn.activation_name not in ACTIVATIONS for layer in layers):
+        return "its FFN activation has no native form"
+    return None
+
+
+class NativeDecoderStack:
+    """Runs StageTransformer.forward's layers for a decode batch (one token per row) in one vivace._C call."""
+
+    def __init__(self, model: StageTransformer) -> None:
+        reason = unsupported(model)
+        if reason is not None:
+            raise ValueError(f"the native decoder stack cannot run this stage: {reason}")
+        layers = []
+        for layer in model.layers:
+            fields = {
+                "attn_norm": _norm(layer.attn_norm), "ffn_norm": _norm(layer.ffn_norm),
+                "qkv": _linear(layer.attn.qkv_proj), "o": _linear(layer.attn.o_proj),
+                "fc1": _linear(layer.ffn.fc1, _fc1_activation(layer.ffn)), "fc2": _linear(layer.ffn.fc2),
+            }
+            if layer.cross_attn is not None:
+                fields.update(cross_norm=_norm(layer.cross_norm), cross_q=_linear(layer.cross_attn.q_proj),
+                              cross_o=_linear(layer.cross_attn.o_proj))
+            layers.append(fields)
+        config = model.config
+        final_norm = None if model.final_norm is None else _norm(model.final_norm)
+        self.stack = _C.DecoderStack(layers, final_norm, config.num_heads, config.head_dim)
+        self.scale = config.head_dim**-0.5
+        self._caches: tuple[list, list, list] | None = None  # (kv_caches, key arrays, value arrays)
+        self._cross: tuple[list, list, list] | None = None  # (CrossBatch.keys, key arrays, value arrays)
+
+    def _cache_arrays(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, list]:
+        if self._caches is None or self._caches[0] is not kv_caches:
+            self._caches = (kv_caches, [cache_array(k) for k, _ in kv_caches], [cache_array(v) for _, v in kv_caches])
+        return self._caches[1], self._caches[2]
+
+    def _cross_arrays(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[list, list]:
+        """The encoder keys and values as C-contiguous float32 arrays, converted once per batch composition (the
+        model runner hands over the same lists while its batch is unchanged)."""
+        if self._cross is None or self._cross[0] is not keys:
+            self._cross = (keys, [k.float().contiguous().numpy() for k in keys],
+                           [v.float().contiguous().numpy() for v in values])
+        return self._cross[1], self._cross[2]
+
+    def __call__(self, hidden: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], batch: AttentionBatch,
+                 distance_bias: torch.Tensor | None) -> torch.Tensor:
+        key_caches, value_caches = self._cache_arrays(kv_caches)
+        cross = batch.cross
+        cross_args = {}
+        if cross is not None:
+            keys, values = self._cross_arrays(cross.keys, cross.values)
+            cross_args = dict(cross_keys=keys, cross_values=values, enc_mask=cross.enc_mask.numpy(),
+                              token_seq=cross.token_seq.to(torch.int64).numpy())
+        out = self.stack.decode(
+            hidden.detach().contiguous().numpy(), key_caches, value_caches, batch.slot_mapping.to(torch.int64).numpy(),
+            batch.block_tables.to(torch.int32).numpy(), batch.context_lens.to(torch.int32).numpy(), self.scale,
+            None if distance_bias is None else distance_bias.float().contiguous().numpy(),
+            num_threads=torch.get_num_threads(), **cross_args,
+        )
+        return torch.from_numpy(out)
+
+
+def use_native_stacks(models: list[StageTransformer]) -> list[bool]:
+    """Gives each model whose layers the native stack runs one (StageTransformer.native_decoder); returns which."""
+    used = []
+    for model in models:
+        model.native_decoder = NativeDecoderStack(model) if unsupported(model) is None else None
+        used.append(model.native_decoder is not None)
+    return used

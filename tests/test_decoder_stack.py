@@ -1,0 +1,166 @@
+"""The native decoder stack (vivace._C.DecoderStack) against the stage transformer's Python layers.
+
+Both run the same int8 kernels, KV writes and paged attention; the stack's norms sum in float64 and its
+cross-attention in its own order, so its hidden states differ from the Python layers' by float32 rounding (seen: at
+most 2.8e-7 of the largest logit), and where that rounding moves an activation across a uint8 quantization step
+(range / 255, about 0.03 for a normed row), by that step times a weight: about 1e-3 of the logits, rare and legitimate.
+So every row stays within FLIP_BOUND and the median row within ROUNDING_BOUND; an indexing, masking or cache error
+is O(1), a wrong norm constant far above 1e-5. Within the stack, rows are independent: the same row gives the same
+bits alone, in any batch, on any thread count.
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from kernel_device import relative_error
+from stage_models import PagedDriver, make_model
+
+from vivace import Engine, VivaceError
+from vivace.model.decoder_stack import NativeDecoderStack, unsupported, use_native_stacks
+from vivace.model.quant import choose_kernels, native_kernels, quantize_stage
+from vivace.model.transformer import AttentionBatch, CrossBatch, StageTransformer
+
+pytestmark = pytest.mark.skipif(not native_kernels(), reason="vivace's int8 kernels need AVX2, AVX-512 VNNI or AMX")
+
+# max |difference| / max |logit| (kernel_device.relative_error)
+ROUNDING_BOUND = 1e-5
+FLIP_BOUND = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def int8_model(position: str, cross: bool, seed: int = 0) -> StageTransformer:
+    model = make_model(position, cross=cross, seed=seed)
+    quantize_stage(model)
+    choose_kernels([model], native_kernels()[0])
+    return model
+
+
+def cross_batch(model: StageTransformer, rows: list[int], tokens: list[int] | None = None) -> CrossBatch:
+    """Encoder states for three sequences of different lengths (the third: every position masked, as guidance's
+    null condition), padded to one length as the model runner pads them; row i's tokens[i] tokens (default one)
+    attend to sequence rows[i] % 3."""
+    generator = torch.Generator().manual_seed(7)
+    encoder = torch.randn(3, 7, model.config.cross_dim, generator=generator)
+    enc_mask = torch.arange(7).unsqueeze(0) < torch.tensor([5, 7, 0]).unsqueeze(1)
+    keys, values = model.encode_cross(encoder)
+    token_seq = torch.tensor([row % 3 for row in rows]).repeat_interleave(torch.tensor(tokens or [1] * len(rows)))
+    return CrossBatch(keys, values, enc_mask, token_seq)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("position,cross", [("t5_relative", False), ("learned", False), ("sinusoidal", True)])
+@torch.inference_mode()
+def test_native_stack_tracks_the_python_layers(position: str, cross: bool, cache_dtype: torch.dtype) -> None:
+    rng = random.Random(3)
+    model = int8_model(position, cross)
+    stack = NativeDecoderStack(model)
+    lengths = [rng.randint(2, 40) for _ in range(5)]
+    seqs = {i: torch.randint(0, 40, (n + 12, model.config.num_codebooks)) for i, n in enumerate(lengths)}
+    drivers = {name: PagedDriver(model, 4, 128, cache_dtype) for name in ("python", "native")}
+    crosses = cross_batch(model, list(seqs), lengths) if cross else None
+    for driver in drivers.values():  # prompts through the Python prefill, in the same pieces
+        driver.run([(i, seqs[i], n) for i, n in enumerate(lengths)], crosses)
+    for step in range(12):
+        live = [i for i in seqs if not (step > 6 and i % 2)]  # rows leave the batch half way
+        crosses = cross_batch(model, live) if cross else None
+        pieces = [(i, seqs[i], 1) for i in live]
+        model.native_decoder = None
+        reference = drivers["python"].run(pieces, crosses)
+        model.native_decoder = stack
+        native = drivers["native"].run(pieces, crosses)
+        errors = [relative_error(native[row], reference[row]) for row in range(len(live))]
+        assert max(errors) <= FLIP_BOUND and sorted(errors)[len(errors) // 2] <= ROUNDING_BOUND
+    python_pool, native_pool = drivers["python"].pool.data.float(), drivers["native"].pool.data.float()
+    written = ~python_pool.isnan()
+    assert torch.equal(written, ~native_pool.isnan()), "the stack must write exactly the slots the Python layers write"
+    assert relative_error(native_pool[written], python_pool[written]) <= FLIP_BOUND
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("position,cross", [("t5_relative", False), ("sinusoidal", True)])
+def test_native_rows_do_not_depend_on_the_batch_or_the_threads(position: str, cross: bool) -> None:
+    model = int8_model(position, cross, seed=2)
+    stack = NativeDecoderStack(model)
+    driver = PagedDriver(model, 4, 64)
+    lengths = [9, 23, 4, 15]
+    seqs = {i: torch.randint(0, 40, (n + 1, model.config.num_codebooks)) for i, n in enumerate(lengths)}
+    prompts = [n + 1 for n in lengths]  # the decoded rows below rewrite each prompt's last slot
+    driver.run([(i, seqs[i], n) for i, n in enumerate(prompts)], cross_batch(model, list(seqs), prompts) if cross else None)
+    hidden = torch.randn(4, model.config.d_model, generator=torch.Generator().manual_seed(1))
+    tables = [driver.tables[i] + [0] * (6 - len(driver.tables[i])) for i in seqs]
+
+    def decode(rows: list[int], threads: int) -> torch.Tensor:
+        # each row's last slot, rewritten with the same key and value on every call
+        slots = [driver.tables[i][n // 4] * 4 + n % 4 for i, n in zip(rows, [lengths[i] for i in rows])]
+        batch = AttentionBatch(
+            slot_mapping=torch.tensor(slots), block_tables=torch.tensor([tables[i] for i in rows], dtype=torch.int32),
+            context_lens=torch.tensor([lengths[i] + 1 for i in rows], dtype=torch.int32),
+            query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32), is_decode=True,
+            cross=cross_batch(model, rows) if cross else None,
+        )
+        torch.set_num_threads(threads)
+        return stack(hidden[rows], driver.pool.layers(), batch, model.distance_bias)
+
+    together = decode([0, 1, 2, 3], 1)
+    assert torch.equal(decode([0, 1, 2, 3], 2), together)
+    for i in range(4):
+        assert torch.equal(decode([i], 1)[0], together[i])
+    assert torch.equal(decode([3, 1], 2), together[[3, 1]])
+
+
+@torch.inference_mode()
+def test_bad_step_inputs_are_refused_in_one_line() -> None:
+    model = int8_model("t5_relative", False)
+    stack = NativeDecoderStack(model).stack
+    driver = PagedDriver(model, 4, 8)
+    caches = driver.pool.layers()
+    keys, values = [k.numpy() for k, _ in caches], [v.numpy() for _, v in caches]
+    hidden = torch.zeros(1, model.config.d_model).numpy()
+    slots, tables, lens = torch.tensor([0]).numpy(), torch.zeros(1, 2, dtype=torch.int32).numpy(), torch.tensor([1], dtype=torch.int32).numpy()
+    cases = {
+        "one cache per layer": dict(key_caches=keys[:1], value_caches=values[:1]),
+        "outside [1, 8]": dict(context_lens=torch.tensor([9], dtype=torch.int32).numpy()),
+        "past the 32-slot cache": dict(slot_mapping=torch.tensor([32]).numpy()),
+        "d_model = 32": dict(hidden=torch.zeros(1, 16).numpy()),
+        "no cross-attention": dict(cross_keys=keys, cross_values=values),
+    }
+    for expected, change in cases.items():
+        args = dict(hidden=hidden, key_caches=keys, value_caches=values, slot_mapping=slots, block_tables=tables,
+                    context_lens=lens, scale=1.0) | change
+        with pytest.raises(ValueError, match=re.escape(expected)) as error:
+            stack.decode(**args)
+        assert "\n" not in str(error.value)
+
+
+def test_only_stages_whose_layers_run_native_int8_kernels_get_a_stack() -> None:
+    float_model = make_model("learned")
+    assert unsupported(float_model) == "its layers' linears are not int8"
+    pack_mm = make_model("learned")
+    quantize_stage(pack_mm)
+    choose_kernels([pack_mm], "pack_mm")
+    assert "do not run vivace's kernels" in unsupported(pack_mm)
+    assert use_native_stacks([float_model, pack_mm, int8_model("learned", False)]) == [False, False, True]
+    native = int8_model("learned", False)
+    use_native_stacks([native])
+    native.to(torch.float32)  # a move may replace the weights the stack reads: it is dropped
+    assert native.native_decoder is None
+
+
+def test_engine_reports_and_switches_native_layers(tiny_pack: Path) -> None:
+    assert set(Engine.from_pack(tiny_pack, quantize="int8").info()["native_layers"].values()) == {True}
+    assert set(Engine.from_pack(tiny_pack, quantize="int8", native_layers=False).info()["native_layers"].values()) == {False}
+    assert set(Engine.from_pack(tiny_pack).info()["native_layers"].values()) == {False}
+    with pytest.raises(VivaceError, match="native_layers"):
+        Engine.from_pack(tiny_pack, quantize="int8", native_layers="yes")
