@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "float32_linear.h"
 #include "gelu.h"
 #include "int8_linear.h"
 #include "kv_store.h"
@@ -58,21 +59,33 @@ struct Norm {
 
 enum class Activation { kNone, kGelu, kRelu };
 
-// One Int8Linear as vivace.model.quant hands it over: its buffers (read in place), its kernel, and from how many
-// rows on it runs the amx kernel instead (the same bits).
+// One linear layer as vivace.model.decoder_stack hands it over: an Int8Linear (its buffers, read in place, its kernel,
+// and from how many rows on it runs the amx kernel instead: the same bits) or a float32 nn.Linear.
 struct Linear {
-  Int8Linear problem{};  // x, out and rows filled per call
+  Int8Linear int8{};  // x, out and rows filled per call
   std::string isa;
   int64_t amx_from_rows = 0;  // 0: never
+  std::optional<Float32Linear> float32;  // set for a float32 layer (then int8 is unused)
   Activation activation = Activation::kNone;
 
+  int64_t in_features() const { return float32 ? float32->in_features : int8.in_features; }
+  int64_t out_features() const { return float32 ? float32->out_features : int8.out_features; }
+
   void run(const float* x, float* out, int64_t rows, int threads) const {
-    Int8Linear call = problem;
-    call.x = x;
-    call.out = out;
-    call.rows = rows;
-    int8_linear(call, threads, amx_from_rows > 0 && rows >= amx_from_rows ? std::string("amx_int8") : isa);
-    const int64_t n = rows * problem.out_features;
+    if (float32) {
+      Float32Linear call = *float32;
+      call.x = x;
+      call.out = out;
+      call.rows = rows;
+      float32_linear(call, threads);
+    } else {
+      Int8Linear call = int8;
+      call.x = x;
+      call.out = out;
+      call.rows = rows;
+      int8_linear(call, threads, amx_from_rows > 0 && rows >= amx_from_rows ? std::string("amx_int8") : isa);
+    }
+    const int64_t n = rows * out_features();
     if (activation == Activation::kGelu) gelu_inplace(out, n);
     if (activation == Activation::kRelu)
       for (int64_t i = 0; i < n; ++i) out[i] = std::max(out[i], 0.0f);
@@ -119,7 +132,7 @@ class DecoderStack {
     for (const Layer& layer : layers_)
       if (layer.cross_q.has_value() != cross)
         throw py::value_error("either every layer or none has cross-attention");
-    d_ff_ = layers_.front().fc1.problem.out_features;
+    d_ff_ = layers_.front().fc1.out_features();
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -187,15 +200,33 @@ class DecoderStack {
     return norm;
   }
 
+  static Activation parse_activation(py::handle object, const std::string& name) {
+    const auto activation = object.cast<std::string>();
+    if (activation == "gelu") return Activation::kGelu;
+    if (activation == "relu") return Activation::kRelu;
+    if (activation != "none")
+      throw py::value_error(name + " activation must be 'none', 'gelu' or 'relu', got '" + activation + "'");
+    return Activation::kNone;
+  }
+
   Linear parse_linear(py::handle object, const std::string& name) {
     const auto fields = object.cast<py::tuple>();
-    if (fields.size() != 8)
-      throw py::value_error(name + " must be (weight, scales, weight_sums, bias, isa, vnni_weight, amx_from_rows, "
-                                   "activation)");
     Linear linear;
+    if (fields.size() == 3) {  // float32
+      const auto weight = typed_array<float>(fields[0], (name + ".weight").c_str(), "float32", 2, false);
+      held_.push_back(weight);
+      Float32Linear p{nullptr, weight.data(), nullptr, nullptr, 0, weight.shape(1), weight.shape(0)};
+      if (!fields[1].is_none()) p.bias = keep_array<float>(fields[1], name + ".bias", "float32", 1, p.out_features);
+      linear.float32 = p;
+      linear.activation = parse_activation(fields[2], name);
+      return linear;
+    }
+    if (fields.size() != 8)
+      throw py::value_error(name + " must be (weight, bias, activation) for a float32 layer or (weight, scales, "
+                                   "weight_sums, bias, isa, vnni_weight, amx_from_rows, activation) for an int8 one");
     const auto weight = typed_array<int8_t>(fields[0], (name + ".weight").c_str(), "int8", 2, false);
     held_.push_back(weight);
-    Int8Linear& p = linear.problem;
+    Int8Linear& p = linear.int8;
     p.weight = weight.data();
     p.out_features = weight.shape(0);
     p.in_features = weight.shape(1);
@@ -211,14 +242,7 @@ class DecoderStack {
       p.vnni_weight = packed.data();
     }
     linear.amx_from_rows = fields[6].cast<int64_t>();
-    const auto activation = fields[7].cast<std::string>();
-    if (activation == "gelu") {
-      linear.activation = Activation::kGelu;
-    } else if (activation == "relu") {
-      linear.activation = Activation::kRelu;
-    } else if (activation != "none") {
-      throw py::value_error(name + " activation must be 'none', 'gelu' or 'relu', got '" + activation + "'");
-    }
+    linear.activation = parse_activation(fields[7], name);
     return linear;
   }
 
@@ -231,9 +255,9 @@ class DecoderStack {
     const auto linear = [&](const char* key, int64_t in, int64_t out) {
       if (!fields.contains(key)) throw py::value_error(prefix + key + " is missing");
       Linear l = parse_linear(fields[key], prefix + key);
-      if (l.problem.in_features != in || (out > 0 && l.problem.out_features != out))
-        throw py::value_error(prefix + key + " is [" + std::to_string(l.problem.out_features) + ", " +
-                              std::to_string(l.problem.in_features) + "], expected " +
+      if (l.in_features() != in || (out > 0 && l.out_features() != out))
+        throw py::value_error(prefix + key + " is [" + std::to_string(l.out_features()) + ", " +
+                              std::to_string(l.in_features()) + "], expected " +
                               (out > 0 ? "[" + std::to_string(out) + ", " : "[any, ") + std::to_string(in) + "]");
       return l;
     };
@@ -248,8 +272,8 @@ class DecoderStack {
     }
     layer.ffn_norm = norm("ffn_norm");
     layer.fc1 = linear("fc1", d_model_, 0);
-    layer.fc2 = linear("fc2", layer.fc1.problem.out_features, d_model_);
-    if (index > 0 && layer.fc1.problem.out_features != layers_.front().fc1.problem.out_features)
+    layer.fc2 = linear("fc2", layer.fc1.out_features(), d_model_);
+    if (index > 0 && layer.fc1.out_features() != layers_.front().fc1.out_features())
       throw py::value_error(prefix + "fc1 must have the first layer's d_ff outputs");
     return layer;
   }
@@ -449,10 +473,11 @@ void register_decoder_stack(py::module_& m) {
       .def(py::init<const py::list&, py::object, int64_t, int64_t>(), py::arg("layers"), py::arg("final_norm"),
            py::arg("num_heads"), py::arg("head_dim"),
            "layers: one dict per decoder layer: 'attn_norm', 'ffn_norm' (and 'cross_norm') as (weight, bias or None,\n"
-           "eps, rms) of float32 arrays; 'qkv', 'o', 'fc1', 'fc2' (and 'cross_q', 'cross_o') as int8 linears\n"
-           "(weight int8 [out, in], scales float32 [out], weight_sums int32 [out], bias float32 [out] or None, isa,\n"
-           "vnni_weight or None, amx_from_rows (0: never), activation 'none' | 'gelu' | 'relu'), every array read in\n"
-           "place and kept alive by the stack. final_norm: (weight, bias, eps, rms) or None.")
+           "eps, rms) of float32 arrays; 'qkv', 'o', 'fc1', 'fc2' (and 'cross_q', 'cross_o') as float32 linears\n"
+           "(weight float32 [out, in], bias float32 [out] or None, activation) or int8 ones (weight int8 [out, in],\n"
+           "scales float32 [out], weight_sums int32 [out], bias or None, isa, vnni_weight or None, amx_from_rows\n"
+           "(0: never), activation), activation 'none' | 'gelu' | 'relu'; every array read in place and kept alive\n"
+           "by the stack. final_norm: (weight, bias, eps, rms) or None.")
       .def_property_readonly("num_layers", &DecoderStack::num_layers)
       .def_property_readonly("has_cross", &DecoderStack::has_cross)
       .def("decode", &DecoderStack::decode, py::arg("hidden"), py::arg("key_caches"), py::arg("value_caches"),

@@ -174,10 +174,10 @@ class Engine:
         bytes every decode step reads and the memory per cached token (the C++ attention kernel widens them as it
         reads); tokens then differ from float32 caches' as any rounding does, and stay the same whatever else runs.
         A kv_cache_dtype other than dtype runs on the CPU only.
-        native_layers: where every linear of a stage's layers is int8 on vivace's own kernels (quantize="int8" on
-        the CPU with float32 activations), its decode steps run all the layers in one native call
-        (vivace.model.decoder_stack; hidden states agree with the Python layers to a few float32 ulps); False keeps
-        the layers in Python.
+        native_layers: on the CPU with float32 activations, where every linear of a stage's layers runs a native
+        kernel (int8 on vivace's own kernels with quantize="int8"; float32 on a CPU with AVX-512), its decode steps
+        run all the layers in one native call (vivace.model.decoder_stack; hidden states agree with the Python
+        layers to a few float32 ulps); False keeps the layers in Python.
         adaptive_threads: between steps, run on torch's thread count or on one, whichever measures faster
         (vivace.threads.ThreadGovernor: for hosts shared with other work; tokens are unchanged, audio may differ in
         its last bits between the two counts). It sets the process's thread count: one such engine per process.
@@ -211,8 +211,8 @@ class Engine:
                 quantize_stage(model)
             if torch_device.type == "cpu":
                 int8_kernels = choose_kernels(models, int8_kernel, activations=DTYPES[dtype], native_only=native_layers)
-                if native_layers:
-                    use_native_stacks(models)
+        if native_layers and torch_device.type == "cpu":
+            use_native_stacks(models)
         plan = plan_linears(models, linear_products)
         governor = ThreadGovernor(torch.get_num_threads()) if adaptive_threads else None
         return cls(

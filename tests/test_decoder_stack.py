@@ -6,7 +6,8 @@ most 2.8e-7 of the largest logit), and where that rounding moves an activation a
 (range / 255, about 0.03 for a normed row), by that step times a weight: about 1e-3 of the logits, rare and legitimate.
 So every row stays within FLIP_BOUND and the median row within ROUNDING_BOUND; an indexing, masking or cache error
 is O(1), a wrong norm constant far above 1e-5. Within the stack, rows are independent: the same row gives the same
-bits alone, in any batch, on any thread count.
+bits alone, in any batch, on any thread count. The stack's float32 linear (vivace._C.float32_linear) is checked
+against a float64 product here too.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from kernel_device import relative_error
 from stage_models import PagedDriver, make_model
 
-from vivace import Engine, VivaceError
+from vivace import Engine, VivaceError, _C
 from vivace.model.decoder_stack import NativeDecoderStack, unsupported, use_native_stacks
 from vivace.model.quant import choose_kernels, native_kernels, quantize_stage
 from vivace.model.transformer import AttentionBatch, CrossBatch, StageTransformer
@@ -47,6 +48,15 @@ def int8_model(position: str, cross: bool, seed: int = 0) -> StageTransformer:
     return model
 
 
+def stage_model(weights: str, position: str, cross: bool, seed: int = 0) -> StageTransformer:
+    return int8_model(position, cross, seed) if weights == "int8" else make_model(position, cross=cross, seed=seed)
+
+
+# float32 layers run natively only where float32_linear has its AVX-512 form (elsewhere F.linear is faster)
+WEIGHTS = ["int8", pytest.param("float32", marks=pytest.mark.skipif(
+    not _C.float32_linear_fast(), reason="the native float32 linear's fast form needs AVX-512"))]
+
+
 def cross_batch(model: StageTransformer, rows: list[int], tokens: list[int] | None = None) -> CrossBatch:
     """Encoder states for three sequences of different lengths (the third: every position masked, as guidance's
     null condition), padded to one length as the model runner pads them; row i's tokens[i] tokens (default one)
@@ -59,12 +69,14 @@ def cross_batch(model: StageTransformer, rows: list[int], tokens: list[int] | No
     return CrossBatch(keys, values, enc_mask, token_seq)
 
 
+@pytest.mark.parametrize("weights", WEIGHTS)
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("position,cross", [("t5_relative", False), ("learned", False), ("sinusoidal", True)])
 @torch.inference_mode()
-def test_native_stack_tracks_the_python_layers(position: str, cross: bool, cache_dtype: torch.dtype) -> None:
+def test_native_stack_tracks_the_python_layers(position: str, cross: bool, cache_dtype: torch.dtype, weights: str) -> None:
+    """float32 layers have no activation steps to cross: every row within ROUNDING_BOUND."""
     rng = random.Random(3)
-    model = int8_model(position, cross)
+    model = stage_model(weights, position, cross)
     stack = NativeDecoderStack(model)
     lengths = [rng.randint(2, 40) for _ in range(5)]
     seqs = {i: torch.randint(0, 40, (n + 12, model.config.num_codebooks)) for i, n in enumerate(lengths)}
@@ -81,7 +93,8 @@ def test_native_stack_tracks_the_python_layers(position: str, cross: bool, cache
         model.native_decoder = stack
         native = drivers["native"].run(pieces, crosses)
         errors = [relative_error(native[row], reference[row]) for row in range(len(live))]
-        assert max(errors) <= FLIP_BOUND and sorted(errors)[len(errors) // 2] <= ROUNDING_BOUND
+        assert max(errors) <= (FLIP_BOUND if weights == "int8" else ROUNDING_BOUND)
+        assert sorted(errors)[len(errors) // 2] <= ROUNDING_BOUND
     python_pool, native_pool = drivers["python"].pool.data.float(), drivers["native"].pool.data.float()
     written = ~python_pool.isnan()
     assert torch.equal(written, ~native_pool.isnan()), "the stack must write exactly the slots the Python layers write"
@@ -89,9 +102,10 @@ def test_native_stack_tracks_the_python_layers(position: str, cross: bool, cache
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("weights", WEIGHTS)
 @pytest.mark.parametrize("position,cross", [("t5_relative", False), ("sinusoidal", True)])
-def test_native_rows_do_not_depend_on_the_batch_or_the_threads(position: str, cross: bool) -> None:
-    model = int8_model(position, cross, seed=2)
+def test_native_rows_do_not_depend_on_the_batch_or_the_threads(position: str, cross: bool, weights: str) -> None:
+    model = stage_model(weights, position, cross, seed=2)
     stack = NativeDecoderStack(model)
     driver = PagedDriver(model, 4, 64)
     lengths = [9, 23, 4, 15]
@@ -144,14 +158,15 @@ def test_bad_step_inputs_are_refused_in_one_line() -> None:
         assert "\n" not in str(error.value)
 
 
-def test_only_stages_whose_layers_run_native_int8_kernels_get_a_stack() -> None:
+def test_only_stages_whose_layers_run_native_kernels_get_a_stack() -> None:
     float_model = make_model("learned")
-    assert unsupported(float_model) == "its layers' linears are not int8"
+    assert (unsupported(float_model) is None) == _C.float32_linear_fast()
     pack_mm = make_model("learned")
     quantize_stage(pack_mm)
     choose_kernels([pack_mm], "pack_mm")
-    assert "do not run vivace's kernels" in unsupported(pack_mm)
-    assert use_native_stacks([float_model, pack_mm, int8_model("learned", False)]) == [False, False, True]
+    assert "neither int8 on vivace's kernels" in unsupported(pack_mm)
+    fast = _C.float32_linear_fast()
+    assert use_native_stacks([float_model, pack_mm, int8_model("learned", False)]) == [fast, False, True]
     native = int8_model("learned", False)
     use_native_stacks([native])
     native.to(torch.float32)  # a move may replace the weights the stack reads: it is dropped
@@ -161,6 +176,40 @@ def test_only_stages_whose_layers_run_native_int8_kernels_get_a_stack() -> None:
 def test_engine_reports_and_switches_native_layers(tiny_pack: Path) -> None:
     assert set(Engine.from_pack(tiny_pack, quantize="int8").info()["native_layers"].values()) == {True}
     assert set(Engine.from_pack(tiny_pack, quantize="int8", native_layers=False).info()["native_layers"].values()) == {False}
-    assert set(Engine.from_pack(tiny_pack).info()["native_layers"].values()) == {False}
+    assert set(Engine.from_pack(tiny_pack).info()["native_layers"].values()) == {_C.float32_linear_fast()}
+    assert set(Engine.from_pack(tiny_pack, dtype="bfloat16").info()["native_layers"].values()) == {False}
     with pytest.raises(VivaceError, match="native_layers"):
         Engine.from_pack(tiny_pack, quantize="int8", native_layers="yes")
+
+
+@pytest.mark.parametrize("rows,in_features,out_features,bias", [(1, 1024, 4096, False), (2, 4096, 1024, True),
+                                                                 (7, 37, 13, True), (16, 64, 96, False)])
+def test_float32_linear_is_a_float32_product_and_the_same_bits_for_any_batch(
+    rows: int, in_features: int, out_features: int, bias: bool,
+) -> None:
+    """Within 1e-6 of the float64 product, relative to its largest output (seen 2.5e-7; F.linear 3.7e-7): float32
+    sums over up to 4096 products."""
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    b = torch.randn(out_features, generator=generator) if bias else None
+    out = torch.from_numpy(_C.float32_linear(x.numpy(), weight.numpy(), None if b is None else b.numpy(), 2))
+    reference = x.double() @ weight.double().T + (0 if b is None else b.double())
+    assert relative_error(out, reference) <= 1e-6
+    for r in range(rows):
+        alone = _C.float32_linear(x[r:r + 1].numpy(), weight.numpy(), None if b is None else b.numpy(), 1)
+        assert torch.equal(torch.from_numpy(alone)[0], out[r])
+
+
+def test_float32_linear_refuses_bad_arguments_in_one_line() -> None:
+    x, weight = torch.zeros(2, 8).numpy(), torch.zeros(4, 8).numpy()
+    cases = {
+        "weight (4, 6) must have 8 columns": dict(weight=torch.zeros(4, 6).numpy()),
+        "bias (3,) must have one value per weight row (4)": dict(bias=torch.zeros(3).numpy()),
+        "x must have dtype float32": dict(x=torch.zeros(2, 8, dtype=torch.float64).numpy()),
+        "num_threads must be >= 1": dict(num_threads=0),
+    }
+    for expected, change in cases.items():
+        with pytest.raises(ValueError, match=re.escape(expected)) as error:
+            _C.float32_linear(**(dict(x=x, weight=weight) | change))
+        assert "\n" not in str(error.value)

@@ -1,14 +1,16 @@
 """A stage transformer's decoder layers as one native call per decode step (vivace._C.DecoderStack).
 
 At batch 1 to 16 a decode step's kernels are small, and a layer's Python and its dozen small tensor ops (norms,
-residual adds, reshapes, the cross-attention over the text) cost as much as its int8 linears. Where every linear of
-the layers is an Int8Linear on vivace's own kernels (CPU, float32 activations), the decode steps run every layer in
-C++: the same int8 kernels (amx, vnni or avx2, chosen per layer as in Python), the same KV writes and paged
-attention, norms and cross-attention of its own. Prefills, the embeddings and the output heads stay in Python.
+residual adds, reshapes, the cross-attention over the text) cost as much as its linears. Where every linear of the
+layers runs a native kernel (CPU, float32 activations: an Int8Linear on vivace's int8 kernels, amx, vnni or avx2,
+chosen per layer as in Python; or a float32 nn.Linear where vivace._C.float32_linear runs its AVX-512 form), the
+decode steps run every layer in C++: those linears, the same KV writes and paged attention, norms, GELU and
+cross-attention of its own. Prefills, the embeddings and the output heads stay in Python.
 
-The native norms sum their statistics in float64 where torch sums in float32, so hidden states agree with the
-Python layers to a few float32 ulps, not bit for bit (tests/test_decoder_stack.py bounds the difference); each row
-still depends on its own inputs only, so a request's tokens do not depend on what runs beside it.
+The native norms sum their statistics in float64 where torch sums in float32, and float32 linears sum in their own
+fixed order, so hidden states agree with the Python layers to a few float32 ulps, not bit for bit
+(tests/test_decoder_stack.py bounds the difference); each row still depends on its own inputs only, so a request's
+tokens do not depend on what runs beside it.
 """
 from __future__ import annotations
 
@@ -30,9 +32,18 @@ def _norm(norm: nn.Module) -> tuple:
     return norm.weight.detach().numpy(), bias, float(eps), rms
 
 
-def _linear(linear: Int8Linear, activation: str = "none") -> tuple:
-    weight, scales, weight_sums, bias, isa, packed = linear.native_args()
-    return weight, scales, weight_sums, bias, isa, packed, linear.amx_from_rows or 0, activation
+def _linear(linear: nn.Module, activation: str = "none") -> tuple:
+    if isinstance(linear, Int8Linear):
+        weight, scales, weight_sums, bias, isa, packed = linear.native_args()
+        return weight, scales, weight_sums, bias, isa, packed, linear.amx_from_rows or 0, activation
+    bias = None if linear.bias is None else linear.bias.detach().numpy()
+    return linear.weight.detach().numpy(), bias, activation
+
+
+def _native_linear(linear: nn.Module) -> bool:
+    if isinstance(linear, Int8Linear):
+        return linear.kernel in NATIVE_ISAS and linear.kernel in native_kernels()
+    return linear.weight.dtype == torch.float32 and _C.float32_linear_fast()
 
 
 def _fc1_activation(ffn: FeedForward) -> str:
@@ -44,10 +55,9 @@ def unsupported(model: StageTransformer) -> str | None:
     """Why the native stack cannot run model's decode steps, or None where it can."""
     layers = list(model.layers)
     linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear | Int8Linear)]
-    if not all(isinstance(m, Int8Linear) for m in linears):
-        return "its layers' linears are not int8"
-    if any(m.kernel not in NATIVE_ISAS or m.kernel not in native_kernels() for m in linears):
-        return "its int8 layers do not run vivace's kernels (amx, vnni or avx2)"
+    if not all(_native_linear(m) for m in linears):
+        return ("its linears are neither int8 on vivace's kernels (amx, vnni or avx2) nor float32 on a CPU with "
+                "AVX-512")
     params = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
     if any(t.device.type != "cpu" for t in params):
         return "it is not on the CPU"
