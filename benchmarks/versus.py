@@ -4,10 +4,10 @@ The MusicGen-small-shaped random checkpoint of the musicgen suite (built and con
 prompt, seed 0, top-k 250, temperature 1, guidance 3.0, batch 1, clips of 2 s (--quick: 0.2 s) and 10 s. Every round
 runs every engine once, in the same order, after one untimed warm-up generation each; a figure is the median over
 the rounds (3; --quick 1). Engines: transformers float32 (MusicgenForConditionalGeneration.generate), and vivace in
-float32 with each linear product plan (vivace.model.linear_plan: "linear" = F.linear everywhere, "matmul" = W x^T
-for 2-64 rows, "auto" = measured on this machine), bfloat16 and int8 (its kernels chosen by measurement with the
-decode steps' layers in one native call, the same with the layers run from Python, and torch's int8 pack mm alone).
-The machine record names the CPU model and its flags, torch's and transformers' versions.
+float32 and int8 (its kernels chosen by measurement), each with the decode steps' layers in one native call
+(vivace.model.decoder_stack; float32 natively where the CPU has AVX-512) and with the layers run from Python (float32
+on the linear plan measured on this machine, vivace.model.linear_plan), bfloat16, and int8 on torch's int8 pack mm
+alone. The machine record names the CPU model and its flags, torch's and transformers' versions.
 """
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ from benchmarks.musicgen_suite import GUIDANCE, PROMPTS, TOP_K, WARMUP_STEPS, en
 from vivace import Engine
 
 VIVACE = {  # name: Engine.from_pack options
-    "vivace float32, linear": {"linear_products": "linear"},
-    "vivace float32, matmul": {"linear_products": "matmul"},
-    "vivace float32, auto": {"linear_products": "auto"},
+    "vivace float32": {},  # the decode steps' layers in one native call each (on a CPU with AVX-512)
+    "vivace float32, Python layers": {"native_layers": False},  # linear plan measured here (vivace.model.linear_plan)
     "vivace bfloat16": {"dtype": "bfloat16"},
     "vivace int8": {"quantize": "int8"},  # each layer shape on the faster kernel measured here (vivace.model.quant)
     "vivace int8, Python layers": {"quantize": "int8", "native_layers": False},  # the same kernels, no native stack
@@ -75,10 +74,11 @@ def run(options: Options) -> dict[str, Any]:
     engines = {name: Engine.from_pack(pack, **kwargs) for name, kwargs in VIVACE.items()}
     calls = {"transformers float32": lambda s: transformers_generate(model, s)}
     calls.update({name: (lambda s, e=engine: vivace_generate(e, s)) for name, engine in engines.items()})
-    warmup = WARMUP_STEPS / engines["vivace float32, linear"].config.frame_rate
+    warmup = WARMUP_STEPS / engines["vivace float32"].config.frame_rate
     for call in calls.values():
         call(warmup)
-    results: dict[str, Any] = {"linear_plan": engines["vivace float32, auto"].info()["linear_matmul_rows"],
+    results: dict[str, Any] = {"linear_plan": engines["vivace float32, Python layers"].info()["linear_matmul_rows"],
+                               "native_layers": engines["vivace float32"].info()["native_layers"],
                                "int8_kernels": engines["vivace int8"].info()["int8_kernels"]}
     rows = []
     for seconds in durations:

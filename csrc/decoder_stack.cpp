@@ -400,7 +400,7 @@ class DecoderStack {
         float total = 0.0f;
         for (int64_t e = 0; e < len; ++e) total += scores_[e] = std::exp(scores_[e] - top);
         float* o = out + (r * heads + h) * dim;
-        std::fill(o, o + dim, 0.0f);
+        std::fill(o, o + dim, 0.0f);  // and so it stays where there is no encoder state (as torch's empty softmax)
         for (int64_t e = 0; e < len; ++e) {
           const float weight = scores_[e] / total;
           const float* v = values + ((s * len + e) * heads + h) * dim;
