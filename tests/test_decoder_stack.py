@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from kernel_device import relative_error
+from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture: tiny models, one thread
 from stage_models import PagedDriver, make_model
 
 from vivace import Engine, VivaceError, _C
@@ -31,14 +31,6 @@ pytestmark = pytest.mark.skipif(not native_kernels(), reason="vivace's int8 kern
 # max |difference| / max |logit| (kernel_device.relative_error)
 ROUNDING_BOUND = 1e-5
 FLIP_BOUND = 1e-2
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def int8_model(position: str, cross: bool, seed: int = 0) -> StageTransformer:
