@@ -177,7 +177,7 @@ class Engine:
         native_layers: on the CPU with float32 activations, where every linear of a stage's layers runs a native
         kernel (int8 on vivace's own kernels with quantize="int8"; float32 on a CPU with AVX-512), its decode steps
         run all the layers in one native call (vivace.model.decoder_stack; hidden states agree with the Python
-        layers to a few float32 ulps); False keeps the layers in Python.
+        layers to float32 rounding, tokens stay independent of the batch); False keeps the layers in Python.
         adaptive_threads: between steps, run on torch's thread count or on one, whichever measures faster
         (vivace.threads.ThreadGovernor: for hosts shared with other work; tokens are unchanged, audio may differ in
         its last bits between the two counts). It sets the process's thread count: one such engine per process.

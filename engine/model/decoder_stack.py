@@ -1,15 +1,17 @@
 """A stage transformer's decoder layers as one native call per decode step (vivace._C.DecoderStack).
 
-At batch 1 to 16 a decode step's kernels are small, and a layer's Python and its dozen small tensor ops (norms,
-residual adds, reshapes, the cross-attention over the text) cost as much as its linears. Where every linear of the
+At small batches a decode step's kernels are short, so a layer's Python and its dozen small tensor ops (norms,
+residual adds, reshapes, the cross-attention over the text) weigh beside its linears (docs/performance.md, "The
+native decoder stack", has the measurements). Where every linear of the
 layers runs a native kernel (CPU, float32 activations: an Int8Linear on vivace's int8 kernels, amx, vnni or avx2,
 chosen per layer as in Python; or a float32 nn.Linear where vivace._C.float32_linear runs its AVX-512 form), the
 decode steps run every layer in C++: those linears, the same KV writes and paged attention, norms, GELU and
 cross-attention of its own. Prefills, the embeddings and the output heads stay in Python.
 
 The native norms sum their statistics in float64 where torch sums in float32, and float32 linears sum in their own
-fixed order, so hidden states agree with the Python layers to a few float32 ulps, not bit for bit
-(tests/test_decoder_stack.py bounds the difference); each row still depends on its own inputs only, so a request's
+fixed order, so hidden states agree with the Python layers to float32 rounding, not bit for bit (in int8 layers,
+where that rounding moves an activation across a quantization step, by that step; tests/test_decoder_stack.py bounds
+both); each row still depends on its own inputs only, so a request's
 tokens do not depend on what runs beside it.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from vivace.kernels.cpu_paged_attention import cache_array
 from vivace.model.quant import NATIVE_ISAS, Int8Linear, native_kernels
 from vivace.model.transformer import AttentionBatch, FeedForward, StageTransformer
 
-ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}  # FeedForward.activation_name -> the stack's name for it
+NATIVE_ACTIVATIONS = ("gelu", "relu")  # the FFN activations the stack applies (by FeedForward.activation_name)
 
 
 def _norm(norm: nn.Module) -> tuple:
@@ -48,7 +50,7 @@ def _native_linear(linear: nn.Module) -> bool:
 
 def _fc1_activation(ffn: FeedForward) -> str:
     """What fc1's outputs go through: the fused GELU the layer applies itself, or the FFN's own activation."""
-    return ffn.fc1.activation if ffn.activation is None else ACTIVATIONS[ffn.activation_name]
+    return ffn.fc1.activation if ffn.activation is None else ffn.activation_name
 
 
 def unsupported(model: StageTransformer) -> str | None:
@@ -66,7 +68,7 @@ def unsupported(model: StageTransformer) -> str | None:
         return "its norms are not float32 with weights"
     if model.embed[0].weight.dtype != torch.float32:
         return "its activations are not float32"
-    if any(layer.ffn.activation is not None and layer.ffn.activation_name not in ACTIVATIONS for layer in layers):
+    if any(layer.ffn.activation is not None and layer.ffn.activation_name not in NATIVE_ACTIVATIONS for layer in layers):
         return "its FFN activation has no native form"
     return None
 
