@@ -164,12 +164,8 @@ class DecoderStack {
     in.max_blocks = tables.shape(1);
     in.context_lens = lens.data();
     check_rows(in);
-    py::array_t<float, py::array::c_style> bias;
+    const auto bias = distance_bias_argument(bias_object, num_heads_);
     if (!bias_object.is_none()) {
-      bias = typed_array<float>(bias_object, "distance_bias", "float32", 2, true);
-      if (bias.shape(0) != num_heads_ || bias.shape(1) == 0)
-        throw py::value_error("distance_bias " + shape_of(bias) + " must be [" + std::to_string(num_heads_) +
-                              ", max_distance + 1]");
       in.distance_bias = bias.data();
       in.bias_width = bias.shape(1);
     }

@@ -121,16 +121,8 @@ py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::obj
   const auto x = typed_array<float>(x_object, "x", "float32", 2, true);
   const auto weight = typed_array<float>(weight_object, "weight", "float32", 2, false);
   const int64_t rows = x.shape(0), in = x.shape(1), out_features = weight.shape(0);
-  if (weight.shape(1) != in)
-    throw py::value_error("weight " + shape_of(weight) + " must have " + std::to_string(in) +
-                          " columns, one per column of x " + shape_of(x));
-  py::array_t<float, py::array::c_style> bias;
-  if (!bias_object.is_none()) {
-    bias = typed_array<float>(bias_object, "bias", "float32", 1, true);
-    if (bias.shape(0) != out_features)
-      throw py::value_error("bias " + shape_of(bias) + " must have one value per weight row (" +
-                            std::to_string(out_features) + ")");
-  }
+  check_weight_columns(weight, x);
+  const auto bias = optional_bias(bias_object, out_features);
   py::array_t<float> out({rows, out_features});
   const Float32Linear problem{x.data(), weight.data(), bias_object.is_none() ? nullptr : bias.data(),
                               out.mutable_data(), rows, in, out_features};

@@ -32,4 +32,27 @@ py::array_t<T, py::array::c_style> typed_array(py::handle object, const char* na
   return py::array_t<T, py::array::c_style>::ensure(array);
 }
 
+// A linear layer's weight [out, in] must have one column per column of x [rows, in].
+inline void check_weight_columns(const py::array& weight, const py::array& x) {
+  if (weight.shape(1) != x.shape(1))
+    throw py::value_error("weight " + shape_of(weight) + " must have " + std::to_string(x.shape(1)) +
+                          " columns, one per column of x " + shape_of(x));
+}
+
+// Per-channel arrays (scales, sums, bias) hold one value per weight row.
+inline void check_per_channel(const py::array& array, const char* name, int64_t out_features) {
+  if (array.shape(0) != out_features)
+    throw py::value_error(std::string(name) + " " + shape_of(array) + " must have one value per weight row (" +
+                          std::to_string(out_features) + ")");
+}
+
+// An optional float32 [out_features] bias: an empty array where object is None (callers pass nullptr for it then).
+inline py::array_t<float, py::array::c_style> optional_bias(const py::object& object, int64_t out_features) {
+  py::array_t<float, py::array::c_style> bias;
+  if (object.is_none()) return bias;
+  bias = typed_array<float>(object, "bias", "float32", 1, true);
+  check_per_channel(bias, "bias", out_features);
+  return bias;
+}
+
 }  // namespace vivace

@@ -442,13 +442,7 @@ py::array_t<float> decode(py::handle query_object, py::handle key_object, py::ha
     }
     floats += 2 * length * num_heads * head_dim;
   }
-  py::array_t<float, py::array::c_style> bias;
-  if (!bias_object.is_none()) {
-    bias = typed_array<float>(bias_object, "distance_bias", "float32", 2, true);
-    if (bias.shape(0) != num_heads || bias.shape(1) == 0)
-      throw py::value_error("distance_bias " + shape_of(bias) + " must be [" + std::to_string(num_heads) +
-                            ", max_distance + 1]");
-  }
+  const auto bias = distance_bias_argument(bias_object, num_heads);
 
   if (isa_name == "avx512" && !avx512_attention_supported(head_dim))
     throw py::value_error("isa \"avx512\" needs a CPU with AVX-512F and head_dim 32, 64 or 128 (head_dim " +
@@ -503,6 +497,16 @@ void paged_decode_attention(const PagedDecode& problem, int threads, AttentionIs
     }
   });
   if (out_of_memory) throw std::bad_alloc();
+}
+
+py::array_t<float, py::array::c_style> distance_bias_argument(const py::object& object, int64_t num_heads) {
+  py::array_t<float, py::array::c_style> bias;
+  if (object.is_none()) return bias;
+  bias = typed_array<float>(object, "distance_bias", "float32", 2, true);
+  if (bias.shape(0) != num_heads || bias.shape(1) == 0)
+    throw py::value_error("distance_bias " + shape_of(bias) + " must be [" + std::to_string(num_heads) +
+                          ", max_distance + 1]");
+  return bias;
 }
 
 void register_paged_attention(py::module_& m) {

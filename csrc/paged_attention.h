@@ -1,4 +1,5 @@
 #pragma once
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -34,6 +35,10 @@ int decode_attention_threads(int64_t floats, int wanted);
 // the batch or `threads`. Lengths and block ids are not checked here (the binding checks them). Throws
 // std::bad_alloc if its scratch cannot grow.
 void paged_decode_attention(const PagedDecode& problem, int threads, AttentionIsa isa = AttentionIsa::kAuto);
+
+// The optional T5 distance_bias argument, float32 [num_heads, max_distance + 1], checked (empty where None).
+pybind11::array_t<float, pybind11::array::c_style> distance_bias_argument(const pybind11::object& object,
+                                                                          int64_t num_heads);
 
 // _C.paged_decode_attention.
 void register_paged_attention(pybind11::module_& m);
