@@ -3,7 +3,8 @@
 Bandwidth, measured here:
 - copy: dst.copy_(src) of a large float32 tensor, bytes read + bytes written per second;
 - GEMV: y = x W^T over a chain of [4096, 1024] / [1024, 4096] weights far larger than the caches, weight bytes
-  per second, in float32, bfloat16 and int8 (vivace.model.quant.Int8Linear with each of its CPU kernels: torch's
+  per second, in float32 (F.linear, and vivace._C.float32_linear where it runs its AVX-512 form, as the native
+  decoder stack does), bfloat16 and int8 (vivace.model.quant.Int8Linear with each of its CPU kernels: torch's
   int8 pack mm on bfloat16 activations, and vivace's AMX, VNNI and AVX2 kernels where the CPU has them), at 1 row and at
   2 rows (a MusicGen guidance pair); on the CPU also the two int8 paths the engine does not take.
 Bytes per decode step of each model: the weights one step reads (the layers' linears and norms, the output heads,
@@ -25,6 +26,7 @@ from benchmarks.musicgen_suite import DECODER
 from vivace.families.musiclm.pack import STAGES
 from vivace.families.musiclm.random_pack import preset_config
 from vivace.model.config import TransformerConfig
+from vivace import _C
 from vivace.model.quant import Int8Linear, native_kernels
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -59,6 +61,10 @@ def gemv_bandwidth(kind: str, rows: int, device: str, layers: int, repeats: int)
             weight = w.to(device, dtype)
             calls.append(lambda x=x.to(dtype), weight=weight: F.linear(x, weight))
             weight_bytes += weight.numel() * weight.element_size()
+        elif kind == "float32 native":  # the native decoder stack's float32 linear
+            weight = w.numpy()
+            calls.append(lambda x=x.numpy(), weight=weight: _C.float32_linear(x, weight, None, torch.get_num_threads()))
+            weight_bytes += weight.nbytes
         else:
             linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             linear.weight.data = w
@@ -144,10 +150,13 @@ def measured_steps(device: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
 
 
 def gemv_for(gemv: dict[str, dict[int, dict[str, float]]], mode: str) -> dict[int, dict[str, float]]:
-    """The GEMV figures a mode's step runs on: its own kernel's for "int8 <kernel>", torch's pack mm for
+    """The GEMV figures a mode's step runs on: its own kernel's for "int8 <kernel>", _C.float32_linear's for
+    "float32" where it runs (the native decoder stack), torch's pack mm for
     "int8+bf16" (bfloat16 activations), the faster int8 kernel for "int8" (the engine measures and keeps it); a
     kv-bf16 mode runs its weights as the mode without it."""
     mode = mode.removesuffix(" kv-bf16")
+    if mode == "float32" and "float32 native" in gemv:  # the native decoder stack's kernel, where it runs
+        return gemv["float32 native"]
     if mode in gemv:
         return gemv[mode]
     if mode == "int8+bf16":
@@ -164,7 +173,8 @@ def run(options: Options) -> dict[str, Any]:
     copy = copy_bandwidth(device, settings["copy_mib"], settings["repeats"])
     release_memory()
     if device == "cpu":
-        kinds = ["float32", "bfloat16", "int8 pack_mm", *(f"int8 {kernel}" for kernel in native_kernels()),
+        native_float32 = ["float32 native"] if _C.float32_linear_fast() else []
+        kinds = ["float32", *native_float32, "bfloat16", "int8 pack_mm", *(f"int8 {kernel}" for kernel in native_kernels()),
                  "int8 pack_mm float32 activations", "int8 dequantize per call"]
     else:
         kinds = ["float32", "bfloat16", "int8"]
@@ -172,7 +182,7 @@ def run(options: Options) -> dict[str, Any]:
     for kind in kinds:
         gemv[kind] = {}
         for rows in (1, 2):
-            engine_path = kind in ("float32", "bfloat16", *ENGINE_INT8_KINDS)
+            engine_path = kind in ("float32", "float32 native", "bfloat16", *ENGINE_INT8_KINDS)
             layers = settings["gemv_layers"] if engine_path else max(2, settings["gemv_layers"] // 4)
             gemv[kind][rows] = gemv_bandwidth(kind, rows, device, layers, max(3, settings["repeats"] // 2))
             release_memory()
@@ -218,7 +228,7 @@ def run(options: Options) -> dict[str, Any]:
     ))
     config = {
         **settings, "copy": "dst.copy_(src), float32, bytes read + written, best of repeats",
-        "gemv": "F.linear / Int8Linear over [4096,1024],[1024,4096] pairs, weight (+ int8 scale) bytes, best of repeats",
+        "gemv": "F.linear / _C.float32_linear / Int8Linear over [4096,1024],[1024,4096] pairs, weight (+ int8 scale) bytes, best of repeats",
         "step_bytes": step_bytes.__doc__, "sources": sources,
     }
     results = {"copy": copy, "gemv": {k: {str(r): v for r, v in per.items()} for k, per in gemv.items()},
