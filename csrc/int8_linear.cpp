@@ -126,8 +126,7 @@ inline __m512i broadcast4(const uint8_t* x) {
 }
 
 // How far ahead of its loads the VNNI kernel asks for a group's weights (into L2): one sequential stream per thread
-// leaves the hardware prefetcher short of DRAM's rate; 4 KB ahead read MusicGen-small's per-step int8 weights (352
-// MB, 2 rows, 2 threads) at 21.7 GB/s against 19.6-21.2 without on a 2-core Xeon VM (docs/performance.md).
+// leaves the hardware prefetcher short of DRAM's rate (docs/performance.md, "The native decoder stack").
 constexpr int64_t kPrefetchBytes = 4096;
 
 // kRows (1-4) activation rows against the 64 channels of one group: sixteen accumulators at most, named (GCC keeps
