@@ -69,15 +69,21 @@ class ThreadGovernor:
     as long as quiet, while one thread is barely slowed (benchmarks/neighbour.py; README, "A busy neighbour"). So every `probe_every` steps
     the governor runs `probe_steps` steps on the other count, interleaved with as many on the current one, and keeps
     the faster by median (the other only when it saves a tenth: neighbouring steps cost nearly the same, a joining
-    request's prefill lands in one sample of the median). A probe that loses doubles the wait before the next, up to
-    `max_wait` steps, so a lasting neighbour costs few slow probes. A step that takes over SLOW_STEP times the median
-    of the recent ones on the current count (a neighbour arriving) brings the next probe forward to the next step.
+    request's prefill lands in one sample of the median). A probe whose first step on the other count takes over
+    LOSING times the step beside it on the current count ends there, lost: on a busy machine that is 2 threads
+    against 1, in quiet 1 against 2, and the two further pairs would only repeat it slowly. A probe that loses doubles
+    the wait before the next, up to `max_wait` steps, so a lasting neighbour costs few slow probes. Two steps in a row
+    on all threads that take over SLOW_STEP times the median of the recent ones (a neighbour arriving) bring the next
+    probe forward to the next step. One slow step does not (a joining request's prefill), nor do slow steps on one
+    thread: a neighbour leaving makes steps faster, and a probe of all threads beside a neighbour can take ten
+    single-thread steps' time.
 
     Tokens do not depend on the thread count (module docstring); codec audio differs in its last bits between counts,
     so a run whose bytes must repeat pins a count instead (`threads` an integer, the default).
     """
 
-    SLOW_STEP = 3.0
+    SLOW_STEP = 2.0  # a neighbour slows every step of the native decoder stack on 2 threads about 3x (README)
+    LOSING = 1.5
     RECENT = 16
 
     def __init__(self, threads: int, probe_every: int = 64, probe_steps: int = 3, max_wait: int = 1024) -> None:
@@ -89,6 +95,7 @@ class ThreadGovernor:
         self.plan: list[int] = []  # thread counts of the probe's coming steps
         self.samples: dict[int, list[float]] = {}
         self.recent: deque[float] = deque(maxlen=self.RECENT)  # the last steps' seconds on the current count
+        self.slow_steps = 0  # steps in a row slower than SLOW_STEP times the recent median
 
     @property
     def other(self) -> int:
@@ -104,15 +111,20 @@ class ThreadGovernor:
     def step_took(self, threads: int, seconds: float) -> None:
         if not self.plan:
             self.steps_since += 1
-            if len(self.recent) >= 4 and seconds > self.SLOW_STEP * statistics.median(self.recent):
+            slow = len(self.recent) >= 4 and seconds > self.SLOW_STEP * statistics.median(self.recent)
+            self.slow_steps = self.slow_steps + 1 if slow else 0
+            if self.slow_steps >= 2 and self.current == self.full:
                 self.steps_since = max(self.steps_since, self.wait)
             self.recent.append(seconds)
             return
         self.plan.pop(0)
         self.samples[threads].append(seconds)
+        other, current = self.other, self.current
+        first_pair = len(self.samples[other]) == 1 and len(self.samples[current]) == 1
+        if first_pair and self.samples[other][0] > self.LOSING * self.samples[current][0]:
+            self.plan.clear()
         if self.plan:
             return
-        other, current = self.other, self.current
         if statistics.median(self.samples[other]) < 0.9 * statistics.median(self.samples[current]):
             self.current, self.wait = other, self.probe_every
             self.recent.clear()
