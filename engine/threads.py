@@ -82,7 +82,7 @@ class ThreadGovernor:
     so a run whose bytes must repeat pins a count instead (`threads` an integer, the default).
     """
 
-    SLOW_STEP = 2.0  # a neighbour slows every step of the native decoder stack on 2 threads about 3x (README)
+    SLOW_STEP = 2.0  # a neighbour slows every step of the native decoder stack on 2 threads 3-4x (README)
     LOSING = 1.5
     RECENT = 16
 
@@ -130,4 +130,4 @@ class ThreadGovernor:
             self.recent.clear()
         else:
             self.wait = min(2 * self.wait, self.max_wait)
-        self.steps_since = 0
+        self.steps_since = self.slow_steps = 0
