@@ -1,6 +1,7 @@
 """Neighbour suite: how much a busy process on one core slows a generation, per thread count and OpenMP wait policy.
 
-The MusicGen-small-shaped pack of the musicgen suite, float32, F.linear products, a 0.5 s clip (--quick 0.1 s),
+The MusicGen-small-shaped pack of the musicgen suite, float32 (decode steps through the native decoder stack on CPUs
+with AVX-512; prefill, heads and the Python layers elsewhere through F.linear), a 0.5 s clip (--quick 0.1 s),
 guidance 3.0: timed quiet, then with `python -c "while True: pass"` running beside it, in a fresh process per
 setting (OpenMP reads its wait policy once, when torch loads): 2 threads (libgomp's default spinning), 1 thread,
 2 threads with OMP_WAIT_POLICY=PASSIVE, 2 threads with GOMP_SPINCOUNT=1000, and 2 threads under vivace's ThreadGovernor
