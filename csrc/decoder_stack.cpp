@@ -122,7 +122,8 @@ struct StepInputs {
 
 class DecoderStack {
  public:
-  DecoderStack(const py::list& layers, py::object final_norm, int64_t num_heads, int64_t head_dim)
+  DecoderStack(const py::list& layers, py::object final_norm, int64_t num_heads, int64_t head_dim,
+               const py::list& output_heads)
       : num_heads_(num_heads), head_dim_(head_dim), d_model_(num_heads * head_dim) {
     if (num_heads < 1 || head_dim < 1) throw py::value_error("num_heads and head_dim must be >= 1");
     if (layers.empty()) throw py::value_error("layers must not be empty");
@@ -133,10 +134,44 @@ class DecoderStack {
       if (layer.cross_q.has_value() != cross)
         throw py::value_error("either every layer or none has cross-attention");
     d_ff_ = layers_.front().fc1.out_features();
+    for (py::size_t i = 0; i < output_heads.size(); ++i) {
+      const std::string name = "output_heads[" + std::to_string(i) + "]";
+      Linear head = parse_linear(output_heads[i], name);
+      if (head.in_features() != d_model_ || head.activation != Activation::kNone ||
+          (i > 0 && head.out_features() != output_heads_.front().out_features()))
+        throw py::value_error(name + " must read d_model = " + std::to_string(d_model_) +
+                              " inputs, apply no activation and have the first head's outputs");
+      output_heads_.push_back(std::move(head));
+    }
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   bool has_cross() const { return layers_.front().cross_q.has_value(); }
+  int64_t num_output_heads() const { return static_cast<int64_t>(output_heads_.size()); }
+
+  // hidden [rows, d_model] -> logits [rows, heads, vocab]: every output head in one call.
+  py::array_t<float> logits(py::handle hidden_object, int num_threads) {
+    if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
+    if (output_heads_.empty()) throw py::value_error("this stack was built without output_heads");
+    const auto hidden = typed_array<float>(hidden_object, "hidden", "float32", 2, true);
+    if (hidden.shape(1) != d_model_)
+      throw py::value_error("hidden " + shape_of(hidden) + " must have d_model = " + std::to_string(d_model_) +
+                            " columns");
+    const int64_t rows = hidden.shape(0), heads = num_output_heads(), vocab = output_heads_.front().out_features();
+    py::array_t<float> out({rows, heads, vocab});
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mutex_);
+      head_out_.resize(rows * vocab);
+      float* logits = out.mutable_data();
+      for (int64_t h = 0; h < heads; ++h) {
+        output_heads_[h].run(hidden.data(), head_out_.data(), rows, num_threads);
+        for (int64_t r = 0; r < rows; ++r)
+          std::memcpy(logits + (r * heads + h) * vocab, head_out_.data() + r * vocab, vocab * sizeof(float));
+      }
+    }
+    return out;
+  }
 
   py::array_t<float> decode(py::handle hidden_object, const py::list& key_caches, const py::list& value_caches,
                             py::handle slots_object, py::handle tables_object, py::handle lens_object, double scale,
@@ -457,25 +492,31 @@ class DecoderStack {
   int64_t num_heads_, head_dim_, d_model_, d_ff_ = 0;
   std::vector<Layer> layers_;
   std::optional<Norm> final_norm_;
+  std::vector<Linear> output_heads_;
   std::vector<py::array> held_;  // the weights the layers point into
   std::mutex mutex_;  // one step at a time: the scratch below is the stack's
-  std::vector<float> residual_, normed_, update_, qkv_, query_, attended_, ffn_, scores_;
+  std::vector<float> residual_, normed_, update_, qkv_, query_, attended_, ffn_, scores_, head_out_;
 };
 
 }  // namespace
 
 void register_decoder_stack(py::module_& m) {
   py::class_<DecoderStack>(m, "DecoderStack")
-      .def(py::init<const py::list&, py::object, int64_t, int64_t>(), py::arg("layers"), py::arg("final_norm"),
-           py::arg("num_heads"), py::arg("head_dim"),
+      .def(py::init<const py::list&, py::object, int64_t, int64_t, const py::list&>(), py::arg("layers"),
+           py::arg("final_norm"), py::arg("num_heads"), py::arg("head_dim"), py::arg("output_heads") = py::list(),
            "layers: one dict per decoder layer: 'attn_norm', 'ffn_norm' (and 'cross_norm') as (weight, bias or None,\n"
            "eps, rms) of float32 arrays; 'qkv', 'o', 'fc1', 'fc2' (and 'cross_q', 'cross_o') as float32 linears\n"
            "(weight float32 [out, in], bias float32 [out] or None, activation) or int8 ones (weight int8 [out, in],\n"
            "scales float32 [out], weight_sums int32 [out], bias or None, isa, vnni_weight or None, amx_from_rows\n"
            "(0: never), activation), activation 'none' | 'gelu' | 'relu'; every array read in place and kept alive\n"
-           "by the stack. final_norm: (weight, bias, eps, rms) or None.")
+           "by the stack. final_norm: (weight, bias, eps, rms) or None. output_heads: linears as above, each\n"
+           "[vocab, d_model] with activation 'none' (the same vocab for every head), for logits().")
       .def_property_readonly("num_layers", &DecoderStack::num_layers)
       .def_property_readonly("has_cross", &DecoderStack::has_cross)
+      .def_property_readonly("num_output_heads", &DecoderStack::num_output_heads)
+      .def("logits", &DecoderStack::logits, py::arg("hidden"), py::arg("num_threads") = 1,
+           "hidden float32 [rows, d_model] -> logits [rows, heads, vocab] through every output head, each head's\n"
+           "kernel as in its layer (the same bits as calling the heads one by one).")
       .def("decode", &DecoderStack::decode, py::arg("hidden"), py::arg("key_caches"), py::arg("value_caches"),
            py::arg("slot_mapping"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
            py::arg("distance_bias") = py::none(), py::arg("cross_keys") = py::none(),

@@ -22,7 +22,7 @@ from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture: tin
 from stage_models import PagedDriver, make_model
 
 from vivace import Engine, VivaceError, _C
-from vivace.model.decoder_stack import NativeDecoderStack, unsupported, use_native_stacks
+from vivace.model.decoder_stack import NativeDecoderStack, _linear, _norm, unsupported, use_native_stacks
 from vivace.model.quant import choose_kernels, native_kernels, quantize_stage
 from vivace.model.transformer import AttentionBatch, CrossBatch, StageTransformer
 
@@ -163,6 +163,47 @@ def test_only_stages_whose_layers_run_native_kernels_get_a_stack() -> None:
     use_native_stacks([native])
     native.to(torch.float32)  # a move may replace the weights the stack reads: it is dropped
     assert native.native_decoder is None
+
+
+@torch.inference_mode()
+def test_native_heads_are_the_python_heads_bit_for_bit() -> None:
+    """int8 heads run the same kernel on the same inputs in one call: logits identical for any batch; float32 heads
+    stay F.linear's (no native_heads), and a model move drops them with the stack."""
+    model = int8_model("sinusoidal", True)  # two output heads
+    model.heads[1].amx_from_rows = 3 if "amx" in native_kernels() else None  # the row switch as choose_kernels sets it
+    use_native_stacks([model])
+    assert model.native_heads is not None and model.native_decoder.stack.num_output_heads == 2
+    hidden = torch.randn(7, model.config.d_model, generator=torch.Generator().manual_seed(5))
+    python = torch.stack([head(hidden) for head in model.heads], dim=1)
+    for rows in (slice(0, 1), slice(0, 2), slice(0, 7), slice(3, 5)):
+        assert torch.equal(model.compute_logits(hidden[rows]), python[rows])
+    wide = hidden.double()  # not float32: the Python heads
+    assert torch.equal(model.compute_logits(wide), torch.stack([head(wide) for head in model.heads], dim=1))
+    float_model = make_model("learned")
+    use_native_stacks([float_model])
+    assert float_model.native_heads is None
+    model.to(torch.float32)
+    assert model.native_heads is None and model.native_decoder is None
+
+
+def test_bad_output_heads_and_logits_calls_are_refused_in_one_line() -> None:
+    model = int8_model("learned", False)
+    layers = [{"attn_norm": _norm(layer.attn_norm), "ffn_norm": _norm(layer.ffn_norm), "qkv": _linear(layer.attn.qkv_proj),
+               "o": _linear(layer.attn.o_proj), "fc1": _linear(layer.ffn.fc1, "gelu"), "fc2": _linear(layer.ffn.fc2)}
+              for layer in model.layers]
+    weight, scales, sums, bias, isa, packed = model.heads[0].native_args()
+    cases = {
+        "must read d_model = 32": [(weight[:, :16].copy(), scales, sums, bias, isa, None, 0, "none")],
+        "apply no activation": [(weight, scales, sums, bias, isa, packed, 0, "gelu")],
+    }
+    for expected, heads in cases.items():
+        with pytest.raises(ValueError, match=re.escape(expected)) as error:
+            _C.DecoderStack(layers, None, model.config.num_heads, model.config.head_dim, heads)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="without output_heads"):
+        _C.DecoderStack(layers, None, model.config.num_heads, model.config.head_dim).logits(torch.zeros(1, 32).numpy())
+    with pytest.raises(ValueError, match=re.escape("d_model = 32")):
+        NativeDecoderStack(model).stack.logits(torch.zeros(1, 16).numpy())
 
 
 def test_engine_reports_and_switches_native_layers(tiny_pack: Path) -> None:

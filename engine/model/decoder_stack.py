@@ -6,7 +6,10 @@ native decoder stack", has the measurements). Where every linear of the
 layers runs a native kernel (CPU, float32 activations: an Int8Linear on vivace's int8 kernels, amx, vnni or avx2,
 chosen per layer as in Python; or a float32 nn.Linear where vivace._C.float32_linear runs its AVX-512 form), the
 decode steps run every layer in C++: those linears, the same KV writes and paged attention, norms, GELU and
-cross-attention of its own. Prefills, the embeddings and the output heads stay in Python.
+cross-attention of its own. Where the output heads are int8 layers on those kernels too, the stack also computes
+the logits of all heads in one call (StageTransformer.native_heads), of every step, prefills' included: the same
+kernels on the same inputs, so the same bits as the heads called one by one. Prefills and the embeddings stay in
+Python.
 
 The native norms sum their statistics in float64 where torch sums in float32, and float32 linears sum in their own
 fixed order, so hidden states agree with the Python layers to float32 rounding, not bit for bit (in int8 layers,
@@ -46,6 +49,15 @@ def _native_linear(linear: nn.Module) -> bool:
     if isinstance(linear, Int8Linear):
         return linear.kernel in NATIVE_ISAS and linear.kernel in native_kernels()
     return linear.weight.dtype == torch.float32 and _C.float32_linear_fast()
+
+
+def _native_heads(model: StageTransformer) -> list[tuple]:
+    """The output heads as the stack takes them where every one is an int8 layer on vivace's kernels, else none
+    (float32 heads stay F.linear's: _C.float32_linear would round differently, and tokens must not move)."""
+    heads = list(model.heads)
+    if heads and all(isinstance(h, Int8Linear) and h.activation == "none" and _native_linear(h) for h in heads):
+        return [_linear(head) for head in heads]
+    return []
 
 
 def _fc1_activation(ffn: FeedForward) -> str:
@@ -93,7 +105,7 @@ class NativeDecoderStack:
             layers.append(fields)
         config = model.config
         final_norm = None if model.final_norm is None else _norm(model.final_norm)
-        self.stack = _C.DecoderStack(layers, final_norm, config.num_heads, config.head_dim)
+        self.stack = _C.DecoderStack(layers, final_norm, config.num_heads, config.head_dim, _native_heads(model))
         self.scale = config.head_dim**-0.5
         self._caches: tuple[list, list, list] | None = None  # (kv_caches, key arrays, value arrays)
         self._cross: tuple[list, list, list] | None = None  # (CrossBatch.keys, key arrays, value arrays)
@@ -128,11 +140,17 @@ class NativeDecoderStack:
         )
         return torch.from_numpy(out)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [rows, d_model] -> [rows, num_output_heads, output_vocab_size], every head in one native call."""
+        return torch.from_numpy(self.stack.logits(hidden.detach().contiguous().numpy(), torch.get_num_threads()))
+
 
 def use_native_stacks(models: list[StageTransformer]) -> list[bool]:
     """Gives each model whose layers the native stack runs one (StageTransformer.native_decoder); returns which."""
     used = []
     for model in models:
-        model.native_decoder = NativeDecoderStack(model) if unsupported(model) is None else None
-        used.append(model.native_decoder is not None)
+        stack = NativeDecoderStack(model) if unsupported(model) is None else None
+        model.native_decoder = stack
+        model.native_heads = stack.logits if stack is not None and stack.stack.num_output_heads else None
+        used.append(stack is not None)
     return used

@@ -197,6 +197,7 @@ class StageTransformer(nn.Module):
         self.register_buffer("sinusoid_freqs", None, persistent=False)
         # where set (vivace.model.decoder_stack), decode forwards run the layers through it in one native call
         self.native_decoder: Callable[..., torch.Tensor] | None = None
+        self.native_heads: Callable[[torch.Tensor], torch.Tensor] | None = None  # float32 CPU hidden -> logits
 
     def refresh_derived(self) -> None:
         """Recomputes tensors derived from the weights; call after loading or editing weights (moves and casts call
@@ -217,7 +218,7 @@ class StageTransformer(nn.Module):
         # .to() / .cuda() / .half() would cast the derived buffers too (float32 frequencies to bf16): rebuild them
         super()._apply(fn, recurse)
         self.refresh_derived()
-        self.native_decoder = None  # it reads the weights where they were
+        self.native_decoder = self.native_heads = None  # they read the weights where they were
         return self
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix: PrefixBatch | None) -> torch.Tensor:
@@ -273,6 +274,8 @@ class StageTransformer(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, d_model] -> [rows, num_output_heads, output_vocab_size]."""
+        if self.native_heads is not None and hidden.dtype == torch.float32 and hidden.device.type == "cpu":
+            return self.native_heads(hidden)
         return torch.stack([head(hidden) for head in self.heads], dim=1)
 
     def encode_cross(self, encoder_states: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
