@@ -6,7 +6,9 @@ Bandwidth, measured here:
   per second, in float32 (F.linear, and vivace._C.float32_linear where it runs its AVX-512 form, as the native
   decoder stack does), bfloat16 and int8 (vivace.model.quant.Int8Linear with each of its CPU kernels: torch's
   int8 pack mm on bfloat16 activations, and vivace's AMX, VNNI and AVX2 kernels where the CPU has them), at 1 row and at
-  2 rows (a MusicGen guidance pair); on the CPU also the two int8 paths the engine does not take.
+  2 rows (a MusicGen guidance pair); on the CPU also the two int8 paths the engine does not take;
+- on the CPU, one MusicGen-small decode step's linears (24 layers of qkv, o, cross-attention q and o, fc1, fc2 at
+  their real shapes, 2 rows) through each of the engine's float32 and int8 kernels: ms per step's linears.
 Bytes per decode step of each model: the weights one step reads (the layers' linears and norms, the output heads,
 one embedding row per codebook; not the embedding tables, nor cross-attention's key/value projection, which runs
 once per request) plus the KV cache read at the step's context (self-attention, and cross-attention over the
@@ -23,10 +25,10 @@ import torch.nn.functional as F
 
 from benchmarks.common import Options, latest_result, release_memory, table, time_calls, write_result
 from benchmarks.musicgen_suite import DECODER
+from vivace import _C
 from vivace.families.musiclm.pack import STAGES
 from vivace.families.musiclm.random_pack import preset_config
 from vivace.model.config import TransformerConfig
-from vivace import _C
 from vivace.model.quant import Int8Linear, native_kernels
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -47,10 +49,20 @@ def copy_bandwidth(device: str, mib: int, repeats: int) -> dict[str, float]:
     return {"gb_s": moved / min(times) / 1e9, "gb_s_median": moved / sorted(times)[len(times) // 2] / 1e9, "bytes": moved}
 
 
-def gemv_bandwidth(kind: str, rows: int, device: str, layers: int, repeats: int) -> dict[str, float]:
-    """Weight bytes per second of x [rows, in] @ W^T over `layers` pairs of [4096, 1024] and [1024, 4096] weights."""
+def musicgen_step_shapes() -> list[tuple[int, int]]:
+    """The [out, in] weights of the linears one MusicGen-small decode step reads, layer by layer: qkv, o,
+    cross-attention's q and o, fc1, fc2 (the output heads aside)."""
+    d, ffn = DECODER["hidden_size"], DECODER["ffn_dim"]
+    return [(3 * d, d), (d, d), (d, d), (d, d), (ffn, d), (d, ffn)] * DECODER["num_hidden_layers"]
+
+
+def gemv_bandwidth(
+    kind: str, rows: int, device: str, layers: int, repeats: int, shapes: list[tuple[int, int]] | None = None,
+) -> dict[str, float]:
+    """Weight bytes per second of x [rows, in] @ W^T over `layers` pairs of [4096, 1024] and [1024, 4096] weights,
+    or over `shapes` ([out, in] each) where given."""
     generator = torch.Generator().manual_seed(0)
-    shapes = [(4096, 1024), (1024, 4096)] * layers
+    shapes = shapes or [(4096, 1024), (1024, 4096)] * layers
     float_weights = [torch.randn(shape, generator=generator) for shape in shapes]
     calls: list[Callable[[], torch.Tensor]] = []
     weight_bytes = 0
@@ -86,7 +98,7 @@ def gemv_bandwidth(kind: str, rows: int, device: str, layers: int, repeats: int)
 
     times = time_calls(chain, device, repeats, warmup=1)
     return {"gb_s": weight_bytes / min(times) / 1e9, "gb_s_median": weight_bytes / sorted(times)[len(times) // 2] / 1e9,
-            "weight_bytes": weight_bytes}
+            "weight_bytes": weight_bytes, "ms": min(times) * 1e3, "ms_median": sorted(times)[len(times) // 2] * 1e3}
 
 
 def step_bytes(config: TransformerConfig, mode: str, rows: int, context: float, enc_len: int = 0) -> dict[str, float]:
@@ -194,6 +206,19 @@ def run(options: Options) -> dict[str, Any]:
         title=f"Memory bandwidth on {device}",
     ))
 
+    step_linears: dict[str, dict[str, float]] = {}
+    if device == "cpu":  # the engine's own kernels on one decode step's real shapes, 2 rows (a guidance pair)
+        for kind in [k for k in kinds if k in ("float32", "float32 native", *ENGINE_INT8_KINDS[1:])]:
+            step_linears[kind] = gemv_bandwidth(kind, 2, device, 0, max(3, settings["repeats"] // 2), musicgen_step_shapes())
+            release_memory()
+        print()
+        print(table(
+            ["kernel", "weight MB", "ms (best)", "ms (median)", "GB/s (best)"],
+            [[kind, r["weight_bytes"] / 1e6, r["ms"], r["ms_median"], r["gb_s"]] for kind, r in step_linears.items()],
+            title="One MusicGen-small decode step's linears (24 x qkv, o, cross q, cross o, fc1, fc2), 2 rows, "
+            "weights far larger than the caches",
+        ))
+
     figures, sources = measured_steps(device)
     floors = []
     for figure in figures:
@@ -232,7 +257,7 @@ def run(options: Options) -> dict[str, Any]:
         "step_bytes": step_bytes.__doc__, "sources": sources,
     }
     results = {"copy": copy, "gemv": {k: {str(r): v for r, v in per.items()} for k, per in gemv.items()},
-               "bytes_per_step": reference, "floors": floors}
+               "musicgen_step_linears": step_linears, "bytes_per_step": reference, "floors": floors}
     path = write_result("floor", options, config, results)
     print(f"wrote {path}")
     return results
