@@ -116,7 +116,8 @@ void item(const Float32Linear& p, int64_t n0, int64_t n1) {
 #pragma GCC pop_options
 #endif
 
-py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::object bias_object, int num_threads) {
+py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::object bias_object, int num_threads,
+                          bool portable) {
   if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
   const auto x = typed_array<float>(x_object, "x", "float32", 2, true);
   const auto weight = typed_array<float>(weight_object, "weight", "float32", 2, false);
@@ -128,7 +129,7 @@ py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::obj
                               out.mutable_data(), rows, in, out_features};
   {
     py::gil_scoped_release release;
-    float32_linear(problem, num_threads);
+    float32_linear(problem, num_threads, portable);
   }
   return out;
 }
@@ -144,8 +145,8 @@ bool float32_linear_fast() {
 #endif
 }
 
-void float32_linear(const Float32Linear& p, int threads) {
-  const bool fast = float32_linear_fast();
+void float32_linear(const Float32Linear& p, int threads, bool portable) {
+  const bool fast = !portable && float32_linear_fast();
   parallel_for((p.out_features + kItemChannels - 1) / kItemChannels, threads, [&](int64_t item) {
     const int64_t n0 = item * kItemChannels, n1 = std::min(p.out_features, n0 + kItemChannels);
 #ifdef VIVACE_X86
@@ -157,10 +158,11 @@ void float32_linear(const Float32Linear& p, int threads) {
 
 void register_float32_linear(py::module_& m) {
   m.def("float32_linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
-        py::arg("num_threads") = 1,
+        py::arg("num_threads") = 1, py::arg("portable") = false,
         "x float32 [rows, in] @ weight float32 [out, in] (C-contiguous, read in place).T (+ bias): each output\n"
         "summed in one fixed order (sixteen FMA lanes over the inputs, then a fixed tree), the same bits for a row\n"
-        "alone or in any batch, on any thread count, with or without AVX-512. Returns float32 [rows, out].");
+        "alone or in any batch, on any thread count, with or without AVX-512 (portable=True runs the portable form\n"
+        "where AVX-512 is present too). Returns float32 [rows, out].");
   m.def("float32_linear_fast", &float32_linear_fast,
         "Whether float32_linear runs its AVX-512 form here (its portable form is far slower than F.linear).");
 }

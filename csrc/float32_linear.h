@@ -21,8 +21,9 @@ struct Float32Linear {
 // F.linear: callers keep torch there).
 bool float32_linear_fast();
 
-// Runs on up to `threads` threads (vivace::parallel_for).
-void float32_linear(const Float32Linear& problem, int threads);
+// Runs on up to `threads` threads (vivace::parallel_for); portable: the portable form even where AVX-512 runs (the
+// same bits, slower: for tests).
+void float32_linear(const Float32Linear& problem, int threads, bool portable = false);
 
 // _C.float32_linear, _C.float32_linear_fast.
 void register_float32_linear(pybind11::module_& m);

@@ -232,6 +232,9 @@ def test_float32_linear_is_a_float32_product_and_the_same_bits_for_any_batch(
     for r in range(rows):
         alone = _C.float32_linear(x[r:r + 1].numpy(), weight.numpy(), None if b is None else b.numpy(), 1)
         assert torch.equal(torch.from_numpy(alone)[0], out[r])
+    # the portable form (CPUs without AVX-512) sums in the same order: the same bits on every x86 machine
+    portable = _C.float32_linear(x.numpy(), weight.numpy(), None if b is None else b.numpy(), 2, portable=True)
+    assert torch.equal(torch.from_numpy(portable), out)
 
 
 def test_float32_linear_refuses_bad_arguments_in_one_line() -> None:
