@@ -75,8 +75,8 @@ class ThreadGovernor:
     the wait before the next, up to `max_wait` steps, so a lasting neighbour costs few slow probes. Two steps in a row
     on all threads that take over SLOW_STEP times the median of the recent ones (a neighbour arriving) bring the next
     probe forward to the next step. One slow step does not (a joining request's prefill), nor do slow steps on one
-    thread: a neighbour leaving makes steps faster, and a probe of all threads beside a neighbour can take ten
-    single-thread steps' time.
+    thread: a neighbour leaving makes steps faster, and a probe of all threads beside a neighbour costs several
+    single-thread steps' time (README, "A busy neighbour").
 
     Tokens do not depend on the thread count (module docstring); codec audio differs in its last bits between counts,
     so a run whose bytes must repeat pins a count instead (`threads` an integer, the default).
