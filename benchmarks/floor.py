@@ -5,10 +5,11 @@ Bandwidth, measured here:
 - GEMV: y = x W^T over a chain of [4096, 1024] / [1024, 4096] weights far larger than the caches, weight bytes
   per second, in float32 (F.linear, and vivace._C.float32_linear where it runs its AVX-512 form, as the native
   decoder stack does), bfloat16 and int8 (vivace.model.quant.Int8Linear with each of its CPU kernels: torch's
-  int8 pack mm on bfloat16 activations, and vivace's AMX, VNNI and AVX2 kernels where the CPU has them), at 1 row and at
-  2 rows (a MusicGen guidance pair); on the CPU also the two int8 paths the engine does not take;
+  int8 pack mm on bfloat16 activations, and vivace's AMX, VNNI and AVX2 kernels where the CPU has them) and int4
+  (vivace.model.int4.Int4Linear, AVX-512 VNNI: nibble and scale bytes), at 1 row and at 2 rows (a MusicGen guidance
+  pair); on the CPU also the two int8 paths the engine does not take;
 - on the CPU, one MusicGen-small decode step's linears (24 layers of qkv, o, cross-attention q and o, fc1, fc2 at
-  their real shapes, 2 rows) through each of the engine's float32 and int8 kernels: ms per step's linears.
+  their real shapes, 2 rows) through each of the engine's float32, int8 and int4 kernels: ms per step's linears.
 Bytes per decode step of each model: the weights one step reads (the layers' linears and norms, the output heads,
 one embedding row per codebook; not the embedding tables, nor cross-attention's key/value projection, which runs
 once per request) plus the KV cache read at the step's context (self-attention, and cross-attention over the
@@ -29,12 +30,13 @@ from vivace import _C
 from vivace.families.musiclm.pack import STAGES
 from vivace.families.musiclm.random_pack import preset_config
 from vivace.model.config import TransformerConfig
+from vivace.model.int4 import GROUP, Int4Linear, int4_supported
 from vivace.model.quant import Int8Linear, native_kernels
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MODES = {
     "float32": ("float32", None), "bfloat16": ("bfloat16", None), "float16": ("float16", None),
-    "int8": ("float32", "int8"), "int8+bf16": ("bfloat16", "int8"),
+    "int8": ("float32", "int8"), "int8+bf16": ("bfloat16", "int8"), "int4": ("float32", "int4"),
 }
 ENGINE_INT8_KINDS = ("int8", "int8 pack_mm", "int8 amx", "int8 vnni", "int8 avx2")  # the int8 layer as the engine runs it
 QUICK = {"copy_mib": 256, "gemv_layers": 8, "repeats": 5}
@@ -77,6 +79,12 @@ def gemv_bandwidth(
             weight = w.numpy()
             calls.append(lambda x=x.numpy(), weight=weight: _C.float32_linear(x, weight, None, torch.get_num_threads()))
             weight_bytes += weight.nbytes
+        elif kind == "int4":  # 4-bit groups on vivace's kernel: nibbles and bfloat16 scales, one packed array
+            linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            linear.weight.data = w
+            q4 = Int4Linear.from_linear(linear)
+            calls.append(lambda x=x, q4=q4: q4(x))
+            weight_bytes += q4.packed.numel()
         else:
             linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             linear.weight.data = w
@@ -114,9 +122,16 @@ def step_bytes(config: TransformerConfig, mode: str, rows: int, context: float, 
         linears += [(d, d), (d, d)]
     norms = 3 if config.cross_attention else 2
     norm_params = (2 if config.norm == "layernorm" else 1) * d
-    linear_params = layers * sum(o * i for o, i in linears) + config.num_output_heads * config.output_vocab_size * d
+    layer_params = layers * sum(o * i for o, i in linears)
+    head_params = config.num_output_heads * config.output_vocab_size * d
     out_channels = layers * sum(o for o, _ in linears) + config.num_output_heads * config.output_vocab_size
-    linear_bytes = linear_params + 2 * out_channels if quantize == "int8" else linear_params * base
+    if quantize == "int4":  # the layers in 4-bit groups with a bfloat16 scale each, the heads int8
+        head_channels = config.num_output_heads * config.output_vocab_size
+        linear_bytes = layer_params // 2 + 2 * layer_params // GROUP + head_params + 2 * head_channels
+    elif quantize == "int8":
+        linear_bytes = layer_params + head_params + 2 * out_channels
+    else:
+        linear_bytes = (layer_params + head_params) * base
     other = (layers * norms + 1) * norm_params * base + rows * config.num_codebooks * d * base
     kv = rows * layers * 2 * d * (kv_base * context + base * enc_len)  # cross-attention K/V keep the engine's dtype
     return {"weights": linear_bytes + other, "kv": kv, "total": linear_bytes + other + kv}
@@ -187,14 +202,14 @@ def run(options: Options) -> dict[str, Any]:
     if device == "cpu":
         native_float32 = ["float32 native"] if _C.float32_linear_fast() else []
         kinds = ["float32", *native_float32, "bfloat16", "int8 pack_mm", *(f"int8 {kernel}" for kernel in native_kernels()),
-                 "int8 pack_mm float32 activations", "int8 dequantize per call"]
+                 *(["int4"] if int4_supported() else []), "int8 pack_mm float32 activations", "int8 dequantize per call"]
     else:
         kinds = ["float32", "bfloat16", "int8"]
     gemv: dict[str, dict[int, dict[str, float]]] = {}
     for kind in kinds:
         gemv[kind] = {}
         for rows in (1, 2):
-            engine_path = kind in ("float32", "float32 native", "bfloat16", *ENGINE_INT8_KINDS)
+            engine_path = kind in ("float32", "float32 native", "bfloat16", "int4", *ENGINE_INT8_KINDS)
             layers = settings["gemv_layers"] if engine_path else max(2, settings["gemv_layers"] // 4)
             gemv[kind][rows] = gemv_bandwidth(kind, rows, device, layers, max(3, settings["repeats"] // 2))
             release_memory()
@@ -208,7 +223,7 @@ def run(options: Options) -> dict[str, Any]:
 
     step_linears: dict[str, dict[str, float]] = {}
     if device == "cpu":  # the engine's own kernels on one decode step's real shapes, 2 rows (a guidance pair)
-        for kind in [k for k in kinds if k in ("float32", "float32 native", *ENGINE_INT8_KINDS[1:])]:
+        for kind in [k for k in kinds if k in ("float32", "float32 native", "int4", *ENGINE_INT8_KINDS[1:])]:
             step_linears[kind] = gemv_bandwidth(kind, 2, device, 0, max(3, settings["repeats"] // 2), musicgen_step_shapes())
             release_memory()
         print()
@@ -253,7 +268,7 @@ def run(options: Options) -> dict[str, Any]:
     ))
     config = {
         **settings, "copy": "dst.copy_(src), float32, bytes read + written, best of repeats",
-        "gemv": "F.linear / _C.float32_linear / Int8Linear over [4096,1024],[1024,4096] pairs, weight (+ int8 scale) bytes, best of repeats",
+        "gemv": "F.linear / _C.float32_linear / Int8Linear / Int4Linear over [4096,1024],[1024,4096] pairs, weight (+ scale) bytes, best of repeats",
         "step_bytes": step_bytes.__doc__, "sources": sources,
     }
     results = {"copy": copy, "gemv": {k: {str(r): v for r, v in per.items()} for k, per in gemv.items()},

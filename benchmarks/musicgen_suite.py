@@ -24,6 +24,7 @@ distributions (temperature 1, before top-k). Teacher forcing runs without a KV c
 KV cache dtype; "greedy prefix" can: each mode decodes the same prompts greedily on its own, and the figure is the
 share of float32's greedy frames it reproduces before its first differing token.
 - vivace with bfloat16 KV caches under float32 and int8 weights ("float32 kv-bf16", "int8 kv-bf16"; CPU only).
+- vivace with 4-bit group-wise layer weights and int8 heads ("int4", "int4 kv-bf16"; CPUs with AVX-512 VNNI).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from benchmarks.common import ROOT, Options, PeakRSS, release_memory, table, wri
 from vivace import AudioChunk, Engine, WindowFinished
 from vivace.events import StageProgress
 from vivace.families.musicgen.pipeline import delayed_grid
+from vivace.model.int4 import int4_supported
 from vivace.model.quant import native_kernels
 
 WORDS = (
@@ -60,6 +62,8 @@ MODES = {  # name: Engine.from_pack options
     "int8+bf16": {"dtype": "bfloat16", "quantize": "int8"},
     "float32 kv-bf16": {"dtype": "float32", "kv_cache_dtype": "bfloat16"},  # bfloat16 KV caches: CPU only
     "int8 kv-bf16": {"dtype": "float32", "quantize": "int8", "kv_cache_dtype": "bfloat16"},
+    "int4": {"dtype": "float32", "quantize": "int4"},  # CPUs with AVX-512 VNNI: 4-bit layer weights, int8 heads
+    "int4 kv-bf16": {"dtype": "float32", "quantize": "int4", "kv_cache_dtype": "bfloat16"},
 }
 # on CUDA also: bfloat16 with 16 decode steps per host sync replayed as CUDA graphs (vivace.core.device_decode)
 GRAPH_MODES = {"bfloat16+graphs": {"dtype": "bfloat16", "steps_per_sync": 16, "cuda_graphs": True}}
@@ -268,6 +272,8 @@ def run(options: Options) -> dict[str, Any]:
     modes = {mode: kwargs for mode, kwargs in modes.items() if "int8_kernel" not in kwargs or kwargs["int8_kernel"] in runnable}
     if options.device != "cpu":
         modes = {mode: kwargs for mode, kwargs in modes.items() if "kv_cache_dtype" not in kwargs}
+    if options.device != "cpu" or not int4_supported():
+        modes = {mode: kwargs for mode, kwargs in modes.items() if kwargs.get("quantize") != "int4"}
     for mode, kwargs in modes.items():
         with PeakRSS() as memory:
             start = time.perf_counter()

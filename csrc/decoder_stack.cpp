@@ -15,6 +15,7 @@
 
 #include "float32_linear.h"
 #include "gelu.h"
+#include "int4_linear.h"
 #include "int8_linear.h"
 #include "kv_store.h"
 #include "numpy_args.h"
@@ -60,16 +61,18 @@ struct Norm {
 enum class Activation { kNone, kGelu, kRelu };
 
 // One linear layer as vivace.model.decoder_stack hands it over: an Int8Linear (its buffers, read in place, its kernel,
-// and from how many rows on it runs the amx kernel instead: the same bits) or a float32 nn.Linear.
+// and from how many rows on it runs the amx kernel instead: the same bits), an Int4Linear (its packed weights) or a
+// float32 nn.Linear.
 struct Linear {
   Int8Linear int8{};  // x, out and rows filled per call
   std::string isa;
   int64_t amx_from_rows = 0;  // 0: never
   std::optional<Float32Linear> float32;  // set for a float32 layer (then int8 is unused)
+  std::optional<Int4Linear> int4;  // set for an int4 layer (then int8 is unused)
   Activation activation = Activation::kNone;
 
-  int64_t in_features() const { return float32 ? float32->in_features : int8.in_features; }
-  int64_t out_features() const { return float32 ? float32->out_features : int8.out_features; }
+  int64_t in_features() const { return float32 ? float32->in_features : int4 ? int4->in_features : int8.in_features; }
+  int64_t out_features() const { return float32 ? float32->out_features : int4 ? int4->out_features : int8.out_features; }
 
   void run(const float* x, float* out, int64_t rows, int threads) const {
     if (float32) {
@@ -78,6 +81,12 @@ struct Linear {
       call.out = out;
       call.rows = rows;
       float32_linear(call, threads);
+    } else if (int4) {
+      Int4Linear call = *int4;
+      call.x = x;
+      call.out = out;
+      call.rows = rows;
+      int4_linear(call, threads);
     } else {
       Int8Linear call = int8;
       call.x = x;
@@ -252,9 +261,11 @@ class DecoderStack {
       linear.activation = parse_activation(fields[2], name);
       return linear;
     }
+    if (fields.size() == 6) return parse_int4(fields, name);
     if (fields.size() != 8)
-      throw py::value_error(name + " must be (weight, bias, activation) for a float32 layer or (weight, scales, "
-                                   "weight_sums, bias, isa, vnni_weight, amx_from_rows, activation) for an int8 one");
+      throw py::value_error(name + " must be (weight, bias, activation) for a float32 layer, (weight, scales, "
+                                   "weight_sums, bias, isa, vnni_weight, amx_from_rows, activation) for an int8 one or "
+                                   "('int4', packed, bias, in_features, out_features, activation) for an int4 one");
     const auto weight = typed_array<int8_t>(fields[0], (name + ".weight").c_str(), "int8", 2, false);
     held_.push_back(weight);
     Int8Linear& p = linear.int8;
@@ -274,6 +285,28 @@ class DecoderStack {
     }
     linear.amx_from_rows = fields[6].cast<int64_t>();
     linear.activation = parse_activation(fields[7], name);
+    return linear;
+  }
+
+  // ("int4", packed uint8 [blocks, groups, bytes] as _C.int4_pack lays it out, bias, in_features, out_features,
+  // activation).
+  Linear parse_int4(const py::tuple& fields, const std::string& name) {
+    if (fields[0].cast<std::string>() != "int4") throw py::value_error(name + " has 6 fields but is not tagged 'int4'");
+    if (!int4_linear_supported()) throw py::value_error(name + " is int4, which needs AVX-512 VNNI");
+    Int4Linear p{};
+    p.in_features = fields[3].cast<int64_t>();
+    p.out_features = fields[4].cast<int64_t>();
+    const auto packed = typed_array<uint8_t>(fields[1], (name + ".packed").c_str(), "uint8", 3, false);
+    if (p.in_features < 1 || p.out_features < 1 || packed.shape(0) != (p.out_features + kInt4Block - 1) / kInt4Block ||
+        packed.shape(1) != (p.in_features + kInt4Group - 1) / kInt4Group || packed.shape(2) != kInt4GroupBytes)
+      throw py::value_error(name + ".packed " + shape_of(packed) + " must be int4_pack of a [" +
+                            std::to_string(p.out_features) + ", " + std::to_string(p.in_features) + "] weight");
+    held_.push_back(packed);
+    p.packed = packed.data();
+    if (!fields[2].is_none()) p.bias = keep_array<float>(fields[2], name + ".bias", "float32", 1, p.out_features);
+    Linear linear;
+    linear.int4 = p;
+    linear.activation = parse_activation(fields[5], name);
     return linear;
   }
 
@@ -508,7 +541,8 @@ void register_decoder_stack(py::module_& m) {
            "eps, rms) of float32 arrays; 'qkv', 'o', 'fc1', 'fc2' (and 'cross_q', 'cross_o') as float32 linears\n"
            "(weight float32 [out, in], bias float32 [out] or None, activation) or int8 ones (weight int8 [out, in],\n"
            "scales float32 [out], weight_sums int32 [out], bias or None, isa, vnni_weight or None, amx_from_rows\n"
-           "(0: never), activation), activation 'none' | 'gelu' | 'relu'; every array read in place and kept alive\n"
+           "(0: never), activation) or int4 ones ('int4', packed uint8 as int4_pack lays it out, bias or None,\n"
+           "in_features, out_features, activation), activation 'none' | 'gelu' | 'relu'; every array read in place and kept alive\n"
            "by the stack. final_norm: (weight, bias, eps, rms) or None. output_heads: linears as above, each\n"
            "[vocab, d_model] with activation 'none' (the same vocab for every head), for logits().")
       .def_property_readonly("num_layers", &DecoderStack::num_layers)

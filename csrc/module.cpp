@@ -3,6 +3,7 @@
 #include "decode_bindings.h"
 #include "decoder_stack.h"
 #include "float32_linear.h"
+#include "int4_linear.h"
 #include "int8_linear.h"
 #include "kv_store.h"
 #include "paged_attention.h"
@@ -11,13 +12,14 @@
 #include "thread_pool.h"
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "vivace native core: RVQ token schedules, the token sampler, the decode batch, CPU decode attention, KV cache writes, int8 and float32 linears and the decoder stack";
+  m.doc() = "vivace native core: RVQ token schedules, the token sampler, the decode batch, CPU decode attention, KV cache writes, int8, int4 and float32 linears and the decoder stack";
   vivace::register_rvq_schedule(m);
   vivace::register_sampler(m);
   vivace::register_decode(m);
   vivace::register_paged_attention(m);
   vivace::register_kv_store(m);
   vivace::register_int8_linear(m);
+  vivace::register_int4_linear(m);
   vivace::register_float32_linear(m);
   vivace::register_decoder_stack(m);
   m.def("parallel_backend", [] { return vivace::parallel_on_openmp() ? "openmp" : "threads"; },

@@ -26,7 +26,14 @@ from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress
 from vivace.model.decoder_stack import use_native_stacks
 from vivace.model.linear_plan import LinearPlan, check_linear_products, plan_linears
-from vivace.model.quant import amx_from_rows, check_int8_kernel, check_quantize, choose_kernels, quantize_stage
+from vivace.model.quant import (
+    amx_from_rows,
+    check_int8_kernel,
+    check_quantize,
+    choose_kernels,
+    quantize_mode,
+    quantize_stage,
+)
 from vivace.packs.registry import family_of
 from vivace.threads import ThreadGovernor
 
@@ -159,7 +166,8 @@ class Engine:
         native_layers: bool = True,
     ) -> Engine:
         """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codecs.backend.select_backend).
-        quantize: None, or "int8" for int8 stage linears (see vivace.model.quant).
+        quantize: None, "int8" for int8 stage linears, or "int4" for 4-bit group-wise weights in the layers and int8
+        output heads (CPU with AVX-512 VNNI, dtype float32; see vivace.model.quant and vivace.model.int4).
         steps_per_sync > 1: decode that many steps per host sync on the device (Triton sampling and advance, see
         vivace.core.device_decode); cuda_graphs: capture them as CUDA graphs. Both are for CUDA devices; the default
         (1, False) is the per-step path with the C++ decode batch.
@@ -193,7 +201,7 @@ class Engine:
         limits = CoreLimits(max_running, max_waiting)
         limits.validate()
         torch_device = check_device(device)
-        check_quantize(quantize)
+        check_quantize(quantize, torch_device, DTYPES[dtype])
         check_linear_products(linear_products)
         check_int8_kernel(int8_kernel, DTYPES[dtype])
         kv_dtype = check_kv_cache_dtype(kv_cache_dtype, DTYPES[dtype], torch_device)
@@ -208,7 +216,7 @@ class Engine:
         int8_kernels = {}
         if quantize is not None:
             for model in models:
-                quantize_stage(model)
+                quantize_stage(model, quantize)
             if torch_device.type == "cpu":
                 int8_kernels = choose_kernels(models, int8_kernel, activations=DTYPES[dtype], native_only=native_layers)
         if native_layers and torch_device.type == "cpu":
@@ -347,6 +355,7 @@ class Engine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
+            "quantize": quantize_mode(spec.model for spec in self.family.stages().values()),
             **self.family.info(),
             "codec": {"levels": c.codec.num_levels, "codebook_size": c.codec.codebook_size, "hop_length": c.codec.hop_length},
             "codec_backend": self.codec.describe(),

@@ -23,6 +23,7 @@ from stage_models import PagedDriver, make_model
 
 from vivace import Engine, VivaceError, _C
 from vivace.model.decoder_stack import NativeDecoderStack, _linear, _norm, unsupported, use_native_stacks
+from vivace.model.int4 import int4_supported
 from vivace.model.quant import choose_kernels, native_kernels, quantize_stage
 from vivace.model.transformer import AttentionBatch, CrossBatch, StageTransformer
 
@@ -33,20 +34,24 @@ ROUNDING_BOUND = 1e-5
 FLIP_BOUND = 1e-2
 
 
-def int8_model(position: str, cross: bool, seed: int = 0) -> StageTransformer:
+def int8_model(position: str, cross: bool, seed: int = 0, mode: str = "int8") -> StageTransformer:
     model = make_model(position, cross=cross, seed=seed)
-    quantize_stage(model)
+    quantize_stage(model, mode)
     choose_kernels([model], native_kernels()[0])
     return model
 
 
 def stage_model(weights: str, position: str, cross: bool, seed: int = 0) -> StageTransformer:
-    return int8_model(position, cross, seed) if weights == "int8" else make_model(position, cross=cross, seed=seed)
+    if weights == "float32":
+        return make_model(position, cross=cross, seed=seed)
+    return int8_model(position, cross, seed, mode=weights)
 
 
-# float32 layers run natively only where float32_linear has its AVX-512 form (elsewhere F.linear is faster)
+# float32 layers run natively only where float32_linear has its AVX-512 form (elsewhere F.linear is faster); int4
+# layers (int8 heads) where the CPU has AVX-512 VNNI
 WEIGHTS = ["int8", pytest.param("float32", marks=pytest.mark.skipif(
-    not _C.float32_linear_fast(), reason="the native float32 linear's fast form needs AVX-512"))]
+    not _C.float32_linear_fast(), reason="the native float32 linear's fast form needs AVX-512")),
+    pytest.param("int4", marks=pytest.mark.skipif(not int4_supported(), reason="the int4 kernel needs AVX-512 VNNI"))]
 
 
 def cross_batch(model: StageTransformer, rows: list[int], tokens: list[int] | None = None) -> CrossBatch:
@@ -85,7 +90,7 @@ def test_native_stack_tracks_the_python_layers(position: str, cross: bool, cache
         model.native_decoder = stack
         native = drivers["native"].run(pieces, crosses)
         errors = [relative_error(native[row], reference[row]) for row in range(len(live))]
-        assert max(errors) <= (FLIP_BOUND if weights == "int8" else ROUNDING_BOUND)
+        assert max(errors) <= (ROUNDING_BOUND if weights == "float32" else FLIP_BOUND)
         assert sorted(errors)[len(errors) // 2] <= ROUNDING_BOUND
     python_pool, native_pool = drivers["python"].pool.data.float(), drivers["native"].pool.data.float()
     written = ~python_pool.isnan()

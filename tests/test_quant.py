@@ -148,7 +148,7 @@ def test_cli_generate_with_int8(tiny_pack: Path, tmp_path: Path) -> None:
 
 def test_unknown_quantize_mode_is_refused(tiny_pack: Path) -> None:
     with pytest.raises(VivaceError, match="quantize"):
-        Engine.from_pack(tiny_pack, quantize="int4")
+        Engine.from_pack(tiny_pack, quantize="int2")
 
 
 # -- vivace's kernel (csrc/int8_linear.cpp): per-row uint8 activations, exact int32 sums ---------------------------

@@ -2,9 +2,9 @@
 
 At small batches a decode step's kernels are short, so a layer's Python and its dozen small tensor ops (norms,
 residual adds, reshapes, the cross-attention over the text) weigh beside its linears (docs/performance.md, "The
-native decoder stack", has the measurements). Where every linear of the
-layers runs a native kernel (CPU, float32 activations: an Int8Linear on vivace's int8 kernels, amx, vnni or avx2,
-chosen per layer as in Python; or a float32 nn.Linear where vivace._C.float32_linear runs its AVX-512 form), the
+native decoder stack", has the measurements). Where every linear of the layers runs a native kernel (CPU, float32
+activations: an Int8Linear on vivace's int8 kernels, amx, vnni or avx2, chosen per layer as in Python; an Int4Linear
+on its AVX-512 VNNI kernel; or a float32 nn.Linear where vivace._C.float32_linear runs its AVX-512 form), the
 decode steps run every layer in C++: those linears, the same KV writes and paged attention, norms, GELU and
 cross-attention of its own. Where the output heads are int8 layers on those kernels too, the stack also computes
 the logits of all heads in one call (StageTransformer.native_heads), of every step, prefills' included: the same
@@ -24,6 +24,7 @@ from torch import nn
 
 from vivace import _C
 from vivace.kernels.cpu_paged_attention import cache_array
+from vivace.model.int4 import Int4Linear, int4_supported
 from vivace.model.quant import NATIVE_ISAS, Int8Linear, native_kernels
 from vivace.model.transformer import AttentionBatch, FeedForward, StageTransformer
 
@@ -38,6 +39,9 @@ def _norm(norm: nn.Module) -> tuple:
 
 
 def _linear(linear: nn.Module, activation: str = "none") -> tuple:
+    if isinstance(linear, Int4Linear):
+        packed, bias = linear.native_args()
+        return "int4", packed, bias, linear.in_features, linear.out_features, activation
     if isinstance(linear, Int8Linear):
         weight, scales, weight_sums, bias, isa, packed = linear.native_args()
         return weight, scales, weight_sums, bias, isa, packed, linear.amx_from_rows or 0, activation
@@ -46,6 +50,8 @@ def _linear(linear: nn.Module, activation: str = "none") -> tuple:
 
 
 def _native_linear(linear: nn.Module) -> bool:
+    if isinstance(linear, Int4Linear):
+        return linear.packed.device.type == "cpu" and int4_supported()
     if isinstance(linear, Int8Linear):
         return linear.kernel in NATIVE_ISAS and linear.kernel in native_kernels()
     return linear.weight.dtype == torch.float32 and _C.float32_linear_fast()
@@ -68,10 +74,10 @@ def _fc1_activation(ffn: FeedForward) -> str:
 def unsupported(model: StageTransformer) -> str | None:
     """Why the native stack cannot run model's decode steps, or None where it can."""
     layers = list(model.layers)
-    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear | Int8Linear)]
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear | Int8Linear | Int4Linear)]
     if not all(_native_linear(m) for m in linears):
-        return ("its linears are neither int8 on vivace's kernels (amx, vnni or avx2) nor float32 on a CPU with "
-                "AVX-512")
+        return ("its linears are neither int8 on vivace's kernels (amx, vnni or avx2), int4 on a CPU with AVX-512 "
+                "VNNI, nor float32 on a CPU with AVX-512")
     params = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
     if any(t.device.type != "cpu" for t in params):
         return "it is not on the CPU"

@@ -31,6 +31,7 @@ from torch import nn
 
 from vivace import _C
 from vivace.errors import VivaceError
+from vivace.model.int4 import Int4Linear, int4_supported
 from vivace.model.linear_plan import (
     ROW_BUCKETS,
     WIN_MARGIN,
@@ -42,7 +43,7 @@ from vivace.model.linear_plan import (
 )
 from vivace.model.transformer import StageTransformer
 
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "int4")
 PACK_MM_ALIGN = 32
 INT8_KERNELS = ("auto", "pack_mm", "amx", "vnni", "avx2")
 NATIVE_ISAS = {"amx": "amx_int8", "vnni": "avx512_vnni", "avx2": "avx2"}  # vivace's kernels by name -> _C.int8_linear's isa
@@ -180,22 +181,24 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{fused}"
 
 
-def quantize_linears(module: nn.Module) -> int:
-    """Replaces every nn.Linear below module with an Int8Linear; returns how many were replaced."""
+def quantize_linears(module: nn.Module, layer_type: type[Int8Linear] | type[Int4Linear] = Int8Linear) -> int:
+    """Replaces every nn.Linear below module with layer_type (Int8Linear or Int4Linear); returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear.from_linear(child))
+            setattr(module, name, layer_type.from_linear(child))
             count += 1
         else:
-            count += quantize_linears(child)
+            count += quantize_linears(child, layer_type)
     return count
 
 
-def quantize_stage(model: StageTransformer) -> int:
-    """The decoder layers' linears and the output heads of one StageTransformer (embeddings and norms stay); each
-    FFN's GELU moves into its first linear, which applies it in the same call (one torch op less per layer)."""
-    count = quantize_linears(model.layers) + quantize_linears(model.heads)
+def quantize_stage(model: StageTransformer, mode: str = "int8") -> int:
+    """The decoder layers' linears (int8, or 4-bit groups with mode "int4") and the output heads (int8 in both
+    modes) of one StageTransformer; embeddings and norms stay. Each FFN's GELU moves into its first linear, which
+    applies it in the same call (one torch op less per layer)."""
+    check_quantize(mode)
+    count = quantize_linears(model.layers, Int4Linear if mode == "int4" else Int8Linear) + quantize_linears(model.heads)
     for layer in model.layers:
         if layer.ffn.activation_name in FUSED_ACTIVATIONS:
             layer.ffn.fuse_activation()
@@ -287,6 +290,12 @@ def measured_amx_rows(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> di
     return chosen
 
 
+def quantize_mode(models: Iterable[nn.Module]) -> str | None:
+    """What quantize_stage made of models' layers (engine.info): "int4", "int8" or None."""
+    kinds = {type(m) for model in models for m in model.modules()}
+    return "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else None
+
+
 def amx_from_rows(models: Iterable[nn.Module]) -> dict[str, int]:
     """Where "vnni" layers switch to the amx kernel (engine.info): {"in x out": rows}."""
     found = {f"{m.in_features}x{m.out_features}": m.amx_from_rows
@@ -331,6 +340,14 @@ def check_int8_kernel(kernel: object, activations: torch.dtype = torch.float32) 
     return kernel  # type: ignore[return-value]
 
 
-def check_quantize(mode: str | None) -> None:
+def check_quantize(mode: str | None, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """mode None, "int8" or "int4"; "int4" where its kernel runs (the CPU, float32 activations, AVX-512 VNNI): its
+    fallback elsewhere dequantizes every layer on every call, slower than the float weights it replaces."""
     if mode is not None and mode not in QUANTIZE_MODES:
         raise VivaceError(f"unknown quantize mode {mode!r} (choose None or one of {', '.join(QUANTIZE_MODES)})")
+    if mode != "int4" or device is None:
+        return
+    if device.type != "cpu" or dtype != torch.float32:
+        raise VivaceError("quantize 'int4' runs on the CPU with dtype float32 only; use quantize 'int8' elsewhere")
+    if not int4_supported():
+        raise VivaceError("quantize 'int4' needs a CPU with AVX-512 VNNI, which this one does not have; use quantize 'int8'")
