@@ -1,9 +1,8 @@
 """4-bit group-wise weights for the stage transformers' layers (quantize="int4").
 
 Each weight row is cut into groups of 64 inputs, each group stored as 4-bit integers q in [-8, 7] with one bfloat16
-scale: w ≈ q * scale, scale = max|w_group| / 8 (rounded to bfloat16 before q is rounded, so the stored scale is the
-one q was made for). The group's largest magnitude lands on -8 exactly or clamps to 7: over Gaussian groups that errs
-8 % less (root mean square) than max / 7 with q in [-7, 7], which leaves a level unused. Half the bytes of int8 weights, plus 1/16 for the scales: a decode step at batch 1 streams
+scale: w ≈ q * scale, scale = max|w_group| / 7 (rounded to bfloat16 before q is rounded, so the stored scale is the
+one q was made for). Half the bytes of int8 weights, plus 1/16 for the scales: a decode step at batch 1 streams
 every weight once, so its linears take about half int8's time where memory bandwidth bounds them.
 
 The layers run vivace's kernel (csrc/int4_linear.cpp, AVX-512 VNNI): activations quantized per row and group of 64
@@ -23,7 +22,7 @@ from torch import nn
 from vivace import _C
 
 GROUP = 64  # inputs per scale (csrc/int4_linear.h kInt4Group)
-LEVELS = 8  # scale = max|w_group| / LEVELS, q in [-8, 7]
+LEVELS = 7  # |q| <= 7 from the scale; -8 only where bfloat16 rounding shrank the scale
 
 
 @functools.cache
