@@ -4,7 +4,7 @@ Bandwidth, measured here:
 - copy: dst.copy_(src) of a large float32 tensor, bytes read + bytes written per second;
 - GEMV: y = x W^T over a chain of [4096, 1024] / [1024, 4096] weights far larger than the caches, weight bytes
   per second, in float32 (F.linear, and vivace._C.float32_linear where it runs its AVX-512 form, as the native
-  decoder stack does), bfloat16 and int8 (vivace.model.quant.Int8Linear with each of its CPU kernels: torch's
+  decoder stack does), bfloat16 (F.linear; and "bf16-weights", _C.bfloat16_weight_linear, float32 activations) and int8 (vivace.model.quant.Int8Linear with each of its CPU kernels: torch's
   int8 pack mm on bfloat16 activations, and vivace's AMX, VNNI and AVX2 kernels where the CPU has them) and int4
   (vivace.model.int4.Int4Linear, AVX-512 VNNI: nibble and scale bytes), at 1 row and at 2 rows (a MusicGen guidance
   pair); on the CPU also the two int8 paths the engine does not take;
@@ -37,6 +37,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MODES = {
     "float32": ("float32", None), "bfloat16": ("bfloat16", None), "float16": ("float16", None),
     "int8": ("float32", "int8"), "int8+bf16": ("bfloat16", "int8"), "int4": ("float32", "int4"),
+    "bf16-weights": ("float32", "bfloat16"),
 }
 ENGINE_INT8_KINDS = ("int8", "int8 pack_mm", "int8 amx", "int8 vnni", "int8 avx2")  # the int8 layer as the engine runs it
 QUICK = {"copy_mib": 256, "gemv_layers": 8, "repeats": 5}
@@ -78,6 +79,10 @@ def gemv_bandwidth(
         elif kind == "float32 native":  # the native decoder stack's float32 linear
             weight = w.numpy()
             calls.append(lambda x=x.numpy(), weight=weight: _C.float32_linear(x, weight, None, torch.get_num_threads()))
+            weight_bytes += weight.nbytes
+        elif kind == "bf16-weights":  # the native decoder stack's float32 linear reading bfloat16 weights
+            weight = w.to(torch.bfloat16).view(torch.int16).numpy().view("uint16")
+            calls.append(lambda x=x.numpy(), weight=weight: _C.bfloat16_weight_linear(x, weight, None, torch.get_num_threads()))
             weight_bytes += weight.nbytes
         elif kind == "int4":  # 4-bit groups on vivace's kernel: nibbles and bfloat16 scales, one packed array
             linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
@@ -130,6 +135,8 @@ def step_bytes(config: TransformerConfig, mode: str, rows: int, context: float, 
         linear_bytes = layer_params // 2 + 2 * layer_params // GROUP + head_params + 2 * head_channels
     elif quantize == "int8":
         linear_bytes = layer_params + head_params + 2 * out_channels
+    elif quantize == "bfloat16":
+        linear_bytes = (layer_params + head_params) * 2
     else:
         linear_bytes = (layer_params + head_params) * base
     other = (layers * norms + 1) * norm_params * base + rows * config.num_codebooks * d * base
@@ -200,7 +207,7 @@ def run(options: Options) -> dict[str, Any]:
     copy = copy_bandwidth(device, settings["copy_mib"], settings["repeats"])
     release_memory()
     if device == "cpu":
-        native_float32 = ["float32 native"] if _C.float32_linear_fast() else []
+        native_float32 = ["float32 native", "bf16-weights"] if _C.float32_linear_fast() else []
         kinds = ["float32", *native_float32, "bfloat16", "int8 pack_mm", *(f"int8 {kernel}" for kernel in native_kernels()),
                  *(["int4"] if int4_supported() else []), "int8 pack_mm float32 activations", "int8 dequantize per call"]
     else:
@@ -209,7 +216,7 @@ def run(options: Options) -> dict[str, Any]:
     for kind in kinds:
         gemv[kind] = {}
         for rows in (1, 2):
-            engine_path = kind in ("float32", "float32 native", "bfloat16", "int4", *ENGINE_INT8_KINDS)
+            engine_path = kind in ("float32", "float32 native", "bf16-weights", "bfloat16", "int4", *ENGINE_INT8_KINDS)
             layers = settings["gemv_layers"] if engine_path else max(2, settings["gemv_layers"] // 4)
             gemv[kind][rows] = gemv_bandwidth(kind, rows, device, layers, max(3, settings["repeats"] // 2))
             release_memory()
@@ -223,7 +230,7 @@ def run(options: Options) -> dict[str, Any]:
 
     step_linears: dict[str, dict[str, float]] = {}
     if device == "cpu":  # the engine's own kernels on one decode step's real shapes, 2 rows (a guidance pair)
-        for kind in [k for k in kinds if k in ("float32", "float32 native", "int4", *ENGINE_INT8_KINDS[1:])]:
+        for kind in [k for k in kinds if k in ("float32", "float32 native", "bf16-weights", "int4", *ENGINE_INT8_KINDS[1:])]:
             step_linears[kind] = gemv_bandwidth(kind, 2, device, 0, max(3, settings["repeats"] // 2), musicgen_step_shapes())
             release_memory()
         print()

@@ -24,7 +24,8 @@ distributions (temperature 1, before top-k). Teacher forcing runs without a KV c
 KV cache dtype; "greedy prefix" can: each mode decodes the same prompts greedily on its own, and the figure is the
 share of float32's greedy frames it reproduces before its first differing token.
 - vivace with bfloat16 KV caches under float32 and int8 weights ("float32 kv-bf16", "int8 kv-bf16"; CPU only).
-- vivace with 4-bit group-wise layer weights and int8 heads ("int4", "int4 kv-bf16"; CPUs with AVX-512 VNNI).
+- vivace with 4-bit group-wise layer weights and int8 heads ("int4", "int4 kv-bf16"; CPUs with AVX-512 VNNI), and
+  with bfloat16 weights under float32 activations ("bf16-weights", quantize="bfloat16"; CPUs with AVX-512).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import ROOT, Options, PeakRSS, release_memory, table, write_result
-from vivace import AudioChunk, Engine, WindowFinished
+from vivace import AudioChunk, Engine, WindowFinished, _C
 from vivace.events import StageProgress
 from vivace.families.musicgen.pipeline import delayed_grid
 from vivace.model.int4 import int4_supported
@@ -62,6 +63,7 @@ MODES = {  # name: Engine.from_pack options
     "int8+bf16": {"dtype": "bfloat16", "quantize": "int8"},
     "float32 kv-bf16": {"dtype": "float32", "kv_cache_dtype": "bfloat16"},  # bfloat16 KV caches: CPU only
     "int8 kv-bf16": {"dtype": "float32", "quantize": "int8", "kv_cache_dtype": "bfloat16"},
+    "bf16-weights": {"dtype": "float32", "quantize": "bfloat16"},  # CPUs with AVX-512: float32 activations
     "int4": {"dtype": "float32", "quantize": "int4"},  # CPUs with AVX-512 VNNI: 4-bit layer weights, int8 heads
     "int4 kv-bf16": {"dtype": "float32", "quantize": "int4", "kv_cache_dtype": "bfloat16"},
 }
@@ -274,6 +276,8 @@ def run(options: Options) -> dict[str, Any]:
         modes = {mode: kwargs for mode, kwargs in modes.items() if "kv_cache_dtype" not in kwargs}
     if options.device != "cpu" or not int4_supported():
         modes = {mode: kwargs for mode, kwargs in modes.items() if kwargs.get("quantize") != "int4"}
+    if options.device != "cpu" or not _C.float32_linear_fast():
+        modes = {mode: kwargs for mode, kwargs in modes.items() if kwargs.get("quantize") != "bfloat16"}
     for mode, kwargs in modes.items():
         with PeakRSS() as memory:
             start = time.perf_counter()

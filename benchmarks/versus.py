@@ -4,7 +4,8 @@ The MusicGen-small-shaped random checkpoint of the musicgen suite (built and con
 prompt, seed 0, top-k 250, temperature 1, guidance 3.0, batch 1, clips of 2 s (--quick: 0.2 s) and 10 s. Every round
 runs every engine once, in the same order, after one untimed warm-up generation each; a figure is the median over
 the rounds (3; --quick 1). Engines: transformers float32 (MusicgenForConditionalGeneration.generate), and vivace in
-float32 and int8 (its kernels chosen by measurement) and int4 (4-bit layer weights, int8 heads; CPUs with AVX-512 VNNI), each with the decode steps' layers in one native call
+float32 and int8 (its kernels chosen by measurement) int4 (4-bit layer weights, int8 heads; CPUs with AVX-512 VNNI) and bfloat16 weights under float32 activations (CPUs
+with AVX-512), each with the decode steps' layers in one native call
 (vivace.model.decoder_stack; float32 natively where the CPU has AVX-512) and with the layers run from Python (float32
 on the linear plan measured on this machine, vivace.model.linear_plan), bfloat16, and int8 on torch's int8 pack mm
 alone. The machine record names the CPU model and its flags, torch's and transformers' versions.
@@ -20,7 +21,7 @@ import torch
 
 from benchmarks.common import Options, release_memory, table, write_result
 from benchmarks.musicgen_suite import GUIDANCE, PROMPTS, TOP_K, WARMUP_STEPS, ensure_models, tokenizer
-from vivace import Engine
+from vivace import Engine, _C
 from vivace.model.int4 import int4_supported
 
 VIVACE = {  # name: Engine.from_pack options
@@ -31,6 +32,7 @@ VIVACE = {  # name: Engine.from_pack options
     "vivace int8, Python layers": {"quantize": "int8", "native_layers": False},  # the same kernels, no native stack
     "vivace int8, pack_mm": {"quantize": "int8", "int8_kernel": "pack_mm"},
     "vivace int4": {"quantize": "int4"},  # 4-bit layer weights, int8 heads (CPUs with AVX-512 VNNI; else left out)
+    "vivace bfloat16 weights": {"quantize": "bfloat16"},  # float32 activations (CPUs with AVX-512; else left out)
 }
 
 
@@ -73,7 +75,8 @@ def run(options: Options) -> dict[str, Any]:
     durations = [0.2] if options.quick else [2.0, 10.0]
     rounds = 1 if options.quick else 3
     model = MusicgenForConditionalGeneration.from_pretrained(src).eval()
-    runnable = {name: kwargs for name, kwargs in VIVACE.items() if kwargs.get("quantize") != "int4" or int4_supported()}
+    kernels = {"int4": int4_supported(), "bfloat16": _C.float32_linear_fast()}  # where their modes run
+    runnable = {name: kwargs for name, kwargs in VIVACE.items() if kernels.get(kwargs.get("quantize"), True)}
     engines = {name: Engine.from_pack(pack, **kwargs) for name, kwargs in runnable.items()}
     calls = {"transformers float32": lambda s: transformers_generate(model, s)}
     calls.update({name: (lambda s, e=engine: vivace_generate(e, s)) for name, engine in engines.items()})

@@ -262,10 +262,12 @@ class DecoderStack {
       return linear;
     }
     if (fields.size() == 6) return parse_int4(fields, name);
+    if (fields.size() == 4) return parse_bfloat16(fields, name);
     if (fields.size() != 8)
       throw py::value_error(name + " must be (weight, bias, activation) for a float32 layer, (weight, scales, "
                                    "weight_sums, bias, isa, vnni_weight, amx_from_rows, activation) for an int8 one or "
-                                   "('int4', packed, bias, in_features, out_features, activation) for an int4 one");
+                                   "('int4', packed, bias, in_features, out_features, activation) for an int4 one or "
+                                   "('bfloat16', weight bits, bias, activation) for a bfloat16-weight one");
     const auto weight = typed_array<int8_t>(fields[0], (name + ".weight").c_str(), "int8", 2, false);
     held_.push_back(weight);
     Int8Linear& p = linear.int8;
@@ -307,6 +309,21 @@ class DecoderStack {
     Linear linear;
     linear.int4 = p;
     linear.activation = parse_activation(fields[5], name);
+    return linear;
+  }
+
+  // ("bfloat16", weight uint16 [out, in] holding bfloat16 bits, bias, activation): float32_linear on those weights.
+  Linear parse_bfloat16(const py::tuple& fields, const std::string& name) {
+    if (fields[0].cast<std::string>() != "bfloat16")
+      throw py::value_error(name + " has 4 fields but is not tagged 'bfloat16'");
+    const auto weight = typed_array<uint16_t>(fields[1], (name + ".weight").c_str(), "uint16 (bfloat16 bits)", 2, false);
+    held_.push_back(weight);
+    Float32Linear p{nullptr, nullptr, nullptr, nullptr, 0, weight.shape(1), weight.shape(0)};
+    p.weight_bf16 = weight.data();
+    if (!fields[2].is_none()) p.bias = keep_array<float>(fields[2], name + ".bias", "float32", 1, p.out_features);
+    Linear linear;
+    linear.float32 = p;
+    linear.activation = parse_activation(fields[3], name);
     return linear;
   }
 
@@ -542,7 +559,8 @@ void register_decoder_stack(py::module_& m) {
            "(weight float32 [out, in], bias float32 [out] or None, activation) or int8 ones (weight int8 [out, in],\n"
            "scales float32 [out], weight_sums int32 [out], bias or None, isa, vnni_weight or None, amx_from_rows\n"
            "(0: never), activation) or int4 ones ('int4', packed uint8 as int4_pack lays it out, bias or None,\n"
-           "in_features, out_features, activation), activation 'none' | 'gelu' | 'relu'; every array read in place and kept alive\n"
+           "in_features, out_features, activation) or bfloat16-weight ones ('bfloat16', weight uint16 [out, in] of\n"
+           "bfloat16 bits, bias or None, activation), activation 'none' | 'gelu' | 'relu'; every array read in place and kept alive\n"
            "by the stack. final_norm: (weight, bias, eps, rms) or None. output_heads: linears as above, each\n"
            "[vocab, d_model] with activation 'none' (the same vocab for every head), for logits().")
       .def_property_readonly("num_layers", &DecoderStack::num_layers)

@@ -108,8 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--threads", type=_threads, help=THREADS_HELP)
     gen.add_argument("--dtype", default="float32")
-    gen.add_argument("--quantize", choices=["int8", "int4"],
-                     help="int8 stage linears (see --int8-kernel), or int4: 4-bit group-wise layer weights, int8 heads (AVX-512 VNNI)")
+    gen.add_argument("--quantize", choices=["int8", "int4", "bfloat16"],
+                     help="int8 stage linears (see --int8-kernel); int4: 4-bit group-wise layer weights, int8 heads "
+                          "(AVX-512 VNNI); bfloat16: bfloat16 weights, float32 activations (AVX-512)")
     gen.add_argument("--codec-backend", default="auto", dest="codec_backend", help="auto | torch | onnxruntime | tensorrt")
     gen.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
                      help=LINEAR_HELP)
@@ -143,8 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, default=30.0, help="on SIGTERM: seconds running requests may finish")
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--dtype", default="float32")
-    serve.add_argument("--quantize", choices=["int8", "int4"],
-                     help="int8 stage linears (see --int8-kernel), or int4: 4-bit group-wise layer weights, int8 heads (AVX-512 VNNI)")
+    serve.add_argument("--quantize", choices=["int8", "int4", "bfloat16"],
+                     help="int8 stage linears (see --int8-kernel); int4: 4-bit group-wise layer weights, int8 heads "
+                          "(AVX-512 VNNI); bfloat16: bfloat16 weights, float32 activations (AVX-512)")
     serve.add_argument("--codec-backend", default="auto", dest="codec_backend")
     serve.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
                        help=LINEAR_HELP)

@@ -166,8 +166,10 @@ class Engine:
         native_layers: bool = True,
     ) -> Engine:
         """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codecs.backend.select_backend).
-        quantize: None, "int8" for int8 stage linears, or "int4" for 4-bit group-wise weights in the layers and int8
-        output heads (CPU with AVX-512 VNNI, dtype float32; see vivace.model.quant and vivace.model.int4).
+        quantize: None, "int8" for int8 stage linears, "int4" for 4-bit group-wise weights in the layers and int8
+        output heads (CPU with AVX-512 VNNI, dtype float32), or "bfloat16" for bfloat16 weights under float32
+        activations (CPU with AVX-512, dtype float32); see vivace.model.quant, vivace.model.int4 and
+        vivace.model.bf16_weights.
         steps_per_sync > 1: decode that many steps per host sync on the device (Triton sampling and advance, see
         vivace.core.device_decode); cuda_graphs: capture them as CUDA graphs. Both are for CUDA devices; the default
         (1, False) is the per-step path with the C++ decode batch.

@@ -47,11 +47,13 @@ def stage_model(weights: str, position: str, cross: bool, seed: int = 0) -> Stag
     return int8_model(position, cross, seed, mode=weights)
 
 
-# float32 layers run natively only where float32_linear has its AVX-512 form (elsewhere F.linear is faster); int4
-# layers (int8 heads) where the CPU has AVX-512 VNNI
+# float32 and bfloat16-weight layers run natively only where float32_linear has its AVX-512 form (elsewhere F.linear
+# is faster); int4 layers (int8 heads) where the CPU has AVX-512 VNNI
 WEIGHTS = ["int8", pytest.param("float32", marks=pytest.mark.skipif(
     not _C.float32_linear_fast(), reason="the native float32 linear's fast form needs AVX-512")),
-    pytest.param("int4", marks=pytest.mark.skipif(not int4_supported(), reason="the int4 kernel needs AVX-512 VNNI"))]
+    pytest.param("int4", marks=pytest.mark.skipif(not int4_supported(), reason="the int4 kernel needs AVX-512 VNNI")),
+    pytest.param("bfloat16", marks=pytest.mark.skipif(
+        not _C.float32_linear_fast(), reason="the bfloat16-weight kernel needs AVX-512"))]
 
 
 def cross_batch(model: StageTransformer, rows: list[int], tokens: list[int] | None = None) -> CrossBatch:
@@ -90,7 +92,7 @@ def test_native_stack_tracks_the_python_layers(position: str, cross: bool, cache
         model.native_decoder = stack
         native = drivers["native"].run(pieces, crosses)
         errors = [relative_error(native[row], reference[row]) for row in range(len(live))]
-        assert max(errors) <= (ROUNDING_BOUND if weights == "float32" else FLIP_BOUND)
+        assert max(errors) <= (ROUNDING_BOUND if weights in ("float32", "bfloat16") else FLIP_BOUND)
         assert sorted(errors)[len(errors) // 2] <= ROUNDING_BOUND
     python_pool, native_pool = drivers["python"].pool.data.float(), drivers["native"].pool.data.float()
     written = ~python_pool.isnan()

@@ -4,9 +4,10 @@ At small batches a decode step's kernels are short, so a layer's Python and its 
 residual adds, reshapes, the cross-attention over the text) weigh beside its linears (docs/performance.md, "The
 native decoder stack", has the measurements). Where every linear of the layers runs a native kernel (CPU, float32
 activations: an Int8Linear on vivace's int8 kernels, amx, vnni or avx2, chosen per layer as in Python; an Int4Linear
-on its AVX-512 VNNI kernel; or a float32 nn.Linear where vivace._C.float32_linear runs its AVX-512 form), the
+on its AVX-512 VNNI kernel; a float32 nn.Linear or a BFloat16Linear where vivace._C.float32_linear runs its AVX-512
+form), the
 decode steps run every layer in C++: those linears, the same KV writes and paged attention, norms, GELU and
-cross-attention of its own. Where the output heads are int8 layers on those kernels too, the stack also computes
+cross-attention of its own. Where the output heads are int8 or bfloat16-weight layers on those kernels too, the stack also computes
 the logits of all heads in one call (StageTransformer.native_heads), of every step, prefills' included: the same
 kernels on the same inputs, so the same bits as the heads called one by one. Prefills and the embeddings stay in
 Python.
@@ -24,6 +25,7 @@ from torch import nn
 
 from vivace import _C
 from vivace.kernels.cpu_paged_attention import cache_array
+from vivace.model.bf16_weights import BFloat16Linear
 from vivace.model.int4 import Int4Linear, int4_supported
 from vivace.model.quant import NATIVE_ISAS, Int8Linear, native_kernels
 from vivace.model.transformer import AttentionBatch, FeedForward, StageTransformer
@@ -39,6 +41,9 @@ def _norm(norm: nn.Module) -> tuple:
 
 
 def _linear(linear: nn.Module, activation: str = "none") -> tuple:
+    if isinstance(linear, BFloat16Linear):
+        weight, bias = linear.native_args()
+        return "bfloat16", weight, bias, activation
     if isinstance(linear, Int4Linear):
         packed, bias = linear.native_args()
         return "int4", packed, bias, linear.in_features, linear.out_features, activation
@@ -50,6 +55,8 @@ def _linear(linear: nn.Module, activation: str = "none") -> tuple:
 
 
 def _native_linear(linear: nn.Module) -> bool:
+    if isinstance(linear, BFloat16Linear):
+        return linear.weight.device.type == "cpu" and linear.weight.dtype == torch.bfloat16 and _C.float32_linear_fast()
     if isinstance(linear, Int4Linear):
         return linear.packed.device.type == "cpu" and int4_supported()
     if isinstance(linear, Int8Linear):
@@ -58,10 +65,12 @@ def _native_linear(linear: nn.Module) -> bool:
 
 
 def _native_heads(model: StageTransformer) -> list[tuple]:
-    """The output heads as the stack takes them where every one is an int8 layer on vivace's kernels, else none
-    (float32 heads stay F.linear's: _C.float32_linear would round differently, and tokens must not move)."""
+    """The output heads as the stack takes them where every one is an int8 or a bfloat16-weight layer on vivace's
+    kernels (the kernel the heads run one by one, so the same bits), else none (float32 heads stay F.linear's:
+    _C.float32_linear would round differently, and tokens must not move)."""
     heads = list(model.heads)
-    if heads and all(isinstance(h, Int8Linear) and h.activation == "none" and _native_linear(h) for h in heads):
+    native = (Int8Linear, BFloat16Linear)
+    if heads and all(isinstance(h, native) and h.activation == "none" and _native_linear(h) for h in heads):
         return [_linear(head) for head in heads]
     return []
 
@@ -74,10 +83,10 @@ def _fc1_activation(ffn: FeedForward) -> str:
 def unsupported(model: StageTransformer) -> str | None:
     """Why the native stack cannot run model's decode steps, or None where it can."""
     layers = list(model.layers)
-    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear | Int8Linear | Int4Linear)]
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear | Int8Linear | Int4Linear | BFloat16Linear)]
     if not all(_native_linear(m) for m in linears):
         return ("its linears are neither int8 on vivace's kernels (amx, vnni or avx2), int4 on a CPU with AVX-512 "
-                "VNNI, nor float32 on a CPU with AVX-512")
+                "VNNI, nor float32 or bfloat16-weight on a CPU with AVX-512")
     params = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
     if any(t.device.type != "cpu" for t in params):
         return "it is not on the CPU"

@@ -31,6 +31,7 @@ from torch import nn
 
 from vivace import _C
 from vivace.errors import VivaceError
+from vivace.model.bf16_weights import BFloat16Linear
 from vivace.model.int4 import Int4Linear, int4_supported
 from vivace.model.linear_plan import (
     ROW_BUCKETS,
@@ -43,7 +44,7 @@ from vivace.model.linear_plan import (
 )
 from vivace.model.transformer import StageTransformer
 
-QUANTIZE_MODES = ("int8", "int4")
+QUANTIZE_MODES = ("int8", "int4", "bfloat16")
 PACK_MM_ALIGN = 32
 INT8_KERNELS = ("auto", "pack_mm", "amx", "vnni", "avx2")
 NATIVE_ISAS = {"amx": "amx_int8", "vnni": "avx512_vnni", "avx2": "avx2"}  # vivace's kernels by name -> _C.int8_linear's isa
@@ -181,8 +182,9 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{fused}"
 
 
-def quantize_linears(module: nn.Module, layer_type: type[Int8Linear] | type[Int4Linear] = Int8Linear) -> int:
-    """Replaces every nn.Linear below module with layer_type (Int8Linear or Int4Linear); returns how many."""
+def quantize_linears(module: nn.Module, layer_type: type[Int8Linear | Int4Linear | BFloat16Linear] = Int8Linear) -> int:
+    """Replaces every nn.Linear below module with layer_type (Int8Linear, Int4Linear or BFloat16Linear); returns how
+    many."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
@@ -194,10 +196,12 @@ def quantize_linears(module: nn.Module, layer_type: type[Int8Linear] | type[Int4
 
 
 def quantize_stage(model: StageTransformer, mode: str = "int8") -> int:
-    """The decoder layers' linears (int8, or 4-bit groups with mode "int4") and the output heads (int8 in both
-    modes) of one StageTransformer; embeddings and norms stay. Each FFN's GELU moves into its first linear, which
-    applies it in the same call (one torch op less per layer)."""
+    """The decoder layers' linears (int8, 4-bit groups with mode "int4", bfloat16 with "bfloat16") and the output
+    heads (int8, or bfloat16 with "bfloat16") of one StageTransformer; embeddings and norms stay. In the int modes
+    each FFN's GELU moves into its first linear, which applies it in the same call (one torch op less per layer)."""
     check_quantize(mode)
+    if mode == "bfloat16":
+        return quantize_linears(model.layers, BFloat16Linear) + quantize_linears(model.heads, BFloat16Linear)
     count = quantize_linears(model.layers, Int4Linear if mode == "int4" else Int8Linear) + quantize_linears(model.heads)
     for layer in model.layers:
         if layer.ffn.activation_name in FUSED_ACTIVATIONS:
@@ -291,9 +295,10 @@ def measured_amx_rows(shapes: Iterable[tuple[int, int]], cache: PlanCache) -> di
 
 
 def quantize_mode(models: Iterable[nn.Module]) -> str | None:
-    """What quantize_stage made of models' layers (engine.info): "int4", "int8" or None."""
+    """What quantize_stage made of models' layers (engine.info): "int4", "int8", "bfloat16" or None."""
     kinds = {type(m) for model in models for m in model.modules()}
-    return "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else None
+    found = {Int4Linear: "int4", Int8Linear: "int8", BFloat16Linear: "bfloat16"}
+    return next((mode for kind, mode in found.items() if kind in kinds), None)
 
 
 def amx_from_rows(models: Iterable[nn.Module]) -> dict[str, int]:
@@ -341,13 +346,17 @@ def check_int8_kernel(kernel: object, activations: torch.dtype = torch.float32) 
 
 
 def check_quantize(mode: str | None, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
-    """mode None, "int8" or "int4"; "int4" where its kernel runs (the CPU, float32 activations, AVX-512 VNNI): its
-    fallback elsewhere dequantizes every layer on every call, slower than the float weights it replaces."""
+    """mode None, "int8", "int4" or "bfloat16"; "int4" and "bfloat16" where their kernels run (the CPU, float32
+    activations; AVX-512 VNNI for int4, AVX-512 for bfloat16 weights): their fallbacks elsewhere widen every layer's
+    weights on every call, slower than the float32 weights they replace."""
     if mode is not None and mode not in QUANTIZE_MODES:
         raise VivaceError(f"unknown quantize mode {mode!r} (choose None or one of {', '.join(QUANTIZE_MODES)})")
-    if mode != "int4" or device is None:
+    if mode not in ("int4", "bfloat16") or device is None:
         return
     if device.type != "cpu" or dtype != torch.float32:
-        raise VivaceError("quantize 'int4' runs on the CPU with dtype float32 only; use quantize 'int8' elsewhere")
-    if not int4_supported():
+        other = "quantize 'int8'" if mode == "int4" else "dtype 'bfloat16'"
+        raise VivaceError(f"quantize '{mode}' runs on the CPU with dtype float32 only; use {other} elsewhere")
+    if mode == "int4" and not int4_supported():
         raise VivaceError("quantize 'int4' needs a CPU with AVX-512 VNNI, which this one does not have; use quantize 'int8'")
+    if mode == "bfloat16" and not _C.float32_linear_fast():
+        raise VivaceError("quantize 'bfloat16' needs a CPU with AVX-512, which this one does not have; use quantize 'int8'")
