@@ -74,7 +74,8 @@ class Int4Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("packed", torch.from_numpy(_C.int4_pack(q.contiguous().numpy(), scales.float().contiguous().numpy())))
+        packed = _C.int4_pack(q.cpu().contiguous().numpy(), scales.cpu().float().contiguous().numpy())
+        self.register_buffer("packed", torch.from_numpy(packed))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.activation = "none"  # "gelu": this layer applies GELU to its outputs (FeedForward.fuse_activation)
         self._native_args: tuple | None = None
