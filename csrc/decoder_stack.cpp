@@ -256,7 +256,7 @@ class DecoderStack {
       const auto weight = typed_array<float>(fields[0], (name + ".weight").c_str(), "float32", 2, false);
       held_.push_back(weight);
       Float32Linear p{nullptr, weight.data(), nullptr, nullptr, 0, weight.shape(1), weight.shape(0)};
-      if (!fields[1].is_none()) p.bias = keep_array<float>(fields[1], name + ".bias", "float32", 1, p.out_features);
+      p.bias = optional_bias_of(fields[1], name, p.out_features);
       linear.float32 = p;
       linear.activation = parse_activation(fields[2], name);
       return linear;
@@ -276,7 +276,7 @@ class DecoderStack {
     p.in_features = weight.shape(1);
     p.scales = keep_array<float>(fields[1], name + ".scales", "float32", 1, p.out_features);
     p.weight_sums = keep_array<int32_t>(fields[2], name + ".weight_sums", "int32", 1, p.out_features);
-    if (!fields[3].is_none()) p.bias = keep_array<float>(fields[3], name + ".bias", "float32", 1, p.out_features);
+    p.bias = optional_bias_of(fields[3], name, p.out_features);
     linear.isa = fields[4].cast<std::string>();
     if (!fields[5].is_none()) {
       const auto packed = typed_array<int8_t>(fields[5], (name + ".vnni_weight").c_str(), "int8", 4, false);
@@ -305,11 +305,15 @@ class DecoderStack {
                             std::to_string(p.out_features) + ", " + std::to_string(p.in_features) + "] weight");
     held_.push_back(packed);
     p.packed = packed.data();
-    if (!fields[2].is_none()) p.bias = keep_array<float>(fields[2], name + ".bias", "float32", 1, p.out_features);
+    p.bias = optional_bias_of(fields[2], name, p.out_features);
     Linear linear;
     linear.int4 = p;
     linear.activation = parse_activation(fields[5], name);
     return linear;
+  }
+
+  const float* optional_bias_of(py::handle bias, const std::string& name, int64_t out_features) {
+    return bias.is_none() ? nullptr : keep_array<float>(bias, name + ".bias", "float32", 1, out_features);
   }
 
   // ("bfloat16", weight uint16 [out, in] holding bfloat16 bits, bias, activation): float32_linear on those weights.
@@ -320,11 +324,8 @@ class DecoderStack {
     held_.push_back(weight);
     Float32Linear p{nullptr, nullptr, nullptr, nullptr, 0, weight.shape(1), weight.shape(0)};
     p.weight_bf16 = weight.data();
-    if (!fields[2].is_none()) p.bias = keep_array<float>(fields[2], name + ".bias", "float32", 1, p.out_features);
-    Linear linear;
-    linear.float32 = p;
-    linear.activation = parse_activation(fields[3], name);
-    return linear;
+    p.bias = optional_bias_of(fields[2], name, p.out_features);
+    return {Int8Linear{}, "", 0, p, std::nullopt, parse_activation(fields[3], name)};
   }
 
   Layer parse_layer(const py::dict& fields, py::size_t index) {

@@ -9,6 +9,7 @@
 
 #include "gelu.h"
 #include "numpy_args.h"
+#include "row_blocks.h"
 #include "thread_pool.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -225,11 +226,7 @@ void block(const Int4Linear& p, const QuantizedGroups& q, int64_t b, int64_t r0)
 void run(const Int4Linear& p, int threads) {
   const QuantizedGroups q = quantize_groups(p.x, p.rows, p.in_features);
   parallel_for(blocks_of(p.out_features), threads, [&](int64_t b) {
-    int64_t r = 0;
-    for (; r + 4 <= p.rows; r += 4) block<4>(p, q, b, r);
-    if (p.rows - r == 3) block<3>(p, q, b, r);
-    if (p.rows - r == 2) block<2>(p, q, b, r);
-    if (p.rows - r == 1) block<1>(p, q, b, r);
+    for_row_blocks_of_4(p.rows, [&](auto rows, int64_t r) { block<decltype(rows)::value>(p, q, b, r); });
   });
 }
 

@@ -12,6 +12,7 @@
 
 #include "gelu.h"
 #include "numpy_args.h"
+#include "row_blocks.h"
 #include "thread_pool.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -172,11 +173,7 @@ void run(const Int8Linear& unpacked, int threads) {
   const Int8Linear p = with_packed_weights(unpacked, storage);
   const QuantizedRows q = quantize_rows(p.x, p.rows, p.in_features);
   parallel_for((p.out_features + kItemChannels - 1) / kItemChannels, threads, [&](int64_t group) {
-    int64_t r = 0;
-    for (; r + 4 <= p.rows; r += 4) packed_block<4>(p, q, group, r);
-    if (p.rows - r == 3) packed_block<3>(p, q, group, r);
-    if (p.rows - r == 2) packed_block<2>(p, q, group, r);
-    if (p.rows - r == 1) packed_block<1>(p, q, group, r);
+    for_row_blocks_of_4(p.rows, [&](auto rows, int64_t r) { packed_block<decltype(rows)::value>(p, q, group, r); });
   });
 }
 
