@@ -6,7 +6,7 @@ Bandwidth, measured here:
   per second, in float32 (F.linear, and vivace._C.float32_linear where it runs its AVX-512 form, as the native
   decoder stack does), bfloat16 (F.linear; and "bf16-weights", _C.bfloat16_weight_linear, float32 activations) and int8 (vivace.model.quant.Int8Linear with each of its CPU kernels: torch's
   int8 pack mm on bfloat16 activations, and vivace's AMX, VNNI and AVX2 kernels where the CPU has them) and int4
-  (vivace.model.int4.Int4Linear, AVX-512 VNNI: nibble and scale bytes), at 1 row and at 2 rows (a MusicGen guidance
+  (vivace.model.int4.Int4Linear: nibble and scale bytes), at 1 row and at 2 rows (a MusicGen guidance
   pair); on the CPU also the two int8 paths the engine does not take;
 - on the CPU, one MusicGen-small decode step's linears (24 layers of qkv, o, cross-attention q and o, fc1, fc2 at
   their real shapes, 2 rows) through each of the engine's float32, int8 and int4 kernels: ms per step's linears.

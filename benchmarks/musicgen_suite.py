@@ -24,7 +24,7 @@ distributions (temperature 1, before top-k). Teacher forcing runs without a KV c
 KV cache dtype; "greedy prefix" can: each mode decodes the same prompts greedily on its own, and the figure is the
 share of float32's greedy frames it reproduces before its first differing token.
 - vivace with bfloat16 KV caches under float32 and int8 weights ("float32 kv-bf16", "int8 kv-bf16"; CPU only).
-- vivace with 4-bit group-wise layer weights and int8 heads ("int4", "int4 kv-bf16"; CPUs with AVX-512 VNNI), and
+- vivace with 4-bit group-wise layer weights and int8 heads ("int4", "int4 kv-bf16"; CPUs with AVX-512 VNNI or AVX2), and
   with bfloat16 weights under float32 activations ("bf16-weights", quantize="bfloat16"; CPUs with AVX-512).
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ MODES = {  # name: Engine.from_pack options
     "float32 kv-bf16": {"dtype": "float32", "kv_cache_dtype": "bfloat16"},  # bfloat16 KV caches: CPU only
     "int8 kv-bf16": {"dtype": "float32", "quantize": "int8", "kv_cache_dtype": "bfloat16"},
     "bf16-weights": {"dtype": "float32", "quantize": "bfloat16"},  # CPUs with AVX-512: float32 activations
-    "int4": {"dtype": "float32", "quantize": "int4"},  # CPUs with AVX-512 VNNI: 4-bit layer weights, int8 heads
+    "int4": {"dtype": "float32", "quantize": "int4"},  # CPUs with AVX-512 VNNI or AVX2: 4-bit layer weights, int8 heads
     "int4 kv-bf16": {"dtype": "float32", "quantize": "int4", "kv_cache_dtype": "bfloat16"},
 }
 # on CUDA also: bfloat16 with 16 decode steps per host sync replayed as CUDA graphs (vivace.core.device_decode)

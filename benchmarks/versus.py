@@ -4,7 +4,7 @@ The MusicGen-small-shaped random checkpoint of the musicgen suite (built and con
 prompt, seed 0, top-k 250, temperature 1, guidance 3.0, batch 1, clips of 2 s (--quick: 0.2 s) and 10 s. Every round
 runs every engine once, in the same order, after one untimed warm-up generation each; a figure is the median over
 the rounds (3; --quick 1). Engines: transformers float32 (MusicgenForConditionalGeneration.generate), and vivace in
-float32 and int8 (its kernels chosen by measurement) int4 (4-bit layer weights, int8 heads; CPUs with AVX-512 VNNI) and bfloat16 weights under float32 activations (CPUs
+float32 and int8 (its kernels chosen by measurement) int4 (4-bit layer weights, int8 heads; CPUs with AVX-512 VNNI or AVX2) and bfloat16 weights under float32 activations (CPUs
 with AVX-512), each with the decode steps' layers in one native call
 (vivace.model.decoder_stack; float32 natively where the CPU has AVX-512) and with the layers run from Python (float32
 on the linear plan measured on this machine, vivace.model.linear_plan), bfloat16, and int8 on torch's int8 pack mm
@@ -31,7 +31,7 @@ VIVACE = {  # name: Engine.from_pack options
     "vivace int8": {"quantize": "int8"},  # each layer shape on the faster kernel measured here (vivace.model.quant)
     "vivace int8, Python layers": {"quantize": "int8", "native_layers": False},  # the same kernels, no native stack
     "vivace int8, pack_mm": {"quantize": "int8", "int8_kernel": "pack_mm"},
-    "vivace int4": {"quantize": "int4"},  # 4-bit layer weights, int8 heads (CPUs with AVX-512 VNNI; else left out)
+    "vivace int4": {"quantize": "int4"},  # 4-bit layer weights, int8 heads (CPUs with AVX-512 VNNI or AVX2; else left out)
     "vivace bfloat16 weights": {"quantize": "bfloat16"},  # float32 activations (CPUs with AVX-512; else left out)
 }
 

@@ -294,7 +294,7 @@ class DecoderStack {
   // activation).
   Linear parse_int4(const py::tuple& fields, const std::string& name) {
     if (fields[0].cast<std::string>() != "int4") throw py::value_error(name + " has 6 fields but is not tagged 'int4'");
-    if (!int4_linear_supported()) throw py::value_error(name + " is int4, which needs AVX-512 VNNI");
+    if (int4_linear_isas().empty()) throw py::value_error(name + " is int4, which needs AVX-512 VNNI or AVX2");
     Int4Linear p{};
     p.in_features = fields[3].cast<int64_t>();
     p.out_features = fields[4].cast<int64_t>();

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <pybind11/stl.h>
+
 #include "gelu.h"
 #include "numpy_args.h"
 #include "row_blocks.h"
@@ -93,11 +95,6 @@ void unpack(const uint8_t* packed, int64_t out_features, int64_t in_features, in
   }
 }
 
-#ifdef VIVACE_X86
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
-namespace avx512_vnni {
-
 // Rows of activations as int8 per group of 64 inputs: x ~ values * scale[g], and offset[g] = 8 * the group's sum of
 // values, which takes the nibbles' +8 out of the int32 sums.
 struct QuantizedGroups {
@@ -106,6 +103,38 @@ struct QuantizedGroups {
   std::vector<float> scale;  // [rows, groups]
   std::vector<int32_t> offset;  // [rows, groups]
 };
+
+// quantize_groups' values without vector instructions: the largest magnitude is the same whatever the order, and
+// std::nearbyint rounds to nearest even in the default mode, as vcvtps2dq does.
+QuantizedGroups quantize_groups_portable(const float* x, int64_t rows, int64_t in) {
+  const int64_t groups = groups_of(in), stride = groups * kInt4Group;
+  QuantizedGroups q{groups, std::vector<int8_t>(rows * stride, 0), std::vector<float>(rows * groups),
+                    std::vector<int32_t>(rows * groups)};
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * kInt4Group, length = std::min(kInt4Group, in - k0);
+      const float* src = x + r * in + k0;
+      float magnitude = 0.0f;
+      for (int64_t k = 0; k < length; ++k) magnitude = std::max(magnitude, std::fabs(src[k]));
+      const float scale = magnitude > 0.0f ? magnitude / 127.0f : 1.0f;
+      const float inverse = 1.0f / scale;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < length; ++k) {
+        const int32_t value = std::clamp(static_cast<int32_t>(std::nearbyint(src[k] * inverse)), -127, 127);
+        q.values[r * stride + k0 + k] = static_cast<int8_t>(value);
+        sum += value;
+      }
+      q.scale[r * groups + g] = scale;
+      q.offset[r * groups + g] = 8 * sum;
+    }
+  }
+  return q;
+}
+
+#ifdef VIVACE_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+namespace avx512_vnni {
 
 // x * (1 / scale) rounds to nearest even (the default MXCSR mode), as torch.round; an all-zero group has scale 1.
 QuantizedGroups quantize_groups(const float* x, int64_t rows, int64_t in) {
@@ -234,12 +263,127 @@ void run(const Int4Linear& p, int threads) {
 #pragma GCC pop_options
 #endif
 
+#ifdef VIVACE_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+
+// The VNNI kernel's arithmetic on AVX2: vpmaddubsw multiplies the unsigned nibbles by the int8 activations into
+// int16 pairs, exact here (|15 * 127 * 2| < 2**15, where int8 x int8 would saturate), and vpmaddwd by ones sums
+// them into int32 lanes of 4 products: vpdpbusd's sums. The groups fold into float32 with the same fused
+// multiply-adds in the same order, so the outputs are the VNNI kernel's bits. Sixteen ymm registers hold two rows
+// against 32 channels: a block runs as two halves of 32 channels, reading 128 of each pair's 256 bytes.
+
+inline __m256i broadcast4(const int8_t* x) {
+  int32_t four;
+  std::memcpy(&four, x, sizeof four);
+  return _mm256_set1_epi32(four);
+}
+
+inline __m256 load_scales(const uint8_t* at) {  // 8 bfloat16 -> float32
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+// kRows (1-2) rows r0.. against channels 32 * half .. + 32 of block b, into f[row][channel of the block].
+template <int kRows>
+void half_block(const Int4Linear& p, const QuantizedGroups& q, int64_t b, int64_t half, int64_t r0, float (*f)[kInt4Block]) {
+  const int64_t groups = q.groups, stride = groups * kInt4Group;
+  const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const uint8_t* w = p.packed + b * groups * kInt4GroupBytes;
+  for (int64_t g = 0; g < groups; ++g, w += kInt4GroupBytes) {
+    __m256i acc[kRows][4];
+    for (auto& row : acc)
+      for (auto& lane : row) lane = _mm256_setzero_si256();
+    const int8_t* x = q.values.data() + r0 * stride + g * kInt4Group;
+    for (int64_t pair = 0; pair < kPairs; ++pair) {
+      const uint8_t* wp = w + pair * 256 + half * 128;
+      for (int v = 0; v < 4; ++v) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * v));
+        const __m256i low = _mm256_and_si256(bytes, nibble), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+        for (int r = 0; r < kRows; ++r) {
+          const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(low, broadcast4(x + r * stride + pair * 8)), ones);
+          const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(high, broadcast4(x + r * stride + pair * 8 + 4)), ones);
+          acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_add_epi32(lo, hi));
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t at = (r0 + r) * groups + g;
+      const __m256i offset = _mm256_set1_epi32(q.offset[at]);
+      const __m256 x_scale = _mm256_set1_ps(q.scale[at]);
+      for (int v = 0; v < 4; ++v) {
+        float* lanes = f[r] + half * 32 + 8 * v;
+        const __m256 scale = _mm256_mul_ps(load_scales(w + kNibbleBytes + 2 * (half * 32 + 8 * v)), x_scale);
+        const __m256 sum = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][v], offset));
+        _mm256_storeu_ps(lanes, _mm256_fmadd_ps(sum, scale, _mm256_loadu_ps(lanes)));
+      }
+    }
+  }
+}
+
+template <int kRows>
+void block(const Int4Linear& p, const QuantizedGroups& q, int64_t b, int64_t r0) {
+  float f[kRows][kInt4Block] = {};
+  half_block<kRows>(p, q, b, 0, r0, f);
+  half_block<kRows>(p, q, b, 1, r0, f);
+  const int64_t n0 = b * kInt4Block, valid = std::min(kInt4Block, p.out_features - n0);
+  for (int r = 0; r < kRows; ++r)
+    for (int64_t c = 0; c < valid; ++c)
+      p.out[(r0 + r) * p.out_features + n0 + c] = p.bias ? f[r][c] + p.bias[n0 + c] : f[r][c];
+}
+
+void run(const Int4Linear& p, int threads) {
+  const QuantizedGroups q = quantize_groups_portable(p.x, p.rows, p.in_features);
+  parallel_for(blocks_of(p.out_features), threads, [&](int64_t b) {
+    int64_t r = 0;
+    for (; r + 2 <= p.rows; r += 2) block<2>(p, q, b, r);
+    if (r < p.rows) block<1>(p, q, b, r);
+  });
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+struct Isa {
+  const char* name;
+  void (*run)(const Int4Linear&, int threads);
+};
+
+const std::vector<Isa>& supported() {
+  static const std::vector<Isa> isas = [] {
+    std::vector<Isa> found;
+#ifdef VIVACE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
+      found.push_back({"avx512_vnni", &avx512_vnni::run});
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) found.push_back({"avx2", &avx2::run});
+#endif
+    return found;
+  }();
+  return isas;
+}
+
+// The fastest instruction set for "auto", else the one named; std::invalid_argument (ValueError) where it is none
+// this CPU runs.
+const Isa& find(const std::string& name) {
+  const std::vector<Isa>& isas = supported();
+  if (isas.empty()) throw std::invalid_argument("int4_linear needs AVX-512 VNNI or AVX2, which this CPU does not have");
+  if (name == "auto") return isas.front();
+  for (const Isa& isa : isas)
+    if (name == isa.name) return isa;
+  std::string known;
+  for (const Isa& isa : isas) known += std::string(known.empty() ? "" : ", ") + isa.name;
+  throw std::invalid_argument("int4_linear isa '" + name + "' does not run on this CPU (it runs auto, " + known + ")");
+}
+
 py::array_t<float> linear(py::handle x_object, py::handle packed_object, int64_t out_features, py::object bias_object,
-                          int num_threads, const std::string& activation) {
+                          int num_threads, const std::string& activation, const std::string& isa) {
   if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
   if (activation != "none" && activation != "gelu")
     throw py::value_error("activation must be 'none' or 'gelu', got '" + activation + "'");
-  if (!int4_linear_supported()) throw py::value_error("int4_linear needs AVX-512 VNNI, which this CPU does not have");
+  const Isa& chosen = find(isa);  // before any work: an unknown or missing isa is the caller's error
   const auto x = typed_array<float>(x_object, "x", "float32", 2, true);
   const auto packed = typed_array<uint8_t>(packed_object, "packed", "uint8", 3, false);
   const int64_t rows = x.shape(0), in = x.shape(1);
@@ -254,7 +398,7 @@ py::array_t<float> linear(py::handle x_object, py::handle packed_object, int64_t
                            rows, in, out_features};
   {
     py::gil_scoped_release release;
-    int4_linear(problem, num_threads);
+    chosen.run(problem, num_threads);
     if (activation == "gelu") gelu_inplace(problem.out, rows * out_features);
   }
   return out;
@@ -290,40 +434,31 @@ py::tuple unpack_array(py::handle packed_object, int64_t out_features, int64_t i
 
 }  // namespace
 
-bool int4_linear_supported() {
-#ifdef VIVACE_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
-#endif
+std::vector<std::string> int4_linear_isas() {
+  std::vector<std::string> names;
+  for (const Isa& isa : supported()) names.emplace_back(isa.name);
+  return names;
 }
 
-void int4_linear(const Int4Linear& problem, int threads) {
-#ifdef VIVACE_X86
-  if (int4_linear_supported()) {
-    avx512_vnni::run(problem, std::max(1, threads));
-    return;
-  }
-#endif
-  throw std::invalid_argument("int4_linear needs AVX-512 VNNI, which this CPU does not have");
+void int4_linear(const Int4Linear& problem, int threads, const std::string& isa) {
+  find(isa).run(problem, std::max(1, threads));
 }
 
 void register_int4_linear(py::module_& m) {
   m.def("int4_linear", &linear, py::arg("x"), py::arg("packed"), py::arg("out_features"), py::arg("bias") = py::none(),
-        py::arg("num_threads") = 1, py::arg("activation") = "none",
+        py::arg("num_threads") = 1, py::arg("activation") = "none", py::arg("isa") = "auto",
         "A linear layer with 4-bit group-wise weights (int4_pack): x float32 [rows, in] is quantized per row and\n"
         "group of 64 inputs to symmetric int8, each group's products with the weights summed exactly in int32 and\n"
         "scaled by the group's weight and activation scales, the groups added in order (+ bias). activation 'gelu'\n"
-        "applies torch's exact GELU to the outputs. Needs AVX-512 VNNI. Returns float32 [rows, out_features].");
+        "applies torch's exact GELU to the outputs. isa: 'auto' (the fastest) or one of int4_linear_isas(); every\n"
+        "one gives the same bits. Returns float32 [rows, out_features].");
   m.def("int4_pack", &pack_array, py::arg("q"), py::arg("scales"),
         "q int8 [out, in] in [-8, 7] and scales float32 [out, ceil(in / 64)] (rounded to bfloat16) -> uint8\n"
         "[ceil(out / 64), ceil(in / 64), 2176]: per block of 64 channels and group of 64 inputs, the nibbles q + 8\n"
         "as int4_linear reads them, then the 64 scales.");
   m.def("int4_unpack", &unpack_array, py::arg("packed"), py::arg("out_features"), py::arg("in_features"),
         "int4_pack's inverse: (q int8 [out, in], scales float32 [out, ceil(in / 64)], the bfloat16 values).");
-  m.def("int4_linear_supported", &int4_linear_supported, "Whether this CPU runs int4_linear (AVX-512 VNNI).");
+  m.def("int4_linear_isas", &int4_linear_isas, "The instruction sets int4_linear runs on this CPU, best first.");
 }
 
 }  // namespace vivace

@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--quantize", choices=["int8", "int4", "bfloat16"],
                      help="int8 stage linears (see --int8-kernel); int4: 4-bit group-wise layer weights, int8 heads "
-                          "(AVX-512 VNNI); bfloat16: bfloat16 weights, float32 activations (AVX-512)")
+                          "(AVX-512 VNNI or AVX2); bfloat16: bfloat16 weights, float32 activations (AVX-512)")
     gen.add_argument("--codec-backend", default="auto", dest="codec_backend", help="auto | torch | onnxruntime | tensorrt")
     gen.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
                      help=LINEAR_HELP)
@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="float32")
     serve.add_argument("--quantize", choices=["int8", "int4", "bfloat16"],
                      help="int8 stage linears (see --int8-kernel); int4: 4-bit group-wise layer weights, int8 heads "
-                          "(AVX-512 VNNI); bfloat16: bfloat16 weights, float32 activations (AVX-512)")
+                          "(AVX-512 VNNI or AVX2); bfloat16: bfloat16 weights, float32 activations (AVX-512)")
     serve.add_argument("--codec-backend", default="auto", dest="codec_backend")
     serve.add_argument("--linear-products", default="auto", dest="linear_products", choices=["auto", "linear", "matmul"],
                        help=LINEAR_HELP)

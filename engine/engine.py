@@ -167,7 +167,7 @@ class Engine:
     ) -> Engine:
         """codec_backend: "auto" | "torch" | "onnxruntime" | "tensorrt" (see vivace.codecs.backend.select_backend).
         quantize: None, "int8" for int8 stage linears, "int4" for 4-bit group-wise weights in the layers and int8
-        output heads (CPU with AVX-512 VNNI, dtype float32), or "bfloat16" for bfloat16 weights under float32
+        output heads (CPU with AVX-512 VNNI or AVX2, dtype float32), or "bfloat16" for bfloat16 weights under float32
         activations (CPU with AVX-512, dtype float32); see vivace.model.quant, vivace.model.int4 and
         vivace.model.bf16_weights.
         steps_per_sync > 1: decode that many steps per host sync on the device (Triton sampling and advance, see

@@ -48,10 +48,10 @@ def stage_model(weights: str, position: str, cross: bool, seed: int = 0) -> Stag
 
 
 # float32 and bfloat16-weight layers run natively only where float32_linear has its AVX-512 form (elsewhere F.linear
-# is faster); int4 layers (int8 heads) where the CPU has AVX-512 VNNI
+# is faster); int4 layers (int8 heads) where the CPU has AVX-512 VNNI or AVX2
 WEIGHTS = ["int8", pytest.param("float32", marks=pytest.mark.skipif(
     not _C.float32_linear_fast(), reason="the native float32 linear's fast form needs AVX-512")),
-    pytest.param("int4", marks=pytest.mark.skipif(not int4_supported(), reason="the int4 kernel needs AVX-512 VNNI")),
+    pytest.param("int4", marks=pytest.mark.skipif(not int4_supported(), reason="the int4 kernel needs AVX-512 VNNI or AVX2")),
     pytest.param("bfloat16", marks=pytest.mark.skipif(
         not _C.float32_linear_fast(), reason="the bfloat16-weight kernel needs AVX-512"))]
 

@@ -28,10 +28,10 @@ from torch import nn
 from vivace import Engine, VivaceError, _C
 from vivace.cli import main
 from vivace.export.musicgen import convert_musicgen
-from vivace.model.int4 import GROUP, Int4Linear, dequantize_int4, int4_reference, int4_supported, quantize_int4
+from vivace.model.int4 import GROUP, Int4Linear, dequantize_int4, int4_isas, int4_reference, int4_supported, quantize_int4
 from vivace.model.quant import Int8Linear, quantize_stage
 
-needs_int4 = pytest.mark.skipif(not int4_supported(), reason="vivace's int4 kernel needs AVX-512 VNNI")
+needs_int4 = pytest.mark.skipif(not int4_supported(), reason="vivace's int4 kernel needs AVX-512 VNNI or AVX2")
 SHAPES = [(1024, 4096, False), (4096, 1024, True), (64, 64, True), (130, 37, True), (17, 200, False), (96, 1, True)]
 
 
@@ -80,15 +80,30 @@ def test_int4_kernel_matches_its_reference_and_the_dequantized_product(out_featu
         assert ((out.double() - exact).norm() / exact.norm()).item() <= 1.5e-2
 
 
+@pytest.mark.parametrize("out_features,in_features,bias", SHAPES)
+def test_every_int4_instruction_set_gives_the_same_bits(out_features: int, in_features: int, bias: bool) -> None:
+    """AVX2 sums each group exactly as vpdpbusd does (vpmaddubsw cannot saturate on nibbles) and folds the groups
+    with the same fused multiply-adds in the same order."""
+    if len(int4_isas()) < 2:
+        pytest.skip(f"this CPU runs one int4 instruction set ({', '.join(int4_isas()) or 'none'})")
+    _, quantized = layer(out_features, in_features, bias, seed=3)
+    packed, b = quantized.native_args()
+    for rows in (1, 2, 3, 7):
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).numpy()
+        outputs = [_C.int4_linear(x, packed, out_features, b, 2, "none", isa) for isa in int4_isas()]
+        assert all(np.array_equal(out, outputs[0]) for out in outputs[1:])
+
+
 @needs_int4
 def test_int4_rows_do_not_depend_on_the_batch_or_the_threads() -> None:
     _, quantized = layer(200, 300, True, seed=1)
     packed, bias = quantized.native_args()
     x = torch.randn(9, 300, generator=torch.Generator().manual_seed(2)).numpy()
-    together = _C.int4_linear(x, packed, 200, bias, 1)
-    assert np.array_equal(_C.int4_linear(x, packed, 200, bias, 2), together)
-    for r in range(9):
-        assert np.array_equal(_C.int4_linear(x[r:r + 1], packed, 200, bias, 2)[0], together[r])
+    for isa in int4_isas():
+        together = _C.int4_linear(x, packed, 200, bias, 1, "none", isa)
+        assert np.array_equal(_C.int4_linear(x, packed, 200, bias, 2, "none", isa), together)
+        for r in range(9):
+            assert np.array_equal(_C.int4_linear(x[r:r + 1], packed, 200, bias, 2, "none", isa)[0], together[r])
 
 
 @needs_int4
@@ -126,6 +141,7 @@ def test_int4_arguments_are_refused_in_one_line() -> None:
             (lambda: _C.int4_linear(x, packed, 4, torch.zeros(3).numpy()), "bias (3,) must have one value per weight row (4)"),
             (lambda: _C.int4_linear(x, packed, 4, None, 0), "num_threads must be >= 1"),
             (lambda: _C.int4_linear(x, packed, 4, None, 1, "tanh"), "activation must be 'none' or 'gelu'"),
+            (lambda: _C.int4_linear(x, packed, 4, None, 1, "none", "sse2"), "int4_linear isa 'sse2' does not run on this CPU"),
         ]
     for call, expected in cases:
         with pytest.raises(ValueError, match=re.escape(expected)) as error:

@@ -4,7 +4,7 @@ At small batches a decode step's kernels are short, so a layer's Python and its 
 residual adds, reshapes, the cross-attention over the text) weigh beside its linears (docs/performance.md, "The
 native decoder stack", has the measurements). Where every linear of the layers runs a native kernel (CPU, float32
 activations: an Int8Linear on vivace's int8 kernels, amx, vnni or avx2, chosen per layer as in Python; an Int4Linear
-on its AVX-512 VNNI kernel; a float32 nn.Linear or a BFloat16Linear where vivace._C.float32_linear runs its AVX-512
+on its AVX-512 VNNI or AVX2 kernel; a float32 nn.Linear or a BFloat16Linear where vivace._C.float32_linear runs its AVX-512
 form), the
 decode steps run every layer in C++: those linears, the same KV writes and paged attention, norms, GELU and
 cross-attention of its own. Where the output heads are int8 or bfloat16-weight layers on those kernels too, the stack also computes
@@ -85,8 +85,8 @@ def unsupported(model: StageTransformer) -> str | None:
     layers = list(model.layers)
     linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear | Int8Linear | Int4Linear | BFloat16Linear)]
     if not all(_native_linear(m) for m in linears):
-        return ("its linears are neither int8 on vivace's kernels (amx, vnni or avx2), int4 on a CPU with AVX-512 "
-                "VNNI, nor float32 or bfloat16-weight on a CPU with AVX-512")
+        return ("its linears are neither int8 or int4 on vivace's kernels (amx, vnni or avx2), nor float32 or "
+                "bfloat16-weight on a CPU with AVX-512")
     params = [p for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
     if any(t.device.type != "cpu" for t in params):
         return "it is not on the CPU"

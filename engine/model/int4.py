@@ -5,9 +5,9 @@ scale: w ≈ q * scale, scale = max|w_group| / 7 (rounded to bfloat16 before q i
 one q was made for). Half the bytes of int8 weights, plus 1/16 for the scales: a decode step at batch 1 streams
 every weight once, so its linears take about half int8's time where memory bandwidth bounds them.
 
-The layers run vivace's kernel (csrc/int4_linear.cpp, AVX-512 VNNI): activations quantized per row and group of 64
-to symmetric int8, each group's products summed exactly in int32, the groups added in order in float32, so a row's
-output depends on its own inputs only. The weights are stored once, in the kernel's packed layout (_C.int4_pack).
+The layers run vivace's kernel (csrc/int4_linear.cpp, AVX-512 VNNI or AVX2, the same bits): activations quantized
+per row and group of 64 to symmetric int8, each group's products summed exactly in int32, the groups added in order
+in float32, so a row's output depends on its own inputs only. The weights are stored once, in the kernel's packed layout (_C.int4_pack).
 The output heads stay int8 (quantize_stage): 4-bit logits would move tokens more than the layers' 4-bit weights do
 (docs/performance.md, "4-bit weights", has the agreement figures).
 """
@@ -26,9 +26,14 @@ LEVELS = 7  # |q| <= 7 from the scale; -8 only where bfloat16 rounding shrank th
 
 
 @functools.cache
+def int4_isas() -> tuple[str, ...]:
+    """The instruction sets vivace's int4 kernel runs on this CPU, fastest first ("avx512_vnni", "avx2")."""
+    return tuple(_C.int4_linear_isas())
+
+
 def int4_supported() -> bool:
-    """Whether this CPU runs vivace's int4 kernel (AVX-512 VNNI)."""
-    return bool(_C.int4_linear_supported())
+    """Whether this CPU runs vivace's int4 kernel (AVX-512 VNNI or AVX2)."""
+    return bool(int4_isas())
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +119,7 @@ class Int4Linear(nn.Module):
             out = torch.from_numpy(_C.int4_linear(rows.detach().contiguous().numpy(), packed, self.out_features, bias,
                                                   torch.get_num_threads(), self.activation))
             return out.view(*x.shape[:-1], self.out_features)
-        # elsewhere (CUDA, other dtypes, CPUs without AVX-512 VNNI): the dequantized weights, per call
+        # elsewhere (CUDA, other dtypes, CPUs with neither AVX-512 VNNI nor AVX2): the dequantized weights, per call
         out = F.linear(rows, self.dequantized().to(device=x.device, dtype=x.dtype), self.bias)
         if self.activation == "gelu":
             out = F.gelu(out)

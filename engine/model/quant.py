@@ -347,7 +347,7 @@ def check_int8_kernel(kernel: object, activations: torch.dtype = torch.float32) 
 
 def check_quantize(mode: str | None, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
     """mode None, "int8", "int4" or "bfloat16"; "int4" and "bfloat16" where their kernels run (the CPU, float32
-    activations; AVX-512 VNNI for int4, AVX-512 for bfloat16 weights): their fallbacks elsewhere widen every layer's
+    activations; AVX-512 VNNI or AVX2 for int4, AVX-512 for bfloat16 weights): their fallbacks elsewhere widen every layer's
     weights on every call, slower than the float32 weights they replace."""
     if mode is not None and mode not in QUANTIZE_MODES:
         raise VivaceError(f"unknown quantize mode {mode!r} (choose None or one of {', '.join(QUANTIZE_MODES)})")
@@ -357,6 +357,6 @@ def check_quantize(mode: str | None, device: torch.device | None = None, dtype: 
         other = "quantize 'int8'" if mode == "int4" else "dtype 'bfloat16'"
         raise VivaceError(f"quantize '{mode}' runs on the CPU with dtype float32 only; use {other} elsewhere")
     if mode == "int4" and not int4_supported():
-        raise VivaceError("quantize 'int4' needs a CPU with AVX-512 VNNI, which this one does not have; use quantize 'int8'")
+        raise VivaceError("quantize 'int4' needs a CPU with AVX-512 VNNI or AVX2, which this one does not have; use quantize 'int8'")
     if mode == "bfloat16" and not _C.float32_linear_fast():
         raise VivaceError("quantize 'bfloat16' needs a CPU with AVX-512, which this one does not have; use quantize 'int8'")
