@@ -163,7 +163,7 @@ def test_only_stages_whose_layers_run_native_kernels_get_a_stack() -> None:
     pack_mm = make_model("learned")
     quantize_stage(pack_mm)
     choose_kernels([pack_mm], "pack_mm")
-    assert "neither int8 on vivace's kernels" in unsupported(pack_mm)
+    assert "neither int8 or int4 on vivace's kernels" in unsupported(pack_mm)
     fast = _C.float32_linear_fast()
     assert use_native_stacks([float_model, pack_mm, int8_model("learned", False)]) == [fast, False, True]
     native = int8_model("learned", False)
