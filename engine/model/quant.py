@@ -1,4 +1,6 @@
-"""Int8 quantization of the stage transformers' linear layers (weights stored as int8).
+"""Int8 quantization of the stage transformers' linear layers (weights stored as int8), and the pass that applies
+every weight format (quantize_stage: "int8" here, "int4" from vivace.model.int4, "bfloat16" weights from
+vivace.model.bf16_weights).
 
 Each weight row (output channel) is stored as int8 with one float scale: w ≈ q * scale, scale = max|w_row| / 127.
 The activations between layers, norms, embeddings and the KV cache keep the engine's dtype. Applied after loading by swapping every
@@ -347,8 +349,8 @@ def check_int8_kernel(kernel: object, activations: torch.dtype = torch.float32) 
 
 def check_quantize(mode: str | None, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
     """mode None, "int8", "int4" or "bfloat16"; "int4" and "bfloat16" where their kernels run (the CPU, float32
-    activations; AVX-512 VNNI or AVX2 for int4, AVX-512 for bfloat16 weights): their fallbacks elsewhere widen every layer's
-    weights on every call, slower than the float32 weights they replace."""
+    activations; AVX-512 VNNI or AVX2 for int4, AVX-512 for bfloat16 weights): their fallbacks elsewhere widen every
+    layer's weights on every call, slower than the float32 weights they replace."""
     if mode is not None and mode not in QUANTIZE_MODES:
         raise VivaceError(f"unknown quantize mode {mode!r} (choose None or one of {', '.join(QUANTIZE_MODES)})")
     if mode not in ("int4", "bfloat16") or device is None:
