@@ -5,6 +5,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <pybind11/stl.h>
@@ -104,31 +105,39 @@ struct QuantizedGroups {
   std::vector<int32_t> offset;  // [rows, groups]
 };
 
-// quantize_groups' values without vector instructions: the largest magnitude is the same whatever the order, and
-// std::nearbyint rounds to nearest even in the default mode, as vcvtps2dq does.
-QuantizedGroups quantize_groups_portable(const float* x, int64_t rows, int64_t in) {
+// Every row and group of x through quantize_group(src, length, dst) -> (scale, sum of the values it wrote to dst).
+template <class QuantizeGroup>
+QuantizedGroups quantize_each_group(const float* x, int64_t rows, int64_t in, QuantizeGroup&& quantize_group) {
   const int64_t groups = groups_of(in), stride = groups * kInt4Group;
   QuantizedGroups q{groups, std::vector<int8_t>(rows * stride, 0), std::vector<float>(rows * groups),
                     std::vector<int32_t>(rows * groups)};
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = g * kInt4Group, length = std::min(kInt4Group, in - k0);
-      const float* src = x + r * in + k0;
-      float magnitude = 0.0f;
-      for (int64_t k = 0; k < length; ++k) magnitude = std::max(magnitude, std::fabs(src[k]));
-      const float scale = magnitude > 0.0f ? magnitude / 127.0f : 1.0f;
-      const float inverse = 1.0f / scale;
-      int32_t sum = 0;
-      for (int64_t k = 0; k < length; ++k) {
-        const int32_t value = std::clamp(static_cast<int32_t>(std::nearbyint(src[k] * inverse)), -127, 127);
-        q.values[r * stride + k0 + k] = static_cast<int8_t>(value);
-        sum += value;
-      }
+      const int64_t k0 = g * kInt4Group;
+      const auto [scale, sum] = quantize_group(x + r * in + k0, std::min(kInt4Group, in - k0), &q.values[r * stride + k0]);
       q.scale[r * groups + g] = scale;
       q.offset[r * groups + g] = 8 * sum;
     }
   }
   return q;
+}
+
+// The vector form's values without vector instructions: the largest magnitude is the same whatever the order, and
+// std::nearbyint rounds to nearest even in the default mode, as vcvtps2dq does.
+QuantizedGroups quantize_groups_portable(const float* x, int64_t rows, int64_t in) {
+  return quantize_each_group(x, rows, in, [](const float* src, int64_t length, int8_t* dst) {
+    float magnitude = 0.0f;
+    for (int64_t k = 0; k < length; ++k) magnitude = std::max(magnitude, std::fabs(src[k]));
+    const float scale = magnitude > 0.0f ? magnitude / 127.0f : 1.0f;
+    const float inverse = 1.0f / scale;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < length; ++k) {
+      const int32_t value = std::clamp(static_cast<int32_t>(std::nearbyint(src[k] * inverse)), -127, 127);
+      dst[k] = static_cast<int8_t>(value);
+      sum += value;
+    }
+    return std::pair{scale, sum};
+  });
 }
 
 #ifdef VIVACE_X86
@@ -137,39 +146,30 @@ QuantizedGroups quantize_groups_portable(const float* x, int64_t rows, int64_t i
 namespace avx512_vnni {
 
 // x * (1 / scale) rounds to nearest even (the default MXCSR mode), as torch.round; an all-zero group has scale 1.
+// A group's 64 bytes are all written, zeros past in_features.
 QuantizedGroups quantize_groups(const float* x, int64_t rows, int64_t in) {
-  const int64_t groups = groups_of(in), stride = groups * kInt4Group;
-  QuantizedGroups q{groups, std::vector<int8_t>(rows * stride, 0), std::vector<float>(rows * groups),
-                    std::vector<int32_t>(rows * groups)};
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = g * kInt4Group, length = std::min(kInt4Group, in - k0);
-      const float* src = x + r * in + k0;
-      __m512 v[4];
-      __m512 largest = _mm512_setzero_ps();
-      for (int i = 0; i < 4; ++i) {
-        const int64_t left = length - 16 * i;
-        const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-        v[i] = _mm512_maskz_loadu_ps(mask, src + 16 * i);
-        largest = _mm512_max_ps(largest, _mm512_abs_ps(v[i]));
-      }
-      const float magnitude = _mm512_reduce_max_ps(largest);
-      const float scale = magnitude > 0.0f ? magnitude / 127.0f : 1.0f;
-      const __m512 inverse = _mm512_set1_ps(1.0f / scale);
-      const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127);
-      __m512i sum = _mm512_setzero_si512();
-      int8_t* dst = q.values.data() + r * stride + k0;
-      for (int i = 0; i < 4; ++i) {
-        __m512i value = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inverse));
-        value = _mm512_min_epi32(_mm512_max_epi32(value, low), high);
-        sum = _mm512_add_epi32(sum, value);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * i), _mm512_cvtepi32_epi8(value));
-      }
-      q.scale[r * groups + g] = scale;
-      q.offset[r * groups + g] = 8 * _mm512_reduce_add_epi32(sum);
+  return quantize_each_group(x, rows, in, [](const float* src, int64_t length, int8_t* dst) {
+    __m512 v[4];
+    __m512 largest = _mm512_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      const int64_t left = length - 16 * i;
+      const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+      v[i] = _mm512_maskz_loadu_ps(mask, src + 16 * i);
+      largest = _mm512_max_ps(largest, _mm512_abs_ps(v[i]));
     }
-  }
-  return q;
+    const float magnitude = _mm512_reduce_max_ps(largest);
+    const float scale = magnitude > 0.0f ? magnitude / 127.0f : 1.0f;
+    const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+    const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127);
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < 4; ++i) {
+      __m512i value = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inverse));
+      value = _mm512_min_epi32(_mm512_max_epi32(value, low), high);
+      sum = _mm512_add_epi32(sum, value);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16 * i), _mm512_cvtepi32_epi8(value));
+    }
+    return std::pair{scale, _mm512_reduce_add_epi32(sum)};
+  });
 }
 
 inline __m512i broadcast4(const int8_t* x) {
