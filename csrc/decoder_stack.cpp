@@ -251,6 +251,14 @@ class DecoderStack {
 
   Linear parse_linear(py::handle object, const std::string& name) {
     const auto fields = object.cast<py::tuple>();
+    if (fields.size() > 0 && py::isinstance<py::str>(fields[0])) {  // the tagged forms
+      const auto tag = fields[0].cast<std::string>();
+      if (tag == "int4" && fields.size() == 6) return parse_int4(fields, name);
+      if (tag == "bfloat16" && fields.size() == 4) return parse_bfloat16(fields, name);
+      throw py::value_error(name + " must be ('int4', packed, bias, in_features, out_features, activation) or "
+                                   "('bfloat16', weight bits, bias, activation), got '" + tag + "' with " +
+                            std::to_string(fields.size()) + " fields");
+    }
     Linear linear;
     if (fields.size() == 3) {  // float32
       const auto weight = typed_array<float>(fields[0], (name + ".weight").c_str(), "float32", 2, false);
@@ -261,8 +269,6 @@ class DecoderStack {
       linear.activation = parse_activation(fields[2], name);
       return linear;
     }
-    if (fields.size() == 6) return parse_int4(fields, name);
-    if (fields.size() == 4) return parse_bfloat16(fields, name);
     if (fields.size() != 8)
       throw py::value_error(name + " must be (weight, bias, activation) for a float32 layer, (weight, scales, "
                                    "weight_sums, bias, isa, vnni_weight, amx_from_rows, activation) for an int8 one or "
@@ -293,16 +299,12 @@ class DecoderStack {
   // ("int4", packed uint8 [blocks, groups, bytes] as _C.int4_pack lays it out, bias, in_features, out_features,
   // activation).
   Linear parse_int4(const py::tuple& fields, const std::string& name) {
-    if (fields[0].cast<std::string>() != "int4") throw py::value_error(name + " has 6 fields but is not tagged 'int4'");
     if (int4_linear_isas().empty()) throw py::value_error(name + " is int4, which needs AVX-512 VNNI or AVX2");
     Int4Linear p{};
     p.in_features = fields[3].cast<int64_t>();
     p.out_features = fields[4].cast<int64_t>();
     const auto packed = typed_array<uint8_t>(fields[1], (name + ".packed").c_str(), "uint8", 3, false);
-    if (p.in_features < 1 || p.out_features < 1 || packed.shape(0) != (p.out_features + kInt4Block - 1) / kInt4Block ||
-        packed.shape(1) != (p.in_features + kInt4Group - 1) / kInt4Group || packed.shape(2) != kInt4GroupBytes)
-      throw py::value_error(name + ".packed " + shape_of(packed) + " must be int4_pack of a [" +
-                            std::to_string(p.out_features) + ", " + std::to_string(p.in_features) + "] weight");
+    check_int4_packed(packed, p.out_features, p.in_features, name + ".packed");
     held_.push_back(packed);
     p.packed = packed.data();
     p.bias = optional_bias_of(fields[2], name, p.out_features);
@@ -318,14 +320,15 @@ class DecoderStack {
 
   // ("bfloat16", weight uint16 [out, in] holding bfloat16 bits, bias, activation): float32_linear on those weights.
   Linear parse_bfloat16(const py::tuple& fields, const std::string& name) {
-    if (fields[0].cast<std::string>() != "bfloat16")
-      throw py::value_error(name + " has 4 fields but is not tagged 'bfloat16'");
     const auto weight = typed_array<uint16_t>(fields[1], (name + ".weight").c_str(), "uint16 (bfloat16 bits)", 2, false);
     held_.push_back(weight);
     Float32Linear p{nullptr, nullptr, nullptr, nullptr, 0, weight.shape(1), weight.shape(0)};
     p.weight_bf16 = weight.data();
     p.bias = optional_bias_of(fields[2], name, p.out_features);
-    return {Int8Linear{}, "", 0, p, std::nullopt, parse_activation(fields[3], name)};
+    Linear linear;
+    linear.float32 = p;
+    linear.activation = parse_activation(fields[3], name);
+    return linear;
   }
 
   Layer parse_layer(const py::dict& fields, py::size_t index) {

@@ -11,6 +11,7 @@
 #include <pybind11/stl.h>
 
 #include "gelu.h"
+#include "kernel_isas.h"
 #include "numpy_args.h"
 #include "row_blocks.h"
 #include "thread_pool.h"
@@ -346,18 +347,13 @@ void run(const Int4Linear& p, int threads) {
 #pragma GCC pop_options
 #endif
 
-struct Isa {
-  const char* name;
-  void (*run)(const Int4Linear&, int threads);
-};
+using Isa = KernelIsa<Int4Linear>;
 
 const std::vector<Isa>& supported() {
   static const std::vector<Isa> isas = [] {
     std::vector<Isa> found;
 #ifdef VIVACE_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
-      found.push_back({"avx512_vnni", &avx512_vnni::run});
+    if (cpu_has_avx512_vnni()) found.push_back({"avx512_vnni", &avx512_vnni::run});
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) found.push_back({"avx2", &avx2::run});
 #endif
     return found;
@@ -365,17 +361,8 @@ const std::vector<Isa>& supported() {
   return isas;
 }
 
-// The fastest instruction set for "auto", else the one named; std::invalid_argument (ValueError) where it is none
-// this CPU runs.
 const Isa& find(const std::string& name) {
-  const std::vector<Isa>& isas = supported();
-  if (isas.empty()) throw std::invalid_argument("int4_linear needs AVX-512 VNNI or AVX2, which this CPU does not have");
-  if (name == "auto") return isas.front();
-  for (const Isa& isa : isas)
-    if (name == isa.name) return isa;
-  std::string known;
-  for (const Isa& isa : isas) known += std::string(known.empty() ? "" : ", ") + isa.name;
-  throw std::invalid_argument("int4_linear isa '" + name + "' does not run on this CPU (it runs auto, " + known + ")");
+  return find_isa(supported(), name, "int4_linear", "AVX-512 VNNI or AVX2");
 }
 
 py::array_t<float> linear(py::handle x_object, py::handle packed_object, int64_t out_features, py::object bias_object,
@@ -387,11 +374,7 @@ py::array_t<float> linear(py::handle x_object, py::handle packed_object, int64_t
   const auto x = typed_array<float>(x_object, "x", "float32", 2, true);
   const auto packed = typed_array<uint8_t>(packed_object, "packed", "uint8", 3, false);
   const int64_t rows = x.shape(0), in = x.shape(1);
-  if (out_features < 1) throw py::value_error("out_features must be >= 1");
-  if (packed.shape(0) != blocks_of(out_features) || packed.shape(1) != groups_of(in) || packed.shape(2) != kInt4GroupBytes)
-    throw py::value_error("packed " + shape_of(packed) + " must be int4_pack of a [" + std::to_string(out_features) +
-                          ", " + std::to_string(in) + "] weight, shape (" + std::to_string(blocks_of(out_features)) +
-                          ", " + std::to_string(groups_of(in)) + ", " + std::to_string(kInt4GroupBytes) + ")");
+  check_int4_packed(packed, out_features, in, "packed");
   const auto bias = optional_bias(bias_object, out_features);
   py::array_t<float> out({rows, out_features});
   const Int4Linear problem{x.data(), packed.data(), bias_object.is_none() ? nullptr : bias.data(), out.mutable_data(),
@@ -421,11 +404,7 @@ py::array_t<uint8_t> pack_array(py::handle q_object, py::handle scales_object) {
 
 py::tuple unpack_array(py::handle packed_object, int64_t out_features, int64_t in_features) {
   const auto packed = typed_array<uint8_t>(packed_object, "packed", "uint8", 3, true);
-  if (out_features < 1 || in_features < 1) throw py::value_error("out_features and in_features must be >= 1");
-  if (packed.shape(0) != blocks_of(out_features) || packed.shape(1) != groups_of(in_features) ||
-      packed.shape(2) != kInt4GroupBytes)
-    throw py::value_error("packed " + shape_of(packed) + " is not int4_pack of a [" + std::to_string(out_features) +
-                          ", " + std::to_string(in_features) + "] weight");
+  check_int4_packed(packed, out_features, in_features, "packed");
   py::array_t<int8_t> q({out_features, in_features});
   py::array_t<float> scales({out_features, groups_of(in_features)});
   unpack(packed.data(), out_features, in_features, q.mutable_data(), scales.mutable_data());
@@ -434,11 +413,17 @@ py::tuple unpack_array(py::handle packed_object, int64_t out_features, int64_t i
 
 }  // namespace
 
-std::vector<std::string> int4_linear_isas() {
-  std::vector<std::string> names;
-  for (const Isa& isa : supported()) names.emplace_back(isa.name);
-  return names;
+void check_int4_packed(const py::array& packed, int64_t out_features, int64_t in_features, const std::string& name) {
+  if (out_features < 1 || in_features < 1) throw py::value_error(name + ": out_features and in_features must be >= 1");
+  if (packed.ndim() != 3 || packed.shape(0) != blocks_of(out_features) || packed.shape(1) != groups_of(in_features) ||
+      packed.shape(2) != kInt4GroupBytes)
+    throw py::value_error(name + " " + shape_of(packed) + " must be int4_pack of a [" + std::to_string(out_features) +
+                          ", " + std::to_string(in_features) + "] weight, shape (" +
+                          std::to_string(blocks_of(out_features)) + ", " + std::to_string(groups_of(in_features)) +
+                          ", " + std::to_string(kInt4GroupBytes) + ")");
 }
+
+std::vector<std::string> int4_linear_isas() { return isa_names(supported()); }
 
 void int4_linear(const Int4Linear& problem, int threads, const std::string& isa) {
   find(isa).run(problem, std::max(1, threads));

@@ -1,4 +1,5 @@
 #pragma once
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -37,6 +38,10 @@ std::vector<std::string> int4_linear_isas();
 // Runs on up to `threads` threads; throws std::invalid_argument where the CPU cannot run the isa ("auto": the
 // fastest).
 void int4_linear(const Int4Linear& problem, int threads, const std::string& isa = "auto");
+
+// Throws ValueError (one line, naming the argument `name`) unless packed is int4_pack's uint8 array for an
+// [out_features, in_features] weight (both >= 1).
+void check_int4_packed(const pybind11::array& packed, int64_t out_features, int64_t in_features, const std::string& name);
 
 // _C.int4_linear, _C.int4_pack, _C.int4_unpack, _C.int4_linear_isas.
 void register_int4_linear(pybind11::module_& m);

@@ -11,6 +11,7 @@
 #include <pybind11/stl.h>
 
 #include "gelu.h"
+#include "kernel_isas.h"
 #include "numpy_args.h"
 #include "row_blocks.h"
 #include "thread_pool.h"
@@ -396,22 +397,15 @@ void run(const Int8Linear& p, int threads) {
 #pragma GCC pop_options
 #endif
 
-struct Isa {
-  const char* name;
-  void (*run)(const Int8Linear&, int threads);
-};
+using Isa = KernelIsa<Int8Linear>;
 
 const std::vector<Isa>& supported() {
   static const std::vector<Isa> isas = [] {
     std::vector<Isa> found;
 #ifdef VIVACE_X86
-    __builtin_cpu_init();
-    const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vnni");
+    const bool vnni = cpu_has_avx512_vnni();
     if (vnni && amx_int8::usable()) found.push_back({"amx_int8", &amx_int8::run});
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vnni"))
-      found.push_back({"avx512_vnni", &avx512_vnni::run});
+    if (vnni) found.push_back({"avx512_vnni", &avx512_vnni::run});
     if (__builtin_cpu_supports("avx2")) found.push_back({"avx2", &avx2::run});
 #endif
     return found;
@@ -419,17 +413,8 @@ const std::vector<Isa>& supported() {
   return isas;
 }
 
-// The fastest instruction set for "auto", else the one named; std::invalid_argument (ValueError) where it is none
-// this CPU runs.
 const Isa& find(const std::string& name) {
-  const std::vector<Isa>& isas = supported();
-  if (isas.empty()) throw std::invalid_argument("int8_linear needs AVX-512 VNNI or AVX2, which this CPU does not have");
-  if (name == "auto") return isas.front();
-  for (const Isa& isa : isas)
-    if (name == isa.name) return isa;
-  std::string known;
-  for (const Isa& isa : isas) known += std::string(known.empty() ? "" : ", ") + isa.name;
-  throw std::invalid_argument("int8_linear isa '" + name + "' does not run on this CPU (it runs auto, " + known + ")");
+  return find_isa(supported(), name, "int8_linear", "AVX-512 VNNI or AVX2");
 }
 
 py::array_t<float> linear(py::handle x_object, py::handle weight_object, py::handle scales_object,
@@ -482,11 +467,7 @@ py::array_t<int8_t> vnni_pack(py::handle weight_object) {
 
 }  // namespace
 
-std::vector<std::string> int8_linear_isas() {
-  std::vector<std::string> names;
-  for (const Isa& isa : supported()) names.emplace_back(isa.name);
-  return names;
-}
+std::vector<std::string> int8_linear_isas() { return isa_names(supported()); }
 
 void int8_linear(const Int8Linear& problem, int threads, const std::string& isa) {
   find(isa).run(problem, std::max(1, threads));

@@ -35,12 +35,10 @@ def bits(weight: torch.Tensor) -> np.ndarray:
 
 @pytest.mark.parametrize("rows,in_features,out_features,bias", [(1, 1024, 4096, False), (2, 4096, 1024, True),
                                                                  (7, 37, 13, True), (16, 64, 96, False)])
-@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("portable", [pytest.param(False, marks=needs_avx512), True])
 def test_bfloat16_weights_give_float32_linears_bits_on_the_widened_weights(
     rows: int, in_features: int, out_features: int, bias: bool, portable: bool,
 ) -> None:
-    if not portable and not _C.float32_linear_fast():
-        pytest.skip("the AVX-512 form needs AVX-512")
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, in_features, generator=generator)
     weight = torch.randn(out_features, in_features, generator=generator)

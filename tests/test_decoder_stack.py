@@ -202,6 +202,9 @@ def test_bad_output_heads_and_logits_calls_are_refused_in_one_line() -> None:
     cases = {
         "must read d_model = 32": [(weight[:, :16].copy(), scales, sums, bias, isa, None, 0, "none")],
         "apply no activation": [(weight, scales, sums, bias, isa, packed, 0, "gelu")],
+        "got 'int4' with 3 fields": [("int4", weight, bias)],
+        "output_heads[0].packed (1, 1, 2176) must be int4_pack of a [70, 32] weight": [
+            ("int4", torch.zeros(1, 1, 2176, dtype=torch.uint8).numpy(), None, 32, 70, "none")],
     }
     for expected, heads in cases.items():
         with pytest.raises(ValueError, match=re.escape(expected)) as error:

@@ -54,6 +54,19 @@ def test_quantize_int4_rounds_each_group_to_its_bfloat16_scale() -> None:
     assert bool((q[3, 64:128] == 0).all())
 
 
+@pytest.mark.parametrize("in_features", [64, 1024, 4096])
+def test_int4_weights_err_about_11_percent_of_a_gaussian_layers_output(in_features: int) -> None:
+    """The figure README and docs give for 4-bit weights against the float weights (int8: under 1 %): the groups'
+    rounding alone, exact float64 products, Gaussian weights and rows; seen 0.106 at 64, 1024 and 4096 inputs (each
+    group of 64 errs alike)."""
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(256, in_features, generator=generator)
+    x = torch.randn(16, in_features, generator=generator).double()
+    exact = x @ weight.double().T
+    error = ((x @ dequantize_int4(*quantize_int4(weight)).double().T - exact).norm() / exact.norm()).item()
+    assert 0.09 <= error <= 0.12
+
+
 @pytest.mark.parametrize("out_features,in_features", [(1, 1), (64, 64), (65, 129), (130, 37)])
 def test_pack_and_unpack_are_inverse(out_features: int, in_features: int) -> None:
     generator = torch.Generator().manual_seed(out_features)
@@ -80,12 +93,11 @@ def test_int4_kernel_matches_its_reference_and_the_dequantized_product(out_featu
         assert ((out.double() - exact).norm() / exact.norm()).item() <= 1.5e-2
 
 
+@pytest.mark.skipif(len(int4_isas()) < 2, reason="this CPU runs fewer than two int4 instruction sets")
 @pytest.mark.parametrize("out_features,in_features,bias", SHAPES)
 def test_every_int4_instruction_set_gives_the_same_bits(out_features: int, in_features: int, bias: bool) -> None:
     """AVX2 sums each group exactly as vpdpbusd does (vpmaddubsw cannot saturate on nibbles) and folds the groups
     with the same fused multiply-adds in the same order."""
-    if len(int4_isas()) < 2:
-        pytest.skip(f"this CPU runs one int4 instruction set ({', '.join(int4_isas()) or 'none'})")
     _, quantized = layer(out_features, in_features, bias, seed=3)
     packed, b = quantized.native_args()
     for rows in (1, 2, 3, 7):
@@ -133,7 +145,7 @@ def test_int4_arguments_are_refused_in_one_line() -> None:
     cases = [
         (lambda: _C.int4_pack(torch.full((4, 64), 9, dtype=torch.int8).numpy(), scales.numpy()), "q must hold values in [-8, 7], got 9"),
         (lambda: _C.int4_pack(q.numpy(), torch.ones(4, 2).numpy()), "scales (4, 2) must be (4, 1)"),
-        (lambda: _C.int4_unpack(packed, 4, 65), "is not int4_pack of a [4, 65] weight"),
+        (lambda: _C.int4_unpack(packed, 4, 65), "packed (1, 1, 2176) must be int4_pack of a [4, 65] weight, shape (1, 2, 2176)"),
     ]
     if int4_supported():
         cases += [

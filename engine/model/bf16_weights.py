@@ -3,7 +3,7 @@
 Every linear of the stage transformers (layers and output heads) keeps its weights in bfloat16: half of float32's
 bytes, which a decode step at batch 1 streams once, while the activations, the sums, norms and the KV cache stay
 float32. Unlike dtype="bfloat16", which rounds every activation to bfloat16 as well, only the weights are rounded
-(relative error at most 2**-9 each), so tokens stay much closer to float32's (docs/performance.md, "bfloat16
+(relative error at most 2**-9 each), so tokens stay much closer to float32's (docs/performance.md, "Reduced-byte
 weights").
 
 On a CPU with AVX-512 the layers run vivace's float32 linear reading the bfloat16 weights in place and widening
@@ -13,11 +13,19 @@ weights per call and runs F.linear (slower than float32 weights: the engine refu
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vivace import _C
+
+
+@functools.cache
+def bfloat16_weights_supported() -> bool:
+    """Whether this CPU runs the bfloat16-weight kernel (float32_linear's AVX-512 form; asked once)."""
+    return bool(_C.float32_linear_fast())
 
 
 class BFloat16Linear(nn.Module):
@@ -47,9 +55,12 @@ class BFloat16Linear(nn.Module):
             self._native_args = (bits, None if self.bias is None else self.bias.numpy())
         return self._native_args
 
+    def native_ready(self) -> bool:
+        """Whether vivace's kernel can run this layer (bfloat16 weights on the CPU, AVX-512)."""
+        return self.weight.device.type == "cpu" and self.weight.dtype == torch.bfloat16 and bfloat16_weights_supported()
+
     def use_native(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.device.type == "cpu"
-                and self.weight.dtype == torch.bfloat16 and _C.float32_linear_fast())
+        return x.device.type == "cpu" and x.dtype == torch.float32 and self.native_ready()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_native(x):

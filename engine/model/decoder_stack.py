@@ -4,11 +4,10 @@ At small batches a decode step's kernels are short, so a layer's Python and its 
 residual adds, reshapes, the cross-attention over the text) weigh beside its linears (docs/performance.md, "The
 native decoder stack", has the measurements). Where every linear of the layers runs a native kernel (CPU, float32
 activations: an Int8Linear on vivace's int8 kernels, amx, vnni or avx2, chosen per layer as in Python; an Int4Linear
-on its AVX-512 VNNI or AVX2 kernel; a float32 nn.Linear or a BFloat16Linear where vivace._C.float32_linear runs its AVX-512
-form), the
-decode steps run every layer in C++: those linears, the same KV writes and paged attention, norms, GELU and
-cross-attention of its own. Where the output heads are int8 or bfloat16-weight layers on those kernels too, the stack also computes
-the logits of all heads in one call (StageTransformer.native_heads), of every step, prefills' included: the same
+on its AVX-512 VNNI or AVX2 kernel; a float32 nn.Linear or a BFloat16Linear where vivace._C.float32_linear runs its
+AVX-512 form), the decode steps run every layer in C++: those linears, the same KV writes and paged attention, norms,
+GELU and cross-attention of its own. Where the output heads are int8 or bfloat16-weight layers on those kernels too,
+the stack also computes the logits of all heads in one call (StageTransformer.native_heads), of every step, prefills' included: the same
 kernels on the same inputs, so the same bits as the heads called one by one. Prefills and the embeddings stay in
 Python.
 
@@ -26,7 +25,7 @@ from torch import nn
 from vivace import _C
 from vivace.kernels.cpu_paged_attention import cache_array
 from vivace.model.bf16_weights import BFloat16Linear
-from vivace.model.int4 import Int4Linear, int4_supported
+from vivace.model.int4 import Int4Linear
 from vivace.model.quant import NATIVE_ISAS, Int8Linear, native_kernels
 from vivace.model.transformer import AttentionBatch, FeedForward, StageTransformer
 
@@ -55,10 +54,8 @@ def _linear(linear: nn.Module, activation: str = "none") -> tuple:
 
 
 def _native_linear(linear: nn.Module) -> bool:
-    if isinstance(linear, BFloat16Linear):
-        return linear.weight.device.type == "cpu" and linear.weight.dtype == torch.bfloat16 and _C.float32_linear_fast()
-    if isinstance(linear, Int4Linear):
-        return linear.packed.device.type == "cpu" and int4_supported()
+    if isinstance(linear, BFloat16Linear | Int4Linear):
+        return linear.native_ready()
     if isinstance(linear, Int8Linear):
         return linear.kernel in NATIVE_ISAS and linear.kernel in native_kernels()
     return linear.weight.dtype == torch.float32 and _C.float32_linear_fast()

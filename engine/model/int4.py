@@ -8,8 +8,9 @@ every weight once, so its linears take about half int8's time where memory bandw
 The layers run vivace's kernel (csrc/int4_linear.cpp, AVX-512 VNNI or AVX2, the same bits): activations quantized
 per row and group of 64 to symmetric int8, each group's products summed exactly in int32, the groups added in order
 in float32, so a row's output depends on its own inputs only. The weights are stored once, in the kernel's packed layout (_C.int4_pack).
-The output heads stay int8 (quantize_stage): 4-bit logits would move tokens more than the layers' 4-bit weights do
-(docs/performance.md, "4-bit weights", has the agreement figures).
+The output heads stay int8 (quantize_stage), as most 4-bit schemes keep theirs at higher precision; they are 2 % of
+MusicGen-small's weights, and 4-bit heads were not measured. docs/performance.md ("Reduced-byte weights") has the
+speed and the agreement with float32.
 """
 from __future__ import annotations
 
@@ -109,8 +110,12 @@ class Int4Linear(nn.Module):
             self._native_args = (self.packed.numpy(), bias)
         return self._native_args
 
+    def native_ready(self) -> bool:
+        """Whether vivace's kernel can run this layer (its weights on the CPU, an instruction set for it)."""
+        return self.packed.device.type == "cpu" and int4_supported()
+
     def use_native(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype == torch.float32 and self.packed.device.type == "cpu" and int4_supported()
+        return x.device.type == "cpu" and x.dtype == torch.float32 and self.native_ready()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

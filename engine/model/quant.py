@@ -33,7 +33,7 @@ from torch import nn
 
 from vivace import _C
 from vivace.errors import VivaceError
-from vivace.model.bf16_weights import BFloat16Linear
+from vivace.model.bf16_weights import BFloat16Linear, bfloat16_weights_supported
 from vivace.model.int4 import Int4Linear, int4_supported
 from vivace.model.linear_plan import (
     ROW_BUCKETS,
@@ -360,5 +360,5 @@ def check_quantize(mode: str | None, device: torch.device | None = None, dtype: 
         raise VivaceError(f"quantize '{mode}' runs on the CPU with dtype float32 only; use {other} elsewhere")
     if mode == "int4" and not int4_supported():
         raise VivaceError("quantize 'int4' needs a CPU with AVX-512 VNNI or AVX2, which this one does not have; use quantize 'int8'")
-    if mode == "bfloat16" and not _C.float32_linear_fast():
+    if mode == "bfloat16" and not bfloat16_weights_supported():
         raise VivaceError("quantize 'bfloat16' needs a CPU with AVX-512, which this one does not have; use quantize 'int8'")
