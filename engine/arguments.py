@@ -5,7 +5,7 @@ all before any work (no text is encoded, no request is added) so a bad call cost
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -137,3 +137,16 @@ def stage_sampling(defaults: Mapping[str, SamplingParams], overrides: Mapping[st
             params.validate(f"stage_sampling[{stage!r}] ")
         result[stage] = params.plain()
     return result
+
+
+def per_row(value: Any, rows: int, what: str, load: Callable[[Any], Any]) -> list[Any]:
+    """A call's per-row input: one value for every row, or a list or tuple with one per row (None: none for that row).
+    Each distinct object is loaded once."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value] * rows
+    if len(items) != rows:
+        raise VivaceError(f"got {len(items)} {what} for {rows} prompts")
+    loaded: dict[int, Any] = {}
+    for item in items:
+        if item is not None and id(item) not in loaded:
+            loaded[id(item)] = load(item)
+    return [None if item is None else loaded[id(item)] for item in items]

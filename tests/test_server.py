@@ -405,7 +405,7 @@ def test_a_musiclm_pack_refuses_audio_prompts_and_unconditional_requests(served:
     buffer = io.BytesIO()
     sf.write(buffer, np.zeros(2400, np.float32), 24000, format="WAV")
     with_prompt = {"prompt": "x", "duration": 0.5, "audio_prompt": base64.b64encode(buffer.getvalue()).decode()}
-    assert "carries neither" in error_of(httpx.post(url, json=with_prompt, timeout=TIMEOUT), 400)["message"]
+    assert "carries no codec encoder and no semantic tokenizer" in error_of(httpx.post(url, json=with_prompt, timeout=TIMEOUT), 400)["message"]
     unconditional = {"unconditional": True, "duration": 0.5}
     assert "unconditional generation" in error_of(httpx.post(url, json=unconditional, timeout=TIMEOUT), 400)["message"]
 

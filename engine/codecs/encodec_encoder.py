@@ -17,7 +17,7 @@ from torch import nn
 
 from vivace.audio import read_pcm
 from vivace.codecs.encodec import EncodecConfig, EncodecConv1d, EncodecResidual, encodec_stored_form, load_encodec_module
-from vivace.codecs.soundstream import pad1d
+from vivace.codecs.soundstream import pad1d, rvq_quantize
 from vivace.model.weights import expected_shapes
 from vivace.packs.manifest import load_component
 from vivace.resample import mono
@@ -75,21 +75,6 @@ class EncodecEncoder(nn.Module):
         x = x.transpose(1, 2)
         x = (self.lstm(x)[0] + x).transpose(1, 2)
         return self.conv_out(F.elu(x))
-
-
-def rvq_quantize(codebooks: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """Residual vector quantization against codebooks [levels, size, dim]: embeddings [B, dim, frames] -> codes
-    [B, levels, frames]. Each level takes the nearest code of what the levels before left, with EnCodec's distance
-    arithmetic (so that near-ties resolve as in transformers)."""
-    batch, dim, frames = embeddings.shape
-    residual = embeddings.transpose(1, 2).reshape(-1, dim)
-    codes = []
-    for embed in codebooks:
-        distance = -(residual.pow(2).sum(1, keepdim=True) - 2 * residual @ embed.t() + embed.t().pow(2).sum(0, keepdim=True))
-        index = distance.max(dim=-1).indices
-        residual = residual - F.embedding(index, embed)
-        codes.append(index.view(batch, frames))
-    return torch.stack(codes, dim=1)
 
 
 @torch.inference_mode()

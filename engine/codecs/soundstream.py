@@ -104,6 +104,21 @@ def dequantize(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return vectors.sum(dim=1).transpose(1, 2)
 
 
+def rvq_quantize(codebooks: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """Residual vector quantization against codebooks [levels, size, dim]: embeddings [B, dim, frames] -> codes
+    [B, levels, frames]. Each level takes the nearest code of what the levels before left, with EnCodec's distance
+    arithmetic (so that near-ties resolve as in transformers)."""
+    batch, dim, frames = embeddings.shape
+    residual = embeddings.transpose(1, 2).reshape(-1, dim)
+    codes = []
+    for embed in codebooks:
+        distance = -(residual.pow(2).sum(1, keepdim=True) - 2 * residual @ embed.t() + embed.t().pow(2).sum(0, keepdim=True))
+        index = distance.max(dim=-1).indices
+        residual = residual - F.embedding(index, embed)
+        codes.append(index.view(batch, frames))
+    return torch.stack(codes, dim=1)
+
+
 class ResidualUnit(nn.Module):
     def __init__(self, channels: int, kernel_size: int, dilation: int) -> None:
         super().__init__()

@@ -40,6 +40,7 @@ from vivace.arguments import (
     check_duration,
     check_prompt,
     is_story_list,
+    per_row,
     seeds,
     stage_sampling,
     unknown_arguments,
@@ -105,19 +106,6 @@ class RowState:
     ready_frames: int = 0  # leading frames whose codes are all drawn (finished windows and the active one's prefix)
     emitted_frames: int = 0  # streamed audio so far
     next_chunk: int = 0
-
-
-def per_row(value: Any, rows: int, what: str, load: Callable[[Any], Any]) -> list[Any]:
-    """A call's per-row input: one value for every row, or a list or tuple with one per row (None: none for that row).
-    Each distinct object is loaded once."""
-    items = list(value) if isinstance(value, (list, tuple)) else [value] * rows
-    if len(items) != rows:
-        raise VivaceError(f"got {len(items)} {what} for {rows} prompts")
-    loaded: dict[int, Any] = {}
-    for item in items:
-        if item is not None and id(item) not in loaded:
-            loaded[id(item)] = load(item)
-    return [None if item is None else loaded[id(item)] for item in items]
 
 
 def delayed_grid(codes: np.ndarray, pad_id: int) -> np.ndarray:

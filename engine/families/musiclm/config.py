@@ -6,6 +6,7 @@ from typing import Literal
 
 from vivace.codecs.soundstream import CodecConfig
 from vivace.core.sampling import SamplingParams
+from vivace.families.musiclm.semantic_tokenizer import SemanticTokenizerConfig
 from vivace.model.config import TransformerConfig
 
 
@@ -53,6 +54,14 @@ class PackConfig:
     text: TextConfig
     musiclm: MusicLMConfig = field(default_factory=MusicLMConfig)
     name: str = ""
+    # what an audio prompt needs (both or neither): the codec's encoder (codec_encoder.safetensors, the decoder's
+    # codebooks) and the semantic tokenizer that made the semantic stage's training tokens
+    codec_encoder: bool = False
+    semantic_tokenizer: SemanticTokenizerConfig | None = None
+
+    @property
+    def encodes_audio(self) -> bool:
+        return self.codec_encoder and self.semantic_tokenizer is not None
 
     @property
     def frame_rate(self) -> float:

@@ -1,5 +1,5 @@
 """MusicLM packs: pack.json (stages, codec, text, musiclm) and one .safetensors per component (semantic, coarse,
-fine, codec, text).
+fine, codec, text; and where the pack encodes audio prompts, codec_encoder and semantic_tokenizer).
 
 `load_pack` validates the schema and every stored tensor's name and shape (the first mismatch is named), then
 prepares the weights for inference: fused attention projections, folded weight norm, the stages cast to the
@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from vivace.codecs.soundstream import CodecConfig, SoundStreamDecoder
+from vivace.codecs.soundstream_encoder import SoundStreamEncoder
 from vivace.errors import PackError
 from vivace.families.musiclm.config import MusicLMConfig, PackConfig, TextConfig
 from vivace.families.musiclm.layout import MusicLMLayout
+from vivace.families.musiclm.semantic_tokenizer import SemanticTokenizer, SemanticTokenizerConfig
 from vivace.families.musiclm.text import BuiltinTextEncoder, TextConditioner, TransformersTextEncoder
 from vivace.model.config import TransformerConfig
 from vivace.model.transformer import StageTransformer
@@ -34,10 +36,11 @@ from vivace.packs.manifest import (
     write_manifest,
     write_text_model,
 )
-from vivace.packs.schema import from_dict, naming, shown, to_dict
+from vivace.packs.schema import check_value, from_dict, naming, shown, to_dict
 
 FAMILY = "musiclm"
 STAGES = ("semantic", "coarse", "fine")
+ENCODER, TOKENIZER = "codec_encoder", "semantic_tokenizer"  # optional components: what an audio prompt needs
 
 
 @dataclass
@@ -48,22 +51,31 @@ class Pack:
     codec: SoundStreamDecoder
     text: TextConditioner
     codec_onnx: CodecOnnx | None = None
+    codec_encoder: SoundStreamEncoder | None = None
+    semantic_tokenizer: SemanticTokenizer | None = None
 
 
 def config_to_json(config: PackConfig) -> dict:
-    return {
+    data = {
         **manifest_header(FAMILY, config.name, config.sample_rate),
         "stages": {name: to_dict(stage) for name, stage in config.stages.items()},
         "codec": to_dict(config.codec),
         "text": to_dict(config.text),
         "musiclm": to_dict(config.musiclm),
     }
+    if config.codec_encoder:
+        data["codec_encoder"] = True
+    if config.semantic_tokenizer is not None:
+        data["semantic_tokenizer"] = to_dict(config.semantic_tokenizer)
+    return data
 
 
 def read_config(path: str | Path) -> PackConfig:
     path = Path(path)
     manifest = path / "pack.json"
-    data = read_family_manifest(path, FAMILY, ("sample_rate", "stages", "codec", "text"), ("musiclm",))
+    data = read_family_manifest(
+        path, FAMILY, ("sample_rate", "stages", "codec", "text"), ("musiclm", "codec_encoder", "semantic_tokenizer"),
+    )
     with naming(manifest):
         stages_json = data["stages"]
         if not isinstance(stages_json, dict) or sorted(stages_json) != sorted(STAGES):
@@ -77,6 +89,11 @@ def read_config(path: str | Path) -> PackConfig:
             codec=from_dict(CodecConfig, data["codec"], "codec"),
             text=from_dict(TextConfig, data["text"], "text"),
             musiclm=from_dict(MusicLMConfig, data.get("musiclm", {}), "musiclm"),
+            codec_encoder=check_value(data.get("codec_encoder", False), bool, "codec_encoder"),
+            semantic_tokenizer=(
+                from_dict(SemanticTokenizerConfig, data["semantic_tokenizer"], "semantic_tokenizer")
+                if "semantic_tokenizer" in data else None
+            ),
         )
         validate_config(config)
     return config
@@ -112,6 +129,14 @@ def validate_config(config: PackConfig) -> None:
             raise PackError(f"musiclm.{key} = {value} must be a positive multiple of 1/{rate} s")
     if m.semantic_stride_s > m.semantic_window_s or m.coarse_stride_s > m.coarse_window_s:
         raise PackError("musiclm: a stride may not exceed its window")
+    tokenizer = config.semantic_tokenizer
+    if tokenizer is not None:
+        tokenizer.validate(config.sample_rate)
+        if (tokenizer.vocab, tokenizer.rate) != (m.semantic_vocab, m.semantic_rate):
+            raise PackError(
+                f"semantic_tokenizer makes {tokenizer.vocab} units at {tokenizer.rate}/s, the semantic stage reads "
+                f"{m.semantic_vocab} at {m.semantic_rate}/s"
+            )
 
 
 def _stored_codec(module: SoundStreamDecoder) -> dict[str, torch.Tensor]:
@@ -162,7 +187,22 @@ def load_pack(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     )
     if not builtin:
         text.encoder = _transformers_encoder(config.text, path)
-    return Pack(path, config, stages, codec.to(device).eval(), text.eval(), read_codec_onnx(path))
+    encoder = tokenizer = None
+    if config.codec_encoder:
+        encoder = materialize(lambda: SoundStreamEncoder(config.codec), _stored, _prepared, path, ENCODER).to(device).eval()
+    if config.semantic_tokenizer is not None:
+        tokenizer = materialize(
+            lambda: SemanticTokenizer(config.semantic_tokenizer, config.sample_rate), _stored, _prepared, path, TOKENIZER,
+        ).to(device).eval()
+    return Pack(path, config, stages, codec.to(device).eval(), text.eval(), read_codec_onnx(path), encoder, tokenizer)
+
+
+def _stored(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.state_dict())
+
+
+def _prepared(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.float() for name, tensor in stored.items()}
 
 
 def load_codec(path: str | Path, config: PackConfig | None = None) -> SoundStreamDecoder:
@@ -180,10 +220,16 @@ def save_pack(
     text: TextConditioner,
     storage_dtype: torch.dtype = torch.float32,
     codec_storage_dtype: torch.dtype | None = None,
+    codec_encoder: SoundStreamEncoder | None = None,
+    semantic_tokenizer: SemanticTokenizer | None = None,
 ) -> Path:
     """Writes modules in stored form; a transformers text encoder is saved with save_pretrained under text/
-    unless it comes from an installed package. The codec is stored in codec_storage_dtype (default: storage_dtype)."""
+    unless it comes from an installed package. The codec is stored in codec_storage_dtype (default: storage_dtype);
+    the codec encoder and semantic tokenizer, where given (config.codec_encoder / config.semantic_tokenizer say
+    so), in float32."""
     validate_config(config)
+    if (codec_encoder is not None) != config.codec_encoder or (semantic_tokenizer is None) != (config.semantic_tokenizer is None):
+        raise PackError("save_pack: the codec encoder and semantic tokenizer given must match config.codec_encoder and config.semantic_tokenizer")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
@@ -191,6 +237,10 @@ def save_pack(
         write_component(path, name, stored_stage(stages[name]), storage_dtype)
     write_component(path, "codec", _stored_codec(codec), codec_storage_dtype or storage_dtype)
     write_component(path, "text", _stored_text(text), torch.float32)
+    if codec_encoder is not None:
+        write_component(path, ENCODER, _stored(codec_encoder), torch.float32)
+    if semantic_tokenizer is not None:
+        write_component(path, TOKENIZER, _stored(semantic_tokenizer), torch.float32)
     if config.text.kind == "transformers" and not config.text.encoder_package:
         write_text_model(path, text.encoder.model, text.encoder.tokenizer)
     write_manifest(path, config_to_json(config))

@@ -22,11 +22,15 @@ from vivace.arguments import (
     check_prompt,
     codec_frames,
     is_story_list,
+    per_row,
     seeds,
     stage_sampling,
     unknown_arguments,
 )
+from vivace.audio import read_pcm
 from vivace.codecs.backend import CodecBackend, FrameStream
+from vivace.codecs.soundstream import rvq_quantize
+from vivace.codecs.soundstream_encoder import SoundStreamEncoder, encode_soundstream
 from vivace.core.family import RequestContext, StageSpec
 from vivace.core.sampling import SamplingParams
 from vivace.core.sequence import Sequence, TimeMajorSchedule
@@ -35,25 +39,38 @@ from vivace.errors import VivaceError
 from vivace.events import AudioChunk, Event, StageProgress, WindowFinished, WindowStarted
 from vivace.families.musiclm.layout import MusicLMLayout
 from vivace.families.musiclm.pack import STAGES, Pack, load_codec, load_pack
+from vivace.families.musiclm.semantic_tokenizer import SemanticTokenizer
 from vivace.kernels.sampling import stream_id
+from vivace.resample import mono
 
 STAGE_INDEX = {"semantic": 0, "coarse": 1, "fine": 2}
 
 
 @dataclass(frozen=True)
+class AudioPrompt:
+    """A clip to continue, as the tokens of its first whole semantic tokens: semantic [tokens] and acoustic codes
+    [frames, codec levels]."""
+
+    semantic: np.ndarray
+    acoustic: np.ndarray
+
+
+@dataclass(frozen=True)
 class Request:
-    """One row of a generation: its story segments (one for a plain prompt), seed and per-stage sampling."""
+    """One row of a generation: its story segments (one for a plain prompt), seed, per-stage sampling and the audio
+    prompt it continues (None: none)."""
 
     row: int
     segments: tuple[tuple[str, float], ...]
     seed: int
     sampling: dict[str, SamplingParams]
+    audio_prompt: AudioPrompt | None = None
 
 
 @dataclass
 class RowState:
     request: Request
-    conditions: list[list[int]]  # MT codes per segment
+    conditions: list[list[int]]  # MT codes per window segment (a story's segments, split where an audio prompt ends)
     semantic_plan: list[Window]
     coarse_plan: list[Window]
     fine_plan: list[Window]
@@ -128,11 +145,6 @@ class MusicLM:
                 f"negative_prompt conditions the null row of classifier-free guidance: MusicLM pack {self.config.name!r} "
                 "runs without guidance"
             )
-        if any(overrides.pop(key, None) is not None for key in ("audio_prompt", "audio_prompt_sample_rate")):
-            raise VivaceError(
-                f"audio_prompt needs the codec encoder and the semantic tokenizer that made a MusicLM pack's tokens: "
-                f"pack {self.config.name!r} carries neither (MusicLM packs do not yet)"
-            )
         if "chunk_s" in overrides:
             raise VivaceError(
                 f"chunk_s {overrides['chunk_s']!r} does not apply to MusicLM pack {self.config.name!r}: its audio "
@@ -143,16 +155,67 @@ class MusicLM:
         defaults = {"semantic": m.semantic_sampling, "coarse": m.coarse_sampling, "fine": m.fine_sampling}
         return stage_sampling(defaults, overrides, per_stage)
 
-    def encode(self, audio: Any, sample_rate: Any = None) -> np.ndarray:
-        raise VivaceError(
-            f"MusicLM pack {self.config.name!r} cannot encode audio: its packs carry no codec encoder or semantic "
-            "tokenizer (w2v-BERT and k-means), which an audio prompt's acoustic and semantic tokens need"
+    def _prompt_parts(self) -> tuple[SoundStreamEncoder, SemanticTokenizer]:
+        pack = self.pack
+        if pack.codec_encoder is None or pack.semantic_tokenizer is None:
+            missing = [name for name, part in (("a codec encoder", pack.codec_encoder),
+                                               ("a semantic tokenizer", pack.semantic_tokenizer)) if part is None]
+            raise VivaceError(
+                f"MusicLM pack {self.config.name!r} carries no {' and no '.join(p.removeprefix('a ') for p in missing)}: "
+                "an audio prompt's acoustic and semantic tokens need both (the demo recipe's build_pack.py ships them)"
+            )
+        return pack.codec_encoder, pack.semantic_tokenizer
+
+    def encode(self, audio: Any, sample_rate: Any = None, what: str = "audio") -> np.ndarray:
+        """Audio (a sound file, or PCM [samples] / [channels, samples] at sample_rate) -> the codec's codes, int64
+        [levels, samples // hop], downmixed to mono and resampled to the pack's rate first."""
+        if self.pack.codec_encoder is None:
+            raise VivaceError(f"MusicLM pack {self.config.name!r} carries no codec encoder: it cannot encode audio")
+        return encode_soundstream(
+            self.pack.codec_encoder, self.pack.codec.codebooks, audio, sample_rate, self.config.sample_rate, what,
         )
+
+    def _audio_prompts(self, audio: Any, sample_rate: Any, rows: int, frames: int) -> list[AudioPrompt | None]:
+        """Each row's audio prompt (None: none); a single prompt serves every row, a list gives each row its own. A
+        prompt is cut to whole semantic tokens and must be shorter than the clip."""
+        if audio is None:
+            if sample_rate is not None:
+                raise VivaceError("audio_prompt_sample_rate was given without an audio_prompt")
+            return [None] * rows
+        encoder, tokenizer = self._prompt_parts()
+        samples_per_token = self.hop * self.frames_per_semantic
+
+        def tokens(item: Any) -> AudioPrompt:
+            pcm, rate = read_pcm(item, sample_rate, "audio_prompt")
+            wave = mono(pcm, rate, self.config.sample_rate).to(self.pack.codec.codebooks.device)
+            count = wave.shape[-1] // samples_per_token
+            if count == 0:
+                raise VivaceError(
+                    f"audio_prompt of {wave.shape[-1] / self.config.sample_rate:g} s is shorter than one semantic token "
+                    f"({samples_per_token / self.config.sample_rate:g} s at this pack's {self.config.musiclm.semantic_rate}/s)"
+                )
+            if count * self.frames_per_semantic >= frames:
+                raise VivaceError(
+                    f"audio_prompt of {count * samples_per_token / self.config.sample_rate:g} s (whole semantic tokens) "
+                    f"must be shorter than the duration (the whole clip, the prompt included): {frames / self.frame_rate:g} s"
+                )
+            wave = wave[: count * samples_per_token]
+            with torch.inference_mode():
+                acoustic = rvq_quantize(self.pack.codec.codebooks.float(), encoder(wave[None].float()))[0]
+                semantic = tokenizer(wave)
+            return AudioPrompt(semantic.cpu().numpy(), acoustic.T.cpu().numpy())
+
+        return per_row(audio, rows, "audio prompts", tokens)
 
     def requests(self, prompt: Any, duration_s: Any, seed: Any, options: dict[str, Any]) -> list[Request]:
         """Validates a call's arguments and turns them into one Request per row. A Story, or a list of (prompt,
         seconds) pairs, is one story (one row); a list of strings or of Story objects is a batch, one row each.
-        A clip's length rounds to whole codec frames, a story's segment boundaries to whole semantic tokens."""
+        A clip's length rounds to whole codec frames, a story's segment boundaries to whole semantic tokens.
+        options: the sampling keys, stage_sampling, and audio_prompt, audio_prompt_sample_rate (a sound file or PCM
+        per row or for all, where the pack carries a codec encoder and a semantic tokenizer: its semantic and acoustic
+        tokens become the first windows' prefix, as in AudioLM's continuation, and the clip begins with the prompt
+        re-decoded from its codes; duration_s is the whole clip's, the prompt included)."""
+        options = dict(options)
         limit = self.config.musiclm.max_duration_s
         if prompt is None or (isinstance(prompt, (list, tuple)) and any(row is None for row in prompt)):
             raise VivaceError(
@@ -182,8 +245,14 @@ class MusicLM:
                     raise VivaceError(f"duration_s {duration_s} differs from the story's total {total} s")
             segments_per_row.append(segments)
         row_seeds = seeds(seed, len(rows))
+        audio = self._audio_prompts(
+            options.pop("audio_prompt", None), options.pop("audio_prompt_sample_rate", None), len(rows),
+            min(self.frames(sum(s for _, s in segments)) for segments in segments_per_row),
+        )
         params = self.sampling(options)
-        return [Request(row, segments, row_seeds[row], params) for row, segments in enumerate(segments_per_row)]
+        return [
+            Request(row, segments, row_seeds[row], params, audio[row]) for row, segments in enumerate(segments_per_row)
+        ]
 
     def _story(self, items: Any) -> tuple[tuple[str, float], ...]:
         """A story's segments, each at least one codec frame long and each holding at least one semantic token once
@@ -240,6 +309,7 @@ class MusicLMPipeline:
         self.context = context
         self.state = self._row_state(request)
         self.totals = {"semantic": self.state.semantic.size, "coarse": self.state.coarse.size, "fine": self.state.fine.size}
+        self.prompt_events = self._prompt_events()  # reported by the first schedule()
 
     @property
     def done(self) -> bool:
@@ -248,27 +318,68 @@ class MusicLMPipeline:
     def _row_state(self, request: Request) -> RowState:
         family = self.family
         m = family.config.musiclm
-        semantic_starts = family.segment_starts(request.segments)
+        fps = family.frames_per_semantic
+        story_starts = family.segment_starts(request.segments)
         duration = sum(seconds for _, seconds in request.segments)
         frames = family.frames(duration)
-        semantic_total = -(-frames // family.frames_per_semantic)
-        codes = family.pack.text.tokens([prompt for prompt, _ in request.segments]).tolist()
-        return RowState(
+        semantic_total = -(-frames // fps)
+        prompt = request.audio_prompt
+        prompt_tokens = 0 if prompt is None else len(prompt.semantic)
+        # windows break where the prompt ends, so the first generated window starts right after it
+        starts = sorted({*story_starts, prompt_tokens})
+        story_codes = family.pack.text.tokens([text for text, _ in request.segments]).tolist()
+        conditions = [story_codes[int(np.searchsorted(story_starts, s, side="right")) - 1] for s in starts]
+        prompt_frames = prompt_tokens * fps
+        prompt_chunks = plan_chunks(prompt_frames, family.frames(m.fine_chunk_s)) if prompt_frames else []
+        later_chunks = [
+            Window(len(prompt_chunks) + w.index, w.prefix_start + prompt_frames, w.new_start + prompt_frames,
+                   w.new_end + prompt_frames, w.segment)
+            for w in plan_chunks(frames - prompt_frames, family.frames(m.fine_chunk_s))
+        ]
+        state = RowState(
             request=request,
-            conditions=codes,
+            conditions=conditions,
             semantic_plan=plan_windows(
                 semantic_total, family.semantic_tokens(m.semantic_window_s), family.semantic_tokens(m.semantic_stride_s),
-                semantic_starts,
+                starts,
             ),
             coarse_plan=plan_windows(
-                frames, family.frames(m.coarse_window_s), family.frames(m.coarse_stride_s),
-                [s * family.frames_per_semantic for s in semantic_starts],
+                frames, family.frames(m.coarse_window_s), family.frames(m.coarse_stride_s), [s * fps for s in starts],
             ),
-            fine_plan=plan_chunks(frames, family.frames(m.fine_chunk_s)),
+            fine_plan=prompt_chunks + later_chunks,
             semantic=np.full(semantic_total, -1, dtype=np.int64),
             coarse=np.full((frames, m.coarse_levels), -1, dtype=np.int64),
             fine=np.full((frames, m.fine_levels), -1, dtype=np.int64),
         )
+        if prompt is not None:
+            state.semantic[:prompt_tokens] = prompt.semantic
+            state.coarse[:prompt_frames] = prompt.acoustic[:, : m.coarse_levels]
+            state.fine[:prompt_frames] = prompt.acoustic[:, m.coarse_levels :]
+            state.semantic_done, state.coarse_done = prompt_tokens, prompt_frames
+            state.next_semantic = sum(w.new_end <= prompt_tokens for w in state.semantic_plan)
+            state.next_coarse = sum(w.new_end <= prompt_frames for w in state.coarse_plan)
+            state.fine_started.update(w.index for w in prompt_chunks)
+            state.fine_finished.update(w.index for w in prompt_chunks)
+        return state
+
+    def _prompt_events(self) -> list[Event]:
+        """The windows and chunks an audio prompt fills, reported as started and finished with the prompt's tokens
+        (in the ids a generated window reports)."""
+        state, row = self.state, self.state.request.row
+        events: list[Event] = []
+        for window in state.semantic_plan[: state.next_semantic]:
+            tokens = state.semantic[window.new_start : window.new_end].tolist()
+            events += [self._started("semantic", window, state.conditions[window.segment]),
+                       WindowFinished("semantic", row, window.index, tuple(tokens))]
+        for window in state.coarse_plan[: state.next_coarse]:
+            tokens = self._time_major(state.coarse[window.new_start : window.new_end], 0)
+            events += [self._started("coarse", window, state.conditions[window.segment]),
+                       WindowFinished("coarse", row, window.index, tuple(tokens))]
+        for window in state.fine_plan:
+            if window.index in state.fine_finished:
+                tokens = self._time_major(state.fine[window.new_start : window.new_end], 0)
+                events += [self._started("fine", window, []), WindowFinished("fine", row, window.index, tuple(tokens))]
+        return events
 
     def _sequence(self, stage: str, window: Window, prompt: list[int], num_new: int, schedule: TimeMajorSchedule) -> Sequence:
         request = self.state.request
@@ -326,7 +437,7 @@ class MusicLMPipeline:
         """Every window and chunk whose inputs exist."""
         state = self.state
         ready: list[tuple[str, Sequence]] = []
-        events: list[Event] = []
+        events, self.prompt_events = self.prompt_events, []
         if state.active["semantic"] is None and state.next_semantic < len(state.semantic_plan):
             window = state.semantic_plan[state.next_semantic]
             seq, event = self._start_semantic(window)

@@ -6,10 +6,12 @@ from pathlib import Path
 import torch
 
 from vivace.codecs.soundstream import CodecConfig, SoundStreamDecoder
+from vivace.codecs.soundstream_encoder import SoundStreamEncoder
 from vivace.errors import VivaceError
 from vivace.families.musiclm.config import MusicLMConfig, PackConfig, TextConfig
 from vivace.families.musiclm.layout import MusicLMLayout
 from vivace.families.musiclm.pack import STAGES, save_pack
+from vivace.families.musiclm.semantic_tokenizer import SemanticTokenizer, SemanticTokenizerConfig
 from vivace.families.musiclm.text import BuiltinTextEncoder, TextConditioner, TransformersTextEncoder
 from vivace.model.config import TransformerConfig
 from vivace.model.transformer import StageTransformer
@@ -50,12 +52,15 @@ def random_pack(
     dtype: torch.dtype | None = None,
     text_model: str | Path | None = None,
     force: bool = False,
+    encodes_audio: bool = False,
 ) -> Path:
     """Writes a pack with random weights. Paper-size packs are stored in bfloat16 unless dtype says otherwise.
 
     text_model: a local transformers encoder directory (model + tokenizer) to use as the text tower instead of
     the built-in hashed one; it is copied into the pack and its projection and codebooks are random.
     force: write into a directory that is not empty (its pack files are replaced, other files are left alone).
+    encodes_audio: also a random codec encoder and semantic tokenizer (random centroids over its standardised
+    features), so that audio prompts and encode() run.
     """
     if family != "musiclm":
         raise VivaceError(f"random_pack: unknown family {family!r}")
@@ -73,6 +78,11 @@ def random_pack(
         text_config = replace(config.text, kind="transformers", hidden_dim=probe.model.config.hidden_size)
         config = replace(config, text=text_config)
         encoder = TransformersTextEncoder(text_config, Path(text_model))
+    if encodes_audio:
+        from dataclasses import replace
+
+        tokenizer_config = SemanticTokenizerConfig(vocab=config.musiclm.semantic_vocab, rate=config.musiclm.semantic_rate)
+        config = replace(config, codec_encoder=True, semantic_tokenizer=tokenizer_config)
     storage = dtype or (torch.bfloat16 if preset == "paper" else torch.float32)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -85,6 +95,15 @@ def random_pack(
                 encoder = BuiltinTextEncoder(config.text)
             text = TextConditioner(config.text, encoder)
             text.codebooks.normal_(0.0, config.text.embed_dim**-0.5)
-        return save_pack(path, config, stages, codec, text, storage_dtype=storage)
+            codec_encoder = tokenizer = None
+            if encodes_audio:
+                codec_encoder = SoundStreamEncoder(config.codec)
+                tokenizer = SemanticTokenizer(config.semantic_tokenizer, config.sample_rate)
+                tokenizer.centroids.normal_(0.0, 1.0)
+                tokenizer.mean.normal_(0.0, 1.0)
+                tokenizer.std.uniform_(0.5, 2.0)
+        return save_pack(
+            path, config, stages, codec, text, storage_dtype=storage, codec_encoder=codec_encoder, semantic_tokenizer=tokenizer,
+        )
     finally:
         torch.random.set_rng_state(generator_state)
