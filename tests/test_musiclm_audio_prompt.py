@@ -127,6 +127,7 @@ def test_prompt_errors_are_one_line(prompted: Engine, engine: Engine) -> None:
 def test_the_pack_records_its_prompt_parts_and_checks_them(prompted: Engine, tmp_path: Path) -> None:
     data = json.loads((prompted.pack.path / "pack.json").read_text())
     assert data["codec_encoder"] is True and data["semantic_tokenizer"]["vocab"] == 64
+    assert prompted.info()["audio_prompts"] is True
     bad = tmp_path / "bad"
     random_pack(bad, encodes_audio=True)
     edited = json.loads((bad / "pack.json").read_text())

@@ -297,6 +297,7 @@ class MusicLM:
             },
             "text": c.text.kind,
             "max_duration_s": c.musiclm.max_duration_s,
+            "audio_prompts": c.encodes_audio,  # carries the codec encoder and the semantic tokenizer
         }
 
 
