@@ -1,7 +1,9 @@
 """Trains the SoundStream-style codec: a convolutional encoder, 12-level residual VQ and vivace's own causal
-SEANet decoder (vivace.codecs.soundstream.SoundStreamDecoder, the module the engine runs), on random crops of the training
-clips. Losses: multi-resolution log and linear STFT magnitudes, and a small waveform L1; no adversarial loss
-(a CPU budget of minutes, not days), so the audio is smoother than a GAN-trained SoundStream's.
+SEANet decoder (vivace.codecs.soundstream.SoundStreamDecoder, the module the engine runs), on random crops of the
+training clips. Losses (codec_losses.py): SNR and complex-spectrum terms that fix phase and level, log-magnitude and
+mel terms, and with --adversarial a multi-scale STFT discriminator with feature matching. Every 500 steps the run
+saves a checkpoint that --resume continues from (weights, optimizers, step count), so a long training is several
+runs of a bounded length.
 """
 from __future__ import annotations
 
@@ -9,47 +11,22 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from common import CODEC, HOP, Dataset, add_run_options, start_run
+from codec_losses import (
+    MultiScaleSTFTDiscriminator,
+    discriminator_loss,
+    envelope_loss,
+    generator_losses,
+    snr_loss,
+    spectral_loss,
+)
+from common import CODEC, HOP, SAMPLE_RATE, Dataset, add_run_options, start_run
 from torch import nn
 
 from vivace.codecs.soundstream import SoundStreamDecoder
-
-
-class StridedConv(nn.Conv1d):
-    """Causal (left-padded) convolution with stride."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, (self.kernel_size[0] - self.stride[0], 0)))
-
-
-class EncoderUnit(nn.Module):
-    def __init__(self, channels: int, dilation: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv1d(channels, channels // 2, 3, dilation=dilation)
-        self.conv2 = nn.Conv1d(channels // 2, channels, 1)
-        self.pad = 2 * dilation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.elu(self.conv1(F.pad(F.elu(x), (self.pad, 0)))))
-
-
-class Encoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        width = CODEC.channels
-        layers: list[nn.Module] = [StridedConv(1, width, 7)]
-        for ratio in reversed(CODEC.ratios):
-            layers += [EncoderUnit(width, d) for d in CODEC.residual_dilations]
-            layers += [nn.ELU(), StridedConv(width, 2 * width, 2 * ratio, stride=ratio)]
-            width *= 2
-        layers += [nn.ELU(), StridedConv(width, CODEC.codebook_dim, 3)]
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        """[B, samples] -> [B, codebook_dim, samples / hop]"""
-        return self.layers(audio.unsqueeze(1))
+from vivace.codecs.soundstream_encoder import SoundStreamEncoder
 
 
 class ResidualVQ(nn.Module):
@@ -118,14 +95,21 @@ class ResidualVQ(nn.Module):
         self.codebooks[level] = self.embed_sum[level] / self.cluster_size[level].clamp(min=1e-5).unsqueeze(1)
 
 
-def stft_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    loss = predicted.new_zeros(())
-    for n_fft in (256, 512, 1024, 2048):
-        window = torch.hann_window(n_fft)
-        spectra = [torch.stft(x, n_fft, n_fft // 4, window=window, return_complex=True).abs() for x in (predicted, target)]
-        loss = loss + F.l1_loss(torch.log(spectra[0] + 1e-5), torch.log(spectra[1] + 1e-5))
-        loss = loss + F.l1_loss(spectra[0], spectra[1])
-    return loss / 4
+def held_out_snr(data: Dataset, encoder: SoundStreamEncoder, quantizer: ResidualVQ, decoder: SoundStreamDecoder) -> tuple[float, float]:
+    """(mean SI-SNR, mean SNR) in dB of the first 4 s of eight held-out clips, all levels: the training log's check."""
+    audio = torch.stack([data.audio(int(i), 0, 4 * SAMPLE_RATE) for i in data.test_indices[:8]])
+    encoder.eval()
+    quantizer.eval()
+    with torch.no_grad():
+        output = decoder.decode_vectors(quantizer(encoder(audio), CODEC.num_levels)[0])
+    encoder.train()
+    quantizer.train()
+    target = audio - audio.mean(-1, keepdim=True)
+    estimate = output - output.mean(-1, keepdim=True)
+    projection = (estimate * target).sum(-1, keepdim=True) / target.square().sum(-1, keepdim=True) * target
+    si_snr = 10 * torch.log10(projection.square().sum(-1) / (estimate - projection).square().sum(-1))
+    snr = 10 * torch.log10(audio.square().sum(-1) / (output - audio).square().sum(-1))
+    return float(si_snr.mean()), float(snr.mean())
 
 
 def main() -> None:
@@ -137,29 +121,43 @@ def main() -> None:
     parser.add_argument("--crop-frames", type=int, default=30)
     add_run_options(parser)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--resume", type=Path, help="start from this checkpoint")
+    parser.add_argument("--resume", type=Path, help="continue from this checkpoint (weights, optimizers and step count)")
+    parser.add_argument("--adversarial", action="store_true", help="train the multi-scale STFT discriminator beside the codec")
     parser.add_argument("--decoder-only", action="store_true",
                         help="freeze the encoder and RVQ (codes already extracted stay valid) and train the decoder on")
     args = parser.parse_args()
     rng = start_run(args)
     data = Dataset.load(args.data)
     train = data.train_indices
-    encoder, quantizer, decoder = Encoder(), ResidualVQ(), SoundStreamDecoder(CODEC)
+    encoder, quantizer, decoder = SoundStreamEncoder(CODEC), ResidualVQ(), SoundStreamDecoder(CODEC)
+    discriminator = MultiScaleSTFTDiscriminator()
+    params = [p for n, p in decoder.named_parameters() if n != "codebooks"]
+    if args.decoder_only:
+        encoder.requires_grad_(False)
+    else:
+        params += list(encoder.parameters())
+    optimizer = torch.optim.Adam(params, lr=args.lr, betas=(0.8, 0.99))
+    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=args.lr, betas=(0.8, 0.99))
+    step = 0
     if args.resume:
         state = torch.load(args.resume, map_location="cpu")
         encoder.load_state_dict(state["encoder"])
         quantizer.load_state_dict(state["quantizer"])
         decoder.load_state_dict(state["decoder"])
-    params = [p for n, p in decoder.named_parameters() if n != "codebooks"]
+        if "discriminator" in state:
+            discriminator.load_state_dict(state["discriminator"])
+            d_optimizer.load_state_dict(state["d_optimizer"])
+        if "optimizer" in state and state.get("decoder_only", False) == args.decoder_only:
+            optimizer.load_state_dict(state["optimizer"])
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr
+        step = state.get("step", 0)
+        rng = np.random.default_rng([args.seed, step])  # a resumed run draws new crops
     if args.decoder_only:
-        encoder.requires_grad_(False)
         quantizer.eval()
-    else:
-        params += list(encoder.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.lr, betas=(0.8, 0.99))
     crop = args.crop_frames * HOP
     deadline = time.time() + args.minutes * 60
-    step = 0
+    first = step
     while time.time() < deadline:
         pieces = rng.choice(train, args.batch)
         starts = rng.integers(0, data.clips.shape[1] - crop, args.batch) // HOP * HOP
@@ -168,26 +166,51 @@ def main() -> None:
         with torch.set_grad_enabled(not args.decoder_only):
             quantised, _, commitment = quantizer(encoder(audio), levels)
         output = decoder.decode_vectors(quantised)
-        reconstruction = stft_loss(output, audio) + 0.1 * F.l1_loss(output, audio)
-        loss = reconstruction + 0.25 * commitment
+        magnitude, complex_term = spectral_loss(output, audio)
+        snr = snr_loss(output, audio)
+        # the SNR term in dB (10 log10): at a tenth of that it was too weak beside the magnitude terms to leave 0 dB
+        envelope = envelope_loss(output, audio)
+        loss = magnitude + complex_term + 10 * snr + envelope + 0.25 * commitment
+        adversarial = matching = d_loss = torch.zeros(())
+        if args.adversarial:
+            real = discriminator(audio)
+            adversarial, matching = generator_losses(real, discriminator(output))
+            loss = loss + 0.5 * adversarial + 1.0 * matching
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         optimizer.step()
+        if args.adversarial:
+            d_loss = discriminator_loss(discriminator(audio), discriminator(output.detach()))
+            d_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_optimizer.step()
         step += 1
         if step % 50 == 0:
             remaining = (deadline - time.time()) / 60
-            print(f"step {step} levels {levels:2d} stft {reconstruction.item():.4f} commit {commitment.item():.4f} ({remaining:.1f} min left)", flush=True)
+            print(f"step {step} levels {levels:2d} magnitude {magnitude.item():.3f} complex {complex_term.item():.3f} "
+                  f"snr {10 * snr.item():+.1f} dB envelope {envelope.item():.3f} commit {commitment.item():.4f} adv {adversarial.item():.3f} "
+                  f"fm {matching.item():.3f} disc {d_loss.item():.3f} ({remaining:.1f} min left)", flush=True)
         if step % 500 == 0:
-            save(args.out, encoder, quantizer, decoder)
-    save(args.out, encoder, quantizer, decoder)
-    print(f"done: {step} steps")
+            si_snr, plain_snr = held_out_snr(data, encoder, quantizer, decoder)
+            print(f"step {step} held-out SI-SNR {si_snr:+.2f} dB, SNR {plain_snr:+.2f} dB", flush=True)
+            save(args, step, encoder, quantizer, decoder, discriminator, optimizer, d_optimizer)
+    save(args, step, encoder, quantizer, decoder, discriminator, optimizer, d_optimizer)
+    si_snr, plain_snr = held_out_snr(data, encoder, quantizer, decoder)
+    print(f"done: {step - first} steps this run, {step} in all; held-out SI-SNR {si_snr:+.2f} dB, SNR {plain_snr:+.2f} dB")
 
 
-def save(out: Path, encoder: Encoder, quantizer: ResidualVQ, decoder: SoundStreamDecoder) -> None:
+def save(args: argparse.Namespace, step: int, encoder: SoundStreamEncoder, quantizer: ResidualVQ, decoder: SoundStreamDecoder,
+         discriminator: MultiScaleSTFTDiscriminator, optimizer: torch.optim.Optimizer, d_optimizer: torch.optim.Optimizer) -> None:
     with torch.no_grad():
         decoder.codebooks.copy_(quantizer.codebooks)
-    torch.save({"encoder": encoder.state_dict(), "quantizer": quantizer.state_dict(), "decoder": decoder.state_dict()}, out)
+    state = {
+        "encoder": encoder.state_dict(), "quantizer": quantizer.state_dict(), "decoder": decoder.state_dict(),
+        "discriminator": discriminator.state_dict(), "optimizer": optimizer.state_dict(),
+        "d_optimizer": d_optimizer.state_dict(), "step": step, "decoder_only": args.decoder_only,
+    }
+    torch.save(state, args.out.with_suffix(".tmp"))
+    args.out.with_suffix(".tmp").replace(args.out)  # a run killed mid-save leaves the previous checkpoint whole
 
 
 if __name__ == "__main__":

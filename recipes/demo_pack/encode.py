@@ -6,22 +6,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from codec_train import Encoder, ResidualVQ
+from codec_train import ResidualVQ
 from common import CODEC, Dataset
 
+from vivace.codecs.soundstream import rvq_quantize
+from vivace.codecs.soundstream_encoder import SoundStreamEncoder
 
-def load_codec_parts(checkpoint: Path) -> tuple[Encoder, ResidualVQ]:
+
+def load_codec_parts(checkpoint: Path) -> tuple[SoundStreamEncoder, ResidualVQ]:
     state = torch.load(checkpoint, map_location="cpu")
-    encoder, quantizer = Encoder(), ResidualVQ()
+    encoder, quantizer = SoundStreamEncoder(CODEC), ResidualVQ()
     encoder.load_state_dict(state["encoder"])
     quantizer.load_state_dict(state["quantizer"])
     return encoder.eval(), quantizer.eval()
 
 
 @torch.no_grad()
-def encode(encoder: Encoder, quantizer: ResidualVQ, audio: torch.Tensor) -> torch.Tensor:
-    """[B, samples] -> codes [B, levels, frames]"""
-    return quantizer(encoder(audio), CODEC.num_levels)[1]
+def encode(encoder: SoundStreamEncoder, quantizer: ResidualVQ, audio: torch.Tensor) -> torch.Tensor:
+    """[B, samples] -> codes [B, levels, frames], with the engine's quantizer (vivace.codecs.soundstream_encoder)."""
+    return rvq_quantize(quantizer.codebooks, encoder(audio))
 
 
 def main() -> None:

@@ -4,8 +4,9 @@ projection, and a small convolutional audio tower over log-mel, trained contrast
 pairs into one 128-d space. Residual k-means over training audio and text embeddings gives the 12 x 64
 codebooks that turn an embedding into the 12 MuLan tokens (MT).
 
-Writes WORK/mulan.pt and DATA/mt_codes.npy (the MT of each piece's 10 s crops, from the audio tower: the stages
-are trained on audio conditioning and run on text conditioning, as in the paper).
+Writes WORK/mulan.pt, DATA/mt_codes.npy (the MT of each piece's 10 s crops, from the audio tower, as the paper
+trains its stages) and DATA/mt_text_codes.npy (the MT of each piece's caption, from the text tower, as inference
+conditions).
 """
 from __future__ import annotations
 
@@ -133,6 +134,7 @@ def main() -> None:
         mt = torch.stack([conditioner.quantize(crops[:, c]) for c in range(len(CROP_STARTS_S))], dim=1)
         quantised_text = conditioner.codebooks[torch.arange(MT_LEVELS), conditioner.quantize(text)].sum(1)
     np.save(args.data / "mt_codes.npy", mt.numpy().astype(np.int16))
+    np.save(args.data / "mt_text_codes.npy", conditioner.quantize(text).numpy().astype(np.int16))
     args.work.mkdir(parents=True, exist_ok=True)
     torch.save({"tower": tower.state_dict(), "text": {k: v for k, v in conditioner.state_dict().items()}}, args.work / "mulan.pt")
     clip = crops[:, 1]

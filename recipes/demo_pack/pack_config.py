@@ -10,6 +10,7 @@ from common import (
     SAMPLE_RATE,
     SEMANTIC_RATE,
     SEMANTIC_VOCAB,
+    TOKENIZER,
 )
 from mulan import TEXT_CONFIG
 
@@ -33,7 +34,10 @@ STAGE_SHAPE = dict(num_layers=4, d_model=256, num_heads=4, d_ff=1024, rel_num_bu
 
 
 def pack_config(name: str = "vivace-demo") -> PackConfig:
-    skeleton = PackConfig(family="musiclm", sample_rate=SAMPLE_RATE, stages={}, codec=CODEC, text=TEXT_CONFIG, musiclm=MUSICLM)
+    skeleton = PackConfig(
+        family="musiclm", sample_rate=SAMPLE_RATE, stages={}, codec=CODEC, text=TEXT_CONFIG, musiclm=MUSICLM,
+        codec_encoder=True, semantic_tokenizer=TOKENIZER,
+    )
     layout = MusicLMLayout.of(skeleton)
     stages = {}
     for stage in ("semantic", "coarse", "fine"):

@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# Rebuilds the bundled demo pack from nothing: render -> codec -> semantic units -> MuLan -> codes -> stages -> pack
-# -> evaluation. Usage: recipes/demo_pack/run.sh [DATA] [WORK] [PACK]; about 2 hours on 2 CPU cores with the
-# default budgets (CODEC_MIN, SEMANTIC_MIN, STAGE_MIN, in minutes). Needs: apt-get install fluidsynth
-# fluid-soundfont-gm; pip install -e ".[demo]" mido scikit-learn matplotlib.
+# Rebuilds the bundled demo pack from nothing: render -> codec -> semantic units -> MuLan -> semantic stage -> codes
+# -> adversarial codec -> coarse and fine stages (beside the decoder's fine-tuning) -> pack -> evaluation.
+# Usage: recipes/demo_pack/run.sh [DATA] [WORK] [PACK]. Budgets are environment variables in minutes: CODEC_MIN
+# (reconstruction losses), GAN_MIN (with the discriminator), SEMANTIC_MIN, STAGE_MIN; about five hours at the
+# defaults. Each training step checkpoints as it goes; to split one over several runs, call its script again with
+# --resume (codec_train.py --resume WORK/codec.pt, stages_train.py ... --resume).
+# Needs: apt-get install fluidsynth fluid-soundfont-gm; pip install -e ".[demo]" mido scikit-learn matplotlib.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${1:-/tmp/vivace-demo/data}
 WORK=${2:-/tmp/vivace-demo/work}
 PACK=${3:-../../packs/demo}
-CODEC_MIN=${CODEC_MIN:-40}
-SEMANTIC_MIN=${SEMANTIC_MIN:-30}
-STAGE_MIN=${STAGE_MIN:-45}
+PIECES=${PIECES:-2000}
+CODEC_MIN=${CODEC_MIN:-60}
+GAN_MIN=${GAN_MIN:-60}
+SEMANTIC_MIN=${SEMANTIC_MIN:-60}
+STAGE_MIN=${STAGE_MIN:-60}
+BASELINE=${BASELINE:-}  # an earlier pack to evaluate beside the new one
 mkdir -p "$DATA" "$WORK"
-python render.py "$DATA" --pieces 560 --seconds 20
+[ -f "$DATA/clips.npy" ] || python render.py "$DATA" --pieces "$PIECES" --seconds 20
 python codec_train.py "$DATA" "$WORK/codec.pt" --minutes "$CODEC_MIN" &
 python semantic.py "$DATA"
 python mulan.py "$DATA" "$WORK"
 python stages_train.py semantic "$DATA" "$WORK/semantic.pt" --minutes "$SEMANTIC_MIN" --batch 16
 wait
+python codec_train.py "$DATA" "$WORK/codec.pt" --resume "$WORK/codec.pt" --adversarial --threads 2 --minutes "$GAN_MIN"
 python encode.py "$DATA" "$WORK/codec.pt"
-python codec_train.py "$DATA" "$WORK/codec.pt" --resume "$WORK/codec.pt" --decoder-only --lr 5e-4 --minutes "$STAGE_MIN" &
+python codec_train.py "$DATA" "$WORK/codec.pt" --resume "$WORK/codec.pt" --adversarial --decoder-only --lr 5e-4 --minutes "$STAGE_MIN" &
 python stages_train.py coarse "$DATA" "$WORK/coarse.pt" --minutes "$STAGE_MIN" --batch 12 &
 python stages_train.py fine "$DATA" "$WORK/fine.pt" --minutes "$STAGE_MIN" --batch 12
 wait
 python build_pack.py "$DATA" "$WORK" "$PACK"
-python evaluate.py "$DATA" "$WORK" "$PACK" results.json --pictures ../../docs/images
+python evaluate.py "$DATA" "$WORK" "$PACK" results.json --pictures ../../docs/images ${BASELINE:+--baseline-pack "$BASELINE"}
