@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from codec_losses import (
     MultiScaleSTFTDiscriminator,
+    dc_loss,
     discriminator_loss,
     envelope_loss,
     generator_losses,
@@ -170,7 +171,7 @@ def main() -> None:
         snr = snr_loss(output, audio)
         # the SNR term in dB (10 log10): at a tenth of that it was too weak beside the magnitude terms to leave 0 dB
         envelope = envelope_loss(output, audio)
-        loss = magnitude + complex_term + 10 * snr + envelope + 0.25 * commitment
+        loss = magnitude + complex_term + 10 * snr + envelope + 10 * dc_loss(output, audio) + 0.25 * commitment
         adversarial = matching = d_loss = torch.zeros(())
         if args.adversarial:
             real = discriminator(audio)
@@ -189,7 +190,7 @@ def main() -> None:
         if step % 50 == 0:
             remaining = (deadline - time.time()) / 60
             print(f"step {step} levels {levels:2d} magnitude {magnitude.item():.3f} complex {complex_term.item():.3f} "
-                  f"snr {10 * snr.item():+.1f} dB envelope {envelope.item():.3f} commit {commitment.item():.4f} adv {adversarial.item():.3f} "
+                  f"error {10 * snr.item():+.1f} dB envelope {envelope.item():.3f} commit {commitment.item():.4f} adv {adversarial.item():.3f} "
                   f"fm {matching.item():.3f} disc {d_loss.item():.3f} ({remaining:.1f} min left)", flush=True)
         if step % 500 == 0:
             si_snr, plain_snr = held_out_snr(data, encoder, quantizer, decoder)

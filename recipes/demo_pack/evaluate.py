@@ -91,7 +91,9 @@ def codec_report(data: Dataset, codec_checkpoint: Path, pack: Path) -> dict:
             "stft_distance": stft_distance(pcm, audio),
             "mel_distance": mel_distance(pcm, audio),
             "frame_rate_modulation_mean": float(modulation.mean()),
+            "frame_rate_modulation_median": float(modulation.median()),
             "frame_rate_modulation_max": float(modulation.max()),
+            "dc_offset_mean": float(pcm.mean(1).abs().mean()),
             "level_ratio_median": float((pcm.square().mean(1).sqrt() / audio.square().mean(1).sqrt()).median()),
             "kbps": levels * np.log2(CODEC.codebook_size) * SAMPLE_RATE / CODEC.hop_length / 1000,
         }
