@@ -67,4 +67,10 @@ def encode_soundstream(
     errors."""
     pcm, rate = read_pcm(audio, sample_rate, what)
     wave = mono(pcm, rate, codec_rate).to(codebooks.device)
-    return rvq_quantize(codebooks.float(), encoder(wave[None].float()))[0].cpu().numpy()
+    return soundstream_codes(encoder, codebooks, wave).cpu().numpy()
+
+
+@torch.inference_mode()
+def soundstream_codes(encoder: SoundStreamEncoder, codebooks: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
+    """Mono PCM [samples] at the codec's rate -> int64 codes [levels of codebooks, samples // hop]."""
+    return rvq_quantize(codebooks.float(), encoder(wave[None].float()))[0]

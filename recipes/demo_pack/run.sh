@@ -2,7 +2,7 @@
 # Rebuilds the bundled demo pack from nothing: render -> codec -> semantic units -> MuLan -> semantic stage -> codes
 # -> adversarial codec -> coarse and fine stages (beside the decoder's fine-tuning) -> pack -> evaluation.
 # Usage: recipes/demo_pack/run.sh [DATA] [WORK] [PACK]. Budgets are environment variables in minutes: CODEC_MIN
-# (reconstruction losses), GAN_MIN (with the discriminator), SEMANTIC_MIN, STAGE_MIN; about five hours at the
+# (reconstruction losses), GAN_MIN (with the discriminator), SEMANTIC_MIN, STAGE_MIN; about five hours of training at the
 # defaults. Each training step checkpoints as it goes; to split one over several runs, call its script again with
 # --resume (codec_train.py --resume WORK/codec.pt, stages_train.py ... --resume).
 # Needs: apt-get install fluidsynth fluid-soundfont-gm; pip install -e ".[demo]" mido scikit-learn matplotlib.

@@ -29,8 +29,7 @@ from vivace.arguments import (
 )
 from vivace.audio import read_pcm
 from vivace.codecs.backend import CodecBackend, FrameStream
-from vivace.codecs.soundstream import rvq_quantize
-from vivace.codecs.soundstream_encoder import SoundStreamEncoder, encode_soundstream
+from vivace.codecs.soundstream_encoder import SoundStreamEncoder, encode_soundstream, soundstream_codes
 from vivace.core.family import RequestContext, StageSpec
 from vivace.core.sampling import SamplingParams
 from vivace.core.sequence import Sequence, TimeMajorSchedule
@@ -200,10 +199,8 @@ class MusicLM:
                     f"must be shorter than the duration (the whole clip, the prompt included): {frames / self.frame_rate:g} s"
                 )
             wave = wave[: count * samples_per_token]
-            with torch.inference_mode():
-                acoustic = rvq_quantize(self.pack.codec.codebooks.float(), encoder(wave[None].float()))[0]
-                semantic = tokenizer(wave)
-            return AudioPrompt(semantic.cpu().numpy(), acoustic.T.cpu().numpy())
+            acoustic = soundstream_codes(encoder, self.pack.codec.codebooks, wave)
+            return AudioPrompt(tokenizer(wave).cpu().numpy(), acoustic.T.cpu().numpy())
 
         return per_row(audio, rows, "audio prompts", tokens)
 
