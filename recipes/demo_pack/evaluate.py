@@ -85,18 +85,27 @@ def codec_report(data: Dataset, codec_checkpoint: Path, pack: Path) -> dict:
     codes = torch.cat([encode(encoder, quantizer, audio[i : i + 4]) for i in range(0, len(audio), 4)])
     for levels in (4, 8, 12):
         pcm = torch.cat([decoder(codes[i : i + 4, :levels]) for i in range(0, len(codes), 4)])
-        modulation = frame_rate_modulation(pcm)
+        modulation, snr = frame_rate_modulation(pcm), si_snr(pcm, audio)
         report[f"{levels}_levels"] = {
-            "si_snr_db": float(si_snr(pcm, audio).mean()),
+            "si_snr_db": float(snr.mean()),
+            "si_snr_db_median": float(snr.median()),
+            "clips_si_snr_at_least_0_db": int((snr >= 0).sum()),
             "stft_distance": stft_distance(pcm, audio),
             "mel_distance": mel_distance(pcm, audio),
             "frame_rate_modulation_mean": float(modulation.mean()),
             "frame_rate_modulation_median": float(modulation.median()),
             "frame_rate_modulation_max": float(modulation.max()),
+            "clips_modulation_at_most_1_5": int((modulation <= 1.5).sum()),
             "dc_offset_mean": float(pcm.mean(1).abs().mean()),
             "level_ratio_median": float((pcm.square().mean(1).sqrt() / audio.square().mean(1).sqrt()).median()),
             "kbps": levels * np.log2(CODEC.codebook_size) * SAMPLE_RATE / CODEC.hop_length / 1000,
         }
+        if levels == CODEC.num_levels:
+            report["per_clip"] = [
+                {"caption": data.captions[int(i)], "si_snr_db": round(float(clip_snr), 2),
+                 "frame_rate_modulation": round(float(clip_modulation), 2)}
+                for i, clip_snr, clip_modulation in zip(data.evaluation_indices, snr, modulation)
+            ]
     real_modulation = frame_rate_modulation(audio)
     report["real_frame_rate_modulation_mean"] = float(real_modulation.mean())
     report["real_frame_rate_modulation_max"] = float(real_modulation.max())

@@ -27,7 +27,9 @@ MUSICLM = MusicLMConfig(
     coarse_window_s=CROP_SECONDS["coarse"], coarse_stride_s=CROP_SECONDS["coarse"] / 2,
     fine_chunk_s=CROP_SECONDS["fine"], max_duration_s=300.0,
     semantic_sampling=SamplingParams(temperature=1.0, top_k=50),
-    coarse_sampling=SamplingParams(temperature=0.95, top_k=50),
+    # the coarse stage samples its whole distribution: at temperature 0.8-0.95 or top-k 50 the continuation windows
+    # fall into near-silent codes within a few seconds (measured on the second recipe's pack), at 1.0 they keep the level
+    coarse_sampling=SamplingParams(temperature=1.0, top_k=0),
     fine_sampling=SamplingParams(temperature=0.4),
 )
 STAGE_SHAPE = dict(num_layers=4, d_model=256, num_heads=4, d_ff=1024, rel_num_buckets=32, rel_max_distance=128)
