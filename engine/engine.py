@@ -271,8 +271,7 @@ class Engine:
         """Audio (a sound file path, or PCM [samples] / [channels, samples] at sample_rate) -> the codec codes the pack's
         encoder gives, int64 [levels, frames] (downmixed to mono and resampled to the codec's rate first). MusicGen
         packs carry EnCodec's encoder (packs converted by this version); MusicLM packs carry their SoundStream encoder
-        where pack.json says codec_encoder (packs built by
-        recipes/demo_pack from its second version on)."""
+        where pack.json says codec_encoder (the bundled demo pack does)."""
         return self.family.encode(audio, sample_rate)
 
     def decode(self, codes: Any) -> np.ndarray:

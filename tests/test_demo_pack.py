@@ -46,7 +46,8 @@ def test_an_audio_prompt_becomes_the_first_windows_tokens(demo_engine: Engine) -
     """The token plumbing with the pack's trained parts, not musical quality: a clip the pack made is the prompt."""
     rate, frame_samples = demo_engine.pack.config.sample_rate, demo_engine.pack.config.codec.hop_length
     pcm = demo_engine.generate("slow soft solo piano in D minor", duration_s=1.0, seed=3)[0]
-    tokens, frames = 25, 50  # 1 s: 25 semantic tokens, 50 codec frames
+    tokens, frames = int(demo_engine.pack.config.musiclm.semantic_rate), int(demo_engine.pack.config.frame_rate)  # 1 s of each
+    assert (tokens, frames) == (25, 50)
     events = list(demo_engine.events("slow soft solo piano in D minor", 2.0, seed=4, audio_prompt=pcm,
                                      audio_prompt_sample_rate=rate))
     assert demo_engine.info()["audio_prompts"] is True

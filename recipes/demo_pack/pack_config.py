@@ -27,8 +27,8 @@ MUSICLM = MusicLMConfig(
     coarse_window_s=CROP_SECONDS["coarse"], coarse_stride_s=CROP_SECONDS["coarse"] / 2,
     fine_chunk_s=CROP_SECONDS["fine"], max_duration_s=300.0,
     semantic_sampling=SamplingParams(temperature=1.0, top_k=50),
-    # the coarse stage samples its whole distribution: at temperature 0.8-0.95 or top-k 50 the continuation windows
-    # fall into near-silent codes within a few seconds (measured on the second recipe's pack), at 1.0 they keep the level
+    # the coarse stage samples its whole distribution: at temperature 0.95 with top-k 50, or at 0.8, the continuation
+    # windows fell into near-silent codes within a few seconds (the second recipe's pack; README), at 1.0 they keep the level
     coarse_sampling=SamplingParams(temperature=1.0, top_k=0),
     fine_sampling=SamplingParams(temperature=0.4),
 )

@@ -2,7 +2,7 @@
 # Rebuilds the bundled demo pack from nothing: render -> codec (beside semantic units, MuLan and the semantic stage)
 # -> codes -> coarse and fine stages -> pack -> evaluation.
 # Usage: recipes/demo_pack/run.sh [DATA] [WORK] [PACK]. Budgets are environment variables in minutes: CODEC_MIN,
-# SEMANTIC_MIN, STAGE_MIN (the bundled pack's: 100, 60, 55; about three and a half hours on 2 cores), and GAN_MIN
+# SEMANTIC_MIN, STAGE_MIN (the bundled pack's: 100, 60, 55; about three hours end to end on 2 cores), and GAN_MIN
 # (0: off) for an adversarial stage with the multi-scale STFT discriminator after the reconstruction losses, which the
 # bundled pack did not have. Each training step checkpoints as it goes; to split one over several runs, call its
 # script again with --resume (codec_train.py --resume WORK/codec.pt, stages_train.py ... --resume).
