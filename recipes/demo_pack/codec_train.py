@@ -3,11 +3,13 @@ SEANet decoder (vivace.codecs.soundstream.SoundStreamDecoder, the module the eng
 training clips. Losses (codec_losses.py): SNR and complex-spectrum terms that fix phase and level, log-magnitude and
 mel terms, and with --adversarial a multi-scale STFT discriminator with feature matching. Every 500 steps the run
 saves a checkpoint that --resume continues from (weights, optimizers, step count), so a long training is several
-runs of a bounded length.
+runs of a bounded length, and keeps the one with the best held-out SI-SNR beside it as OUT.best.pt: adversarial
+training wanders by a dB between checks, and its last step is seldom its best.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -99,12 +101,15 @@ class ResidualVQ(nn.Module):
 def held_out_snr(data: Dataset, encoder: SoundStreamEncoder, quantizer: ResidualVQ, decoder: SoundStreamDecoder) -> tuple[float, float]:
     """(mean SI-SNR, mean SNR) in dB of the first 4 s of eight held-out clips, all levels: the training log's check."""
     audio = torch.stack([data.audio(int(i), 0, 4 * SAMPLE_RATE) for i in data.test_indices[:8]])
+    # back to the modes the run had: a decoder-only run keeps its quantizer in eval, or the EMA codebooks drift from
+    # the codes the stages were trained on
+    modes = encoder.training, quantizer.training
     encoder.eval()
     quantizer.eval()
     with torch.no_grad():
         output = decoder.decode_vectors(quantizer(encoder(audio), CODEC.num_levels)[0])
-    encoder.train()
-    quantizer.train()
+    encoder.train(modes[0])
+    quantizer.train(modes[1])
     target = audio - audio.mean(-1, keepdim=True)
     estimate = output - output.mean(-1, keepdim=True)
     projection = (estimate * target).sum(-1, keepdim=True) / target.square().sum(-1, keepdim=True) * target
@@ -159,6 +164,7 @@ def main() -> None:
     crop = args.crop_frames * HOP
     deadline = time.time() + args.minutes * 60
     first = step
+    best = -float("inf")
     while time.time() < deadline:
         pieces = rng.choice(train, args.batch)
         starts = rng.integers(0, data.clips.shape[1] - crop, args.batch) // HOP * HOP
@@ -196,9 +202,19 @@ def main() -> None:
             si_snr, plain_snr = held_out_snr(data, encoder, quantizer, decoder)
             print(f"step {step} held-out SI-SNR {si_snr:+.2f} dB, SNR {plain_snr:+.2f} dB", flush=True)
             save(args, step, encoder, quantizer, decoder, discriminator, optimizer, d_optimizer)
+            best = keep_best(args.out, si_snr, best)
     save(args, step, encoder, quantizer, decoder, discriminator, optimizer, d_optimizer)
     si_snr, plain_snr = held_out_snr(data, encoder, quantizer, decoder)
+    best = keep_best(args.out, si_snr, best)
     print(f"done: {step - first} steps this run, {step} in all; held-out SI-SNR {si_snr:+.2f} dB, SNR {plain_snr:+.2f} dB")
+
+
+def keep_best(out: Path, si_snr: float, best: float) -> float:
+    """Copies the checkpoint just saved to OUT.best.pt when its held-out SI-SNR beats this run's best so far."""
+    if si_snr > best:
+        shutil.copyfile(out, out.with_suffix(".best.pt"))
+        print(f"step kept as {out.with_suffix('.best.pt').name} (held-out SI-SNR {si_snr:+.2f} dB)", flush=True)
+    return max(si_snr, best)
 
 
 def save(args: argparse.Namespace, step: int, encoder: SoundStreamEncoder, quantizer: ResidualVQ, decoder: SoundStreamDecoder,
