@@ -12,7 +12,7 @@ from common import CODEC, SAMPLE_RATE, TOKENIZER, Dataset
 from mulan import TEXT_CONFIG, TEXT_PACKAGE
 from pack_config import pack_config
 
-from vivace.codecs.soundstream import SoundStreamDecoder
+from vivace.codecs.soundstream import SoundStreamDecoder, rvq_quantize
 from vivace.codecs.soundstream_encoder import SoundStreamEncoder
 from vivace.families.musiclm.pack import package_model_dir, save_pack
 from vivace.families.musiclm.semantic_tokenizer import SemanticTokenizer
@@ -34,23 +34,42 @@ def output_level(codec: SoundStreamDecoder, data: Dataset, pieces: int = 48, sec
     return float(ratios.median())
 
 
+@torch.no_grad()
+def check_training_codes(encoder: SoundStreamEncoder, codec: SoundStreamDecoder, data: Dataset, pieces: int = 4) -> None:
+    """The shipped encoder and codebooks must give the codes the coarse and fine stages were trained on (codes.npy):
+    a codec whose codebooks moved after encode.py ran decodes the stages' tokens as other sounds."""
+    indices = data.train_indices[:pieces]
+    audio = torch.stack([data.audio(int(i)) for i in indices])
+    codes = rvq_quantize(codec.codebooks, encoder.eval()(audio)).transpose(1, 2).numpy()
+    agreement = float((codes == data.codes[indices]).mean())
+    if agreement < 0.99:
+        raise SystemExit(f"the codec's codebooks give {agreement:.1%} of the training codes: not the codec encode.py used")
+    print(f"codec codebooks give {agreement:.2%} of the training codes")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("data", type=Path)
     parser.add_argument("work", type=Path)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--codec", type=Path, default=None,
+                        help="the codec checkpoint whose decoder and encoder the pack ships (default WORK/codec.pt; the "
+                             "decoder-only adversarial stage keeps its best as WORK/codec_gan.best.pt, with codec.pt's "
+                             "encoder and codebooks)")
     args = parser.parse_args()
     config = pack_config()
     stages = {}
     for name in ("semantic", "coarse", "fine"):
         stages[name] = StageTransformer(config.stages[name])
         stages[name].load_state_dict(torch.load(args.work / f"{name}.pt", map_location="cpu"))
-    codec_state = torch.load(args.work / "codec.pt", map_location="cpu")
+    codec_state = torch.load(args.codec or args.work / "codec.pt", map_location="cpu")
     codec = SoundStreamDecoder(CODEC)
     codec.load_state_dict(codec_state["decoder"])
-    output_level(codec, Dataset.load(args.data))
+    data = Dataset.load(args.data)
+    output_level(codec, data)
     encoder = SoundStreamEncoder(CODEC)
     encoder.load_state_dict(codec_state["encoder"])
+    check_training_codes(encoder, codec, data)
     tokenizer = SemanticTokenizer(TOKENIZER, SAMPLE_RATE)
     tokenizer.load_state_dict(torch.load(args.data / "semantic_tokenizer.pt", map_location="cpu"))
     text = TextConditioner(TEXT_CONFIG, TransformersTextEncoder(TEXT_CONFIG, package_model_dir(TEXT_PACKAGE)))
