@@ -38,6 +38,8 @@ def output_level(codec: SoundStreamDecoder, data: Dataset, pieces: int = 48, sec
 def check_training_codes(encoder: SoundStreamEncoder, codec: SoundStreamDecoder, data: Dataset, pieces: int = 4) -> None:
     """The shipped encoder and codebooks must give the codes the coarse and fine stages were trained on (codes.npy):
     a codec whose codebooks moved after encode.py ran decodes the stages' tokens as other sounds."""
+    if data.codes is None:
+        raise SystemExit("no codes.npy beside the data: run encode.py before build_pack.py")
     indices = data.train_indices[:pieces]
     audio = torch.stack([data.audio(int(i)) for i in indices])
     codes = rvq_quantize(codec.codebooks, encoder.eval()(audio)).transpose(1, 2).numpy()
