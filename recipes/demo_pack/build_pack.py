@@ -12,8 +12,8 @@ from common import CODEC, SAMPLE_RATE, TOKENIZER, Dataset
 from mulan import TEXT_CONFIG, TEXT_PACKAGE
 from pack_config import pack_config
 
-from vivace.codecs.soundstream import SoundStreamDecoder, rvq_quantize
-from vivace.codecs.soundstream_encoder import SoundStreamEncoder
+from vivace.codecs.soundstream import SoundStreamDecoder
+from vivace.codecs.soundstream_encoder import SoundStreamEncoder, soundstream_codes
 from vivace.families.musiclm.pack import package_model_dir, save_pack
 from vivace.families.musiclm.semantic_tokenizer import SemanticTokenizer
 from vivace.families.musiclm.text import TextConditioner, TransformersTextEncoder
@@ -36,13 +36,15 @@ def output_level(codec: SoundStreamDecoder, data: Dataset, pieces: int = 48, sec
 
 @torch.no_grad()
 def check_training_codes(encoder: SoundStreamEncoder, codec: SoundStreamDecoder, data: Dataset, pieces: int = 4) -> None:
-    """The shipped encoder and codebooks must give the codes the coarse and fine stages were trained on (codes.npy):
-    a codec whose codebooks moved after encode.py ran decodes the stages' tokens as other sounds."""
+    """The shipped encoder and codebooks, through the engine's own encoding path (what audio prompts use), must give
+    the codes the coarse and fine stages were trained on (codes.npy): a codec whose codebooks moved after encode.py
+    ran decodes the stages' tokens as other sounds."""
     if data.codes is None:
         raise SystemExit("no codes.npy beside the data: run encode.py before build_pack.py")
     indices = data.train_indices[:pieces]
-    audio = torch.stack([data.audio(int(i)) for i in indices])
-    codes = rvq_quantize(codec.codebooks, encoder.eval()(audio)).transpose(1, 2).numpy()
+    encoder.eval()
+    codes = torch.stack([soundstream_codes(encoder, codec.codebooks, data.audio(int(i))) for i in indices])
+    codes = codes.transpose(1, 2).numpy()
     agreement = float((codes == data.codes[indices]).mean())
     if agreement < 0.99:
         raise SystemExit(f"the codec's codebooks give {agreement:.1%} of the training codes: not the codec encode.py used")

@@ -4,7 +4,7 @@ training clips. Losses (codec_losses.py): SNR and complex-spectrum terms that fi
 mel terms, and with --adversarial a multi-scale STFT discriminator with feature matching. Every 500 steps the run
 saves a checkpoint that --resume continues from (weights, optimizers, step count), so a long training is several
 runs of a bounded length, and keeps the one with the best held-out SI-SNR beside it as OUT.best.pt: adversarial
-training wanders by a dB between checks, and its last step is seldom its best.
+training wanders between checks, so its last step need not be its best.
 """
 from __future__ import annotations
 
