@@ -150,3 +150,22 @@ def per_row(value: Any, rows: int, what: str, load: Callable[[Any], Any]) -> lis
         if item is not None and id(item) not in loaded:
             loaded[id(item)] = load(item)
     return [None if item is None else loaded[id(item)] for item in items]
+
+
+def check_guidance_scale(value: Any, default: float) -> float:
+    """A call's guidance_scale (None: the pack's default)."""
+    scale = default if value is None else value
+    if not is_real(scale) or not is_finite(scale) or scale < 1:
+        raise VivaceError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {value!r}")
+    return float(scale)
+
+
+def negative_prompts(negative: Any, rows: int, scales: Sequence[float]) -> list[str | None]:
+    """Each row's negative prompt (one for every row, or a list with one per row; None: the null condition). A row
+    without guidance has no null row for it to condition."""
+    negatives = per_row(negative, rows, "negative prompts", lambda text: check_prompt(text, "negative_prompt"))
+    for row, (text, scale) in enumerate(zip(negatives, scales)):
+        if text is not None and scale <= 1:
+            where = "" if rows == 1 else f" (row {row})"
+            raise VivaceError(f"negative_prompt{where} conditions guidance's null row: it needs guidance_scale > 1 and a prompt or melody")
+    return negatives

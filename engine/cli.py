@@ -99,10 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, dest="top_p", help="every stage (1 = off)")
     gen.add_argument("--stage", action="append", default=[], metavar="STAGE.KEY=VALUE",
                      help="one stage's sampling, e.g. fine.temperature=0.4 (repeatable; see below)")
-    gen.add_argument("--guidance", type=float, dest="guidance_scale", help="MusicGen: classifier-free guidance scale (1 = off)")
+    gen.add_argument("--guidance", type=float, dest="guidance_scale", help="classifier-free guidance scale (1 = off): MusicGen, and MusicLM packs with a guided stage")
     gen.add_argument("--melody", help="MusicGen-Melody: a reference sound file (WAV, FLAC, ...) whose chroma conditions the music")
     gen.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT",
-                     help="MusicGen: what guidance steers away from (the null row's text instead of none)")
+                     help="what guidance steers away from (the null row's text instead of none)")
     gen.add_argument("--audio-prompt", dest="audio_prompt", metavar="FILE",
                      help="MusicGen: a sound file to continue; the output begins with it and --duration counts it")
     gen.add_argument("--device", default="cpu")

@@ -106,7 +106,8 @@ class Engine:
     seed: an integer in [0, 2**63) (row i gets seed + i), or a list with one per row. Booleans are not seeds.
     options: temperature, top_k, top_p (every stage); stage_sampling ({stage: {temperature, top_k, top_p}} or
       {stage: SamplingParams}, applied over those; MusicLM's stages are "semantic", "coarse", "fine", MusicGen's one
-      is "decoder"); MusicGen: guidance_scale, chunk_s (stream and events only: seconds per audio chunk, None for one
+      is "decoder"); guidance_scale and negative_prompt (MusicGen; MusicLM packs with a guided stage, whose windows
+      in those stages run as guided pairs); MusicGen: chunk_s (stream and events only: seconds per audio chunk, None for one
       whole decode; MusicLM refuses it, its chunks are the pack's fine_chunk_s), melody, melody_sample_rate;
       audio_prompt, audio_prompt_sample_rate (a clip to continue; the output begins with it and duration_s counts it).
 

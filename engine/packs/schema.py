@@ -54,6 +54,7 @@ BOUNDS: dict[str, Bound] = {
     "SamplingParams.top_p": Bound(0, high=1),
     "EncodecConfig.trim_right_ratio": Bound(0, inclusive=True, high=1),
     "MusicGenConfig.guidance_scale": Bound(1, inclusive=True),  # 1: no classifier-free guidance
+    "MusicLMConfig.guidance_scale": Bound(1, inclusive=True),
     "CodecOnnx.max_abs_error": Bound(0, inclusive=True),
 }
 
@@ -126,7 +127,9 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
         raise PackError(f"{where}: missing key {missing[0]!r}")
     hints = _hints(cls)
     kwargs = {
-        key: check_value(value, hints[key], f"{where}.{key}", BOUNDS.get(f"{cls.__name__}.{key}", POSITIVE))
+        # a list field whose default is empty may be empty (an empty list reads as its default)
+        key: () if isinstance(value, (list, tuple)) and not value and fields[key].default == () else
+        check_value(value, hints[key], f"{where}.{key}", BOUNDS.get(f"{cls.__name__}.{key}", POSITIVE))
         for key, value in data.items()
     }
     return cls(**kwargs)

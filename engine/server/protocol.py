@@ -48,7 +48,7 @@ class Sampling(BaseModel):
     temperature: float | None = None
     top_k: StrictInt | None = None
     top_p: float | None = None
-    guidance_scale: float | None = None  # MusicGen packs only
+    guidance_scale: float | None = None  # MusicGen packs, and MusicLM packs with a guided stage
 
 
 class SpeechRequest(Sampling):
@@ -77,7 +77,7 @@ class MusicRequest(Sampling):
     stage_sampling: dict[str, Sampling] | None = None  # MusicLM packs: per-stage temperature / top_k / top_p
     melody: str | None = None  # base64 of a sound file (WAV, FLAC, ...), or sent as a multipart file
     audio_prompt: str | None = None  # the same; the clip continues it and begins with it (duration counts it)
-    negative_prompt: str | None = None  # MusicGen: the text guidance's null row reads
+    negative_prompt: str | None = None  # the text guidance's null row reads (MusicGen, guided MusicLM)
     response_format: str = "wav"
     stream: bool = False
     stream_format: Literal["audio", "sse"] = "audio"

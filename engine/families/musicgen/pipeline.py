@@ -38,8 +38,10 @@ from vivace.arguments import (
     SAMPLING_KEYS,
     Story,
     check_duration,
+    check_guidance_scale,
     check_prompt,
     is_story_list,
+    negative_prompts,
     per_row,
     seeds,
     stage_sampling,
@@ -264,9 +266,7 @@ class MusicGen:
         if duration_s is None:
             raise VivaceError("duration_s is required")
         duration = check_duration(duration_s, "duration", m.max_duration_s, self.config.frame_rate)
-        scale = m.guidance_scale if guidance_scale is None else guidance_scale
-        if not is_real(scale) or not is_finite(scale) or scale < 1:
-            raise VivaceError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {guidance_scale!r}")
+        scale = check_guidance_scale(guidance_scale, m.guidance_scale)
         melody_keys = ("melody", "melody_sample_rate") if self.config.melody else ()
         expected = (
             "guidance_scale", *SAMPLING_KEYS, "stage_sampling", "chunk_s", *melody_keys,
@@ -281,26 +281,15 @@ class MusicGen:
         unconditional = [text is None and melodies[row] is None for row, text in enumerate(texts)]
         if all(unconditional) and guidance_scale is not None and scale > 1:
             raise VivaceError(f"guidance_scale {guidance_scale!r} has nothing to guide: prompt None is unconditional")
-        negatives = self._negative_prompts(negative_prompt, len(rows), [1.0 if u else float(scale) for u in unconditional])
+        negatives = negative_prompts(negative_prompt, len(rows), [1.0 if u else scale for u in unconditional])
         prompt_codes = self._audio_prompts(audio_prompt, audio_prompt_rate, len(rows), self.config.frames(duration))
         return [
             MusicGenRequest(
-                row, text, duration, row_seeds[row], params, 1.0 if unconditional[row] else float(scale), melodies[row],
+                row, text, duration, row_seeds[row], params, 1.0 if unconditional[row] else scale, melodies[row],
                 chunk_frames, prompt_codes[row], negatives[row],
             )
             for row, text in enumerate(texts)
         ]
-
-    @staticmethod
-    def _negative_prompts(negative: Any, rows: int, scales: list[float]) -> list[str | None]:
-        """Each row's negative prompt (one for every row, or a list with one per row; None: the null text). A row
-        without guidance has no null row for it to condition."""
-        negatives = per_row(negative, rows, "negative prompts", lambda text: check_prompt(text, "negative_prompt"))
-        for row, (text, scale) in enumerate(zip(negatives, scales)):
-            if text is not None and scale <= 1:
-                where = "" if rows == 1 else f" (row {row})"
-                raise VivaceError(f"negative_prompt{where} conditions guidance's null row: it needs guidance_scale > 1 and a prompt or melody")
-        return negatives
 
     def start(self, request: MusicGenRequest, context: RequestContext) -> MusicGenPipeline:
         return MusicGenPipeline(self, request, context)

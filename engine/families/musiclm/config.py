@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+GuidedStage = Literal["semantic", "coarse"]
+
 from vivace.codecs.soundstream import CodecConfig
 from vivace.core.sampling import SamplingParams
 from vivace.families.musiclm.semantic_tokenizer import SemanticTokenizerConfig
@@ -43,6 +45,11 @@ class MusicLMConfig:
     semantic_sampling: SamplingParams = SamplingParams(temperature=1.0)
     coarse_sampling: SamplingParams = SamplingParams(temperature=0.95)
     fine_sampling: SamplingParams = SamplingParams(temperature=0.4)
+    # classifier-free guidance of stages that read the prompt's MT tokens: a stage trained with its condition sometimes
+    # replaced by a null token carries that token as the last id of its input vocabulary, and its null row reads it
+    # in place of every MT token. guidance_scale is the default; > 1 needs a guided stage.
+    guided_stages: tuple[GuidedStage, ...] = ()
+    guidance_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,10 @@ def validate_config(config: PackConfig) -> None:
     m = config.musiclm
     if config.sample_rate % config.codec.hop_length:
         raise PackError(f"sample_rate {config.sample_rate} is not a multiple of the codec hop {config.codec.hop_length}")
+    if len(set(m.guided_stages)) != len(m.guided_stages):
+        raise PackError(f"musiclm.guided_stages lists a stage twice: {list(m.guided_stages)}")
+    if m.guidance_scale > 1 and not m.guided_stages:
+        raise PackError(f"musiclm.guidance_scale {m.guidance_scale:g} needs a stage trained for it (musiclm.guided_stages)")
     frame_rate = config.sample_rate // config.codec.hop_length
     if frame_rate % m.semantic_rate:
         raise PackError(f"frame rate {frame_rate} is not a multiple of semantic_rate {m.semantic_rate}")

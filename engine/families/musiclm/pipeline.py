@@ -19,9 +19,11 @@ from vivace.arguments import (
     SAMPLING_KEYS,
     Story,
     check_duration,
+    check_guidance_scale,
     check_prompt,
     codec_frames,
     is_story_list,
+    negative_prompts,
     per_row,
     seeds,
     stage_sampling,
@@ -56,20 +58,24 @@ class AudioPrompt:
 
 @dataclass(frozen=True)
 class Request:
-    """One row of a generation: its story segments (one for a plain prompt), seed, per-stage sampling and the audio
-    prompt it continues (None: none)."""
+    """One row of a generation: its story segments (one for a plain prompt), seed, per-stage sampling, the audio
+    prompt it continues (None: none), and the classifier-free guidance of the pack's guided stages (scale 1: none;
+    negative_prompt: the text whose MT tokens the null rows read instead of the null token)."""
 
     row: int
     segments: tuple[tuple[str, float], ...]
     seed: int
     sampling: dict[str, SamplingParams]
     audio_prompt: AudioPrompt | None = None
+    guidance_scale: float = 1.0
+    negative_prompt: str | None = None
 
 
 @dataclass
 class RowState:
     request: Request
     conditions: list[list[int]]  # MT codes per window segment (a story's segments, split where an audio prompt ends)
+    null_condition: list[int] | None  # the MT codes of the negative prompt (None: the null token)
     semantic_plan: list[Window]
     coarse_plan: list[Window]
     fine_plan: list[Window]
@@ -139,11 +145,6 @@ class MusicLM:
         per_stage = overrides.pop("stage_sampling", None)
         if any(overrides.pop(key, None) is not None for key in ("melody", "melody_sample_rate")):
             raise VivaceError(f"pack {self.config.name!r} is a MusicLM pack: a melody needs a MusicGen-Melody pack")
-        if overrides.pop("negative_prompt", None) is not None:
-            raise VivaceError(
-                f"negative_prompt conditions the null row of classifier-free guidance: MusicLM pack {self.config.name!r} "
-                "runs without guidance"
-            )
         if "chunk_s" in overrides:
             raise VivaceError(
                 f"chunk_s {overrides['chunk_s']!r} does not apply to MusicLM pack {self.config.name!r}: its audio "
@@ -214,6 +215,13 @@ class MusicLM:
         re-decoded from its codes; duration_s is the whole clip's, the prompt included)."""
         options = dict(options)
         limit = self.config.musiclm.max_duration_s
+        guidance_scale = self._guidance_scale(options.pop("guidance_scale", None))
+        negative_prompt = options.pop("negative_prompt", None)
+        if negative_prompt is not None and not self.config.musiclm.guided_stages:
+            raise VivaceError(
+                f"negative_prompt conditions the null row of classifier-free guidance: MusicLM pack {self.config.name!r} "
+                "runs without guidance (it has no guided stage)"
+            )
         if prompt is None or (isinstance(prompt, (list, tuple)) and any(row is None for row in prompt)):
             raise VivaceError(
                 "prompt None (unconditional generation) is MusicGen's: every MusicLM stage reads the prompt's MuLan tokens, "
@@ -247,9 +255,22 @@ class MusicLM:
             min(self.frames(sum(s for _, s in segments)) for segments in segments_per_row),
         )
         params = self.sampling(options)
+        negatives = negative_prompts(negative_prompt, len(rows), [guidance_scale] * len(rows))
         return [
-            Request(row, segments, row_seeds[row], params, audio[row]) for row, segments in enumerate(segments_per_row)
+            Request(row, segments, row_seeds[row], params, audio[row], guidance_scale, negatives[row])
+            for row, segments in enumerate(segments_per_row)
         ]
+
+    def _guidance_scale(self, value: Any) -> float:
+        """A call's guidance of the pack's guided stages (None: the pack's default)."""
+        m = self.config.musiclm
+        scale = check_guidance_scale(value, m.guidance_scale)
+        if scale > 1 and not m.guided_stages:
+            raise VivaceError(
+                f"guidance_scale {value!r} needs a pack trained for classifier-free guidance: MusicLM pack "
+                f"{self.config.name!r} has no guided stage (its stages never saw the null condition)"
+            )
+        return scale
 
     def _story(self, items: Any) -> tuple[tuple[str, float], ...]:
         """A story's segments, each at least one codec frame long and each holding at least one semantic token once
@@ -295,6 +316,8 @@ class MusicLM:
             "text": c.text.kind,
             "max_duration_s": c.musiclm.max_duration_s,
             "audio_prompts": c.encodes_audio,  # carries the codec encoder and the semantic tokenizer
+            "guided_stages": list(c.musiclm.guided_stages),
+            "guidance_scale": c.musiclm.guidance_scale,
         }
 
 
@@ -325,7 +348,10 @@ class MusicLMPipeline:
         prompt_tokens = 0 if prompt is None else len(prompt.semantic)
         # windows break where the prompt ends, so the first generated window starts right after it
         starts = sorted({*story_starts, prompt_tokens})
-        story_codes = family.pack.text.tokens([text for text, _ in request.segments]).tolist()
+        negative = request.negative_prompt
+        texts = [text for text, _ in request.segments] + ([] if negative is None else [negative])
+        codes = family.pack.text.tokens(texts).tolist()
+        story_codes = codes[: len(request.segments)]
         conditions = [story_codes[int(np.searchsorted(story_starts, s, side="right")) - 1] for s in starts]
         prompt_frames = prompt_tokens * fps
         prompt_chunks = plan_chunks(prompt_frames, family.frames(m.fine_chunk_s)) if prompt_frames else []
@@ -337,6 +363,7 @@ class MusicLMPipeline:
         state = RowState(
             request=request,
             conditions=conditions,
+            null_condition=None if negative is None else codes[-1],
             semantic_plan=plan_windows(
                 semantic_total, family.semantic_tokens(m.semantic_window_s), family.semantic_tokens(m.semantic_stride_s),
                 starts,
@@ -380,17 +407,28 @@ class MusicLMPipeline:
         return events
 
     def _sequence(self, stage: str, window: Window, prompt: list[int], num_new: int, schedule: TimeMajorSchedule) -> Sequence:
+        """A window's sequence; in a guided stage with guidance on, paired with its null row, which reads the null
+        condition (or the negative prompt's MT tokens) in place of the MT tokens the prompt starts with."""
         request = self.state.request
-        return Sequence(
-            seq_id=self.context.next_seq_id(),
-            prompt=prompt,
-            max_new_tokens=num_new,
-            schedule=schedule,
-            sampling=request.sampling[stage],
-            seed=request.seed,
-            stream=stream_id(STAGE_INDEX[stage], window.index),
-            priority=(self.context.request_id, window.new_start),
-        )
+
+        def make(tokens: list[int]) -> Sequence:
+            return Sequence(
+                seq_id=self.context.next_seq_id(),
+                prompt=tokens,
+                max_new_tokens=num_new,
+                schedule=schedule,
+                sampling=request.sampling[stage],
+                seed=request.seed,
+                stream=stream_id(STAGE_INDEX[stage], window.index),
+                priority=(self.context.request_id, window.new_start),
+            )
+
+        seq = make(prompt)
+        if request.guidance_scale > 1 and stage in self.layout.guided_stages:
+            negative = self.state.null_condition
+            null = self.layout.null_tokens(stage) if negative is None else self.layout.mt_tokens(negative)
+            seq.guide(make(null + prompt[len(null):]), request.guidance_scale)
+        return seq
 
     def _start_semantic(self, window: Window) -> tuple[Sequence, WindowStarted]:
         layout, state = self.layout, self.state

@@ -1,6 +1,7 @@
 """Packs with random weights, for tests and benchmarks (no download, deterministic per seed)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,7 +18,9 @@ from vivace.model.config import TransformerConfig
 from vivace.model.transformer import StageTransformer
 
 
-def preset_config(preset: str) -> PackConfig:
+def preset_config(preset: str, guided_stages: tuple[str, ...] = ()) -> PackConfig:
+    """A preset's configuration; guided_stages: the stages given a null token for classifier-free guidance (the
+    pack's default guidance_scale is then 3)."""
     if preset == "tiny":
         text = TextConfig(hash_buckets=512, hidden_dim=32, embed_dim=16, num_levels=12, codebook_size=32)
         codec = CodecConfig(num_levels=12, codebook_size=32, codebook_dim=16, channels=4)
@@ -33,6 +36,8 @@ def preset_config(preset: str) -> PackConfig:
         stage = dict(num_layers=24, d_model=1024, num_heads=16, d_ff=4096, rel_num_buckets=32, rel_max_distance=128)
     else:
         raise VivaceError(f"unknown preset {preset!r} (choose 'tiny' or 'paper')")
+    if guided_stages:
+        musiclm = replace(musiclm, guided_stages=tuple(guided_stages), guidance_scale=3.0)
     skeleton = PackConfig(family="musiclm", sample_rate=24000, stages={}, codec=codec, text=text, musiclm=musiclm)
     layout = MusicLMLayout.of(skeleton)
     stages = {}
@@ -53,6 +58,7 @@ def random_pack(
     text_model: str | Path | None = None,
     force: bool = False,
     encodes_audio: bool = False,
+    guided_stages: tuple[str, ...] = (),
 ) -> Path:
     """Writes a pack with random weights. Paper-size packs are stored in bfloat16 unless dtype says otherwise.
 
@@ -61,6 +67,7 @@ def random_pack(
     force: write into a directory that is not empty (its pack files are replaced, other files are left alone).
     encodes_audio: also a random codec encoder and semantic tokenizer (random centroids over its standardised
     features), so that audio prompts and encode() run.
+    guided_stages: stages ("semantic", "coarse") given a null token, so that classifier-free guidance runs.
     """
     if family != "musiclm":
         raise VivaceError(f"random_pack: unknown family {family!r}")
@@ -69,11 +76,9 @@ def random_pack(
         raise VivaceError(f"{path}: already exists and is not a directory")
     if path.exists() and any(path.iterdir()) and not force:
         raise VivaceError(f"{path}: already exists and is not an empty directory (--force, or force=True, writes over it)")
-    config = preset_config(preset)
+    config = preset_config(preset, guided_stages)
     encoder: torch.nn.Module = BuiltinTextEncoder(config.text)
     if text_model is not None:
-        from dataclasses import replace
-
         probe = TransformersTextEncoder(config.text, Path(text_model))
         text_config = replace(config.text, kind="transformers", hidden_dim=probe.model.config.hidden_size)
         config = replace(config, text=text_config)
