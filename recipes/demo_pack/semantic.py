@@ -37,9 +37,11 @@ def main() -> None:
     tokenizer.centroids.copy_(torch.from_numpy(kmeans.cluster_centers_).float())
     tokenizer.mean.copy_(torch.from_numpy(mean).float())
     tokenizer.std.copy_(torch.from_numpy(std).float())
-    tokens = np.stack([tokenizer(data.audio(i)).numpy() for i in range(len(data.captions))]).astype(np.int16)
-    np.save(args.data / "semantic.npy", tokens)
     torch.save(tokenizer.state_dict(), args.data / "semantic_tokenizer.pt")
+    # the features above, assigned as the tokenizer assigns an audio prompt's (recomputing them per clip grew this
+    # process's memory past 20 GB over the 2000 clips)
+    tokens = np.stack([tokenizer.assign(torch.from_numpy(f)).numpy() for f in per_piece]).astype(np.int16)
+    np.save(args.data / "semantic.npy", tokens)
     used = len(np.unique(tokens))
     print(f"semantic tokens {tokens.shape} at {SEMANTIC_RATE} Hz, {used}/{SEMANTIC_VOCAB} units used")
 

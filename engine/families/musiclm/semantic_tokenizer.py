@@ -97,6 +97,11 @@ class SemanticTokenizer(nn.Module):
     @torch.inference_mode()
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """Mono PCM [samples] at the pack's rate -> int64 tokens [samples // hop]."""
-        standardised = (self.features(audio.float()) - self.mean) / self.std
+        return self.assign(self.features(audio.float()))
+
+    @torch.inference_mode()
+    def assign(self, features: torch.Tensor) -> torch.Tensor:
+        """Unstandardised features [frames, dim] -> int64 tokens [frames]: the nearest centroid of each frame."""
+        standardised = (features.float() - self.mean) / self.std
         # elementwise distances, as k-means' predict measures them, so no token depends on the clip's length
         return (standardised.unsqueeze(1) - self.centroids.unsqueeze(0)).square().sum(-1).argmin(1)
