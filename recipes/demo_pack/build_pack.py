@@ -9,14 +9,13 @@ from pathlib import Path
 
 import torch
 from common import CODEC, SAMPLE_RATE, TOKENIZER, Dataset
-from mulan import TEXT_CONFIG, TEXT_PACKAGE
+from mulan import trained_text
 from pack_config import pack_config
 
 from vivace.codecs.soundstream import SoundStreamDecoder
 from vivace.codecs.soundstream_encoder import SoundStreamEncoder, soundstream_codes
-from vivace.families.musiclm.pack import package_model_dir, save_pack
+from vivace.families.musiclm.pack import STAGES, load_pack, save_pack
 from vivace.families.musiclm.semantic_tokenizer import SemanticTokenizer
-from vivace.families.musiclm.text import TextConditioner, TransformersTextEncoder
 from vivace.model.transformer import StageTransformer
 
 
@@ -51,6 +50,21 @@ def check_training_codes(encoder: SoundStreamEncoder, codec: SoundStreamDecoder,
     print(f"codec codebooks give {agreement:.2%} of the training codes")
 
 
+def fitted_tokenizer(data: Path) -> SemanticTokenizer:
+    tokenizer = SemanticTokenizer(TOKENIZER, SAMPLE_RATE)
+    tokenizer.load_state_dict(torch.load(data / "semantic_tokenizer.pt", map_location="cpu"))
+    return tokenizer
+
+
+def check_same(name: str, shipped: torch.nn.Module, trained: torch.nn.Module) -> None:
+    """A part of the base pack that a stage taken from it reads must be the one the new pack ships."""
+    ours, theirs = shipped.state_dict(), trained.state_dict()
+    keys = [k for k in theirs if not k.startswith("encoder.")]  # the frozen MiniLM is the installed package's
+    if any(k not in ours or not torch.equal(ours[k].float(), theirs[k].float()) for k in keys):
+        raise SystemExit(f"the base pack's {name} is not the one in DATA / WORK: its stages read other tokens")
+    print(f"base pack's {name} equals the one the stages trained on")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("data", type=Path)
@@ -60,27 +74,41 @@ def main() -> None:
                         help="the codec checkpoint whose decoder and encoder the pack ships (default WORK/codec.pt; the "
                              "decoder-only adversarial stage keeps its best as WORK/codec_gan.best.pt, with codec.pt's "
                              "encoder and codebooks)")
+    parser.add_argument("--base-pack", type=Path, default=None,
+                        help="retrain over a shipped pack: its codec, codec encoder and the stages --stages does not "
+                             "name are taken from it (a stage that reads semantic or MuLan tokens may only come from "
+                             "it when its semantic tokenizer and text tower equal DATA's and WORK's)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                        help="the stages taken from WORK (default all; fewer needs --base-pack)")
     args = parser.parse_args()
+    if set(args.stages) != set(STAGES) and args.base_pack is None:
+        raise SystemExit("--stages without all three stages needs --base-pack for the others")
     config = pack_config()
+    data = Dataset.load(args.data)
+    tokenizer, text = fitted_tokenizer(args.data), trained_text(args.work)
     stages = {}
-    for name in ("semantic", "coarse", "fine"):
+    for name in args.stages:
         stages[name] = StageTransformer(config.stages[name])
         stages[name].load_state_dict(torch.load(args.work / f"{name}.pt", map_location="cpu"))
-    codec_state = torch.load(args.codec or args.work / "codec.pt", map_location="cpu")
-    codec = SoundStreamDecoder(CODEC)
-    codec.load_state_dict(codec_state["decoder"])
-    data = Dataset.load(args.data)
-    output_level(codec, data)
-    encoder = SoundStreamEncoder(CODEC)
-    encoder.load_state_dict(codec_state["encoder"])
-    check_training_codes(encoder, codec, data)
-    tokenizer = SemanticTokenizer(TOKENIZER, SAMPLE_RATE)
-    tokenizer.load_state_dict(torch.load(args.data / "semantic_tokenizer.pt", map_location="cpu"))
-    text = TextConditioner(TEXT_CONFIG, TransformersTextEncoder(TEXT_CONFIG, package_model_dir(TEXT_PACKAGE)))
-    trained = torch.load(args.work / "mulan.pt", map_location="cpu")["text"]
-    with torch.no_grad():
-        text.codebooks.copy_(trained["codebooks"])
-        text.projection.load_state_dict({"weight": trained["projection.weight"], "bias": trained["projection.bias"]})
+    if args.base_pack is None:
+        codec_state = torch.load(args.codec or args.work / "codec.pt", map_location="cpu")
+        codec = SoundStreamDecoder(CODEC)
+        codec.load_state_dict(codec_state["decoder"])
+        encoder = SoundStreamEncoder(CODEC)
+        encoder.load_state_dict(codec_state["encoder"])
+    else:
+        base = load_pack(args.base_pack)
+        codec, encoder = base.codec, base.codec_encoder
+        for name in sorted(set(STAGES) - set(args.stages)):
+            if config.stages[name] != base.config.stages[name]:
+                raise SystemExit(f"the base pack's {name} stage has another shape than this recipe's")
+            if name in ("semantic", "coarse"):  # they read the tokenizer's and the text tower's tokens
+                check_same("semantic tokenizer", base.semantic_tokenizer, tokenizer)
+                check_same("text tower", base.text, text)
+            stages[name] = base.stages[name]
+    if {"coarse", "fine"} & set(args.stages):  # stages trained on codes.npy: the codec must give those codes
+        output_level(codec, data)
+        check_training_codes(encoder, codec, data)
     save_pack(args.out, config, stages, codec, text, storage_dtype=torch.float16, codec_storage_dtype=torch.float32,
               codec_encoder=encoder, semantic_tokenizer=tokenizer)
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())

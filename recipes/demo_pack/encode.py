@@ -1,4 +1,6 @@
-"""Encodes every clip with the trained codec's encoder and RVQ: DATA/codes.npy, int16 [pieces, frames, 12]."""
+"""Encodes every clip with the trained codec's encoder and RVQ: DATA/codes.npy, int16 [pieces, frames, 12]. The codec
+is a codec_train.py checkpoint or a pack directory (its encoder and codebooks: retraining stages over a shipped
+pack's codec)."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +13,15 @@ from common import CODEC, Dataset
 
 from vivace.codecs.soundstream import rvq_quantize
 from vivace.codecs.soundstream_encoder import SoundStreamEncoder
+from vivace.families.musiclm.pack import load_pack
 
 
 def load_codec_parts(checkpoint: Path) -> tuple[SoundStreamEncoder, ResidualVQ]:
+    if checkpoint.is_dir():
+        pack = load_pack(checkpoint)
+        quantizer = ResidualVQ()
+        quantizer.codebooks.copy_(pack.codec.codebooks.float())
+        return pack.codec_encoder.eval(), quantizer.eval()
     state = torch.load(checkpoint, map_location="cpu")
     encoder, quantizer = SoundStreamEncoder(CODEC), ResidualVQ()
     encoder.load_state_dict(state["encoder"])

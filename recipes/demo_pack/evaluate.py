@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from common import CODEC, SAMPLE_RATE, Dataset, log_mel
-from encode import encode, load_codec_parts
-from mulan import CROP_S, MEL_RATE, AudioTower, retrieval_accuracy
+from mulan import CROP_S, MEL_RATE, AudioTower, retrieval_accuracy, trained_text
 
 from vivace import Engine
-from vivace.families.musiclm.pack import load_codec
+from vivace.codecs.soundstream_encoder import soundstream_codes
+from vivace.families.musiclm.pack import Pack, load_pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for its benchmarks package
 from benchmarks.common import cpu_model
@@ -77,12 +77,19 @@ def envelope_correlation(clips: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def codec_report(data: Dataset, codec_checkpoint: Path, pack: Path) -> dict:
-    encoder, quantizer = load_codec_parts(codec_checkpoint)
-    decoder = load_codec(pack).float()
+def pack_codes(pack: Pack, audio: torch.Tensor) -> torch.Tensor:
+    """[B, samples] -> codes [B, levels, frames] through the pack's encoder and codebooks: the engine's audio-prompt
+    path, which build_pack.py checks gives the codes the acoustic stages trained on."""
+    return torch.stack([soundstream_codes(pack.codec_encoder, pack.codec.codebooks, clip) for clip in audio])
+
+
+@torch.no_grad()
+def codec_report(data: Dataset, pack_path: Path) -> dict:
+    pack = load_pack(pack_path)
+    decoder = pack.codec.float()
     report = {}
     audio = torch.stack([data.audio(int(i)) for i in data.evaluation_indices])
-    codes = torch.cat([encode(encoder, quantizer, audio[i : i + 4]) for i in range(0, len(audio), 4)])
+    codes = pack_codes(pack, audio)
     for levels in (4, 8, 12):
         pcm = torch.cat([decoder(codes[i : i + 4, :levels]) for i in range(0, len(codes), 4)])
         modulation, snr = frame_rate_modulation(pcm), si_snr(pcm, audio)
@@ -124,19 +131,26 @@ def tower_embeddings(tower: AudioTower, audio: np.ndarray) -> torch.Tensor:
     return tower(mel[:, : round(CROP_S * MEL_RATE)])
 
 
+def held_out_captions(data: Dataset) -> list[str]:
+    return list(dict.fromkeys(data.captions[i] for i in data.evaluation_indices))
+
+
 @torch.no_grad()
 def adherence_report(
-    data: Dataset, engine: Engine, tower: AudioTower, codec_checkpoint: Path | None, seconds: float, batch: int
+    data: Dataset, engine: Engine, judge: tuple[AudioTower, torch.Tensor], codec_ceiling: bool, seconds: float,
+    batch: int, options: dict,
 ) -> tuple[dict, np.ndarray, list[str]]:
     """MuLan cycle consistency: is each generated clip's audio embedding nearest its own caption's text embedding?
+    judge: WORK/mulan.pt's audio tower and its text embeddings of the held-out captions, the same for every pack.
     Ceilings: the real held-out clips, and the same clips through the codec (encode, decode with the pack's codec)."""
-    captions = list(dict.fromkeys(data.captions[i] for i in data.evaluation_indices))
+    tower, text = judge
+    captions = held_out_captions(data)
     first_piece: dict[str, int] = {}
     for i in data.evaluation_indices:
         first_piece.setdefault(data.captions[i], int(i))
-    text = engine.pack.text.embed(captions)
     generated = np.concatenate([
-        engine.generate(captions[i : i + batch], duration_s=seconds, seed=1000 + i) for i in range(0, len(captions), batch)
+        engine.generate(captions[i : i + batch], duration_s=seconds, seed=1000 + i, **options)
+        for i in range(0, len(captions), batch)
     ])
     real = torch.stack([data.audio(first_piece[c], 0, int(CROP_S * SAMPLE_RATE)) for c in captions])
     generated_emb, real_emb = tower_embeddings(tower, generated), tower_embeddings(tower, real.numpy())
@@ -149,10 +163,10 @@ def adherence_report(
         "real_top5": top_k_accuracy(real_emb, text, 5),
         "seconds": seconds,
     }
-    if codec_checkpoint is not None:  # the encoder that made the pack's training codes
-        encoder, quantizer = load_codec_parts(codec_checkpoint)
+    if codec_ceiling:
         decoder = engine.pack.codec.float()
-        resynthesised = torch.cat([decoder(encode(encoder, quantizer, real[i : i + 4])) for i in range(0, len(real), 4)])
+        codes = pack_codes(engine.pack, real)
+        resynthesised = torch.cat([decoder(codes[i : i + 4]) for i in range(0, len(real), 4)])
         resynthesised_emb = tower_embeddings(tower, resynthesised.numpy())
         report["codec_resynthesised_top1"] = retrieval_accuracy(resynthesised_emb, text)
         report["codec_resynthesised_top5"] = top_k_accuracy(resynthesised_emb, text, 5)
@@ -199,11 +213,11 @@ SEEDS = (0, 1, 2)
 
 
 @torch.no_grad()
-def prompt_report(engine: Engine, seconds: float) -> dict:
+def prompt_report(engine: Engine, seconds: float, options: dict) -> dict:
     """Does the prompt or the seed decide the time structure? The mean log energy-envelope correlation over all
     pairs of prompts generated with one seed (averaged over the seeds; every row gets that seed: an integer seed
     would give row i seed + i) against the same prompt across seeds, and the frame-rate modulation of the clips."""
-    clips = {seed: engine.generate(list(PROMPTS), duration_s=seconds, seed=[seed] * len(PROMPTS)) for seed in SEEDS}
+    clips = {seed: engine.generate(list(PROMPTS), duration_s=seconds, seed=[seed] * len(PROMPTS), **options) for seed in SEEDS}
     across_prompts = [envelope_correlation(clips[seed]) for seed in SEEDS]
     across_seeds = [envelope_correlation(np.stack([clips[seed][p] for seed in SEEDS])) for p in range(len(PROMPTS))]
     modulation = frame_rate_modulation(torch.from_numpy(np.concatenate(list(clips.values()))).float())
@@ -220,17 +234,19 @@ def prompt_report(engine: Engine, seconds: float) -> dict:
     }
 
 
-def pack_report(data: Dataset, pack: Path, tower: AudioTower, codec_checkpoint: Path | None, args: argparse.Namespace,
-                pictures: Path | None) -> dict:
-    """Adherence (float32 and the int8 weights make demo runs) and the prompt-versus-seed figures of one pack."""
-    report = {"pack": str(pack)}
-    for quantize in (None, "int8"):
+def pack_report(data: Dataset, pack: Path, judge: tuple[AudioTower, torch.Tensor], codec_ceiling: bool, args: argparse.Namespace,
+                pictures: Path | None, options: dict) -> dict:
+    """Adherence (float32 and the int8 weights make demo runs) and the prompt-versus-seed figures of one pack;
+    options: generate's (guidance_scale)."""
+    report = {"pack": str(pack), **options}
+    for quantize in args.modes:
         mode = quantize or "float32"
         engine = Engine.from_pack(pack, quantize=quantize)
-        adherence, generated, captions = adherence_report(data, engine, tower, codec_checkpoint, args.seconds, args.batch)
+        report.setdefault("guidance_scale", engine.info()["guidance_scale"])
+        adherence, generated, captions = adherence_report(data, engine, judge, codec_ceiling, args.seconds, args.batch, options)
         report[f"adherence_{mode}"] = adherence
         if quantize == "int8":
-            report["prompts_int8"] = prompt_report(engine, args.seconds)
+            report["prompts_int8"] = prompt_report(engine, args.seconds, options)
             if pictures is not None:
                 report["pictures"] = spectrograms(generated[:4], captions[:4], pictures)
     return report
@@ -247,23 +263,31 @@ def main() -> None:
                         help="an earlier pack to measure beside PACK with the same audio tower, captions and seeds")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="the guidance scale PACK generates with (default: the pack's own)")
+    parser.add_argument("--int8-only", action="store_true", help="leave out the float32 adherence run")
+    parser.add_argument("--no-codec", action="store_true", help="leave out the codec report")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    args.modes = ("int8",) if args.int8_only else (None, "int8")
+    torch.set_num_threads(args.threads)
     data = Dataset.load(args.data)
     tower = AudioTower()
     tower.load_state_dict(torch.load(args.work / "mulan.pt", map_location="cpu")["tower"])
     tower.eval()
-    codec_checkpoint = args.work / "codec.pt"
+    with torch.no_grad():
+        judge = (tower, trained_text(args.work).embed(held_out_captions(data)))
+    options = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     results = {
         "date": datetime.date.today().isoformat(),
         "device": cpu_model(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "codec": codec_report(data, codec_checkpoint, args.pack),
-        **pack_report(data, args.pack, tower, codec_checkpoint, args, args.pictures),
+        **({} if args.no_codec else {"codec": codec_report(data, args.pack)}),
+        **pack_report(data, args.pack, judge, True, args, args.pictures, options),
     }
     if args.baseline_pack is not None:
-        results["baseline"] = pack_report(data, args.baseline_pack, tower, None, args, None)
+        results["baseline"] = pack_report(data, args.baseline_pack, judge, False, args, None, {})
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

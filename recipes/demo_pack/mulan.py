@@ -86,6 +86,16 @@ def fit_codebooks(vectors: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.tensor(np.stack(books), dtype=torch.float32)
 
 
+def trained_text(work: Path) -> TextConditioner:
+    """The text tower mulan.py trained (WORK/mulan.pt): the frozen MiniLM, its projection and the MT codebooks."""
+    text = TextConditioner(TEXT_CONFIG, TransformersTextEncoder(TEXT_CONFIG, package_model_dir(TEXT_PACKAGE)))
+    trained = torch.load(work / "mulan.pt", map_location="cpu")["text"]
+    with torch.no_grad():
+        text.codebooks.copy_(trained["codebooks"])
+        text.projection.load_state_dict({"weight": trained["projection.weight"], "bias": trained["projection.bias"]})
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("data", type=Path)

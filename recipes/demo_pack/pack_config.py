@@ -20,6 +20,7 @@ from vivace.families.musiclm.layout import MusicLMLayout
 from vivace.model.config import TransformerConfig
 
 FRAME_RATE = SAMPLE_RATE // CODEC.hop_length
+GUIDANCE_SCALE = 3.0  # the default classifier-free guidance of the semantic and coarse stages
 CROP_SECONDS = {"semantic": 10.0, "coarse": 2.0, "fine": 1.0}
 MUSICLM = MusicLMConfig(
     semantic_vocab=SEMANTIC_VOCAB, semantic_rate=SEMANTIC_RATE, coarse_levels=4, fine_levels=8,
@@ -31,6 +32,7 @@ MUSICLM = MusicLMConfig(
     # windows fell into near-silent codes within a few seconds (the second recipe's pack; README), at 1.0 they keep the level
     coarse_sampling=SamplingParams(temperature=1.0, top_k=0),
     fine_sampling=SamplingParams(temperature=0.4),
+    guided_stages=("semantic", "coarse"), guidance_scale=GUIDANCE_SCALE,
 )
 STAGE_SHAPE = dict(num_layers=4, d_model=256, num_heads=4, d_ff=1024, rel_num_buckets=32, rel_max_distance=128)
 

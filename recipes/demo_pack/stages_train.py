@@ -9,7 +9,9 @@ fine:     [A coarse of a 1 s crop] [A levels 5-12]          -> A fine
 MT comes from the audio tower on the surrounding 10 s (mt_codes.npy) or, for a share of the examples
 (--text-share), from the text tower on the piece's caption (mt_text_codes.npy): MusicLM trains on audio MT alone
 because it has no captions for its audio, but these pieces come with exact ones, and conditioning on what
-inference conditions on makes the prompt decide more. A from the trained codec (codes.npy). Dropout
+inference conditions on makes the prompt decide more. A stage the pack guides (pack_config's guided_stages) sees
+the null token in place of its MT tokens in a share of its examples (--cond-drop), so it also learns the
+unconditional distribution that classifier-free guidance mixes against. A from the trained codec (codes.npy). Dropout
 (--dropout, on the embeddings and every residual branch) is added by hooks for training only: the trained module
 is still the inference module.
 """
@@ -37,7 +39,7 @@ class StageData:
 
     def __init__(
         self, stage: str, pieces: np.ndarray, semantic: np.ndarray, mt: np.ndarray, text_mt: np.ndarray,
-        codes: np.ndarray | None, text_share: float,
+        codes: np.ndarray | None, text_share: float, cond_drop: float = 0.0,
     ) -> None:
         self.stage = stage
         self.pieces = pieces
@@ -46,6 +48,7 @@ class StageData:
         self.text_mt = text_mt
         self.codes = codes
         self.text_share = text_share
+        self.cond_drop = cond_drop if stage in LAYOUT.guided_stages else 0.0
         self.seconds = semantic.shape[1] / SEMANTIC_RATE
 
     def sample(self, rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +66,8 @@ class StageData:
         else:
             mt_codes = self.mt[piece, int(np.abs(MT_CENTERS_S - (start_s + crop / 2)).argmin())]
         mt = np.array(LAYOUT.mt_tokens(mt_codes.tolist()))
+        if self.cond_drop and rng.random() < self.cond_drop:  # the null condition guidance mixes against
+            mt = np.array(LAYOUT.null_tokens(self.stage))
         cb = LAYOUT.acoustic_codebook
         if self.stage == "semantic":
             prompt, out = mt, self.semantic[piece, s0:s1]
@@ -118,6 +123,8 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--resume", action="store_true", help="continue from OUT's .state checkpoint where there is one")
     parser.add_argument("--text-share", type=float, default=0.5, help="share of examples conditioned on the caption's MT")
+    parser.add_argument("--cond-drop", type=float, default=0.1,
+                        help="share of a guided stage's examples whose MT tokens are the null condition")
     add_run_options(parser)
     args = parser.parse_args()
     rng = start_run(args)
@@ -126,7 +133,7 @@ def main() -> None:
     mt = np.load(args.data / "mt_codes.npy").astype(np.int64)
     text_mt = np.load(args.data / "mt_text_codes.npy").astype(np.int64)
     codes = None if args.stage == "semantic" else np.asarray(dataset.codes, dtype=np.int64)
-    train = StageData(args.stage, dataset.train_indices, semantic, mt, text_mt, codes, args.text_share)
+    train = StageData(args.stage, dataset.train_indices, semantic, mt, text_mt, codes, args.text_share, args.cond_drop)
     test = StageData(args.stage, dataset.test_indices, semantic, mt, text_mt, codes, 1.0)  # as inference conditions
     model = StageTransformer(pack_config().stages[args.stage])
     add_dropout(model, args.dropout)
