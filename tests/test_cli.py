@@ -116,7 +116,7 @@ def test_guidance_on_a_musiclm_pack_names_the_flag(tiny_pack: Path, tmp_path: Pa
     out = tmp_path / "o.wav"
     assert main(["generate", "--pack", str(tiny_pack), "x", "--duration", "0.5", "--guidance", "3", "-o", str(out)]) == 2
     err = one_error_line(capsys)
-    assert "--guidance does not apply to this pack (it takes --temperature, --top-k, --top-p, --stage)" in err
+    assert "--guidance 3.0 needs a pack trained for classifier-free guidance" in err and "has no guided stage" in err
     assert "guidance_scale" not in err and leftovers(tmp_path) == []
 
 
