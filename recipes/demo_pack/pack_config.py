@@ -20,7 +20,10 @@ from vivace.families.musiclm.layout import MusicLMLayout
 from vivace.model.config import TransformerConfig
 
 FRAME_RATE = SAMPLE_RATE // CODEC.hop_length
-GUIDANCE_SCALE = 3.0  # the default classifier-free guidance of the semantic and coarse stages
+# Stages trained with a null condition (stages_train.py --cond-drop) and sampled with classifier-free guidance. The
+# bundled pack has none: the one attempt with both guided (logs/guided-attempt/, README) did not beat it.
+GUIDED_STAGES: tuple[str, ...] = ()
+GUIDANCE_SCALE = 3.0 if GUIDED_STAGES else 1.0
 CROP_SECONDS = {"semantic": 10.0, "coarse": 2.0, "fine": 1.0}
 MUSICLM = MusicLMConfig(
     semantic_vocab=SEMANTIC_VOCAB, semantic_rate=SEMANTIC_RATE, coarse_levels=4, fine_levels=8,
@@ -32,7 +35,7 @@ MUSICLM = MusicLMConfig(
     # windows fell into near-silent codes within a few seconds (the second recipe's pack; README), at 1.0 they keep the level
     coarse_sampling=SamplingParams(temperature=1.0, top_k=0),
     fine_sampling=SamplingParams(temperature=0.4),
-    guided_stages=("semantic", "coarse"), guidance_scale=GUIDANCE_SCALE,
+    guided_stages=GUIDED_STAGES, guidance_scale=GUIDANCE_SCALE,
 )
 STAGE_SHAPE = dict(num_layers=4, d_model=256, num_heads=4, d_ff=1024, rel_num_buckets=32, rel_max_distance=128)
 
