@@ -348,10 +348,9 @@ class MusicLMPipeline:
         prompt_tokens = 0 if prompt is None else len(prompt.semantic)
         # windows break where the prompt ends, so the first generated window starts right after it
         starts = sorted({*story_starts, prompt_tokens})
-        negative = request.negative_prompt
-        texts = [text for text, _ in request.segments] + ([] if negative is None else [negative])
-        codes = family.pack.text.tokens(texts).tolist()
-        story_codes = codes[: len(request.segments)]
+        story_codes = family.pack.text.tokens([text for text, _ in request.segments]).tolist()
+        negative = request.negative_prompt  # encoded alone: the prompt's codes never depend on it
+        null_condition = None if negative is None else family.pack.text.tokens([negative])[0].tolist()
         conditions = [story_codes[int(np.searchsorted(story_starts, s, side="right")) - 1] for s in starts]
         prompt_frames = prompt_tokens * fps
         prompt_chunks = plan_chunks(prompt_frames, family.frames(m.fine_chunk_s)) if prompt_frames else []
@@ -363,7 +362,7 @@ class MusicLMPipeline:
         state = RowState(
             request=request,
             conditions=conditions,
-            null_condition=None if negative is None else codes[-1],
+            null_condition=null_condition,
             semantic_plan=plan_windows(
                 semantic_total, family.semantic_tokens(m.semantic_window_s), family.semantic_tokens(m.semantic_stride_s),
                 starts,
