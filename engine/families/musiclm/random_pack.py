@@ -84,8 +84,6 @@ def random_pack(
         config = replace(config, text=text_config)
         encoder = TransformersTextEncoder(text_config, Path(text_model))
     if encodes_audio:
-        from dataclasses import replace
-
         tokenizer_config = SemanticTokenizerConfig(vocab=config.musiclm.semantic_vocab, rate=config.musiclm.semantic_rate)
         config = replace(config, codec_encoder=True, semantic_tokenizer=tokenizer_config)
     storage = dtype or (torch.bfloat16 if preset == "paper" else torch.float32)
