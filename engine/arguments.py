@@ -167,5 +167,5 @@ def negative_prompts(negative: Any, rows: int, scales: Sequence[float]) -> list[
     for row, (text, scale) in enumerate(zip(negatives, scales)):
         if text is not None and scale <= 1:
             where = "" if rows == 1 else f" (row {row})"
-            raise VivaceError(f"negative_prompt{where} conditions guidance's null row: it needs guidance_scale > 1 and a prompt or melody")
+            raise VivaceError(f"negative_prompt{where} conditions guidance's null row: it needs guidance_scale > 1 and a condition to guide (a prompt, or a melody)")
     return negatives

@@ -38,8 +38,7 @@ def main() -> None:
     tokenizer.mean.copy_(torch.from_numpy(mean).float())
     tokenizer.std.copy_(torch.from_numpy(std).float())
     torch.save(tokenizer.state_dict(), args.data / "semantic_tokenizer.pt")
-    # the features above, assigned as the tokenizer assigns an audio prompt's (recomputing them per clip grew this
-    # process's memory past 20 GB over the 2000 clips)
+    # the features computed above, assigned as forward() assigns an audio prompt's: no second pass over the audio
     tokens = np.stack([tokenizer.assign(torch.from_numpy(f)).numpy() for f in per_piece]).astype(np.int16)
     np.save(args.data / "semantic.npy", tokens)
     used = len(np.unique(tokens))
