@@ -182,18 +182,32 @@ def write_result(suite: str, options: Options, config: dict[str, Any], results: 
         "results": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    device = torch.device(options.device).type
-    suffix = "" if device == "cpu" else f"-{device}"  # CPU files keep their historical names
-    path = RESULTS / f"{suite}{suffix}-{now.date().isoformat()}.json"
-    if _written_elsewhere(path, report["machine"]):  # another machine's figures of the day stay beside these
-        slug = re.sub(r"[^a-z0-9]+", "-", f"{report['machine']['cpu']} {report['machine']['gpu'] or ''}".lower()).strip("-")
-        path = path.with_name(f"{path.stem}-{slug[:60]}.json")
+    path = result_path(suite, options.device, report["machine"], now.date())
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return path
 
 
+def result_path(suite: str, device: str, machine_record: dict[str, Any], day: datetime.date) -> Path:
+    """A file name under RESULTS that holds no earlier result: figures are appended, never overwritten.
+
+    The first run of a day is <suite>[-<device>]-<date>.json; another machine's first run of that day gets its CPU (and
+    GPU) in the name, and each later run on the same machine -run2, -run3, ...
+    """
+    kind = torch.device(device).type
+    suffix = "" if kind == "cpu" else f"-{kind}"  # CPU files keep their historical names
+    path = RESULTS / f"{suite}{suffix}-{day.isoformat()}.json"
+    if _written_elsewhere(path, machine_record):  # another machine's figures of the day stay beside these
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{machine_record['cpu']} {machine_record['gpu'] or ''}".lower()).strip("-")
+        path = path.with_name(f"{path.stem}-{slug[:60]}.json")
+    stem, run = path.stem, 2
+    while path.exists():
+        path = path.with_name(f"{stem}-run{run}.json")
+        run += 1
+    return path
+
+
 def _written_elsewhere(path: Path, machine_record: dict[str, Any]) -> bool:
-    """Whether path holds a result of another CPU or GPU (a rerun on the same machine replaces its own file)."""
+    """Whether path holds a result of another CPU or GPU."""
     try:
         previous = json.loads(path.read_text()).get("machine", {})
     except (OSError, ValueError, AttributeError):
