@@ -63,9 +63,12 @@ MODES = {  # name: Engine.from_pack options
     "int8+bf16": {"dtype": "bfloat16", "quantize": "int8"},
     "float32 kv-bf16": {"dtype": "float32", "kv_cache_dtype": "bfloat16"},  # bfloat16 KV caches: CPU only
     "int8 kv-bf16": {"dtype": "float32", "quantize": "int8", "kv_cache_dtype": "bfloat16"},
+    "float32 kv-int8": {"dtype": "float32", "kv_cache_dtype": "int8"},  # int8 KV rows with a scale each: CPU only
+    "int8 kv-int8": {"dtype": "float32", "quantize": "int8", "kv_cache_dtype": "int8"},
     "bf16-weights": {"dtype": "float32", "quantize": "bfloat16"},  # CPUs with AVX-512: float32 activations
     "int4": {"dtype": "float32", "quantize": "int4"},  # CPUs with AVX-512 VNNI or AVX2: 4-bit layer weights, int8 heads
     "int4 kv-bf16": {"dtype": "float32", "quantize": "int4", "kv_cache_dtype": "bfloat16"},
+    "int4 kv-int8": {"dtype": "float32", "quantize": "int4", "kv_cache_dtype": "int8"},
 }
 # on CUDA also: bfloat16 with 16 decode steps per host sync replayed as CUDA graphs (vivace.core.device_decode)
 GRAPH_MODES = {"bfloat16+graphs": {"dtype": "bfloat16", "steps_per_sync": 16, "cuda_graphs": True}}

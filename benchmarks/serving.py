@@ -1,6 +1,6 @@
 """Serving suite: many requests on one engine core, against the same requests one at a time in the same run.
 
-For each pack (the bundled demo pack, with float32 and with bfloat16 KV caches; a MusicGen-small-shaped random pack
+For each pack (the bundled demo pack, with float32, bfloat16 and int8 KV caches; a MusicGen-small-shaped random pack
 unless --quick), the same list of requests
 (mixed durations, each with its own seed) runs:
 - one at a time, each a plain Engine.generate call (the baseline);
@@ -181,10 +181,11 @@ def run(options: Options) -> None:
     demo_calls = requests(8 if options.quick else 16, [2.0, 4.0] if options.quick else [3.0, 6.0], seed=0)
     results: dict[str, Any] = {"read_bandwidth": read}
     results["demo"] = suite("demo pack, int8", DEMO_PACK, demo_calls, clients, options, read["gb_s"], quantize="int8")
-    results["demo_bf16_kv"] = suite(
-        "demo pack, int8, bfloat16 KV caches", DEMO_PACK, demo_calls, clients, options, read["gb_s"], quantize="int8",
-        kv_cache_dtype="bfloat16",
-    )
+    for kv_dtype in ("bfloat16", "int8"):
+        results[f"demo_{'bf16' if kv_dtype == 'bfloat16' else kv_dtype}_kv"] = suite(
+            f"demo pack, int8, {kv_dtype} KV caches", DEMO_PACK, demo_calls, clients, options, read["gb_s"],
+            quantize="int8", kv_cache_dtype=kv_dtype,
+        )
     config: dict[str, Any] = {"clients": clients, "demo_requests": demo_calls}
     if not options.quick:
         from benchmarks.musicgen_suite import ensure_models

@@ -112,7 +112,7 @@ struct Layer {
 struct StepInputs {
   int64_t rows;
   std::vector<void*> key_caches, value_caches;
-  bool bfloat16_cache = false;
+  CacheFormat cache_format = CacheFormat::kFloat32;
   int64_t num_blocks = 0, block_size = 0;
   const int64_t* slots;
   const int32_t* block_tables;
@@ -384,19 +384,19 @@ class DecoderStack {
         const py::array cache = py::array::ensure(side ? value_caches[i] : key_caches[i]);
         const std::string name = std::string(side ? "value_caches[" : "key_caches[") + std::to_string(i) + "]";
         if (!cache) throw py::value_error(name + " must be a numpy array or a CPU tensor");
-        const bool bfloat16 = py::isinstance<py::array_t<int16_t>>(cache);
-        if (!bfloat16 && !py::isinstance<py::array_t<float>>(cache))
-          throw py::value_error(name + " must have dtype float32, or int16 holding bfloat16 bits");
-        if (cache.ndim() != 4 || cache.shape(2) != num_heads_ || cache.shape(3) != head_dim_ || cache.shape(1) < 1)
+        const CacheFormat format = cache_format(cache, name);
+        const int64_t row = cache_row_width(format, head_dim_);
+        if (cache.ndim() != 4 || cache.shape(2) != num_heads_ || cache.shape(3) != row || cache.shape(1) < 1)
           throw py::value_error(name + " " + shape_of(cache) + " must be [num_blocks, block_size, " +
-                                std::to_string(num_heads_) + ", " + std::to_string(head_dim_) + "]");
+                                std::to_string(num_heads_) + ", " + std::to_string(row) + "] (" +
+                                cache_format_name(format) + " rows)");
         if (!(cache.flags() & py::array::c_style) || !cache.writeable())
           throw py::value_error(name + " must be writeable and C-contiguous (it is written in place)");
         if (i == 0 && side == 0) {
-          in.bfloat16_cache = bfloat16;
+          in.cache_format = format;
           in.num_blocks = cache.shape(0);
           in.block_size = cache.shape(1);
-        } else if (bfloat16 != in.bfloat16_cache || cache.shape(0) != in.num_blocks || cache.shape(1) != in.block_size) {
+        } else if (format != in.cache_format || cache.shape(0) != in.num_blocks || cache.shape(1) != in.block_size) {
           throw py::value_error(name + " " + shape_of(cache) + " must have the dtype and shape of key_caches[0]");
         }
         (side ? in.value_caches : in.key_caches).push_back(const_cast<void*>(cache.data()));
@@ -518,9 +518,9 @@ class DecoderStack {
       add_norm(residual_.data(), update, layer.attn_norm, normed_.data(), rows);
       layer.qkv.run(normed_.data(), qkv_.data(), rows, threads);
       store_kv_rows(qkv_.data() + d, qkv_.data() + 2 * d, 3 * d, in.key_caches[i], in.value_caches[i],
-                    in.bfloat16_cache, in.slots, rows, num_heads_, head_dim_);
+                    in.cache_format, in.slots, rows, num_heads_, head_dim_);
       for (int64_t r = 0; r < rows; ++r) std::memcpy(&query_[r * d], &qkv_[r * 3 * d], d * sizeof(float));
-      const PagedDecode attention{query_.data(), in.key_caches[i], in.value_caches[i], in.bfloat16_cache,
+      const PagedDecode attention{query_.data(), in.key_caches[i], in.value_caches[i], in.cache_format,
                                   in.block_tables, in.context_lens, in.distance_bias, attended_.data(), rows,
                                   num_heads_, head_dim_, in.block_size, in.max_blocks, in.bias_width, in.scale};
       paged_decode_attention(attention, attention_threads);
@@ -580,8 +580,9 @@ void register_decoder_stack(py::module_& m) {
            py::arg("num_threads") = 1,
            "One decode step of every layer: hidden float32 [rows, d_model] (the input embeddings, one token per\n"
            "row) -> the final norm's output [rows, d_model] (or the last residual where there is none). Each layer:\n"
-           "norm, qkv, the row's key and value into slot_mapping's slot of its caches (float32, or int16 holding\n"
-           "bfloat16 bits; [num_blocks, block_size, heads, head_dim], one pair per layer), paged decode attention\n"
+           "norm, qkv, the row's key and value into slot_mapping's slot of its caches (float32, int16 holding bfloat16\n"
+           "bits, or int8 rows with their scale; [num_blocks, block_size, heads, head_dim (+ 4 for int8)], one pair per\n"
+           "layer), paged decode attention\n"
            "over block_tables / context_lens (int32, with the T5 distance_bias [heads, width] where given), o,\n"
            "then cross-attention over cross_keys / cross_values[layer] [seqs, enc_len, heads, head_dim] of\n"
            "sequence token_seq[row] (enc_mask [seqs, enc_len] bool) where the layers have it, then the FFN; each\n"

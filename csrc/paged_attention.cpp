@@ -10,6 +10,7 @@
 #include <new>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "avx512_sums.h"
@@ -52,7 +53,8 @@ INLINE T reduce(T* lanes) {
   return (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
 }
 
-// A cached value as float32: float32 as it is, bfloat16 (its bits in a uint16_t) widened exactly.
+// A cached value as float32: float32 as it is, bfloat16 (its bits in a uint16_t) widened exactly, int8 as its
+// integer (its row's scale is applied once per row, by row_scale).
 INLINE float widen(float x) { return x; }
 INLINE float widen(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -60,6 +62,13 @@ INLINE float widen(uint16_t bits) {
   std::memcpy(&x, &wide, sizeof x);
   return x;
 }
+INLINE float widen(int8_t x) { return static_cast<float>(x); }
+
+// The factor a row's widened values take: 1 for float32 and bfloat16 (x * 1 is x exactly, so those kernels' bits
+// do not change), an int8 row's scale.
+template <class T>
+INLINE float row_scale(const T*, int64_t) { return 1.0f; }
+INLINE float row_scale(const int8_t* row, int64_t dim) { return int8_row_scale(row, dim); }
 
 template <class T>
 INLINE float dot(const float* a, const T* b, int64_t n) {
@@ -126,9 +135,10 @@ struct HeadRange {
         h0(h0),
         heads(h1 - h0),
         dim(p.head_dim),
+        head_stride(cache_row_width(p.cache_format, p.head_dim)),
         length(p.context_lens[s]),
-        block_elements(p.block_size * p.num_heads * p.head_dim),
-        row_stride(p.num_heads * p.head_dim) {
+        block_elements(p.block_size * p.num_heads * head_stride),
+        row_stride(p.num_heads * head_stride) {
     scratch.weights.resize(heads * length);
     scratch.partial.assign(heads * dim, 0.0f);
     scratch.sum.assign(heads * dim, 0.0);
@@ -142,13 +152,13 @@ struct HeadRange {
   // The first of this range's elements in block b of a cache.
   template <class T>
   const T* block(const void* cache, int64_t b) const {
-    return static_cast<const T*>(cache) + table[b] * block_elements + h0 * dim;
+    return static_cast<const T*>(cache) + table[b] * block_elements + h0 * head_stride;
   }
 
   const float* query;
   float* out;
   const int32_t* table;
-  int64_t h0, heads, dim, length, block_elements, row_stride;
+  int64_t h0, heads, dim, head_stride, length, block_elements, row_stride;  // strides in cache elements
   float* __restrict weights;
   float* __restrict partial;
   double* __restrict sum;
@@ -194,8 +204,10 @@ VECTOR_LOOP void attend_portable(const PagedDecode& p, HeadRange& r) {
   for (int64_t j0 = 0; j0 < length; j0 += p.block_size) {
     const T* block = r.block<T>(p.key_cache, j0 / p.block_size);
     for (int64_t j = j0; j < std::min(j0 + p.block_size, length); ++j)
-      for (int64_t h = 0; h < heads; ++h)
-        r.weights[h * length + j] = dot(r.query + h * dim, block + (j - j0) * r.row_stride + h * dim, dim) * p.scale;
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* key = block + (j - j0) * r.row_stride + h * r.head_stride;
+        r.weights[h * length + j] = dot(r.query + h * dim, key, dim) * row_scale(key, dim) * p.scale;
+      }
   }
   softmax(p, r);
   int64_t pending = 0;
@@ -204,8 +216,8 @@ VECTOR_LOOP void attend_portable(const PagedDecode& p, HeadRange& r) {
     const int64_t j1 = std::min(j0 + p.block_size, length);
     for (int64_t j = j0; j < j1; ++j)
       for (int64_t h = 0; h < heads; ++h) {
-        const float w = r.weights[h * length + j];
-        const T* v = block + (j - j0) * r.row_stride + h * dim;
+        const T* v = block + (j - j0) * r.row_stride + h * r.head_stride;
+        const float w = r.weights[h * length + j] * row_scale(v, dim);
         float* acc = r.partial + h * dim;
         for (int64_t d = 0; d < dim; ++d) acc[d] += w * widen(v[d]);
       }
@@ -229,6 +241,9 @@ inline __m512 load16(const uint16_t* x) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+inline __m512 load16(const int8_t* x) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))));
+}
 
 // A block's rows of this range, one prefetch per cache line, while the current block is computed: blocks lie
 // anywhere in the pool, so the hardware prefetcher cannot see the jump to the next one coming. Into L2 (T2 hint),
@@ -237,19 +252,20 @@ inline __m512 load16(const uint16_t* x) {
 template <class T>
 inline void prefetch_rows(const T* block, int64_t first, int64_t last, const HeadRange& r) {
   if (!block) return;
-  const int64_t bytes = r.heads * r.dim * static_cast<int64_t>(sizeof(T));
+  const int64_t bytes = r.heads * r.head_stride * static_cast<int64_t>(sizeof(T));
   for (int64_t row = first; row < last; ++row) {
     const char* line = reinterpret_cast<const char*>(block + row * r.row_stride);
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(line + b, _MM_HINT_T2);
   }
 }
 
-// q . k summed in sixteen lanes over the dims (kDim / 16 multiply-adds).
+// q . k summed in sixteen lanes over the dims (kDim / 16 multiply-adds), times an int8 row's scale.
 template <class T, int kDim>
 __attribute__((always_inline)) inline __m512 key_lanes(const float* q, const T* key) {
   __m512 a = _mm512_setzero_ps();
 #pragma GCC unroll 8
   for (int d = 0; d < kDim; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(key + d), a);
+  if constexpr (std::is_same_v<T, int8_t>) a = _mm512_mul_ps(a, _mm512_set1_ps(int8_row_scale(key, kDim)));
   return a;
 }
 
@@ -280,7 +296,7 @@ void block_scores(const PagedDecode& p, HeadRange& r, const T* block, int64_t j0
       prefetch_rows(next, h * next_rows / r.heads, (h + 1) * next_rows / r.heads, r);
       for (int64_t j = 0; j < rows; j += 16) {
         const float* q = r.query + h * kDim;
-        const T* key = block + j * r.row_stride + h * kDim;
+        const T* key = block + j * r.row_stride + h * r.head_stride;
         const int64_t count = std::min<int64_t>(16, rows - j);
         const __m512 sums = sums16(count, [&](int i) __attribute__((always_inline)) {
           return key_lanes<T, kDim>(q, key + i * r.row_stride);
@@ -296,10 +312,10 @@ void block_scores(const PagedDecode& p, HeadRange& r, const T* block, int64_t j0
     prefetch_rows(next, j * next_rows / rows, (j + 1) * next_rows / rows, r);
     for (int64_t h = 0; h < r.heads; h += 16) {
       const float* q = r.query + h * kDim;
-      const T* key = block + j * r.row_stride + h * kDim;
+      const T* key = block + j * r.row_stride + h * r.head_stride;
       const int64_t count = std::min<int64_t>(16, r.heads - h);
       _mm512_store_ps(scores, _mm512_mul_ps(sums16(count, [&](int i) __attribute__((always_inline)) {
-                        return key_lanes<T, kDim>(q + i * kDim, key + i * kDim);
+                        return key_lanes<T, kDim>(q + i * kDim, key + i * r.head_stride);
                       }), scale));
       for (int64_t i = 0; i < count; ++i) r.weights[(h + i) * r.length + j0 + j] = scores[i];
     }
@@ -320,8 +336,8 @@ void block_values(HeadRange& r, const T* block, int64_t j0, int64_t rows, bool w
 #pragma GCC unroll 8
       for (int c = 0; c < kDim / 16; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
       for (int64_t j = 0; j < rows; ++j) {
-        const __m512 weight = _mm512_set1_ps(w[j]);
-        const T* v = block + j * r.row_stride + h * kDim;
+        const T* v = block + j * r.row_stride + h * r.head_stride;
+        const __m512 weight = _mm512_set1_ps(w[j] * row_scale(v, kDim));
 #pragma GCC unroll 8
         for (int c = 0; c < kDim / 16; ++c) a[c] = _mm512_fmadd_ps(weight, load16(v + 16 * c), a[c]);
       }
@@ -333,8 +349,8 @@ void block_values(HeadRange& r, const T* block, int64_t j0, int64_t rows, bool w
   for (int64_t j = 0; j < rows; ++j) {
     prefetch_rows(next, j * next_rows / rows, (j + 1) * next_rows / rows, r);
     for (int64_t h = 0; h < r.heads; ++h) {
-      const __m512 weight = _mm512_set1_ps(r.weights[h * r.length + j0 + j]);
-      const T* v = block + j * r.row_stride + h * kDim;
+      const T* v = block + j * r.row_stride + h * r.head_stride;
+      const __m512 weight = _mm512_set1_ps(r.weights[h * r.length + j0 + j] * row_scale(v, kDim));
       float* acc = r.partial + h * kDim;
 #pragma GCC unroll 8
       for (int c = 0; c < kDim / 16; ++c)
@@ -390,11 +406,13 @@ AttendFn kernel_for(int64_t head_dim, AttentionIsa isa) {
   return attend_portable<T>;
 }
 
-py::array cache_array(py::handle object, const char* name) {
+py::array cache_array(py::handle object, const std::string& name) {
   py::array array = py::array::ensure(object);
-  if (array && py::isinstance<py::array_t<int16_t>>(array))
-    return typed_array<int16_t>(object, name, "float32 or int16 (bfloat16 bits)", 4, false);
-  return typed_array<float>(object, name, "float32 or int16 (bfloat16 bits)", 4, false);
+  if (!array) throw py::value_error(name + " must be a numpy array or a CPU tensor");
+  cache_format(array, name);
+  if (array.ndim() != 4) throw py::value_error(name + " must have 4 dimensions, got shape " + shape_of(array));
+  if (!(array.flags() & py::array::c_style)) throw py::value_error(name + " must be C-contiguous (it is not copied)");
+  return array;
 }
 
 py::array_t<float> decode(py::handle query_object, py::handle key_object, py::handle value_object,
@@ -405,7 +423,7 @@ py::array_t<float> decode(py::handle query_object, py::handle key_object, py::ha
     throw py::value_error("isa must be \"auto\", \"avx512\" or \"portable\", got \"" + isa_name + "\"");
   const AttentionIsa isa = isa_name == "portable" ? AttentionIsa::kPortable : AttentionIsa::kAuto;
   const auto query = typed_array<float>(query_object, "query", "float32", 3, true);
-  // float32 caches, or bfloat16 ones passed as their bits (int16: numpy has no bfloat16)
+  // float32 caches, bfloat16 ones passed as their bits (int16: numpy has no bfloat16), or int8 rows with their scale
   const py::array key_cache = cache_array(key_object, "key_cache");
   const py::array value_cache = cache_array(value_object, "value_cache");
   if (!key_cache.dtype().is(value_cache.dtype()))
@@ -420,10 +438,12 @@ py::array_t<float> decode(py::handle query_object, py::handle key_object, py::ha
     if (value_cache.shape(d) != key_cache.shape(d))
       throw py::value_error("key_cache " + shape_of(key_cache) + " and value_cache " + shape_of(value_cache) +
                             " must have the same shape");
-  if (key_cache.shape(2) != num_heads || key_cache.shape(3) != head_dim || block_size == 0)
+  const CacheFormat format = cache_format(key_cache, "key_cache");
+  const int64_t row = cache_row_width(format, head_dim);
+  if (key_cache.shape(2) != num_heads || key_cache.shape(3) != row || block_size == 0)
     throw py::value_error("key_cache " + shape_of(key_cache) + " must be [num_blocks, block_size >= 1, " +
-                          std::to_string(num_heads) + ", " + std::to_string(head_dim) + "] for query " +
-                          shape_of(query));
+                          std::to_string(num_heads) + ", " + std::to_string(row) + "] for query " +
+                          shape_of(query) + " (" + cache_format_name(format) + " rows)");
   if (tables.shape(0) != num_seqs || lens.shape(0) != num_seqs)
     throw py::value_error("block_tables " + shape_of(tables) + " and context_lens " + shape_of(lens) + " must have " +
                           std::to_string(num_seqs) + " rows, one per query");
@@ -448,8 +468,7 @@ py::array_t<float> decode(py::handle query_object, py::handle key_object, py::ha
     throw py::value_error("isa \"avx512\" needs a CPU with AVX-512F and head_dim 32, 64 or 128 (head_dim " +
                           std::to_string(head_dim) + ")");
   py::array_t<float> out({num_seqs, num_heads, head_dim});
-  const PagedDecode problem{query.data(), key_cache.data(), value_cache.data(),
-                            py::isinstance<py::array_t<int16_t>>(key_cache), tables.data(), lens.data(),
+  const PagedDecode problem{query.data(), key_cache.data(), value_cache.data(), format, tables.data(), lens.data(),
                             bias_object.is_none() ? nullptr : bias.data(), out.mutable_data(), num_seqs, num_heads,
                             head_dim, block_size, max_blocks, bias_object.is_none() ? 0 : bias.shape(1),
                             static_cast<float>(scale)};
@@ -481,8 +500,9 @@ bool avx512_attention_supported(int64_t head_dim) {
 void paged_decode_attention(const PagedDecode& problem, int threads, AttentionIsa isa) {
   const int64_t num_seqs = problem.num_seqs, num_heads = problem.num_heads;
   if (num_seqs == 0 || num_heads == 0) return;
-  const AttendFn attend = problem.bfloat16_cache ? kernel_for<uint16_t>(problem.head_dim, isa)
-                                                 : kernel_for<float>(problem.head_dim, isa);
+  const AttendFn attend = problem.cache_format == CacheFormat::kBFloat16 ? kernel_for<uint16_t>(problem.head_dim, isa)
+                         : problem.cache_format == CacheFormat::kInt8   ? kernel_for<int8_t>(problem.head_dim, isa)
+                                                                        : kernel_for<float>(problem.head_dim, isa);
   // One item per sequence on one thread; on more, a few items per thread, so that ragged contexts balance.
   const int64_t groups = threads <= 1 ? 1 : std::min(num_heads, (2 * threads + num_seqs - 1) / num_seqs);
   std::atomic<bool> out_of_memory{false};
@@ -515,7 +535,8 @@ void register_paged_attention(py::module_& m) {
         py::arg("num_threads") = 0, py::arg("isa") = "auto",
         "Decode attention over a paged float32 KV cache, as vivace.kernels.paged_attention.paged_decode_attention.\n"
         "query [S, H, D]; key_cache, value_cache [num_blocks, block_size, H, D] (C-contiguous, read in place),\n"
-        "float32 or bfloat16 as int16 bits (torch: cache.view(torch.int16));\n"
+        "float32 or bfloat16 as int16 bits (torch: cache.view(torch.int16)), or int8 [num_blocks, block_size, H, D + 4]:\n"
+        "each row's D values and its float32 scale in the last 4 bytes (vivace.kernels.kv_int8);\n"
         "block_tables [S, max_blocks] int32; context_lens [S] int32 (the new token included); distance_bias\n"
         "[H, max_distance + 1] float32 or None. Slots past a context are never read. num_threads 0 = one per\n"
         "hardware thread, capped by the work. isa \"auto\": the AVX-512 kernel where the CPU has AVX-512F and head_dim is\n"

@@ -4,16 +4,19 @@
 
 #include <cstdint>
 
+#include "kv_cache_format.h"
+
 namespace vivace {
 
-// One decode step (float32 arithmetic) over a paged float32 or bfloat16 KV cache (NHD: [num_blocks, block_size, num_heads, head_dim]), with
+// One decode step (float32 arithmetic) over a paged KV cache (NHD: [num_blocks, block_size, num_heads, row], the row
+// as kv_cache_format.h lays it out for the format), with
 // the semantics of vivace.kernels.paged_attention.paged_decode_attention. Only the first context_lens[s]
 // slots of sequence s are read. distance_bias, when not null, is [num_heads, bias_width].
 struct PagedDecode {
   const float* query;  // [num_seqs, num_heads, head_dim]
-  const void* key_cache;  // float32, or bfloat16 bits (uint16) where bfloat16_cache
+  const void* key_cache;  // float32, bfloat16 bits (uint16) or int8 rows with their scale, as cache_format says
   const void* value_cache;
-  bool bfloat16_cache;
+  CacheFormat cache_format;
   const int32_t* block_tables;  // [num_seqs, max_blocks]
   const int32_t* context_lens;  // [num_seqs], each in [1, max_blocks * block_size]
   const float* distance_bias;

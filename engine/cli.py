@@ -61,8 +61,8 @@ INT8_KERNEL_HELP = ("--quantize int8 on the CPU: auto times torch's int8 pack mm
                     "AVX-512 VNNI, AVX2: the same bits) per layer shape (once per CPU model and torch version, "
                     "cached); pack_mm / amx / vnni / avx2 fix one")
 
-KV_DTYPE_HELP = ("the KV caches' dtype: auto (--dtype's) or bfloat16 under float32 (half the bytes each decode step "
-                 "reads; CPU only)")
+KV_DTYPE_HELP = ("the KV caches' dtype: auto (--dtype's), bfloat16 under float32 (half the bytes each decode step "
+                 "reads) or int8 (rows of int8 values with a scale each: about a quarter); CPU only")
 
 # API argument names whose command-line flag has another dest (the others are found by dest: top_k -> --top-k)
 _API_DESTS = {"duration_s": "duration", "stage_sampling": "stage", "max_waiting": "max_queue"}

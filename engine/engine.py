@@ -44,6 +44,7 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
+KV_CACHE_DTYPES = {**DTYPES, "int8": torch.int8}  # int8: rows with a scale each (vivace.kernels.kv_int8)
 
 Sink = Callable[[RequestOutput], None]
 
@@ -83,9 +84,11 @@ def check_kv_cache_dtype(kv_cache_dtype: Any, dtype: torch.dtype, device: torch.
     """The KV caches' dtype for kv_cache_dtype ("auto": the engine's dtype)."""
     if kv_cache_dtype == "auto":
         return dtype
-    if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in DTYPES:
-        raise VivaceError(f"unknown kv_cache_dtype {kv_cache_dtype!r} (choose auto or one of {sorted(set(DTYPES))})")
-    kv_dtype = DTYPES[kv_cache_dtype]
+    if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise VivaceError(
+            f"unknown kv_cache_dtype {kv_cache_dtype!r} (choose auto or one of {sorted(set(KV_CACHE_DTYPES))})"
+        )
+    kv_dtype = KV_CACHE_DTYPES[kv_cache_dtype]
     if kv_dtype != dtype and device.type != "cpu":
         raise VivaceError(
             f"kv_cache_dtype {kv_cache_dtype!r} differs from dtype {str(dtype).removeprefix('torch.')!r}: "
@@ -183,8 +186,9 @@ class Engine:
         version, cached) and keeps the fastest; "pack_mm", "amx", "vnni" or "avx2" fix one (see vivace.model.quant).
         kv_cache_dtype: "auto" (dtype) or a dtype for the KV caches: "bfloat16" under a float32 engine halves the
         bytes every decode step reads and the memory per cached token (the C++ attention kernel widens them as it
-        reads); tokens then differ from float32 caches' as any rounding does, and stay the same whatever else runs.
-        A kv_cache_dtype other than dtype runs on the CPU only.
+        reads); "int8" stores each (token, head) row as int8 values and one float32 scale (vivace.kernels.kv_int8),
+        0.27 of float32's bytes at head_dim 64. Tokens then differ from float32 caches' as any rounding does, and
+        stay the same whatever else runs. A kv_cache_dtype other than dtype runs on the CPU only.
         native_layers: on the CPU with float32 activations, where every linear of a stage's layers runs a native
         kernel (int8 on vivace's own kernels with quantize="int8"; float32 on a CPU with AVX-512), its decode steps
         run all the layers in one native call (vivace.model.decoder_stack; hidden states agree with the Python

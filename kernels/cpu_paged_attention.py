@@ -1,8 +1,9 @@
 """Paged decode attention for the CPU: the reference's semantics (paged_attention.py) without its copies.
 
-A float32 query over float32 or bfloat16 caches (an engine's kv_cache_dtype) goes to
+A float32 query over float32, bfloat16 or int8 caches (an engine's kv_cache_dtype) goes to
 vivace._C.paged_decode_attention, a C++ kernel that reads each context in place through its block table (never a
-slot past its end), widens bfloat16 keys and values exactly as it reads them and runs a float32 softmax per
+slot past its end), widens bfloat16 keys and values exactly as it reads them (int8 ones times their row's scale,
+vivace.kernels.kv_int8) and runs a float32 softmax per
 (sequence, head), on torch's intra-op thread count once the contexts are long enough to pay for a second thread.
 Where the CPU has AVX-512 and head_dim is 32, 64 or 128 it reduces sixteen dot products per transpose tree (sixteen
 keys of a head, or for rows of 2 KB and more sixteen heads of a key, so that a block is read in order) and
@@ -25,17 +26,19 @@ import torch.nn.functional as F
 from vivace._C import paged_decode_attention as _native_decode
 from vivace._C import store_kv as _native_store
 from vivace.kernels import paged_attention as reference
+from vivace.kernels.kv_int8 import as_float
 from vivace.kernels.paged_attention import paged_prefill_attention
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kv"]
 
 PADDED_GATHER_LIMIT = 4 << 20  # bytes of float32 keys above which sequences are attended one by one
-NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ kernel's caches (with a float32 query)
+NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # the C++ kernel's caches (with a float32 query)
 
 
 def cache_array(cache: torch.Tensor):  # noqa: ANN202 (a numpy array)
-    """A cache as the C++ kernel reads it, in place: float32 as it is, bfloat16 as its bits (numpy has no bfloat16)."""
-    return cache.numpy() if cache.dtype == torch.float32 else cache.view(torch.int16).numpy()
+    """A cache as the C++ kernel reads it, in place: float32 and int8 as they are, bfloat16 as its bits (numpy has no
+    bfloat16)."""
+    return cache.view(torch.int16).numpy() if cache.dtype == torch.bfloat16 else cache.numpy()
 
 
 def _bias(distance_bias: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
@@ -44,12 +47,12 @@ def _bias(distance_bias: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """The rows of blocks (any shape of block ids), concatenated: [num_ids * block_size, H, D] in float32."""
-    return cache.index_select(0, blocks.reshape(-1).long()).flatten(0, 1).float()
+    return as_float(cache.index_select(0, blocks.reshape(-1).long()).flatten(0, 1))
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """AttentionOps.store_kv (vivace.kernels.ops has the shapes): the reference's writes; float32 keys and values into float32 or bfloat16 caches by vivace._C.store_kv, which
+    """AttentionOps.store_kv (vivace.kernels.ops has the shapes): the reference's writes; float32 keys and values into float32, bfloat16 or int8 caches by vivace._C.store_kv, which
     reads the views split from the qkv projection in place (torch's indexed assignment cost more per layer than
     the attention it feeds)."""
     native_cache = key_cache.dtype in NATIVE_CACHE_DTYPES and value_cache.dtype == key_cache.dtype
@@ -122,8 +125,8 @@ def _padded(
 ) -> torch.Tensor:
     num_seqs = query.shape[0]
     padded = block_tables.shape[1] * key_cache.shape[1]
-    keys = _gather(key_cache, block_tables).view(num_seqs, padded, *key_cache.shape[2:])
-    values = _gather(value_cache, block_tables).view(num_seqs, padded, *value_cache.shape[2:])
+    keys = _gather(key_cache, block_tables).view(num_seqs, padded, *query.shape[1:])
+    values = _gather(value_cache, block_tables).view(num_seqs, padded, *query.shape[1:])
     distance = (context_lens.long().to(query.device) - 1).unsqueeze(1) - torch.arange(padded, device=query.device)
     beyond = distance < 0
     # slots past the end may hold NaN, which an additive -inf mask (keys) or a zero weight (values) cannot hide

@@ -7,10 +7,15 @@ block_tables[s, p // block_size], row p % block_size. The slot of a token is blo
 Relative position bias (T5 style) enters as distance_bias [num_heads, max_distance + 1]: the score of
 query position i against key position j gets distance_bias[h, min(i - j, max_distance)]. T5's buckets
 saturate at max_distance, so this table holds the whole bias.
+
+Caches are float32, bfloat16 or int8; an int8 cache's rows are head_dim + 4 wide, each with its scale
+(vivace.kernels.kv_int8), and read back as their dequantized float32 values.
 """
 from __future__ import annotations
 
 import torch
+
+from vivace.kernels.kv_int8 import as_float, is_int8_cache, quantize_rows
 
 
 def store_kv(
@@ -20,17 +25,18 @@ def store_kv(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int64
 ) -> None:
-    """Writes each token's key and value into its cache slot."""
+    """Writes each token's key and value into its cache slot (int8 caches: quantized rows with their scales)."""
     num_blocks, block_size = key_cache.shape[:2]
-    key_cache.view(num_blocks * block_size, *key_cache.shape[2:])[slot_mapping] = key.to(key_cache.dtype)
-    value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slot_mapping] = value.to(value_cache.dtype)
+    for rows, cache in ((key, key_cache), (value, value_cache)):
+        stored = quantize_rows(rows) if is_int8_cache(cache) else rows.to(cache.dtype)
+        cache.view(num_blocks * block_size, *cache.shape[2:])[slot_mapping] = stored
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     block_size = cache.shape[1]
     num_used = (length + block_size - 1) // block_size
     blocks = cache[block_table[:num_used].long()]  # [num_used, block_size, H, D]
-    return blocks.reshape(-1, *cache.shape[2:])[:length]
+    return as_float(blocks.reshape(-1, *cache.shape[2:])[:length])
 
 
 def _attend(
@@ -101,7 +107,7 @@ def paged_decode_attention(
     keys = key_cache[table].reshape(num_seqs, num_used * block_size, *key_cache.shape[2:])[:, :max_len]
     values = value_cache[table].reshape(num_seqs, num_used * block_size, *value_cache.shape[2:])[:, :max_len]
     q = query.float().unsqueeze(2)  # [S, H, 1, D]
-    scores = torch.matmul(q, keys.float().permute(0, 2, 3, 1)).squeeze(2) * scale  # [S, H, max_len]
+    scores = torch.matmul(q, as_float(keys).permute(0, 2, 3, 1)).squeeze(2) * scale  # [S, H, max_len]
     lens = context_lens.long().to(query.device).unsqueeze(1)
     distance = (lens - 1) - torch.arange(max_len, device=query.device).unsqueeze(0)  # [S, max_len]
     if distance_bias is not None:
@@ -110,6 +116,6 @@ def paged_decode_attention(
     scores = scores.masked_fill((distance < 0).unsqueeze(1), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # Slots past a sequence's length hold other data or garbage (possibly NaN): zero them, since 0 * NaN = NaN.
-    values = values.float().masked_fill((distance < 0)[:, :, None, None], 0.0)
+    values = as_float(values).masked_fill((distance < 0)[:, :, None, None], 0.0)
     out = torch.matmul(probs.unsqueeze(2), values.permute(0, 2, 1, 3)).squeeze(2)  # [S, H, D]
     return out.to(query.dtype)

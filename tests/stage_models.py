@@ -30,7 +30,8 @@ class PagedDriver:
         self.model = model
         self.block_size = block_size
         self.pool = KVCachePool(c.num_layers, num_blocks, block_size, c.num_heads, c.head_dim, dtype, "cpu")
-        self.pool.data.fill_(float("nan"))  # a read of an unwritten slot poisons the result
+        # a read of an unwritten slot poisons the result (int8 rows: bytes 0xff, whose scale is a NaN)
+        self.pool.data.fill_(-1 if dtype == torch.int8 else float("nan"))
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.tables: dict[int, list[int]] = {}
         self.done: dict[int, int] = {}

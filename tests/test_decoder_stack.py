@@ -22,6 +22,7 @@ from musicgen_checkpoints import one_thread  # noqa: F401 - autouse fixture: tin
 from stage_models import PagedDriver, make_model
 
 from vivace import Engine, VivaceError, _C
+from vivace.kernels.kv_int8 import as_float
 from vivace.model.decoder_stack import NativeDecoderStack, _linear, _norm, unsupported, use_native_stacks
 from vivace.model.int4 import int4_supported
 from vivace.model.quant import choose_kernels, native_kernels, quantize_stage
@@ -69,7 +70,7 @@ def cross_batch(model: StageTransformer, rows: list[int], tokens: list[int] | No
 
 
 @pytest.mark.parametrize("weights", WEIGHTS)
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("position,cross", [("t5_relative", False), ("learned", False), ("sinusoidal", True)])
 @torch.inference_mode()
 def test_native_stack_tracks_the_python_layers(position: str, cross: bool, cache_dtype: torch.dtype, weights: str) -> None:
@@ -94,7 +95,7 @@ def test_native_stack_tracks_the_python_layers(position: str, cross: bool, cache
         errors = [relative_error(native[row], reference[row]) for row in range(len(live))]
         assert max(errors) <= (ROUNDING_BOUND if weights in ("float32", "bfloat16") else FLIP_BOUND)
         assert sorted(errors)[len(errors) // 2] <= ROUNDING_BOUND
-    python_pool, native_pool = drivers["python"].pool.data.float(), drivers["native"].pool.data.float()
+    python_pool, native_pool = as_float(drivers["python"].pool.data), as_float(drivers["native"].pool.data)
     written = ~python_pool.isnan()
     assert torch.equal(written, ~native_pool.isnan()), "the stack must write exactly the slots the Python layers write"
     assert relative_error(native_pool[written], python_pool[written]) <= FLIP_BOUND
