@@ -9,9 +9,12 @@ if os.environ.get("VIVACE_TEST_DEVICE") != "cuda":
 # Measured linear plans (vivace.model.linear_plan) go to a cache of this test run's own, not the user's ~/.cache;
 # subprocesses of the tests inherit it.
 if "VIVACE_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["VIVACE_CACHE_DIR"] = tempfile.mkdtemp(prefix="vivace-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["VIVACE_CACHE_DIR"], ignore_errors=True)
 
 from pathlib import Path
 
