@@ -1,4 +1,5 @@
-"""bfloat16 KV caches under a float32 engine: the C++ kernel reads them in place, and requests stay independent."""
+"""bfloat16 KV caches under a float32 engine: the C++ kernel reads them in place, and requests stay independent
+(int8 caches: test_kv_int8, and the batch and thread independence below)."""
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 
 from kernel_device import relative_error
 from test_cpu_attention import batch_lengths, forms, native, paged_case, reference
+from test_kv_int8 import int8_case
 from vivace import Engine, VivaceError, WindowFinished, _C
 from vivace.cli import main
 from vivace.engine import check_kv_cache_dtype
@@ -39,9 +41,13 @@ def test_native_decode_reads_bfloat16_caches(isa: str, head_dim: int, block_size
 
 
 @pytest.mark.parametrize("isa", _C.paged_attention_isas(64))
-def test_bfloat16_rows_do_not_depend_on_batch_or_threads(isa: str) -> None:
-    query, key_cache, value_cache, tables, lens = bfloat16_caches(paged_case(5, [700, 1, 650, 800, 33], 16, 4, 64))
-    keys, values = key_cache.view(torch.int16), value_cache.view(torch.int16)
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "int8"])
+def test_reduced_cache_rows_do_not_depend_on_batch_or_threads(isa: str, cache_dtype: str) -> None:
+    if cache_dtype == "int8":
+        (query, keys, values, tables, lens), _ = int8_case(5, [700, 1, 650, 800, 33], 16, 4, 64)
+    else:
+        query, key_cache, value_cache, tables, lens = bfloat16_caches(paged_case(5, [700, 1, 650, 800, 33], 16, 4, 64))
+        keys, values = key_cache.view(torch.int16), value_cache.view(torch.int16)
     bias = torch.randn(4, 129)
     single = native(query, keys, values, tables, lens, bias, 1, isa)
     assert torch.equal(native(query, keys, values, tables, lens, bias, 2, isa), single)

@@ -91,17 +91,6 @@ def test_native_decode_reads_int8_caches(isa: str, head_dim: int, block_size: in
     assert relative_error(out, reference(*float_args, 0.3, bias)) <= 2e-2
 
 
-@pytest.mark.parametrize("isa", _C.paged_attention_isas(64))
-def test_int8_rows_do_not_depend_on_batch_or_threads(isa: str) -> None:
-    (query, keys, values, tables, lens), _ = int8_case(5, [700, 1, 650, 800, 33], 16, 4, 64)
-    bias = torch.randn(4, 129)
-    single = native(query, keys, values, tables, lens, bias, 1, isa)
-    assert torch.equal(native(query, keys, values, tables, lens, bias, 2, isa), single)
-    for s in range(len(lens)):
-        alone = native(query[s : s + 1], keys, values, tables[s : s + 1], lens[s : s + 1], bias, 1, isa)
-        assert torch.equal(alone[0], single[s])
-
-
 def test_prefill_reads_int8_caches_as_their_values() -> None:
     (query, keys, values, tables, lens), _ = int8_case(9, [20, 45], 16, 4, 32)
     query = torch.randn(7, 4, 32)  # the last 3 and 4 positions of the two sequences
