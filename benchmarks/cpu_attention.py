@@ -1,5 +1,5 @@
 """CPU paged decode attention per layer call: the plain-torch reference, vivace's torch path and the C++ kernel in
-each form this CPU runs (AVX-512 and portable), float32 queries over float32 or bfloat16 caches.
+each form this CPU runs (AVX-512 and portable), float32 queries over float32, bfloat16 or int8 caches.
 
 python -m benchmarks cpu_attention [--threads N]   (prints a table, writes benchmarks/results/cpu_attention-<date>.json)
 
@@ -18,6 +18,7 @@ import torch
 from vivace import _C
 from vivace.kernels import cpu_paged_attention as cpu
 from vivace.kernels import paged_attention as ref
+from vivace.kernels.kv_int8 import as_float, quantize_rows, row_width
 
 from benchmarks.common import Options, table, write_result
 
@@ -25,16 +26,19 @@ from benchmarks.common import Options, table, write_result
 CASES = [(1, 1262, torch.bfloat16, 16, 1), (8, 600, torch.bfloat16, 16, 1), (8, 600, torch.bfloat16, 16, 8),
          (8, 600, torch.float32, 16, 1), (8, 600, torch.float32, 16, 8), (64, 100, torch.float32, 16, 1),
          (1, 400, torch.bfloat16, 4, 1), (13, 400, torch.bfloat16, 4, 1), (13, 400, torch.bfloat16, 4, 8),
-         (13, 400, torch.float32, 4, 1), (13, 400, torch.float32, 4, 8)]
+         (13, 400, torch.float32, 4, 1), (13, 400, torch.float32, 4, 8),
+         (1, 1262, torch.int8, 16, 1), (8, 600, torch.int8, 16, 8), (13, 400, torch.int8, 4, 1), (13, 400, torch.int8, 4, 8)]
 
 
 def case(num_seqs: int, context: int, dtype: torch.dtype, heads: int, layers: int, head_dim: int = 64, block_size: int = 16):
     """A float32 query, `layers` pairs of caches (blocks in random order), block tables, lengths and a T5 bias."""
     per_seq = -(-context // block_size)
     num_blocks = num_seqs * per_seq + 4
-    caches = [
-        tuple(torch.randn(num_blocks, block_size, heads, head_dim).to(dtype) for _ in range(2)) for _ in range(layers)
-    ]
+    def filled() -> torch.Tensor:
+        values = torch.randn(num_blocks, block_size, heads, head_dim)
+        return quantize_rows(values) if dtype == torch.int8 else values.to(dtype)
+
+    caches = [(filled(), filled()) for _ in range(layers)]
     tables = torch.randperm(num_blocks)[: num_seqs * per_seq].view(num_seqs, per_seq).int()
     lens = torch.randint(context // 2, context + 1, (num_seqs,), dtype=torch.int32)
     lens[0] = context
@@ -56,7 +60,7 @@ def ms_per_call(fn, calls: list[tuple], seconds: float = 0.3) -> float:
 
 def native(isa: str):
     def call(query, key_cache, value_cache, tables, lens, scale, bias):
-        arrays = [cpu._cache_array(key_cache), cpu._cache_array(value_cache)]
+        arrays = [cpu.cache_array(key_cache), cpu.cache_array(value_cache)]
         return _C.paged_decode_attention(query.numpy(), *arrays, tables.numpy(), lens.numpy(), scale, bias.numpy(),
                                          torch.get_num_threads(), isa)
     return call
@@ -69,11 +73,11 @@ def run(options: Options) -> None:
     for num_seqs, context, dtype, heads, layers in CASES:
         query, caches, tables, lens, bias = case(num_seqs, context, dtype, heads, layers)
         calls = [(query, k, v, tables, lens, 0.125, bias) for k, v in caches]
-        expected = ref.paged_decode_attention(query, caches[0][0].float(), caches[0][1].float(), tables, lens, 0.125, bias)
+        expected = ref.paged_decode_attention(query, as_float(caches[0][0]), as_float(caches[0][1]), tables, lens, 0.125, bias)
         row: dict[str, Any] = {"seqs": num_seqs, "context": context, "heads": heads, "cache_dtype": str(dtype)[6:],
                                "layers": layers, "reference_ms": ms_per_call(ref.paged_decode_attention, calls),
                                "torch_path_ms": ms_per_call(cpu.torch_decode_attention, calls)}
-        read = int(lens.sum()) * heads * 64 * 2 * caches[0][0].element_size()
+        read = int(lens.sum()) * heads * row_width(64, dtype) * 2 * caches[0][0].element_size()
         for isa in ("avx512", "portable"):
             if isa in isas:
                 out = torch.from_numpy(native(isa)(*calls[0]))
