@@ -1,4 +1,5 @@
 """python -m benchmarks [SUITE ...] [--quick] [--work-dir DIR] [--device DEV] [--threads N] [--musiclm-dtype DTYPE]
+                     [--modes MODE,...]
 
 Suites run in the order demo, musiclm, musicgen, floor, cpu_attention, serving, serve_load, ray_load, versus,
 neighbour (the floor suite reads the others' newest results); each prints its tables and writes benchmarks/results/<suite>-<date>.json. Models are built
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--musiclm-dtype", default="bfloat16", help="the MusicLM stages' dtype (the pack stores bfloat16)")
+    parser.add_argument("--modes", default="", help="musicgen suite: only these vivace modes, comma-separated "
+                        "(e.g. 'int8,int8 kv-int8'; float32, the agreement reference, always runs)")
     args = parser.parse_args()
     unknown = sorted(set(args.suites) - set(SUITES))
     if unknown:
@@ -45,7 +48,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    options = Options(args.quick, args.work_dir, args.device, args.threads, args.musiclm_dtype)
+    modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
+    options = Options(args.quick, args.work_dir, args.device, args.threads, args.musiclm_dtype, modes)
     chosen = [name for name in SUITES if name in args.suites] if args.suites else DEFAULT
     for name in chosen:
         start = time.perf_counter()

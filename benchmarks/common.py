@@ -34,6 +34,7 @@ class Options:
     device: str
     threads: int | None
     musiclm_dtype: str
+    modes: tuple[str, ...] = ()  # the musicgen suite's vivace modes to run (empty: all); float32, its reference, always runs
 
 
 def cpu_model() -> str:

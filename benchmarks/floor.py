@@ -29,6 +29,7 @@ from benchmarks.musicgen_suite import DECODER
 from vivace import _C
 from vivace.families.musiclm.pack import STAGES
 from vivace.families.musiclm.random_pack import preset_config
+from vivace.kernels.kv_int8 import row_width
 from vivace.model.config import TransformerConfig
 from vivace.model.int4 import GROUP, Int4Linear, int4_supported
 from vivace.model.quant import Int8Linear, native_kernels
@@ -117,10 +118,12 @@ def gemv_bandwidth(
 def step_bytes(config: TransformerConfig, mode: str, rows: int, context: float, enc_len: int = 0) -> dict[str, float]:
     """Bytes one decode step reads: weights once, the KV cache (and cross-attention K/V) once per row. mode: a key
     of MODES, or an int8 mode with its kernel named after it ("int8 vnni": the same bytes as "int8"), or a mode with
-    bfloat16 KV caches ("float32 kv-bf16")."""
+    bfloat16 or int8 KV caches ("float32 kv-bf16", "int8 kv-int8": head_dim int8 values and a float32 scale per row)."""
     dtype, quantize = MODES[mode.split()[0]]
     base = DTYPE_BYTES[dtype]
     kv_base = DTYPE_BYTES["bfloat16"] if mode.endswith(" kv-bf16") else base
+    if mode.endswith(" kv-int8"):
+        kv_base = row_width(config.head_dim, torch.int8) / config.head_dim
     d, layers = config.d_model, config.num_layers
     linears = [(3 * d, d), (d, d), (config.d_ff, d), (d, config.d_ff)]
     if config.cross_attention:
@@ -187,8 +190,8 @@ def gemv_for(gemv: dict[str, dict[int, dict[str, float]]], mode: str) -> dict[in
     """The GEMV figures a mode's step runs on: its own kernel's for "int8 <kernel>", _C.float32_linear's for
     "float32" where it runs (the native decoder stack), torch's pack mm for
     "int8+bf16" (bfloat16 activations), the faster int8 kernel for "int8" (the engine measures and keeps it); a
-    kv-bf16 mode runs its weights as the mode without it."""
-    mode = mode.removesuffix(" kv-bf16")
+    kv-bf16 or kv-int8 mode runs its weights as the mode without it."""
+    mode = mode.removesuffix(" kv-bf16").removesuffix(" kv-int8")
     if mode == "float32" and "float32 native" in gemv:  # the native decoder stack's kernel, where it runs
         return gemv["float32 native"]
     if mode in gemv:

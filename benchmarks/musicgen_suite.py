@@ -20,11 +20,15 @@ Agreement of each reduced-byte mode against float32: float32 greedy sequences (t
 are generated once; every mode then runs them teacher-forced (forward_dense, conditional and null rows, logits
 mixed as null + 3 * (cond - null)) and is compared with float32 on the drawn (not forced) positions: the share
 of positions whose argmax is the float32 greedy token, and the mean KL(float32 || mode) of the full next-token
-distributions (temperature 1, before top-k). Teacher forcing runs without a KV cache, so it cannot see a mode's
-KV cache dtype; "greedy prefix" can: each mode decodes the same prompts greedily on its own, and the figure is the
-share of float32's greedy frames it reproduces before its first differing token.
-- vivace with bfloat16 KV caches under float32 and int8 weights ("float32 kv-bf16", "int8 kv-bf16"; CPU only).
-- vivace with 4-bit group-wise layer weights and int8 heads ("int4", "int4 kv-bf16"; CPUs with AVX-512 VNNI or AVX2), and
+distributions (temperature 1, before top-k). That teacher forcing runs without a KV cache, so it cannot see a mode's
+KV cache dtype; "cached agree" and "cached KL" are the same figures with the grids prefilled through the paged cache
+in the mode's KV dtype (every position attends to keys and values as the cache stores them), against float32 with
+float32 caches prefilled the same way. "greedy prefix": each mode decodes the same prompts greedily on its own, and
+the figure is the share of float32's greedy frames it reproduces before its first differing token.
+--modes runs only the named vivace modes (float32, the reference, always runs).
+- vivace with bfloat16 or int8 KV caches under float32 and int8 weights ("float32 kv-bf16", "int8 kv-bf16",
+  "float32 kv-int8", "int8 kv-int8"; CPU only).
+- vivace with 4-bit group-wise layer weights and int8 heads ("int4", "int4 kv-bf16", "int4 kv-int8"; CPUs with AVX-512 VNNI or AVX2), and
   with bfloat16 weights under float32 activations ("bf16-weights", quantize="bfloat16"; CPUs with AVX-512).
 """
 from __future__ import annotations
@@ -42,10 +46,12 @@ import torch
 
 from benchmarks.common import ROOT, Options, PeakRSS, release_memory, table, write_result
 from vivace import AudioChunk, Engine, WindowFinished, _C
+from vivace.core.kv_cache import KVCachePool
 from vivace.events import StageProgress
 from vivace.families.musicgen.pipeline import delayed_grid
 from vivace.model.int4 import int4_supported
 from vivace.model.quant import native_kernels
+from vivace.model.transformer import AttentionBatch, CrossBatch
 
 WORDS = (
     "a the slow fast mellow upbeat piano drums jazz rock ambient pads with and in of bass guitar strings choir loud "
@@ -239,6 +245,35 @@ def teacher_forced(engine: Engine, prompt: str, grid: np.ndarray) -> torch.Tenso
     return null + (cond - null) * GUIDANCE
 
 
+@torch.inference_mode()
+def teacher_forced_cached(engine: Engine, prompt: str, grid: np.ndarray) -> torch.Tensor:
+    """teacher_forced through the paged KV cache in the engine's KV dtype: both rows of the grid prefilled at once,
+    so every position attends to keys and values as the cache stores them (bfloat16 rounded, int8 quantized)."""
+    decoder, cfg = engine.pack.decoder, engine.pack.decoder.config
+    dtype = next(decoder.parameters()).dtype
+    states, _ = engine.pack.text.encode(prompt)
+    states = states.to(engine.device, dtype)
+    keys, values = decoder.encode_cross(torch.stack([states, torch.zeros_like(states)]))
+    enc_mask = torch.tensor([[True] * len(states), [False] * len(states)], device=engine.device)
+    ids = torch.from_numpy(grid[:, :-1].T.copy()).to(engine.device)  # [T, K]
+    length, block_size = ids.shape[0], engine.block_size
+    per_row = -(-length // block_size)
+    pool = KVCachePool(cfg.num_layers, 2 * per_row, block_size, cfg.num_heads, cfg.head_dim, engine.kv_dtype, engine.device)
+    slots = torch.cat([row * per_row * block_size + torch.arange(length) for row in range(2)])
+    batch = AttentionBatch(
+        slot_mapping=slots.to(engine.device),
+        block_tables=torch.arange(2 * per_row, dtype=torch.int32, device=engine.device).view(2, per_row),
+        context_lens=torch.tensor([length, length], dtype=torch.int32, device=engine.device),
+        query_start_loc=torch.tensor([0, length, 2 * length], dtype=torch.int32, device=engine.device),
+        is_decode=False,
+        cross=CrossBatch(keys, values, enc_mask, torch.arange(2, device=engine.device).repeat_interleave(length)),
+    )
+    positions = torch.arange(length, device=engine.device).repeat(2)
+    logits = decoder.compute_logits(decoder(torch.cat([ids, ids]), positions, pool.layers(), batch)).float()
+    cond, null = logits.view(2, length, *logits.shape[1:])
+    return null + (cond - null) * GUIDANCE
+
+
 def agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor], grids: list[np.ndarray], pad: int) -> dict[str, Any]:
     hits, kls, drawn = [], [], 0
     for ref, cand, grid in zip(reference, candidate, grids):
@@ -265,12 +300,17 @@ def greedy_prefix(reference: list[np.ndarray], candidate: list[np.ndarray]) -> f
 
 def run(options: Options) -> dict[str, Any]:
     settings = QUICK if options.quick else FULL
+    unknown = sorted(set(options.modes) - set(MODES) - set(GRAPH_MODES))
+    if unknown:
+        print(f"unknown musicgen mode {unknown[0]!r} (choose from {', '.join(MODES)})", file=sys.stderr)
+        raise SystemExit(2)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     src, pack = ensure_models(options.work_dir)
     prompt, seconds = PROMPTS[0], settings["seconds"]
     agreement_prompts = list(PROMPTS[: settings["agreement_prompts"]])
     runs = [transformers_run(src, prompt, seconds, options.device)]
     reference: list[torch.Tensor] = []
+    reference_cached: list[torch.Tensor] = []
     grids: list[np.ndarray] = []
     modes = {**MODES, **(GRAPH_MODES if options.device.startswith("cuda") else {})}
     runnable = ("pack_mm", *native_kernels()) if options.device == "cpu" else ()
@@ -281,6 +321,8 @@ def run(options: Options) -> dict[str, Any]:
         modes = {mode: kwargs for mode, kwargs in modes.items() if kwargs.get("quantize") != "int4"}
     if options.device != "cpu" or not _C.float32_linear_fast():
         modes = {mode: kwargs for mode, kwargs in modes.items() if kwargs.get("quantize") != "bfloat16"}
+    if options.modes:
+        modes = {mode: kwargs for mode, kwargs in modes.items() if mode == "float32" or mode in options.modes}
     for mode, kwargs in modes.items():
         with PeakRSS() as memory:
             start = time.perf_counter()
@@ -293,8 +335,11 @@ def run(options: Options) -> dict[str, Any]:
         if mode == "float32":
             grids = greedy_grids(engine, agreement_prompts, settings["agreement_s"])
             reference = [teacher_forced(engine, p, g) for p, g in zip(agreement_prompts, grids)]
+            reference_cached = [teacher_forced_cached(engine, p, g) for p, g in zip(agreement_prompts, grids)]
         logits = [teacher_forced(engine, p, g) for p, g in zip(agreement_prompts, grids)]
         result["agreement"] = agreement(reference, logits, grids, engine.config.pad_id)
+        cached = [teacher_forced_cached(engine, p, g) for p, g in zip(agreement_prompts, grids)]
+        result["agreement_cached"] = agreement(reference_cached, cached, grids, engine.config.pad_id)
         result["greedy_prefix"] = greedy_prefix(grids, greedy_grids(engine, agreement_prompts, settings["agreement_s"]))
         runs.append(result)
         del engine, logits
@@ -303,15 +348,16 @@ def run(options: Options) -> dict[str, Any]:
     base = runs[0]["ms_per_step"]
     rows = []
     for r in runs:
-        a = r.get("agreement")
+        a, c = r.get("agreement"), r.get("agreement_cached")
         rows.append([
             r["engine"], r["mode"], r["ms_per_step"], r["ms_per_step_min"], r["wall_s"] / r["audio_s"],
             r["time_to_first_audio_s"], r["peak_rss_mb"], base / r["ms_per_step"],
-            a["greedy_agreement"] if a else None, a["mean_kl"] if a else None, r.get("greedy_prefix"),
+            a["greedy_agreement"] if a else None, a["mean_kl"] if a else None,
+            c["greedy_agreement"] if c else None, c["mean_kl"] if c else None, r.get("greedy_prefix"),
         ])
     print(table(
         ["engine", "mode", "ms/step", "min ms", "RTF", "first audio s", "peak RSS MB", "vs HF", "greedy agree", "mean KL",
-         "greedy prefix"],
+         "cached agree", "cached KL", "greedy prefix"],
         rows, title=f"MusicGen-small-shaped, {seconds} s clip, batch 1 with guidance {GUIDANCE} (2 rows), top-k {TOP_K}",
     ))
     config = {
