@@ -16,8 +16,9 @@ import torch
 from kernel_device import relative_error
 from musicgen_checkpoints import converted_32khz_pack, one_thread  # noqa: F401 - autouse fixture
 from test_cpu_attention import batch_lengths, forms, native, paged_case, reference
-from vivace import Engine, WindowFinished, _C
+from vivace import Engine, VivaceError, WindowFinished, _C
 from vivace.cli import main
+from vivace.engine import check_kv_cache_dtype
 from vivace.core.kv_cache import KVCachePool
 from vivace.kernels import cpu_paged_attention as cpu
 from vivace.kernels import paged_attention as ref
@@ -156,3 +157,9 @@ def test_cli_takes_int8_kv_caches(tiny_pack: Path, tmp_path: Path) -> None:
     out = tmp_path / "kv.wav"
     argv = ["generate", "--pack", str(tiny_pack), "drums", "--duration", "0.6", "-o", str(out), "--quiet"]
     assert main([*argv, "--kv-cache-dtype", "int8"]) == 0 and out.is_file()
+
+
+def test_int8_caches_are_refused_off_the_cpu_in_one_line() -> None:
+    with pytest.raises(VivaceError, match="kv_cache_dtype 'int8' differs from dtype 'float32': that runs on the CPU only"):
+        check_kv_cache_dtype("int8", torch.float32, torch.device("cuda"))
+    assert check_kv_cache_dtype("int8", torch.float32, torch.device("cpu")) == torch.int8
