@@ -186,7 +186,9 @@ def test_api_key_body_limit_and_a_full_queue(tiny_pack: Path, offline: Engine) -
     engine = Engine.from_pack(tiny_pack, max_running=1, max_waiting=0)
     with running_server(engine, settings) as served:
         speech = f"{served.url}/v1/audio/speech"
-        body = {"model": "random-tiny", "input": "bass", "duration": 2.0, "seed": 9, "response_format": "pcm"}
+        # long enough that the admitted request is still decoding when the second one arrives (2 s left a window of
+        # about 0.15 s after the first chunk, which a loaded machine could miss)
+        body = {"model": "random-tiny", "input": "bass", "duration": 12.0, "seed": 9, "response_format": "pcm"}
         error = error_of(httpx.post(speech, json=body), 401)
         assert error["code"] == "invalid_api_key"
         error_of(httpx.post(speech, json=body, headers={"Authorization": "Bearer wrong"}), 401)
@@ -201,7 +203,7 @@ def test_api_key_body_limit_and_a_full_queue(tiny_pack: Path, offline: Engine) -
             error = error_of(busy, 503)
             assert busy.headers["retry-after"] == "1" and error["code"] == "engine_busy"
             audio = first + b"".join(chunks)
-        assert audio == pcm16(offline.generate("bass", 2.0, seed=9)[0])  # the admitted request lost nothing
+        assert audio == pcm16(offline.generate("bass", 12.0, seed=9)[0])  # the admitted request lost nothing
         values = wait_until_idle(served.url)
         assert values["vivace_queue_rejections_total"] == 1
         assert values["vivace_requests_finished_total{reason=rejected}"] == 1
