@@ -97,7 +97,7 @@ QUANTIZE_LOOP void quantize_row(const float* row, int8_t* out, int64_t head_dim)
 
 template <class Cache>
 void write(const TokenRows& rows, Cache* cache, const int64_t* slots, int64_t tokens, int64_t heads, int64_t head_dim) {
-  const int64_t width = sizeof(Cache) == 1 ? head_dim + kInt8ScaleBytes : head_dim;
+  const int64_t width = cache_row_width(sizeof(Cache) == 1 ? CacheFormat::kInt8 : CacheFormat::kFloat32, head_dim);
   for (int64_t t = 0; t < tokens; ++t) {
     if (slots[t] < 0) continue;
     Cache* slot = cache + slots[t] * heads * width;
