@@ -23,7 +23,8 @@ of positions whose argmax is the float32 greedy token, and the mean KL(float32 |
 distributions (temperature 1, before top-k). That teacher forcing runs without a KV cache, so it cannot see a mode's
 KV cache dtype; "cached agree" and "cached KL" are the same figures with the grids prefilled through the paged cache
 in the mode's KV dtype (every position attends to keys and values as the cache stores them), against float32 with
-float32 caches prefilled the same way. "greedy prefix": each mode decodes the same prompts greedily on its own, and
+float32 caches prefilled the same way (float32's run records how far its cached logits are from its dense ones,
+cached_vs_dense_max_rel, relative to their largest). "greedy prefix": each mode decodes the same prompts greedily on its own, and
 the figure is the share of float32's greedy frames it reproduces before its first differing token.
 --modes runs only the named vivace modes (float32, the reference, always runs).
 - vivace with bfloat16 or int8 KV caches under float32 and int8 weights ("float32 kv-bf16", "int8 kv-bf16",
@@ -230,19 +231,29 @@ def greedy_grids(engine: Engine, prompts: list[str], seconds: float) -> list[np.
     return [delayed_grid(np.concatenate(windows[row], axis=1), pad) for row in range(len(prompts))]
 
 
+def guided_inputs(engine: Engine, prompt: str, grid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The conditional and null rows of a guided pair: encoder states [2, enc_len, D], their mask [2, enc_len] (the
+    null row attends to nothing) and the grid's input columns [T, K]."""
+    states, _ = engine.pack.text.encode(prompt)
+    states = states.to(engine.device, next(engine.pack.decoder.parameters()).dtype)
+    mask = torch.tensor([[True] * len(states), [False] * len(states)], device=engine.device)
+    ids = torch.from_numpy(grid[:, :-1].T.copy()).to(engine.device)
+    return torch.stack([states, torch.zeros_like(states)]), mask, ids
+
+
+def guided_logits(logits: torch.Tensor, length: int) -> torch.Tensor:
+    """[2 * length, K, vocab] logits of the conditional then the null row -> the guided mix, float32."""
+    cond, null = logits.float().view(2, length, *logits.shape[1:])
+    return null + (cond - null) * GUIDANCE
+
+
 @torch.inference_mode()
 def teacher_forced(engine: Engine, prompt: str, grid: np.ndarray) -> torch.Tensor:
     """Guided next-token logits [positions, K, vocab] (float32) with the grid's columns as inputs."""
     decoder = engine.pack.decoder
-    dtype = next(decoder.parameters()).dtype
-    states, _ = engine.pack.text.encode(prompt)
-    states = states.to(engine.device, dtype)
-    encoder = torch.stack([states, torch.zeros_like(states)])
-    mask = torch.tensor([[True] * len(states), [False] * len(states)], device=engine.device)
-    ids = torch.from_numpy(grid[:, :-1].T.copy()).to(engine.device).unsqueeze(0).expand(2, -1, -1)
-    logits = decoder.compute_logits(decoder.forward_dense(ids, encoder, mask).flatten(0, 1)).float()
-    cond, null = logits.view(2, ids.shape[1], *logits.shape[1:])
-    return null + (cond - null) * GUIDANCE
+    encoder, mask, ids = guided_inputs(engine, prompt, grid)
+    hidden = decoder.forward_dense(ids.unsqueeze(0).expand(2, -1, -1), encoder, mask).flatten(0, 1)
+    return guided_logits(decoder.compute_logits(hidden), ids.shape[0])
 
 
 @torch.inference_mode()
@@ -250,12 +261,8 @@ def teacher_forced_cached(engine: Engine, prompt: str, grid: np.ndarray) -> torc
     """teacher_forced through the paged KV cache in the engine's KV dtype: both rows of the grid prefilled at once,
     so every position attends to keys and values as the cache stores them (bfloat16 rounded, int8 quantized)."""
     decoder, cfg = engine.pack.decoder, engine.pack.decoder.config
-    dtype = next(decoder.parameters()).dtype
-    states, _ = engine.pack.text.encode(prompt)
-    states = states.to(engine.device, dtype)
-    keys, values = decoder.encode_cross(torch.stack([states, torch.zeros_like(states)]))
-    enc_mask = torch.tensor([[True] * len(states), [False] * len(states)], device=engine.device)
-    ids = torch.from_numpy(grid[:, :-1].T.copy()).to(engine.device)  # [T, K]
+    encoder, enc_mask, ids = guided_inputs(engine, prompt, grid)
+    keys, values = decoder.encode_cross(encoder)
     length, block_size = ids.shape[0], engine.block_size
     per_row = -(-length // block_size)
     pool = KVCachePool(cfg.num_layers, 2 * per_row, block_size, cfg.num_heads, cfg.head_dim, engine.kv_dtype, engine.device)
@@ -269,9 +276,8 @@ def teacher_forced_cached(engine: Engine, prompt: str, grid: np.ndarray) -> torc
         cross=CrossBatch(keys, values, enc_mask, torch.arange(2, device=engine.device).repeat_interleave(length)),
     )
     positions = torch.arange(length, device=engine.device).repeat(2)
-    logits = decoder.compute_logits(decoder(torch.cat([ids, ids]), positions, pool.layers(), batch)).float()
-    cond, null = logits.view(2, length, *logits.shape[1:])
-    return null + (cond - null) * GUIDANCE
+    hidden = decoder(torch.cat([ids, ids]), positions, pool.layers(), batch)
+    return guided_logits(decoder.compute_logits(hidden), length)
 
 
 def agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor], grids: list[np.ndarray], pad: int) -> dict[str, Any]:
@@ -336,6 +342,10 @@ def run(options: Options) -> dict[str, Any]:
             grids = greedy_grids(engine, agreement_prompts, settings["agreement_s"])
             reference = [teacher_forced(engine, p, g) for p, g in zip(agreement_prompts, grids)]
             reference_cached = [teacher_forced_cached(engine, p, g) for p, g in zip(agreement_prompts, grids)]
+            # the cached method's own check: with float32 caches it must give the dense logits up to rounding
+            result["cached_vs_dense_max_rel"] = max(
+                float((c - d).abs().max() / d.abs().max()) for c, d in zip(reference_cached, reference)
+            )
         logits = [teacher_forced(engine, p, g) for p, g in zip(agreement_prompts, grids)]
         result["agreement"] = agreement(reference, logits, grids, engine.config.pad_id)
         cached = [teacher_forced_cached(engine, p, g) for p, g in zip(agreement_prompts, grids)]
