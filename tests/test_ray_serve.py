@@ -154,7 +154,9 @@ def test_replicas_serve_offline_audio_and_share_the_load(cluster: str, offline: 
 
 
 def test_a_full_engine_answers_503_with_retry_after_through_the_proxy(cluster: str, offline: Engine) -> None:
-    body = {"model": "random-tiny", "input": "piano", "duration": 2.0, "seed": 3, "response_format": "pcm"}
+    # long enough that the admitted request still decodes when the second one arrives through the proxy (2 s left a
+    # window of about 0.15 s after the first chunk, as in test_server's full-queue test)
+    body = {"model": "random-tiny", "input": "piano", "duration": 12.0, "seed": 3, "response_format": "pcm"}
     with httpx.stream("POST", f"{cluster}/tight/v1/audio/speech", json=body, timeout=TIMEOUT) as running:
         chunks = running.iter_raw()
         audio = next(chunks)  # the engine's one place is taken
@@ -162,7 +164,7 @@ def test_a_full_engine_answers_503_with_retry_after_through_the_proxy(cluster: s
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
         assert busy.json()["error"]["code"] == "engine_busy"
         audio += b"".join(chunks)
-    assert audio == pcm16(offline.generate("piano", 2.0, seed=3)[0])
+    assert audio == pcm16(offline.generate("piano", 12.0, seed=3)[0])
 
 
 def test_each_replicas_metrics_reach_rays_metrics_endpoint(cluster: str, ray_metrics_url: str) -> None:
