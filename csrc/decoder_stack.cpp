@@ -7,11 +7,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #include "float32_linear.h"
 #include "gelu.h"
@@ -20,6 +23,7 @@
 #include "kv_store.h"
 #include "numpy_args.h"
 #include "paged_attention.h"
+#include "thread_pool.h"
 
 namespace vivace {
 namespace {
@@ -28,6 +32,43 @@ namespace py = pybind11;
 
 // LayerNorm or RMSNorm over rows of `dim` floats, its statistics summed in float64 (torch sums in float32: the two
 // agree to a few float32 ulps, not bit for bit).
+// The largest data cache of CPU 0, as Linux's sysfs lists it (its size as "32768K"); else glibc's sysconf figure
+// (which some VMs report as several times the cache one core shares); else 8 MiB.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      std::ifstream type_file(dir + "type"), size_file(dir + "size");
+      std::string type, size;
+      if (!(type_file >> type) || !(size_file >> size) || type == "Instruction" || size.empty()) continue;
+      const char unit = size.back();
+      const int64_t scale = unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1;
+      try {
+        best = std::max<int64_t>(best, std::stoll(scale == 1 ? size : size.substr(0, size.size() - 1)) * scale);
+      } catch (const std::exception&) {
+      }
+    }
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    if (best <= 0) best = std::max<int64_t>(sysconf(_SC_LEVEL3_CACHE_SIZE), sysconf(_SC_LEVEL2_CACHE_SIZE));
+#endif
+    return best > 0 ? best : int64_t{8} << 20;
+  }();
+  return bytes;
+}
+
+// sum over i < n of term(i) in float64, on eight independent accumulators: one chain of dependent adds is bound by
+// the add's latency, and the norms of a decode step's rows are a fixed cost per row at every batch size
+template <typename Term>
+double sum8(int64_t n, Term term) {
+  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int lane = 0; lane < 8; ++lane) lanes[lane] += term(i + lane);
+  for (; i < n; ++i) lanes[0] += term(i);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 struct Norm {
   const float* weight = nullptr;
   const float* bias = nullptr;  // LayerNorm's, or null
@@ -39,17 +80,13 @@ struct Norm {
       const float* row = x + r * dim;
       float* y = out + r * dim;
       if (rms) {
-        double squares = 0.0;
-        for (int64_t i = 0; i < dim; ++i) squares += static_cast<double>(row[i]) * row[i];
+        const double squares = sum8(dim, [&](int64_t i) { return static_cast<double>(row[i]) * row[i]; });
         const float scale = static_cast<float>(1.0 / std::sqrt(squares / dim + eps));
         for (int64_t i = 0; i < dim; ++i) y[i] = row[i] * scale * weight[i];
         continue;
       }
-      double sum = 0.0;
-      for (int64_t i = 0; i < dim; ++i) sum += row[i];
-      const double mean = sum / dim;
-      double squares = 0.0;
-      for (int64_t i = 0; i < dim; ++i) squares += (row[i] - mean) * (row[i] - mean);
+      const double mean = sum8(dim, [&](int64_t i) { return static_cast<double>(row[i]); }) / dim;
+      const double squares = sum8(dim, [&](int64_t i) { return (row[i] - mean) * (row[i] - mean); });
       const double rstd = 1.0 / std::sqrt(squares / dim + eps);
       // torch's layer norm kernel: (x * rstd + (-rstd * mean)) * weight + bias
       const float scale = static_cast<float>(rstd), shift = static_cast<float>(-rstd * mean);
@@ -73,6 +110,12 @@ struct Linear {
 
   int64_t in_features() const { return float32 ? float32->in_features : int4 ? int4->in_features : int8.in_features; }
   int64_t out_features() const { return float32 ? float32->out_features : int4 ? int4->out_features : int8.out_features; }
+  // the bytes of weights one call reads
+  int64_t weight_bytes() const {
+    const int64_t count = in_features() * out_features();
+    if (float32) return count * (float32->weight_bf16 ? 2 : 4);
+    return int4 ? count / 2 : count;
+  }
 
   void run(const float* x, float* out, int64_t rows, int threads) const {
     if (float32) {
@@ -132,7 +175,7 @@ struct StepInputs {
 class DecoderStack {
  public:
   DecoderStack(const py::list& layers, py::object final_norm, int64_t num_heads, int64_t head_dim,
-               const py::list& output_heads)
+               const py::list& output_heads, py::object row_slices)
       : num_heads_(num_heads), head_dim_(head_dim), d_model_(num_heads * head_dim) {
     if (num_heads < 1 || head_dim < 1) throw py::value_error("num_heads and head_dim must be >= 1");
     if (layers.empty()) throw py::value_error("layers must not be empty");
@@ -152,7 +195,20 @@ class DecoderStack {
                               " inputs, apply no activation and have the first head's outputs");
       output_heads_.push_back(std::move(head));
     }
+    row_slices_ = row_slices.is_none() ? layer_weight_bytes() <= last_level_cache_bytes() : row_slices.cast<bool>();
   }
+
+  // The layers' weights, all of which every decode step reads.
+  int64_t layer_weight_bytes() const {
+    int64_t bytes = 0;
+    for (const Layer& layer : layers_) {
+      for (const Linear* linear : {&layer.qkv, &layer.o, &layer.fc1, &layer.fc2}) bytes += linear->weight_bytes();
+      if (layer.cross_q) bytes += layer.cross_q->weight_bytes() + layer.cross_o->weight_bytes();
+    }
+    return bytes;
+  }
+
+  bool row_slices() const { return row_slices_; }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   bool has_cross() const { return layers_.front().cross_q.has_value(); }
@@ -466,9 +522,9 @@ class DecoderStack {
   // vivace.model.transformer.CrossAttention: masked scores become float32's lowest value rather than -inf, so a
   // row with every position masked (guidance's null condition) attends uniformly instead of turning into NaN.
   void cross_attention(const float* query, const float* keys, const float* values, const StepInputs& in,
-                       float* out) {
+                       float* out, std::vector<float>& scores) const {
     const int64_t heads = num_heads_, dim = head_dim_, len = in.enc_len;
-    scores_.resize(len);
+    scores.resize(len);
     for (int64_t r = 0; r < in.rows; ++r) {
       const int64_t s = in.token_seq[r];
       const bool* mask = in.enc_mask + s * len;
@@ -479,15 +535,15 @@ class DecoderStack {
           const float* k = keys + ((s * len + e) * heads + h) * dim;
           float dot = 0.0f;
           for (int64_t d = 0; d < dim; ++d) dot += q[d] * k[d];
-          scores_[e] = mask[e] ? dot * in.scale : std::numeric_limits<float>::lowest();
-          top = std::max(top, scores_[e]);
+          scores[e] = mask[e] ? dot * in.scale : std::numeric_limits<float>::lowest();
+          top = std::max(top, scores[e]);
         }
         float total = 0.0f;
-        for (int64_t e = 0; e < len; ++e) total += scores_[e] = std::exp(scores_[e] - top);
+        for (int64_t e = 0; e < len; ++e) total += scores[e] = std::exp(scores[e] - top);
         float* o = out + (r * heads + h) * dim;
         std::fill(o, o + dim, 0.0f);  // and so it stays where there is no encoder state (as torch's empty softmax)
         for (int64_t e = 0; e < len; ++e) {
-          const float weight = scores_[e] / total;
+          const float weight = scores[e] / total;
           const float* v = values + ((s * len + e) * heads + h) * dim;
           for (int64_t d = 0; d < dim; ++d) o[d] += weight * v[d];
         }
@@ -502,44 +558,102 @@ class DecoderStack {
     norm.apply(residual, normed, rows, d_model_);
   }
 
+  // Rows are independent, so where the layers' weights fit in the last-level cache (row_slices_), several threads
+  // and several rows run as one thread per slice of the rows, every layer, each slice on its own scratch: at decode
+  // batch sizes one linear is too short to split across threads, and every thread reads the weights from cache.
+  // Where they do not fit, each linear and the attention split across the threads instead, so each weight byte
+  // comes from memory once per step. Slices balance their attention reads against the linears' work; a row's
+  // arithmetic is the same in any slice, so its bits do not change.
   void run(const float* hidden, const StepInputs& in, float* out, int threads) {
+    const int64_t parts = row_slices_ ? std::min<int64_t>(threads, in.rows) : 1;
+    if (parts <= 1) {
+      scratch_.resize(1);
+      run_rows(hidden, in, out, threads, scratch_[0]);
+      return;
+    }
+    const std::vector<int64_t> bounds = slice_bounds(in, parts);
+    scratch_.resize(parts);
+    parallel_for(parts, static_cast<int>(parts), [&](int64_t part) {
+      const int64_t first = bounds[part], count = bounds[part + 1] - first;
+      if (count == 0) return;
+      StepInputs slice = in;
+      slice.rows = count;
+      slice.slots = in.slots + first;
+      slice.block_tables = in.block_tables + first * in.max_blocks;
+      slice.context_lens = in.context_lens + first;
+      if (in.token_seq) slice.token_seq = in.token_seq + first;
+      slice.cached_floats = 0;
+      for (int64_t r = 0; r < count; ++r) slice.cached_floats += 2 * slice.context_lens[r] * d_model_;
+      run_rows(hidden + first * d_model_, slice, out + first * d_model_, 1, scratch_[part]);
+    });
+  }
+
+  // Boundaries of `parts` contiguous row slices of about equal work: a row's keys and values read per layer, plus
+  // its linears' multiply-adds per layer at a quarter of a read each (int8 and bfloat16 kernels do several per
+  // instruction where attention does one per cached float).
+  std::vector<int64_t> slice_bounds(const StepInputs& in, int64_t parts) const {
+    const Layer& layer = layers_.front();
+    int64_t macs = 0;
+    for (const Linear* linear : {&layer.qkv, &layer.o, &layer.fc1, &layer.fc2})
+      macs += linear->in_features() * linear->out_features();
+    std::vector<double> work(in.rows + 1, 0.0);
+    for (int64_t r = 0; r < in.rows; ++r)
+      work[r + 1] = work[r] + 2.0 * in.context_lens[r] * d_model_ + 0.25 * static_cast<double>(macs);
+    std::vector<int64_t> bounds{0};
+    for (int64_t part = 1; part < parts; ++part) {
+      const double target = work[in.rows] * part / parts;
+      int64_t cut = bounds.back();
+      while (cut < in.rows && work[cut + 1] <= target) ++cut;
+      if (cut < in.rows && target - work[cut] > work[cut + 1] - target) ++cut;  // the nearer boundary
+      bounds.push_back(std::max(cut, bounds.back()));
+    }
+    bounds.push_back(in.rows);
+    return bounds;
+  }
+
+  // A step's activations, one set per row slice.
+  struct Scratch {
+    std::vector<float> residual, normed, update, qkv, query, attended, ffn, scores;
+  };
+
+  void run_rows(const float* hidden, const StepInputs& in, float* out, int threads, Scratch& s) const {
     const int64_t rows = in.rows, d = d_model_;
-    residual_.assign(hidden, hidden + rows * d);
-    normed_.resize(rows * d);
-    update_.resize(rows * d);
-    qkv_.resize(rows * 3 * d);
-    query_.resize(rows * d);
-    attended_.resize(rows * d);
-    ffn_.resize(rows * d_ff_);
+    s.residual.assign(hidden, hidden + rows * d);
+    s.normed.resize(rows * d);
+    s.update.resize(rows * d);
+    s.qkv.resize(rows * 3 * d);
+    s.query.resize(rows * d);
+    s.attended.resize(rows * d);
+    s.ffn.resize(rows * d_ff_);
     const int attention_threads = decode_attention_threads(in.cached_floats, threads);
     const float* update = nullptr;
     for (int64_t i = 0; i < num_layers(); ++i) {
       const Layer& layer = layers_[i];
-      add_norm(residual_.data(), update, layer.attn_norm, normed_.data(), rows);
-      layer.qkv.run(normed_.data(), qkv_.data(), rows, threads);
-      store_kv_rows(qkv_.data() + d, qkv_.data() + 2 * d, 3 * d, in.key_caches[i], in.value_caches[i],
+      add_norm(s.residual.data(), update, layer.attn_norm, s.normed.data(), rows);
+      layer.qkv.run(s.normed.data(), s.qkv.data(), rows, threads);
+      store_kv_rows(s.qkv.data() + d, s.qkv.data() + 2 * d, 3 * d, in.key_caches[i], in.value_caches[i],
                     in.cache_format, in.slots, rows, num_heads_, head_dim_);
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(&query_[r * d], &qkv_[r * 3 * d], d * sizeof(float));
-      const PagedDecode attention{query_.data(), in.key_caches[i], in.value_caches[i], in.cache_format,
-                                  in.block_tables, in.context_lens, in.distance_bias, attended_.data(), rows,
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(&s.query[r * d], &s.qkv[r * 3 * d], d * sizeof(float));
+      const PagedDecode attention{s.query.data(), in.key_caches[i], in.value_caches[i], in.cache_format,
+                                  in.block_tables, in.context_lens, in.distance_bias, s.attended.data(), rows,
                                   num_heads_, head_dim_, in.block_size, in.max_blocks, in.bias_width, in.scale};
       paged_decode_attention(attention, attention_threads);
-      layer.o.run(attended_.data(), update_.data(), rows, threads);
-      update = update_.data();
+      layer.o.run(s.attended.data(), s.update.data(), rows, threads);
+      update = s.update.data();
       if (layer.cross_q) {
-        add_norm(residual_.data(), update, *layer.cross_norm, normed_.data(), rows);
-        layer.cross_q->run(normed_.data(), query_.data(), rows, threads);
-        cross_attention(query_.data(), in.cross_keys[i], in.cross_values[i], in, attended_.data());
-        layer.cross_o->run(attended_.data(), update_.data(), rows, threads);
+        add_norm(s.residual.data(), update, *layer.cross_norm, s.normed.data(), rows);
+        layer.cross_q->run(s.normed.data(), s.query.data(), rows, threads);
+        cross_attention(s.query.data(), in.cross_keys[i], in.cross_values[i], in, s.attended.data(), s.scores);
+        layer.cross_o->run(s.attended.data(), s.update.data(), rows, threads);
       }
-      add_norm(residual_.data(), update, layer.ffn_norm, normed_.data(), rows);
-      layer.fc1.run(normed_.data(), ffn_.data(), rows, threads);
-      layer.fc2.run(ffn_.data(), update_.data(), rows, threads);
+      add_norm(s.residual.data(), update, layer.ffn_norm, s.normed.data(), rows);
+      layer.fc1.run(s.normed.data(), s.ffn.data(), rows, threads);
+      layer.fc2.run(s.ffn.data(), s.update.data(), rows, threads);
     }
     if (final_norm_) {
-      add_norm(residual_.data(), update, *final_norm_, out, rows);
+      add_norm(s.residual.data(), update, *final_norm_, out, rows);
     } else {
-      for (int64_t i = 0; i < rows * d; ++i) out[i] = residual_[i] + update[i];
+      for (int64_t i = 0; i < rows * d; ++i) out[i] = s.residual[i] + update[i];
     }
   }
 
@@ -549,15 +663,18 @@ class DecoderStack {
   std::vector<Linear> output_heads_;
   std::vector<py::array> held_;  // the weights the layers point into
   std::mutex mutex_;  // one step at a time: the scratch below is the stack's
-  std::vector<float> residual_, normed_, update_, qkv_, query_, attended_, ffn_, scores_, head_out_;
+  bool row_slices_ = false;
+  std::vector<Scratch> scratch_;
+  std::vector<float> head_out_;
 };
 
 }  // namespace
 
 void register_decoder_stack(py::module_& m) {
   py::class_<DecoderStack>(m, "DecoderStack")
-      .def(py::init<const py::list&, py::object, int64_t, int64_t, const py::list&>(), py::arg("layers"),
+      .def(py::init<const py::list&, py::object, int64_t, int64_t, const py::list&, py::object>(), py::arg("layers"),
            py::arg("final_norm"), py::arg("num_heads"), py::arg("head_dim"), py::arg("output_heads") = py::list(),
+           py::arg("row_slices") = py::none(),
            "layers: one dict per decoder layer: 'attn_norm', 'ffn_norm' (and 'cross_norm') as (weight, bias or None,\n"
            "eps, rms) of float32 arrays; 'qkv', 'o', 'fc1', 'fc2' (and 'cross_q', 'cross_o') as float32 linears\n"
            "(weight float32 [out, in], bias float32 [out] or None, activation) or int8 ones (weight int8 [out, in],\n"
@@ -566,7 +683,11 @@ void register_decoder_stack(py::module_& m) {
            "in_features, out_features, activation) or bfloat16-weight ones ('bfloat16', weight uint16 [out, in] of\n"
            "bfloat16 bits, bias or None, activation), activation 'none' | 'gelu' | 'relu'; every array read in place and kept alive\n"
            "by the stack. final_norm: (weight, bias, eps, rms) or None. output_heads: linears as above, each\n"
-           "[vocab, d_model] with activation 'none' (the same vocab for every head), for logits().")
+           "[vocab, d_model] with activation 'none' (the same vocab for every head), for logits(). row_slices: how\n"
+           "decode steps use several threads: True, one thread per slice of the rows through every layer; False,\n"
+           "every linear and the attention split across the threads; None (default), row slices where the layers'\n"
+           "weights fit in the last-level cache.")
+      .def_property_readonly("row_slices", &DecoderStack::row_slices)
       .def_property_readonly("num_layers", &DecoderStack::num_layers)
       .def_property_readonly("has_cross", &DecoderStack::has_cross)
       .def_property_readonly("num_output_heads", &DecoderStack::num_output_heads)

@@ -104,9 +104,11 @@ def test_native_stack_tracks_the_python_layers(position: str, cross: bool, cache
 @torch.inference_mode()
 @pytest.mark.parametrize("weights", WEIGHTS)
 @pytest.mark.parametrize("position,cross", [("t5_relative", False), ("sinusoidal", True)])
-def test_native_rows_do_not_depend_on_the_batch_or_the_threads(position: str, cross: bool, weights: str) -> None:
+@pytest.mark.parametrize("row_slices", [True, False])
+def test_native_rows_do_not_depend_on_the_batch_or_the_threads(position: str, cross: bool, weights: str, row_slices: bool) -> None:
     model = stage_model(weights, position, cross, seed=2)
-    stack = NativeDecoderStack(model)
+    stack = NativeDecoderStack(model, row_slices)
+    assert stack.stack.row_slices == row_slices
     driver = PagedDriver(model, 4, 64)
     lengths = [9, 23, 4, 15]
     seqs = {i: torch.randint(0, 40, (n + 1, model.config.num_codebooks)) for i, n in enumerate(lengths)}
@@ -128,7 +130,8 @@ def test_native_rows_do_not_depend_on_the_batch_or_the_threads(position: str, cr
         return stack(hidden[rows], driver.pool.layers(), batch, model.distance_bias)
 
     together = decode([0, 1, 2, 3], 1)
-    assert torch.equal(decode([0, 1, 2, 3], 2), together)
+    for threads in (2, 3, 4):  # the rows split into as many slices, of unequal lengths
+        assert torch.equal(decode([0, 1, 2, 3], threads), together)
     for i in range(4):
         assert torch.equal(decode([i], 1)[0], together[i])
     assert torch.equal(decode([3, 1], 2), together[[3, 1]])

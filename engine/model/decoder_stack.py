@@ -100,7 +100,8 @@ def unsupported(model: StageTransformer) -> str | None:
 class NativeDecoderStack:
     """Runs StageTransformer.forward's layers for a decode batch (one token per row) in one vivace._C call."""
 
-    def __init__(self, model: StageTransformer) -> None:
+    def __init__(self, model: StageTransformer, row_slices: bool | None = None) -> None:
+        """row_slices: how a step uses several threads (vivace._C.DecoderStack's argument; None: the stack's rule)."""
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"the native decoder stack cannot run this stage: {reason}")
@@ -117,7 +118,7 @@ class NativeDecoderStack:
             layers.append(fields)
         config = model.config
         final_norm = None if model.final_norm is None else _norm(model.final_norm)
-        self.stack = _C.DecoderStack(layers, final_norm, config.num_heads, config.head_dim, _native_heads(model))
+        self.stack = _C.DecoderStack(layers, final_norm, config.num_heads, config.head_dim, _native_heads(model), row_slices)
         self.scale = config.head_dim**-0.5
         self._caches: tuple[list, list, list] | None = None  # (kv_caches, key arrays, value arrays)
         self._cross: tuple[list, list, list] | None = None  # (CrossBatch.keys, key arrays, value arrays)
