@@ -2,13 +2,14 @@
                      [--modes MODE,...]
 
 Suites run in the order demo, musiclm, musicgen, floor, cpu_attention, serving, serve_load, ray_load, versus,
-neighbour, serving_kv (the floor suite reads the others' newest results); each prints its tables and writes benchmarks/results/<suite>-<date>.json. Models are built
+neighbour, serving_kv, stack_rows (the floor suite reads the others' newest results); each prints its tables and writes benchmarks/results/<suite>-<date>.json. Models are built
 once and cached in --work-dir. Without a SUITE every suite but serve_load, ray_load, versus,
-neighbour and serving_kv runs: the first two
+neighbour, serving_kv and stack_rows runs: the first two
 start `vivace serve` (ray_load also `vivace serve --ray`, a local Ray cluster) on a free local port and need the
 [serve] extra and httpx (ray_load the [ray] extra too); versus (vivace against transformers, alternating rounds)
 repeats the musicgen suite's comparison at length; neighbour times a generation beside a busy process; serving_kv
-alternates bfloat16 and int8 KV caches under 8 clients. They run only when named.
+alternates bfloat16 and int8 KV caches under 8 clients; stack_rows times one decode call of the native decoder stack
+with its threads on row slices and on split layers. They run only when named.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ SUITES = {
     "demo": "benchmarks.demo_suite", "musiclm": "benchmarks.musiclm_suite", "musicgen": "benchmarks.musicgen_suite",
     "floor": "benchmarks.floor", "cpu_attention": "benchmarks.cpu_attention", "serving": "benchmarks.serving", "serve_load": "benchmarks.serve_load",
     "ray_load": "benchmarks.ray_load", "versus": "benchmarks.versus",
-    "neighbour": "benchmarks.neighbour", "serving_kv": "benchmarks.serving_kv",
+    "neighbour": "benchmarks.neighbour", "serving_kv": "benchmarks.serving_kv", "stack_rows": "benchmarks.stack_rows",
 }
-NAMED_ONLY = ("serve_load", "ray_load", "versus", "neighbour", "serving_kv")
+NAMED_ONLY = ("serve_load", "ray_load", "versus", "neighbour", "serving_kv", "stack_rows")
 DEFAULT = [name for name in SUITES if name not in NAMED_ONLY]  # what runs when no suite is named (see the docstring)
 
 
