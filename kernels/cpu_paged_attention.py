@@ -10,7 +10,9 @@ keys of a head, or for rows of 2 KB and more sixteen heads of a key, so that a b
 prefetches each next block while it computes the current one (blocks lie anywhere in the pool); elsewhere a
 portable form runs (_C.paged_attention_isas lists what this CPU runs).
 
-Other dtypes and devices take torch_decode_attention. Each context is gathered once with index_select (instead
+Prefill runs on the same kernel, one query row per new token (its context: its own position + 1), so a prompt token
+attends with the same arithmetic as a decode step at its position. Other dtypes and devices take
+torch_decode_attention (decode) and the reference (prefill). Each context is gathered once with index_select (instead
 of the reference's advanced indexing and its copies) and attended by one float32 scaled_dot_product_attention call
 on strided views, with the T5 bias (and the length mask) as its additive mask. Half-precision caches are upcast
 once after the gather, since torch's CPU attention is slower in bfloat16 than in float32 (docs/performance.md has
@@ -27,7 +29,6 @@ from vivace._C import paged_decode_attention as _native_decode
 from vivace._C import store_kv as _native_store
 from vivace.kernels import paged_attention as reference
 from vivace.kernels.kv_int8 import as_float
-from vivace.kernels.paged_attention import paged_prefill_attention
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kv"]
 
@@ -62,6 +63,34 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
                       slot_mapping.to(torch.int64).numpy())
         return
     reference.store_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], sequences packed
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    context_lens: torch.Tensor,  # [num_seqs] int32, the query's tokens included
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    scale: float,
+    distance_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AttentionOps.paged_prefill_attention: causal attention of each new token over its sequence's cache, where the
+    C++ decode kernel runs as one query row per new token (the row's block table its sequence's, its context its own
+    position + 1), so a prompt token attends exactly as it would have as a decode step; elsewhere the reference."""
+    native_cache = key_cache.dtype in NATIVE_CACHE_DTYPES and value_cache.dtype == key_cache.dtype
+    if not (query.dtype == torch.float32 and native_cache and all(t.device.type == "cpu" for t in (query, key_cache, value_cache))):
+        return reference.paged_prefill_attention(
+            query, key_cache, value_cache, block_tables, context_lens, query_start_loc, scale, distance_bias
+        )
+    counts = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    seq_of_token = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    first = (context_lens.long() - counts)[seq_of_token]  # each sequence's first new position
+    offset = torch.arange(len(seq_of_token)) - query_start_loc[:-1].long()[seq_of_token]
+    return paged_decode_attention(
+        query, key_cache, value_cache, block_tables.index_select(0, seq_of_token), (first + offset + 1).to(torch.int32),
+        scale, distance_bias,
+    )
 
 
 def paged_decode_attention(

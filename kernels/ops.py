@@ -2,7 +2,7 @@
 
 Each interface has a plain-torch reference (paged_attention.py, fused.py: the specification, exact against the
 unfused ops), a Triton implementation (triton_paged_attention.py, triton_fused.py) and, for attention, a CPU one
-(cpu_paged_attention.py: the C++ decode kernel, the reference prefill). vivace.kernels.dispatch picks the module for
+(cpu_paged_attention.py: the C++ decode kernel, for prefill too). vivace.kernels.dispatch picks the module for
 a tensor's device; callers type it as one of these protocols, so a module missing an op or changing a signature
 fails the type check instead of a run.
 """

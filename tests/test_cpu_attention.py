@@ -6,6 +6,7 @@ from kernel_device import relative_error
 from vivace import _C
 from vivace.kernels import cpu_paged_attention as cpu
 from vivace.kernels import paged_attention as ref
+from vivace.kernels.kv_int8 import quantize_rows
 
 # float32: both paths sum the same products in float32 in different orders (~1e-7). bfloat16 caches: both
 # upcast the same stored values, so only that order and the final rounding to bfloat16 (2**-8) differ.
@@ -174,3 +175,29 @@ def test_native_store_refuses_bad_inputs_in_one_line(change, message) -> None:
         _C.store_kv(*args.values())
     assert message in str(error.value) and "\n" not in str(error.value)
     assert torch.equal(args["key_cache"], before)  # checked before anything is written
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_prefill_matches_reference(cache_dtype, block_size, with_bias) -> None:
+    """Prefill through the native kernel (one query row per new token) against the reference, on sequences whose
+    new tokens are all of their context, part of it (a chunked prefill or a cached prefix) or none; and each token's
+    row equal to a decode step at its position."""
+    lengths, new = [37, 90, 5, 16], [37, 20, 1, 0]
+    _, keys, values, tables, lens = paged_case(block_size + with_bias, lengths, block_size, 4, 64)
+    if cache_dtype == torch.int8:
+        keys, values = (quantize_rows(c.nan_to_num(0.0)) for c in (keys, values))
+    else:
+        keys, values = keys.to(cache_dtype), values.to(cache_dtype)
+    query = torch.randn(sum(new), 4, 64, generator=torch.Generator().manual_seed(9))
+    starts = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    bias = torch.randn(4, 33, generator=torch.Generator().manual_seed(2)) if with_bias else None
+    out = cpu.paged_prefill_attention(query, keys, values, tables, lens, starts, 0.125, bias)
+    clean = (keys, values) if cache_dtype == torch.int8 else (keys.nan_to_num(0.0), values.nan_to_num(0.0))
+    expected = ref.paged_prefill_attention(query, *clean, tables, lens, starts, 0.125, bias)
+    assert relative_error(out, expected) <= 1e-5
+    token = int(starts[1]) + 5  # the second sequence's sixth new token, at position 90 - 20 + 5
+    step = cpu.paged_decode_attention(query[token : token + 1], keys, values, tables[1:2],
+                                      torch.tensor([76], dtype=torch.int32), 0.125, bias)
+    assert torch.equal(out[token], step[0])
