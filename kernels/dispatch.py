@@ -1,7 +1,7 @@
 """Picks each op's implementation (vivace.kernels.ops) for a tensor's device: Triton, the CPU kernels or the reference.
 
-CUDA tensors get Triton whenever it imports. CPU tensors get the CPU decode path (cpu_paged_attention, tested
-against the reference) and the reference prefill, unless VIVACE_TRITON_INTERPRET=1
+CUDA tensors get Triton whenever it imports. CPU tensors get the CPU attention (cpu_paged_attention, tested
+against the reference, its C++ decode kernel serving prefill too), unless VIVACE_TRITON_INTERPRET=1
 asks for the Triton interpreter (how the kernels are tested without a GPU); TRITON_INTERPRET alone does not
 switch the engine's CPU path, so kernel tests that set it leave the rest of a test run on the references.
 The interpreter must be chosen before the first kernel module is imported in the process.
