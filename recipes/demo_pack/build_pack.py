@@ -65,6 +65,29 @@ def check_same(name: str, shipped: torch.nn.Module, trained: torch.nn.Module) ->
     print(f"base pack's {name} equals the one the stages trained on")
 
 
+def new_decoder(base_path: Path, checkpoint: Path, data: Dataset, out: Path) -> None:
+    """The base pack with its codec decoder replaced by a decoder-only run's (codec_train.py --from-pack): the run
+    kept the encoder and codebooks frozen, which is checked, so the stages, text tower and semantic tokenizer, all the
+    base pack's, still read the codes they were trained on."""
+    base = load_pack(base_path)
+    state = torch.load(checkpoint, map_location="cpu")
+    codec = SoundStreamDecoder(CODEC)
+    codec.load_state_dict(state["decoder"])
+    encoder = base.codec_encoder
+    if encoder is None:
+        raise SystemExit(f"{base_path} ships no codec encoder: the decoder-only run could not have started from it")
+    same_encoder = all(torch.equal(value, state["encoder"][key]) for key, value in encoder.state_dict().items())
+    if not same_encoder or not torch.equal(codec.codebooks, base.codec.codebooks):
+        raise SystemExit(f"{checkpoint} has another encoder or other codebooks than {base_path}: not a decoder-only "
+                         "run from it")
+    output_level(codec, data)
+    check_training_codes(encoder, codec, data)
+    save_pack(out, base.config, base.stages, codec, base.text, storage_dtype=torch.float16,
+              codec_storage_dtype=torch.float32, codec_encoder=encoder, semantic_tokenizer=base.semantic_tokenizer)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"pack {out}: {base_path} with the decoder of {checkpoint}, {size / 2**20:.1f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("data", type=Path)
@@ -78,9 +101,14 @@ def main() -> None:
                         help="retrain over a shipped pack: its codec, codec encoder and the stages --stages does not "
                              "name are taken from it (a stage that reads semantic or MuLan tokens may only come from "
                              "it when its semantic tokenizer and text tower equal DATA's and WORK's)")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
-                        help="the stages taken from WORK (default all; fewer needs --base-pack)")
+    parser.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES),
+                        help="the stages taken from WORK (default all; fewer needs --base-pack; none, with --base-pack "
+                             "and --codec, ships the base pack with the decoder of a decoder-only run over its codec)")
     args = parser.parse_args()
+    if args.base_pack is not None and not args.stages:
+        if args.codec is None:
+            raise SystemExit("--stages with no stage needs --codec: the decoder that replaces the base pack's")
+        return new_decoder(args.base_pack, args.codec, Dataset.load(args.data), args.out)
     if set(args.stages) != set(STAGES) and args.base_pack is None:
         raise SystemExit("--stages without all three stages needs --base-pack for the others")
     config = pack_config()

@@ -30,6 +30,7 @@ from torch import nn
 
 from vivace.codecs.soundstream import SoundStreamDecoder
 from vivace.codecs.soundstream_encoder import SoundStreamEncoder
+from vivace.families.musiclm.pack import load_pack
 
 
 class ResidualVQ(nn.Module):
@@ -131,7 +132,12 @@ def main() -> None:
     parser.add_argument("--adversarial", action="store_true", help="train the multi-scale STFT discriminator beside the codec")
     parser.add_argument("--decoder-only", action="store_true",
                         help="freeze the encoder and RVQ (codes already extracted stay valid) and train the decoder on")
+    parser.add_argument("--from-pack", type=Path,
+                        help="start from a shipped pack's codec (its encoder, codebooks and decoder; a new discriminator "
+                             "and optimizers), with --decoder-only: the pack's stages read those codebooks' codes")
     args = parser.parse_args()
+    if args.from_pack and (args.resume or not args.decoder_only):
+        raise SystemExit("--from-pack needs --decoder-only and no --resume")
     rng = start_run(args)
     data = Dataset.load(args.data)
     train = data.train_indices
@@ -159,6 +165,8 @@ def main() -> None:
                 group["lr"] = args.lr
         step = state.get("step", 0)
         rng = np.random.default_rng([args.seed, step])  # a resumed run draws new crops
+    if args.from_pack:
+        load_codec_from_pack(args.from_pack, encoder, quantizer, decoder)
     if args.decoder_only:
         quantizer.eval()
     crop = args.crop_frames * HOP
@@ -207,6 +215,22 @@ def main() -> None:
     si_snr, plain_snr = held_out_snr(data, encoder, quantizer, decoder)
     best = keep_best(args.out, si_snr, best)
     print(f"done: {step - first} steps this run, {step} in all; held-out SI-SNR {si_snr:+.2f} dB, SNR {plain_snr:+.2f} dB")
+
+
+def load_codec_from_pack(path: Path, encoder: SoundStreamEncoder, quantizer: ResidualVQ, decoder: SoundStreamDecoder) -> None:
+    """The pack's encoder and decoder weights, and its codebooks as the quantizer's (frozen: a decoder-only run keeps
+    the quantizer in eval, where the EMA statistics are never read)."""
+    pack = load_pack(path)
+    if pack.codec_encoder is None:
+        raise SystemExit(f"{path} ships no codec encoder: its codes cannot be reproduced")
+    encoder.load_state_dict(pack.codec_encoder.state_dict())
+    decoder.load_state_dict(pack.codec.state_dict())
+    with torch.no_grad():
+        quantizer.codebooks.copy_(pack.codec.codebooks)
+        quantizer.embed_sum.copy_(pack.codec.codebooks)
+        quantizer.cluster_size.fill_(1.0)
+        quantizer.initialised.fill_(True)
+    print(f"codec from {path}: encoder, codebooks and decoder")
 
 
 def keep_best(out: Path, si_snr: float, best: float) -> float:

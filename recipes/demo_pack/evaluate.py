@@ -288,6 +288,8 @@ def main() -> None:
     }
     if args.baseline_pack is not None:
         results["baseline"] = pack_report(data, args.baseline_pack, judge, False, args, None, {})
+        if not args.no_codec and load_pack(args.baseline_pack).codec_encoder is not None:  # else no codes of the clips
+            results["baseline"]["codec"] = codec_report(data, args.baseline_pack)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
