@@ -51,7 +51,7 @@ def step_batch(model: Any, rows: int, context: int, block_size: int, num_blocks:
 
 @torch.inference_mode()
 def compare(name: str, pack: Path, stage: str | None, shapes: list[tuple[int, int]], calls: int, rounds: int,
-            options: Options, **load: Any) -> list[dict[str, Any]]:
+            **load: Any) -> list[dict[str, Any]]:
     engine = Engine.from_pack(pack, device="cpu", **load)
     runner = engine.core.runners[stage] if stage else next(iter(engine.core.runners.values()))
     model, caches = runner.model, runner.pool.layers()
@@ -77,14 +77,14 @@ def run(options: Options) -> None:
     rounds = 3 if options.quick else 5
     results = []
     for kv in ("int8", "bfloat16"):
-        results += compare(f"demo coarse, int8, {kv} KV", DEMO_PACK, "coarse", DEMO_SHAPES, 100, rounds, options,
-                           quantize="int8", kv_cache_dtype=kv)
+        results += compare(f"demo coarse, int8, {kv} KV", DEMO_PACK, "coarse", DEMO_SHAPES, 100, rounds, quantize="int8",
+                           kv_cache_dtype=kv)
     if not options.quick:
         from benchmarks.musicgen_suite import ensure_models
 
         _, pack = ensure_models(options.work_dir)
-        results += compare("MusicGen-small, int8", pack, None, MUSICGEN_SHAPES, 10, rounds, options, quantize="int8")
-        results += compare("MusicGen-small, float32", pack, None, MUSICGEN_SHAPES, 10, rounds, options)
+        results += compare("MusicGen-small, int8", pack, None, MUSICGEN_SHAPES, 10, rounds, quantize="int8")
+        results += compare("MusicGen-small, float32", pack, None, MUSICGEN_SHAPES, 10, rounds)
     print(table(
         ["config", "rows", "context", "split ms", "sliced ms", "split / sliced", "rule"],
         [[r["config"], r["rows"], r["context"], r["split_ms"], r["sliced_ms"], r["speedup"], r["rule"]] for r in results],

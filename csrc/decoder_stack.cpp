@@ -589,8 +589,9 @@ class DecoderStack {
   }
 
   // Boundaries of `parts` contiguous row slices of about equal work: a row's keys and values read per layer, plus
-  // its linears' multiply-adds per layer at a quarter of a read each (int8 and bfloat16 kernels do several per
-  // instruction where attention does one per cached float).
+  // its linears' multiply-adds per layer at a quarter of a read each: a rough weight (on the demo stage with int8
+  // weights and caches a row's linears cost about as much as 280 keys of attention; this weight says 380), only
+  // to keep a long-context row from landing with many others in one slice.
   std::vector<int64_t> slice_bounds(const StepInputs& in, int64_t parts) const {
     const Layer& layer = layers_.front();
     int64_t macs = 0;

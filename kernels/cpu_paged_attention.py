@@ -77,9 +77,8 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """AttentionOps.paged_prefill_attention: causal attention of each new token over its sequence's cache, where the
     C++ decode kernel runs as one query row per new token (the row's block table its sequence's, its context its own
-    position + 1), so a prompt token attends exactly as it would have as a decode step; elsewhere the reference."""
-    native_cache = key_cache.dtype in NATIVE_CACHE_DTYPES and value_cache.dtype == key_cache.dtype
-    if not (query.dtype == torch.float32 and native_cache and all(t.device.type == "cpu" for t in (query, key_cache, value_cache))):
+    position + 1), so a prompt token attends with a decode step's arithmetic; elsewhere the reference."""
+    if not _runs_natively(query, key_cache, value_cache):
         return reference.paged_prefill_attention(
             query, key_cache, value_cache, block_tables, context_lens, query_start_loc, scale, distance_bias
         )
@@ -87,10 +86,26 @@ def paged_prefill_attention(
     seq_of_token = torch.repeat_interleave(torch.arange(len(counts)), counts)
     first = (context_lens.long() - counts)[seq_of_token]  # each sequence's first new position
     offset = torch.arange(len(seq_of_token)) - query_start_loc[:-1].long()[seq_of_token]
-    return paged_decode_attention(
-        query, key_cache, value_cache, block_tables.index_select(0, seq_of_token), (first + offset + 1).to(torch.int32),
-        scale, distance_bias,
+    return _native_attention(query, key_cache, value_cache, block_tables.index_select(0, seq_of_token),
+                             first + offset + 1, scale, distance_bias)
+
+
+def _runs_natively(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
+    """Whether the C++ kernel takes these: a float32 query over float32, bfloat16 or int8 caches, all on the CPU."""
+    native_cache = key_cache.dtype in NATIVE_CACHE_DTYPES and value_cache.dtype == key_cache.dtype
+    return query.dtype == torch.float32 and native_cache and all(t.device.type == "cpu" for t in (query, key_cache, value_cache))
+
+
+def _native_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, scale: float, distance_bias: torch.Tensor | None) -> torch.Tensor:
+    """One query row per block-table row, at position context_lens - 1, through vivace._C.paged_decode_attention."""
+    out = _native_decode(
+        query.contiguous().numpy(), cache_array(key_cache), cache_array(value_cache),
+        block_tables.to(torch.int32).contiguous().numpy(), context_lens.to(torch.int32).contiguous().numpy(),
+        scale, None if distance_bias is None else distance_bias.float().contiguous().numpy(),
+        torch.get_num_threads(),
     )
+    return torch.from_numpy(out)
 
 
 def paged_decode_attention(
@@ -102,15 +117,8 @@ def paged_decode_attention(
     scale: float,
     distance_bias: torch.Tensor | None = None,  # [num_heads, max_distance + 1]
 ) -> torch.Tensor:
-    native_cache = key_cache.dtype in NATIVE_CACHE_DTYPES and value_cache.dtype == key_cache.dtype
-    if query.dtype == torch.float32 and native_cache and all(t.device.type == "cpu" for t in (query, key_cache, value_cache)):
-        out = _native_decode(
-            query.contiguous().numpy(), cache_array(key_cache), cache_array(value_cache),
-            block_tables.to(torch.int32).contiguous().numpy(), context_lens.to(torch.int32).contiguous().numpy(),
-            scale, None if distance_bias is None else distance_bias.float().contiguous().numpy(),
-            torch.get_num_threads(),
-        )
-        return torch.from_numpy(out)
+    if _runs_natively(query, key_cache, value_cache):
+        return _native_attention(query, key_cache, value_cache, block_tables, context_lens, scale, distance_bias)
     return torch_decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale, distance_bias)
 
 
