@@ -90,6 +90,7 @@ class RowState:
     fine_started: set[int] = field(default_factory=set)
     fine_finished: set[int] = field(default_factory=set)
     fine_active: dict[Sequence, Window] = field(default_factory=dict)
+    fine_filled: int = 0  # fine tokens in `fine` (finished chunks and the prompt's): progress without a scan per step
     next_audio: int = 0
     audio: FrameStream | None = None  # the codec stream, fed the fine chunks in order
 
@@ -379,6 +380,7 @@ class MusicLMPipeline:
             state.semantic[:prompt_tokens] = prompt.semantic
             state.coarse[:prompt_frames] = prompt.acoustic[:, : m.coarse_levels]
             state.fine[:prompt_frames] = prompt.acoustic[:, m.coarse_levels :]
+            state.fine_filled = state.fine[:prompt_frames].size
             state.semantic_done, state.coarse_done = prompt_tokens, prompt_frames
             state.next_semantic = sum(w.new_end <= prompt_tokens for w in state.semantic_plan)
             state.next_coarse = sum(w.new_end <= prompt_frames for w in state.coarse_plan)
@@ -534,6 +536,7 @@ class MusicLMPipeline:
             window = state.fine_active.pop(seq)
             drawn = seq.output_array()
             state.fine[window.new_start : window.new_end] = drawn.reshape(window.num_new, -1) % cb
+            state.fine_filled += len(drawn)
             state.fine_finished.add(window.index)
             events.append(WindowFinished("fine", row, window.index, tuple(drawn.tolist())))
         return events
@@ -555,9 +558,10 @@ class MusicLMPipeline:
         return chunks
 
     def _progress(self, stage: str) -> int:
+        """Tokens of a stage drawn so far (the stages fill their arrays front to back, whole frames at a time)."""
         state = self.state
         if stage == "fine":
-            in_flight = sum(seq.num_new for seq in state.fine_active)
-            return in_flight + int((state.fine >= 0).sum())
-        array = state.semantic if stage == "semantic" else state.coarse
-        return int((array >= 0).sum())
+            return sum(seq.num_new for seq in state.fine_active) + state.fine_filled
+        if stage == "semantic":
+            return state.semantic_done
+        return state.coarse_done * self.layout.coarse_levels
