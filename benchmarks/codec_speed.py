@@ -7,7 +7,8 @@ Methods for the SoundStream presets (tiny, paper), each over one clip of random 
   torch_full       SoundStreamDecoder on the whole clip at once
   ort_full         onnxruntime (CPU provider) on the whole clip
   torch_range      per chunk, ContextDecoder.range on the module (re-decodes the receptive field of context)
-  torch_stream     per chunk, CodecStream (carried convolution state; the pipeline's torch backend)
+  torch_stream     per chunk, CodecStream on torch ops (carried convolution state; the torch backend on a GPU)
+  native_stream    per chunk, CodecStream on vivace._C.causal_conv1d (the torch backend on a CPU with AVX-512)
   ort_stream       per chunk, onnxruntime through its ContextStream (the pipeline's onnxruntime backend)
 Chunks are the preset's fine chunk (tiny 0.5 s, paper 3 s: what the pipeline feeds) and --small-chunk frames
 (a low-latency stream). For "encodec32" (MusicGen's 32 kHz EnCodec decoder at its released size, random weights):
@@ -161,8 +162,9 @@ def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, th
     for chunk in (fine_chunk, small_chunk):
         runs += [
             ("torch_range", chunk, lambda c=chunk: torch_range(c)),
-            ("torch_stream", chunk, lambda c=chunk: chunked(lambda: CodecStream(codec), codes, c)),
+            ("torch_stream", chunk, lambda c=chunk: chunked(lambda: CodecStream(codec, native=False), codes, c)),
         ]
+        runs += [("native_stream", chunk, lambda c=chunk: chunked(lambda: CodecStream(codec, native=True), codes, c))] if on_cpu else []
         runs += [("ort_stream", chunk, lambda c=chunk: chunked(ort_backend.stream, codes, c))] if on_cpu else []
     audio_s = frames * config.hop_length / pack_config.sample_rate
     figures = measure(runs, lambda: torch_backend.decode(codes), audio_s, repeats)

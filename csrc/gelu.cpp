@@ -8,6 +8,8 @@
 #define VIVACE_X86 1
 #endif
 
+#include "exp_nonpositive.h"
+
 namespace vivace {
 namespace {
 
@@ -27,26 +29,6 @@ float gelu_scalar(float x) {
 #ifdef VIVACE_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-// exp(v) for v <= 0 (here -a^2): 2^n * e^r, n = round(v / ln 2), r = v - n ln 2 (two-part ln 2), e^r by its
-// degree-7 Taylor polynomial (|r| <= ln 2 / 2: truncation under 2e-8, about a float32 ulp with the rounding);
-// v is clamped at -104, where scalef's 2^n underflows to 0.
-__m512 exp_nonpositive(__m512 v) {
-  v = _mm512_max_ps(v, _mm512_set1_ps(-104.0f));
-  const __m512 log2_e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, log2_e), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 void gelu_avx512(float* x, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
   for (int64_t i = 0; i < n; i += 16) {

@@ -1,5 +1,6 @@
 #include <pybind11/pybind11.h>
 
+#include "causal_conv.h"
 #include "decode_bindings.h"
 #include "decoder_stack.h"
 #include "float32_linear.h"
@@ -12,7 +13,7 @@
 #include "thread_pool.h"
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "vivace native core: RVQ token schedules, the token sampler, the decode batch, CPU decode attention, KV cache writes, int8, int4 and float32 linears and the decoder stack";
+  m.doc() = "vivace native core: RVQ token schedules, the token sampler, the decode batch, CPU decode attention, KV cache writes, int8, int4 and float32 linears, the decoder stack and the codec's causal convolutions";
   vivace::register_rvq_schedule(m);
   vivace::register_sampler(m);
   vivace::register_decode(m);
@@ -22,6 +23,7 @@ PYBIND11_MODULE(_C, m) {
   vivace::register_int4_linear(m);
   vivace::register_float32_linear(m);
   vivace::register_decoder_stack(m);
+  vivace::register_causal_conv(m);
   m.def("parallel_backend", [] { return vivace::parallel_on_openmp() ? "openmp" : "threads"; },
         "What the native kernels' threads are: 'openmp' (the OpenMP runtime torch loaded: the same workers as\n"
         "torch's ops) or 'threads' (a pool of vivace's own, where no OpenMP runtime is loaded).");

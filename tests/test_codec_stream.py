@@ -1,4 +1,5 @@
-"""CodecStream: chunk-by-chunk decode with carried convolution state equals one full decode."""
+"""CodecStream: chunk-by-chunk decode with carried convolution state (torch ops or the native convolutions) equals
+one full decode."""
 import random
 from pathlib import Path
 
@@ -30,15 +31,16 @@ def random_decoder(config: CodecConfig, seed: int = 0) -> SoundStreamDecoder:
     return codec
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
 @pytest.mark.parametrize("config", [preset_config("tiny").codec, OTHER], ids=["tiny", "other"])
-def test_stream_equals_full_decode_for_random_chunks(config: CodecConfig) -> None:
+def test_stream_equals_full_decode_for_random_chunks(config: CodecConfig, native: bool) -> None:
     codec = random_decoder(config)
     codes = torch.randint(0, config.codebook_size, (2, config.num_levels, 120))
     with torch.inference_mode():
         full = codec(codes)
     rng = random.Random(1)
     for _ in range(4):
-        stream, pieces, t = CodecStream(codec), [], 0
+        stream, pieces, t = CodecStream(codec, native), [], 0
         while t < 120:
             n = rng.choice([1, 2, rng.randint(1, 40)])
             pieces.append(stream.push(codes[..., t : t + n]))
@@ -48,10 +50,11 @@ def test_stream_equals_full_decode_for_random_chunks(config: CodecConfig) -> Non
         assert (torch.cat(pieces, dim=-1) - full).abs().max() <= TOL
 
 
-def test_empty_push_changes_nothing() -> None:
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
+def test_empty_push_changes_nothing(native: bool) -> None:
     codec = random_decoder(OTHER)
     codes = torch.randint(0, OTHER.codebook_size, (1, OTHER.num_levels, 30))
-    stream = CodecStream(codec)
+    stream = CodecStream(codec, native)
     head = stream.push(codes[..., :10])
     assert stream.push(codes[..., 10:10]).shape == (1, 0)
     tail = stream.push(codes[..., 10:])

@@ -12,33 +12,92 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vivace import _C
 from vivace.codecs.soundstream import CausalConv1d, CausalConvTranspose1d, SoundStreamDecoder
 
 
-class CodecStream:
-    """One stream of rows [B]: push(codes [B, L, frames]) -> PCM [B, frames * hop] for exactly those frames."""
+def _tail(context: torch.Tensor, x: torch.Tensor, length: int) -> torch.Tensor:
+    """The last `length` samples of context followed by x, as a tensor of their own (a view would pin all of x)."""
+    if x.shape[-1] >= length:
+        return x[..., x.shape[-1] - length :].clone()
+    return torch.cat([context[..., x.shape[-1] :], x], dim=-1)
 
-    def __init__(self, codec: SoundStreamDecoder) -> None:
+
+def _native_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, elu: bool,
+                 residual: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+    def array(t: torch.Tensor | None) -> object:
+        return None if t is None else t.detach().contiguous().numpy()
+
+    return torch.from_numpy(_C.causal_conv1d(array(x), array(weight), array(bias), dilation, elu, array(residual),
+                                             array(context), torch.get_num_threads()))
+
+
+def phase_weights(conv: CausalConvTranspose1d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A causal transposed convolution of stride r as one causal convolution with r * out channels: output sample
+    t * r + p is phase p's channels at t, and tap j = p + m * r reads input t - m, so phase p's kernel holds taps
+    p, p + r, ... newest last. Returns (weight [r * out, in, ceil(k / r)], bias repeated per phase)."""
+    stride, kernel = conv.stride[0], conv.kernel_size[0]
+    taps = -(-kernel // stride)
+    weight = conv.weight.detach()  # [in, out, kernel]
+    phases = weight.new_zeros(stride, weight.shape[1], weight.shape[0], taps)
+    for j in range(kernel):
+        phases[j % stride, :, :, taps - 1 - j // stride] = weight[:, :, j].t()
+    bias = None if conv.bias is None else conv.bias.detach().repeat(stride)
+    return phases.reshape(stride * weight.shape[1], weight.shape[0], taps), bias
+
+
+class CodecStream:
+    """One stream of rows [B]: push(codes [B, L, frames]) -> PCM [B, frames * hop] for exactly those frames.
+
+    native: run every convolution, with the ELU before it and the residual add after it, as one
+    vivace._C.causal_conv1d call (float32 on the CPU; None: where its AVX-512 form runs), the transposed ones by
+    their phases (phase_weights), else as torch ops. The two agree to float32 rounding, not bit for bit."""
+
+    def __init__(self, codec: SoundStreamDecoder, native: bool | None = None) -> None:
         self.codec = codec
         self.frames = 0  # frames decoded so far
+        # per layer: native, the last input samples (before the ELU); torch, a causal convolution's last inputs
+        # (after the ELU) and a transposed one's output spilled past the chunk
         self._carry: dict[nn.Module, torch.Tensor] = {}
+        if native is None:
+            native = (_C.causal_conv1d_fast() and codec.codebooks.device.type == "cpu"
+                      and codec.codebooks.dtype == torch.float32)
+        self.native = native
+        self._phases: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def _conv(self, conv: CausalConv1d, x: torch.Tensor) -> torch.Tensor:
-        context = conv.left_context
-        if context == 0:
-            return nn.Conv1d.forward(conv, x)
-        carry = self._carry.get(conv)
-        if carry is None:
-            carry = x.new_zeros(x.shape[0], x.shape[1], context)
-        joined = torch.cat([carry, x], dim=-1)
-        self._carry[conv] = joined[..., joined.shape[-1] - context :].clone()  # a view would pin all of joined
-        return nn.Conv1d.forward(conv, joined)
+    def _context(self, layer: nn.Module, x: torch.Tensor, length: int) -> torch.Tensor:
+        """The `length` input samples before x (zeros before the first chunk); keeps x's for the next chunk."""
+        context = self._carry.get(layer)
+        if context is None:
+            context = x.new_zeros(x.shape[0], x.shape[1], length)
+        self._carry[layer] = _tail(context, x, length)
+        return context
+
+    def _conv(self, conv: CausalConv1d, x: torch.Tensor, elu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(ELU(x) if elu else x) (+ residual), x following the previous chunk's input."""
+        length = conv.left_context
+        context = self._context(conv, x, length) if length else None
+        if self.native:
+            return _native_conv(x, conv.weight, conv.bias, conv.dilation[0], elu, residual, context)
+        joined = x if context is None else torch.cat([context, x], dim=-1)
+        y = nn.Conv1d.forward(conv, F.elu(joined) if elu else joined)
+        return y if residual is None else residual + y
 
     def _upsample(self, conv: CausalConvTranspose1d, x: torch.Tensor) -> torch.Tensor:
-        # the bias goes on once, after the overlap from the previous chunk is added
+        """conv(ELU(x)) for x's samples, x following the previous chunk's input."""
         stride = conv.stride[0]
+        if self.native:
+            if conv not in self._phases:
+                self._phases[conv] = phase_weights(conv)
+            weight, bias = self._phases[conv]
+            taps = weight.shape[-1]
+            context = self._context(conv, x, taps - 1) if taps > 1 else None
+            y = _native_conv(x, weight, bias, 1, True, context=context)  # [B, stride * out, T]: phase-major
+            batch, _, length = y.shape
+            return y.view(batch, stride, -1, length).permute(0, 2, 3, 1).reshape(batch, -1, length * stride)
+        # the bias goes on once, after the overlap from the previous chunk is added
         emitted = x.shape[-1] * stride
-        y = F.conv_transpose1d(x, conv.weight, None, stride)
+        y = F.conv_transpose1d(F.elu(x), conv.weight, None, stride)
         overlap = self._carry.get(conv)
         if overlap is not None:
             y[..., : overlap.shape[-1]] += overlap
@@ -53,8 +112,8 @@ class CodecStream:
             return codes.new_zeros(codes.shape[0], 0, dtype=codec.codebooks.dtype)
         x = self._conv(codec.conv_in, codec.dequantize(codes))
         for block in codec.blocks:
-            x = self._upsample(block.upsample, F.elu(x))
+            x = self._upsample(block.upsample, x)
             for unit in block.residuals:
-                x = x + self._conv(unit.conv2, F.elu(self._conv(unit.conv1, F.elu(x))))
+                x = self._conv(unit.conv2, self._conv(unit.conv1, x, elu=True), elu=True, residual=x)
         self.frames += codes.shape[-1]
-        return self._conv(codec.conv_out, F.elu(x)).squeeze(1)
+        return self._conv(codec.conv_out, x, elu=True).squeeze(1)
