@@ -23,7 +23,7 @@ The SoundStream decoders are random SoundStreamDecoders built from
 one warm-up; streamed outputs are checked against the full decode first. torch and onnxruntime get the same
 number of threads (default 1: on a shared 2-core machine a second thread that has to wait for a busy core
 makes both libraries several times slower, and the figures unrepeatable). Results go to
-benchmarks/results/codec_speed-<date>.json (codec_speed-cuda-<date>.json on a GPU).
+benchmarks/results/codec_speed-<date>.json (codec_speed-cuda-<date>.json on a GPU; a later run of the day -run2, ...).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import cpu_model, git, gpu_name, versions
+from benchmarks.common import cpu_model, git, gpu_name, machine, result_path, versions
 from vivace.codecs.backend import FrameStream, OnnxRuntimeBackend, TorchBackend
 from vivace.codecs.causal_stream import CodecStream
 from vivace.codecs.context_decoder import ContextDecoder
@@ -245,6 +245,7 @@ def main() -> None:
     record = {
         "benchmark": "codec_speed",
         "date": now.isoformat(timespec="seconds"),
+        "machine": machine(args.device),
         "git_commit": git("rev-parse", "HEAD"),
         "cpu": cpu_model(),
         "gpu": gpu_name() if device.type == "cuda" else None,
@@ -257,8 +258,7 @@ def main() -> None:
         "results": results,
     }
     RESULTS.mkdir(exist_ok=True)
-    suffix = "-cuda" if device.type == "cuda" else ""
-    out = RESULTS / f"codec_speed{suffix}-{now.date().isoformat()}.json"
+    out = result_path("codec_speed", args.device, record["machine"], now.date())  # never over an earlier run
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
