@@ -12,7 +12,11 @@ Reported: aggregate seconds of audio per wall second, time to first audio p50 / 
 cache bytes the decode steps read (every key a row attended to, every layer) per second of wall time and per second
 of audio. Dividing the streaming read bandwidth measured in the same run (floor.gemv_bandwidth, float32, one row)
 by the bytes per second of audio gives the "KV ceiling": the audio seconds per second the machine could reach if
-reading the cache were the only work, a bound no batching can pass.
+reading the cache were the only work, a bound no batching can pass. Beside it, the "batching ceiling" adds the other
+work each request brings whatever runs beside it, as the one-at-a-time run measured it per second of audio: its
+prefill (compute-bound at its row counts, so no cheaper in a batch) and its pipeline (token bookkeeping, events and
+codec decode, per request per step). It leaves out the decode steps' linears, sampling and the core's fixed costs,
+so no batching reaches it either.
 """
 from __future__ import annotations
 
@@ -43,25 +47,35 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def kv_bytes_read(engine: Engine) -> int:
-    """KV cache bytes every decode step so far read: keys attended to times their bytes, over all stages."""
-    return sum(runner.stats.context_tokens * runner.pool.bytes_per_token for runner in engine.core.runners.values())
+def work_done(engine: Engine) -> tuple[int, float, float]:
+    """The core's counters so far: KV cache bytes read (keys attended to times their bytes, all stages), host
+    seconds in prefill, and host seconds in the requests' pipelines."""
+    runners = engine.core.runners.values()
+    return (sum(runner.stats.context_tokens * runner.pool.bytes_per_token for runner in runners),
+            sum(runner.stats.prefill_s for runner in runners), engine.core.request_s)
 
 
-def summary(mode: str, records: list[dict[str, float]], wall: float, kv_use: float | None, kv_bytes: int) -> dict[str, Any]:
+def summary(mode: str, records: list[dict[str, float]], wall: float, kv_use: float | None,
+            work: tuple[int, float, float]) -> dict[str, Any]:
     audio = sum(r["audio_s"] for r in records)
     first = [r["first_audio_s"] for r in records]
+    kv_bytes, prefill_s, request_s = work
     return {
         "mode": mode, "requests": len(records), "audio_s": audio, "wall_s": wall, "audio_s_per_s": audio / wall,
         "first_audio_p50_s": percentile(first, 0.5), "first_audio_p95_s": percentile(first, 0.95),
         "rtf_p50": statistics.median(r["wall_s"] / r["audio_s"] for r in records), "kv_use": kv_use,
         "kv_gb_read_per_s": kv_bytes / wall / 1e9, "kv_gb_per_audio_s": kv_bytes / audio / 1e9,
+        "prefill_ms_per_audio_s": prefill_s / audio * 1e3, "pipeline_ms_per_audio_s": request_s / audio * 1e3,
     }
+
+
+def since(engine: Engine, before: tuple[int, float, float]) -> tuple[int, float, float]:
+    return tuple(now - then for now, then in zip(work_done(engine), before))  # type: ignore[return-value]
 
 
 def one_at_a_time(engine: Engine, calls: list[tuple[str, float, int]]) -> dict[str, Any]:
     records = []
-    read_before = kv_bytes_read(engine)
+    before = work_done(engine)
     start = time.perf_counter()
     for prompt, seconds, seed in calls:
         began = time.perf_counter()
@@ -71,7 +85,7 @@ def one_at_a_time(engine: Engine, calls: list[tuple[str, float, int]]) -> dict[s
             first = first if first is not None else time.perf_counter() - began
             samples += len(chunk.pcm)
         records.append({"audio_s": samples / engine.sample_rate, "first_audio_s": first, "wall_s": time.perf_counter() - began})
-    return summary("one at a time", records, time.perf_counter() - start, None, kv_bytes_read(engine) - read_before)
+    return summary("one at a time", records, time.perf_counter() - start, None, since(engine, before))
 
 
 class KVSampler:
@@ -123,12 +137,12 @@ def closed_loop(shared: AsyncEngine, calls: list[tuple[str, float, int]], client
     async def run() -> None:
         await asyncio.gather(*(client() for _ in range(clients)))
 
-    read_before = kv_bytes_read(shared.engine)
+    before = work_done(shared.engine)
     with KVSampler(shared.engine) as kv:
         start = time.perf_counter()
         asyncio.run(run())
         wall = time.perf_counter() - start
-    return summary(f"{clients} clients", records, wall, kv.mean(), kv_bytes_read(shared.engine) - read_before)
+    return summary(f"{clients} clients", records, wall, kv.mean(), since(shared.engine, before))
 
 
 def poisson(shared: AsyncEngine, calls: list[tuple[str, float, int]], rate: float, seed: int) -> dict[str, Any]:
@@ -142,12 +156,12 @@ def poisson(shared: AsyncEngine, calls: list[tuple[str, float, int]], rate: floa
             await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
 
-    read_before = kv_bytes_read(shared.engine)
+    before = work_done(shared.engine)
     with KVSampler(shared.engine) as kv:
         start = time.perf_counter()
         asyncio.run(run())
         wall = time.perf_counter() - start
-    return summary(f"Poisson {rate:.2f} req/s", records, wall, kv.mean(), kv_bytes_read(shared.engine) - read_before)
+    return summary(f"Poisson {rate:.2f} req/s", records, wall, kv.mean(), since(shared.engine, before))
 
 
 def suite(
@@ -162,15 +176,24 @@ def suite(
         best = max(r["audio_s_per_s"] for r in results[1:])
         mean_audio = statistics.fmean(seconds for _, seconds, _ in calls)
         results.append(poisson(shared, calls, 0.8 * best / mean_audio, seed=1))  # arrivals at 80 % of capacity
+    alone = results[0]
+    unshared_ms = alone["prefill_ms_per_audio_s"] + alone["pipeline_ms_per_audio_s"]
     for r in results:
         r["kv_ceiling_audio_s_per_s"] = read_gb_s / r["kv_gb_per_audio_s"]
+        r["batching_ceiling_audio_s_per_s"] = 1e3 / (r["kv_gb_per_audio_s"] / read_gb_s * 1e3 + unshared_ms)
     print(table(
-        ["mode", "requests", "audio s/s", "TTFA p50 s", "TTFA p95 s", "RTF p50", "KV use", "KV GB/s", "KV ceiling"],
+        ["mode", "requests", "audio s/s", "TTFA p50 s", "TTFA p95 s", "RTF p50", "KV use", "KV GB/s", "KV ceiling",
+         "prefill ms/audio s", "pipeline ms/audio s"],
         [[r["mode"], r["requests"], r["audio_s_per_s"], r["first_audio_p50_s"], r["first_audio_p95_s"], r["rtf_p50"],
-          r["kv_use"], r["kv_gb_read_per_s"], r["kv_ceiling_audio_s_per_s"]] for r in results],
+          r["kv_use"], r["kv_gb_read_per_s"], r["kv_ceiling_audio_s_per_s"], r["prefill_ms_per_audio_s"],
+          r["pipeline_ms_per_audio_s"]] for r in results],
         title=f"{name}: {len(calls)} requests of {sorted({s for _, s, _ in calls})} s; KV ceiling = audio s/s at "
         f"{read_gb_s:.1f} GB/s of reads if reading the KV cache were all the work",
     ), flush=True)
+    print(f"batching ceiling: {alone['batching_ceiling_audio_s_per_s']:.2f} audio s/s (KV reads at {read_gb_s:.1f} GB/s "
+          f"+ {alone['prefill_ms_per_audio_s']:.1f} ms prefill + {alone['pipeline_ms_per_audio_s']:.1f} ms pipelines "
+          f"per audio second, one at a time), {alone['batching_ceiling_audio_s_per_s'] / alone['audio_s_per_s']:.2f}x "
+          "one at a time", flush=True)
     return results
 
 

@@ -104,6 +104,24 @@ def test_fine_chunks_of_different_requests_decode_in_one_batch(engine: Engine) -
     assert max(widths) >= 2
 
 
+
+def test_counters_count_each_requests_work(engine: Engine) -> None:
+    """Tokens, KV reads and host time per stage, steps and pipeline time (what /metrics exports) only grow, and
+    each request adds to every one of them."""
+    def counters() -> dict[str, float]:
+        values = {"steps": engine.core.steps, "request_s": engine.core.request_s}
+        for stage, runner in engine.core.runners.items():
+            for field in ("prefill_tokens", "decode_tokens", "context_tokens", "prefill_s", "decode_s"):
+                values[f"{stage}.{field}"] = getattr(runner.stats, field)
+        return values
+
+    before = counters()
+    for prompt, seconds, seed, options in MUSICLM_CALLS[:2]:
+        engine.generate(prompt, seconds, seed=seed, **options)
+        after = counters()
+        assert all(after[name] > before[name] for name in before), (before, after)
+        before = after
+
 def test_abort_returns_every_block_and_leaves_the_others_unchanged(engine: Engine) -> None:
     calls = MUSICLM_CALLS[:3]
     alone = {i: solo(engine, *calls[i][:3], **calls[i][3]) for i in (0, 2)}

@@ -241,6 +241,9 @@ def test_metrics_health_models_and_page(served) -> None:
         assert f"vivace_requests_finished_total{{reason={reason}}}" in values
     for stage in ("semantic", "coarse", "fine"):
         assert values[f"vivace_kv_blocks_total{{stage={stage}}}"] > 0
+        for counter in ("prefill_tokens", "decode_tokens", "preemptions", "prefill_seconds", "decode_seconds", "kv_read_bytes"):
+            assert values[f"vivace_{counter}_total{{stage={stage}}}"] >= 0
+    assert values["vivace_engine_steps_total"] >= 0 and values["vivace_request_pipeline_seconds_total"] >= 0
     assert httpx.get(f"{served.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{served.url}/ready").json() == {"ready": True}
     card = httpx.get(f"{served.url}/v1/models").json()["data"][0]

@@ -13,6 +13,7 @@ is drawn from a counter-based stream of (seed, window, step), and a preempted se
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,9 @@ class EngineCore:
         self._running: dict[int, _Running] = {}
         self._owners: dict[Sequence, int] = {}  # every live sequence -> its request
         self.steps = 0
+        # host seconds in the requests' pipelines (schedule and collect: token bookkeeping, events, codec decode):
+        # per-request work that running requests side by side does not share
+        self.request_s = 0.0
 
     # -- admission ---------------------------------------------------------------------------------------------
     def check_capacity(self, count: int) -> None:
@@ -158,11 +162,14 @@ class EngineCore:
         """Admit -> schedule every request's ready sequences -> one step of every stage with work -> collect."""
         outputs: dict[int, RequestOutput] = {}
         self._admit(outputs)
+        started = time.perf_counter()
         self._schedule(outputs)
+        scheduled = time.perf_counter()
         working = {request_id: set(run.sequences.values()) for request_id, run in self._running.items()}
         stepped = [stage for stage, runner in self.runners.items() if runner.has_work]
         finished = {stage: self.runners[stage].step() for stage in stepped}
         self.steps += 1
+        collecting = time.perf_counter()
         mine: dict[int, dict[str, list[Sequence]]] = {}
         for stage, seqs in finished.items():
             for seq in seqs:
@@ -181,6 +188,7 @@ class EngineCore:
             if run.pipeline.done:
                 output.finished = True
                 del self._running[request_id]
+        self.request_s += scheduled - started + time.perf_counter() - collecting
         if not self.has_unfinished():
             for runner in self.runners.values():  # idle: the device loops let go of the last batch's encoder states
                 runner.device_loops.unbind()

@@ -51,6 +51,8 @@ class StepStats:
     preemptions: int = 0
     device_runs: int = 0  # runs of several decode steps per host sync
     context_tokens: int = 0  # keys the decoded rows attended to, summed over steps (the KV cache reads, per layer)
+    prefill_s: float = 0.0  # host wall seconds in prefill calls (on a GPU: until the sampled tokens are read back)
+    decode_s: float = 0.0  # host wall seconds in decode steps (the same)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ sequences hand their blocks back.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from vivace.core.block_manager import BlockAllocator, BlockManager
@@ -86,11 +88,15 @@ class StageRunner:
         if not decode and not prefill and scheduler.waiting:
             raise VivaceError(f"stage {self.name!r}: the KV pool cannot hold the next sequence; raise kv_cache_gb")
         finished: list[Sequence] = []
+        started = time.perf_counter()
         if prefill:
             finished += runner.prefill(prefill)
+        prefilled = time.perf_counter()
         if plan is not None:
             steps = self._steps_per_sync(plan)
             finished += runner.decode(plan) if steps == 1 else runner.decode_on_device(plan, steps)
+        self.stats.prefill_s += prefilled - started
+        self.stats.decode_s += time.perf_counter() - prefilled
         scheduler.finish(finished)
         if scheduler.batch is None:
             runner.plan = None  # holds no finished or preempted sequence

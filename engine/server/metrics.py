@@ -1,11 +1,12 @@
 """Prometheus metrics of one server: requests by state and end, time to first audio, real-time factor, audio made,
-KV blocks per stage. Each server has its own registry (no process-wide state), read at scrape time from the core."""
+KV blocks, tokens, KV cache reads and host time per stage. Each server has its own registry (no process-wide state),
+read at scrape time from the core."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from vivace.engine import Engine
@@ -15,8 +16,20 @@ FIRST_AUDIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 RTF_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 4, 8, 16, 32)
 
 
+# the core's per-stage counters (StepStats fields): (metric name, help, field); each is exported with `_total`
+STAGE_COUNTERS = (
+    ("vivace_prefill_tokens", "Prompt tokens computed by prefill", "prefill_tokens"),
+    ("vivace_decode_tokens", "Tokens computed by decode steps (a guided pair's rows count once)", "decode_tokens"),
+    ("vivace_preemptions", "Sequences preempted because the stage's KV pool was full", "preemptions"),
+    ("vivace_prefill_seconds", "Host wall seconds in prefill calls", "prefill_s"),
+    ("vivace_decode_seconds", "Host wall seconds in decode steps", "decode_s"),
+)
+
+
 class EngineCollector(Collector):
-    """The core's state when scraped: requests running and waiting, KV blocks used and total per stage."""
+    """The core's state when scraped: requests running and waiting, KV blocks used and total per stage, and the
+    core's counters: tokens, preemptions, KV cache bytes read and host seconds per stage, steps, and host seconds in
+    the requests' pipelines."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -32,6 +45,20 @@ class EngineCollector(Collector):
             total.add_metric([stage], runner.pool.num_blocks)
         yield used
         yield total
+        for name, documentation, field in STAGE_COUNTERS:
+            counter = CounterMetricFamily(name, documentation, labels=["stage"])
+            for stage, runner in core.runners.items():
+                counter.add_metric([stage], getattr(runner.stats, field))
+            yield counter
+        read = CounterMetricFamily("vivace_kv_read_bytes", "KV cache bytes read by decode steps (every key attended, every layer)", labels=["stage"])
+        for stage, runner in core.runners.items():
+            read.add_metric([stage], runner.stats.context_tokens * runner.pool.bytes_per_token)
+        yield read
+        yield CounterMetricFamily("vivace_engine_steps", "Steps of the engine core", value=core.steps)
+        yield CounterMetricFamily(
+            "vivace_request_pipeline_seconds",
+            "Host wall seconds in the requests' pipelines (token bookkeeping, events, codec decode)", value=core.request_s,
+        )
 
 
 class ServerMetrics:
