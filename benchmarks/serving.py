@@ -12,11 +12,12 @@ Reported: aggregate seconds of audio per wall second, time to first audio p50 / 
 cache bytes the decode steps read (every key a row attended to, every layer) per second of wall time and per second
 of audio. Dividing the streaming read bandwidth measured in the same run (floor.gemv_bandwidth, float32, one row)
 by the bytes per second of audio gives the "KV ceiling": the audio seconds per second the machine could reach if
-reading the cache were the only work, a bound no batching can pass. Beside it, the "batching ceiling" adds the other
-work each request brings whatever runs beside it, as the one-at-a-time run measured it per second of audio: its
-prefill (compute-bound at its row counts, so no cheaper in a batch) and its pipeline (token bookkeeping, events and
-codec decode, per request per step). It leaves out the decode steps' linears, sampling and the core's fixed costs,
-so no batching reaches it either.
+reading the cache were the only work. Beside it, the "batching ceiling" adds the other work each request brings
+whatever runs beside it, as the one-at-a-time run measured it per second of audio: its prefill (compute-bound at its
+row counts, so no cheaper in a batch) and its pipeline (token bookkeeping, events and codec decode, per request per
+step). It leaves out the decode steps' linears, sampling and the core's fixed costs, so it is an estimate of the most
+that batching can give, not a strict bound: cache reads served from the last-level cache (a few requests' caches
+fit) run faster than the measured streaming bandwidth.
 """
 from __future__ import annotations
 
@@ -190,7 +191,7 @@ def suite(
         title=f"{name}: {len(calls)} requests of {sorted({s for _, s, _ in calls})} s; KV ceiling = audio s/s at "
         f"{read_gb_s:.1f} GB/s of reads if reading the KV cache were all the work",
     ), flush=True)
-    print(f"batching ceiling: {alone['batching_ceiling_audio_s_per_s']:.2f} audio s/s (KV reads at {read_gb_s:.1f} GB/s "
+    print(f"batching ceiling (estimate): {alone['batching_ceiling_audio_s_per_s']:.2f} audio s/s (KV reads at {read_gb_s:.1f} GB/s "
           f"+ {alone['prefill_ms_per_audio_s']:.1f} ms prefill + {alone['pipeline_ms_per_audio_s']:.1f} ms pipelines "
           f"per audio second, one at a time), {alone['batching_ceiling_audio_s_per_s'] / alone['audio_s_per_s']:.2f}x "
           "one at a time", flush=True)
