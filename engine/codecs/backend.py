@@ -109,12 +109,16 @@ class CodecBackend(ABC):
 class TorchBackend(CodecBackend):
     name = "torch"
 
+    def __init__(self, codec: nn.Module) -> None:
+        super().__init__(codec)
+        self._phases: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}  # shared by its CodecStreams
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.codec(codes)
 
     def stream(self) -> FrameStream:
-        return CodecStream(self.codec)
+        return CodecStream(self.codec, phases=self._phases)
 
 
 class OnnxRuntimeBackend(CodecBackend):

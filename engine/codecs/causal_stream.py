@@ -2,7 +2,8 @@
 
 A causal convolution keeps the last (k-1)*dilation samples of its input, so the next chunk starts where
 zero padding would have been in a full decode; a transposed convolution keeps the (k - stride) samples it
-spills past the end of a chunk and adds them to the next chunk's head. The concatenated output equals one
+spills past the end of a chunk and adds them to the next chunk's head (on torch's ops), or runs by its phases as a
+causal convolution with the last ceil(k / stride) - 1 inputs kept (on the native convolutions). The concatenated output equals one
 full decode (up to float summation order), and each chunk costs only its own frames, unlike
 a ContextDecoder (vivace.codecs.context_decoder), which re-decodes `receptive_field_frames` of context every time.
 """
@@ -38,12 +39,11 @@ def phase_weights(conv: CausalConvTranspose1d) -> tuple[torch.Tensor, torch.Tens
     p, p + r, ... newest last. Returns (weight [r * out, in, ceil(k / r)], bias repeated per phase)."""
     stride, kernel = conv.stride[0], conv.kernel_size[0]
     taps = -(-kernel // stride)
-    weight = conv.weight.detach()  # [in, out, kernel]
-    phases = weight.new_zeros(stride, weight.shape[1], weight.shape[0], taps)
-    for j in range(kernel):
-        phases[j % stride, :, :, taps - 1 - j // stride] = weight[:, :, j].t()
+    weight = F.pad(conv.weight.detach(), (0, taps * stride - kernel))  # [in, out, taps * stride]: tap m * stride + p
+    inputs, outputs = weight.shape[:2]
+    phases = weight.view(inputs, outputs, taps, stride).permute(3, 1, 0, 2).flip(-1)  # [stride, out, in, taps]
     bias = None if conv.bias is None else conv.bias.detach().repeat(stride)
-    return phases.reshape(stride * weight.shape[1], weight.shape[0], taps), bias
+    return phases.reshape(stride * outputs, inputs, taps).contiguous(), bias
 
 
 class CodecStream:
@@ -53,17 +53,20 @@ class CodecStream:
     vivace._C.causal_conv1d call (float32 on the CPU; None: where its AVX-512 form runs), the transposed ones by
     their phases (phase_weights), else as torch ops. The two agree to float32 rounding, not bit for bit."""
 
-    def __init__(self, codec: SoundStreamDecoder, native: bool | None = None) -> None:
+    def __init__(self, codec: SoundStreamDecoder, native: bool | None = None,
+                 phases: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> None:
+        """phases: phase_weights of the transposed convolutions, filled as they are first needed; the streams of one
+        backend share one (about 2 ms of copying per stream for the demo codec otherwise)."""
         self.codec = codec
         self.frames = 0  # frames decoded so far
-        # per layer: native, the last input samples (before the ELU); torch, a causal convolution's last inputs
-        # (after the ELU) and a transposed one's output spilled past the chunk
+        # per layer: a causal convolution's last input samples (before its ELU); a transposed one's last inputs
+        # (native) or the output it spilled past the chunk (torch)
         self._carry: dict[nn.Module, torch.Tensor] = {}
         if native is None:
             native = (_C.causal_conv1d_fast() and codec.codebooks.device.type == "cpu"
                       and codec.codebooks.dtype == torch.float32)
         self.native = native
-        self._phases: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._phases = {} if phases is None else phases
 
     def _context(self, layer: nn.Module, x: torch.Tensor, length: int) -> torch.Tensor:
         """The `length` input samples before x (zeros before the first chunk); keeps x's for the next chunk."""
