@@ -154,6 +154,7 @@ bool avx512_present() {
 }
 
 void run(const Conv& c, int threads, bool portable) {
+  if (c.batch == 0 || c.out_channels == 0 || c.out_length == 0) return;  // an empty output
   const int64_t tiles = (c.out_length + kTile - 1) / kTile, groups = (c.out_channels + kGroup - 1) / kGroup;
   // Short inputs (the first layers run at the frame rate) have few tiles: their channels are split too, so that
   // every thread has work; each part fills its own window.

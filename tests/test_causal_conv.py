@@ -86,6 +86,12 @@ def test_refuses_bad_arguments_in_one_line(kwargs: dict, message: str) -> None:
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("batch,cout,length", [(0, 4, 10), (1, 0, 10), (1, 4, 3)])
+def test_empty_outputs(batch: int, cout: int, length: int) -> None:
+    y = conv(torch.zeros(batch, 2, length), torch.zeros(cout, 2, 4))
+    assert y.shape == (batch, cout, length - 3)
+
+
 def test_fast_flag_names_the_form_that_runs() -> None:
     assert isinstance(_C.causal_conv1d_fast(), bool)
     x, weight = np.ones((1, 1, 4), np.float32), np.ones((1, 1, 1), np.float32)
