@@ -52,7 +52,7 @@ def work_done(engine: Engine) -> tuple[int, float, float]:
     """The core's counters so far: KV cache bytes read (keys attended to times their bytes, all stages), host
     seconds in prefill, and host seconds in the requests' pipelines."""
     runners = engine.core.runners.values()
-    return (sum(runner.stats.context_tokens * runner.pool.bytes_per_token for runner in runners),
+    return (sum(runner.kv_bytes_read for runner in runners),
             sum(runner.stats.prefill_s for runner in runners), engine.core.request_s)
 
 

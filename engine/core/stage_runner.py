@@ -63,6 +63,11 @@ class StageRunner:
         return self.scheduler.running
 
     @property
+    def kv_bytes_read(self) -> int:
+        """KV cache bytes the decode steps read so far: every key a row attended to, every layer."""
+        return self.stats.context_tokens * self.pool.bytes_per_token
+
+    @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
 

@@ -19,7 +19,7 @@ RTF_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 4, 8, 16, 32)
 # the core's per-stage counters (StepStats fields): (metric name, help, field); each is exported with `_total`
 STAGE_COUNTERS = (
     ("vivace_prefill_tokens", "Prompt tokens computed by prefill", "prefill_tokens"),
-    ("vivace_decode_tokens", "Tokens computed by decode steps (a guided pair's rows count once)", "decode_tokens"),
+    ("vivace_decode_tokens", "Rows computed by decode steps (a guided pair is two rows)", "decode_tokens"),
     ("vivace_preemptions", "Sequences preempted because the stage's KV pool was full", "preemptions"),
     ("vivace_prefill_seconds", "Host wall seconds in prefill calls", "prefill_s"),
     ("vivace_decode_seconds", "Host wall seconds in decode steps", "decode_s"),
@@ -52,7 +52,7 @@ class EngineCollector(Collector):
             yield counter
         read = CounterMetricFamily("vivace_kv_read_bytes", "KV cache bytes read by decode steps (every key attended, every layer)", labels=["stage"])
         for stage, runner in core.runners.items():
-            read.add_metric([stage], runner.stats.context_tokens * runner.pool.bytes_per_token)
+            read.add_metric([stage], runner.kv_bytes_read)
         yield read
         yield CounterMetricFamily("vivace_engine_steps", "Steps of the engine core", value=core.steps)
         yield CounterMetricFamily(
