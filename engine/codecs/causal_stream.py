@@ -24,13 +24,14 @@ def _tail(context: torch.Tensor, x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([context[..., x.shape[-1] :], x], dim=-1)
 
 
+def _array(t: torch.Tensor | None) -> object:
+    return None if t is None else t.detach().contiguous().numpy()
+
+
 def _native_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, elu: bool,
                  residual: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
-    def array(t: torch.Tensor | None) -> object:
-        return None if t is None else t.detach().contiguous().numpy()
-
-    return torch.from_numpy(_C.causal_conv1d(array(x), array(weight), array(bias), dilation, elu, array(residual),
-                                             array(context), torch.get_num_threads()))
+    return torch.from_numpy(_C.causal_conv1d(_array(x), _array(weight), _array(bias), dilation, elu, _array(residual),
+                                             _array(context), torch.get_num_threads()))
 
 
 def phase_weights(conv: CausalConvTranspose1d) -> tuple[torch.Tensor, torch.Tensor | None]:
