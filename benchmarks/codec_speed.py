@@ -1,9 +1,10 @@
 """Codec decoder speed per backend, in seconds of audio decoded per wall-clock second (higher is better).
 
-    python -m benchmarks.codec_speed [--presets tiny paper encodec32] [--seconds 9] [--repeats 5] [--threads 1]
+    python -m benchmarks.codec_speed [--presets tiny paper demo encodec32] [--seconds 9] [--repeats 5] [--threads 1]
                                      [--device cpu|cuda] [--compile]
 
-Methods for the SoundStream presets (tiny, paper), each over one clip of random codes at batch 1:
+Methods for the SoundStream presets (tiny, paper: random decoders; demo: the bundled pack's trained decoder, packs/demo),
+each over one clip of random codes at batch 1:
   torch_full       SoundStreamDecoder on the whole clip at once
   ort_full         onnxruntime (CPU provider) on the whole clip
   torch_range      per chunk, ContextDecoder.range on the module (re-decodes the receptive field of context)
@@ -18,8 +19,8 @@ Chunks are the preset's fine chunk (tiny 0.5 s, paper 3 s: what the pipeline fee
 torch methods run on the GPU, the onnxruntime ones are left out (the CPU provider is what they measure), and
 graph_full adds the whole-clip decode captured once as a CUDA graph and replayed: torch eager against CUDA graphs /
 torch.compile, the comparison that stands in for TensorRT where TensorRT cannot be installed.
-The SoundStream decoders are random SoundStreamDecoders built from
-`vivace.families.musiclm.random_pack.preset_config(preset).codec` (no pack is written). Each figure is the best of --repeats runs after
+The tiny and paper decoders are random SoundStreamDecoders built from
+`vivace.families.musiclm.random_pack.preset_config(preset).codec` (no pack is written); demo loads packs/demo's. Each figure is the best of --repeats runs after
 one warm-up; streamed outputs are checked against the full decode first. torch and onnxruntime get the same
 number of threads (default 1: on a shared 2-core machine a second thread that has to wait for a busy core
 makes both libraries several times slower, and the figures unrepeatable). Results go to
@@ -45,9 +46,11 @@ from vivace.codecs.context_decoder import ContextDecoder
 from vivace.codecs.encodec import EncodecConfig, EncodecDecoder
 from vivace.codecs.soundstream import SoundStreamDecoder
 from vivace.export.onnx_codec import OPSET
+from vivace.families.musiclm.pack import load_codec, read_config
 from vivace.families.musiclm.random_pack import preset_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEMO_PACK = RESULTS.parent.parent / "packs" / "demo"
 
 
 def synchronized(run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -136,15 +139,18 @@ def chunked(make_stream: Callable[[], FrameStream], codes: torch.Tensor, chunk: 
 
 def bench_preset(preset: str, seconds: float, small_chunk: int, repeats: int, threads: int, workdir: Path,
                  device: torch.device, compile_too: bool) -> dict:
-    pack_config = preset_config(preset)
+    pack_config = read_config(DEMO_PACK) if preset == "demo" else preset_config(preset)
     config = pack_config.codec
     frame_rate = pack_config.sample_rate // config.hop_length
     frames = round(seconds * frame_rate)
     fine_chunk = round(pack_config.musiclm.fine_chunk_s * frame_rate)
     torch.manual_seed(0)
-    codec = SoundStreamDecoder(config).eval()
-    with torch.no_grad():
-        codec.codebooks.normal_(0.0, 1.0)
+    if preset == "demo":
+        codec = load_codec(DEMO_PACK, pack_config).eval()
+    else:
+        codec = SoundStreamDecoder(config).eval()
+        with torch.no_grad():
+            codec.codebooks.normal_(0.0, 1.0)
     codes = torch.randint(0, config.codebook_size, (1, config.num_levels, frames))
     on_cpu = device.type == "cpu"
     ort_backend, export_error, export_s = onnx_backend(codec, workdir / f"{preset}.onnx", threads) if on_cpu else (None, None, None)
@@ -220,7 +226,7 @@ def bench_encodec(seconds: float, repeats: int, threads: int, workdir: Path, dev
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "paper", "encodec32"], choices=["tiny", "paper", "encodec32"])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "paper", "encodec32"], choices=["tiny", "paper", "demo", "encodec32"])
     parser.add_argument("--seconds", type=float, default=9.0)
     parser.add_argument("--small-chunk", type=int, default=5, dest="small_chunk", help="frames; besides the fine chunk")
     parser.add_argument("--repeats", type=int, default=5)
