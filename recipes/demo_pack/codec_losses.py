@@ -7,8 +7,9 @@ uncorrelated with its input (SI-SNR -49 dB) and several dB quiet; the SNR term p
 the input itself, and in dB so that soft and loud clips weigh the same); the complex-spectrum term carries the same
 pressure to the high bands the SNR term, dominated by the bass, barely sees. Fitting the waveform leaves the error
 periodic in the codec frame (a few per cent of level up and down every 20 ms: a 50 Hz buzz), which per-bin
-spectral averages hardly see; the 1 ms envelope term and the discriminator are what penalise it. A DC offset
-costs the SNR term almost nothing on loud clips, so it has its own term.
+spectral averages hardly see; the 1 ms envelope term and the discriminator penalise it, and the frame-locked term
+aims at it alone: the pulse sits at the same place in every frame, so averaging the envelope's error over frames keeps
+it and cancels the rest. A DC offset costs the SNR term almost nothing on loud clips, so it has its own term.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from common import SAMPLE_RATE
+from common import HOP, SAMPLE_RATE
 from torch import nn
 
 from vivace.families.musiclm.semantic_tokenizer import mel_filterbank
@@ -52,6 +53,26 @@ def envelope_loss(predicted: torch.Tensor, target: torch.Tensor, block: int = SA
     centred = [x[..., :length] - x[..., :length].mean(-1, keepdim=True) for x in (predicted, target)]
     envelopes = [x.reshape(*x.shape[:-1], -1, block).square().mean(-1) for x in centred]
     return F.l1_loss(0.5 * torch.log(envelopes[0] + 1e-7), 0.5 * torch.log(envelopes[1] + 1e-7))
+
+
+def frame_locked_loss(predicted: torch.Tensor, target: torch.Tensor, block: int = SAMPLE_RATE // 1000) -> torch.Tensor:
+    """Mean over rows of the RMS of the envelope error's frame-locked profile, relative to the row's mean envelope.
+
+    The 1 ms RMS envelopes' difference, divided by the target's mean envelope (so soft and loud rows weigh the same),
+    is averaged over the crop's codec frames at each of a frame's 1 ms positions, and that profile's mean is
+    removed: what is left is the error that repeats with the frame, the buzz at the frame rate and its harmonics
+    (evaluate.py's frame_rate_modulation reads its first harmonic). Crops must start on a frame boundary, as the
+    decoder's frames do; error not locked to the frame averages towards zero over the frames."""
+    frames = predicted.shape[-1] // HOP
+    envelopes = [
+        (x[..., : frames * HOP] - x[..., : frames * HOP].mean(-1, keepdim=True))
+        .reshape(*x.shape[:-1], -1, block).square().mean(-1).add(1e-10).sqrt()
+        for x in (predicted, target)
+    ]
+    error = (envelopes[0] - envelopes[1]) / envelopes[1].mean(-1, keepdim=True).clamp(min=1e-5)
+    profile = error.reshape(*error.shape[:-1], frames, HOP // block).mean(-2)
+    profile = profile - profile.mean(-1, keepdim=True)
+    return profile.square().mean(-1).add(1e-12).sqrt().mean()
 
 
 def _spectrum(audio: torch.Tensor, n_fft: int) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""The demo recipe's frame-rate measures: the frame-locked training term and the evaluation's modulation figure
+must see a pulse that repeats with the codec frame and not the music's own loudness changes."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def recipe_modules() -> tuple:
+    """The recipe's codec_losses and common, imported the way its scripts import them (from their own folder), then
+    taken off sys.path and sys.modules again so that their generic names shadow nothing for other tests."""
+    folder = str(Path(__file__).resolve().parents[1] / "recipes" / "demo_pack")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module("codec_losses"), importlib.import_module("common")
+    finally:
+        sys.path.remove(folder)
+        for name in ("codec_losses", "common"):
+            sys.modules.pop(name, None)
+
+
+codec_losses, common = recipe_modules()
+frame_locked_loss, frame_rate_modulation = codec_losses.frame_locked_loss, common.frame_rate_modulation
+HOP, SAMPLE_RATE = common.HOP, common.SAMPLE_RATE
+
+
+def tone(seconds: float, generator: torch.Generator) -> torch.Tensor:
+    """Two sustained partials with a slow (3 Hz) tremolo and a little noise: music-like, nothing at 50 Hz."""
+    t = torch.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    tremolo = 1 + 0.3 * torch.sin(2 * torch.pi * 3 * t)
+    partials = torch.sin(2 * torch.pi * 220 * t) + 0.5 * torch.sin(2 * torch.pi * 661 * t + 1.0)
+    return 0.1 * tremolo * partials + 0.001 * torch.randn(len(t), generator=generator)
+
+
+def frame_pulse(length: int, depth: float, phase: int = 0) -> torch.Tensor:
+    """A gain that dips by `depth` for 2 ms once per codec frame: the decoder's buzz."""
+    position = (torch.arange(length) - phase) % HOP
+    return 1 - depth * (position < 2 * SAMPLE_RATE // 1000).float()
+
+
+def test_frame_locked_loss_sees_the_frame_pulse_and_nothing_else() -> None:
+    generator = torch.Generator().manual_seed(0)
+    target = torch.stack([tone(1.0, generator), 3 * tone(1.0, generator)])
+    assert float(frame_locked_loss(target, target)) < 1e-5  # the square root's floor
+    # an error that does not repeat with the frame (noise, a level change) costs little
+    noisy = target * 0.8 + 0.01 * torch.randn(target.shape, generator=generator)
+    pulsed = target * frame_pulse(target.shape[-1], 0.2)
+    assert float(frame_locked_loss(pulsed, target)) > 5 * float(frame_locked_loss(noisy, target))
+    # relative to each row's level: the loud row's pulse costs what the soft row's does
+    soft, loud = (frame_locked_loss(pulsed[i : i + 1], target[i : i + 1]) for i in range(2))
+    assert float(soft) == pytest.approx(float(loud), rel=0.2)
+    # and it is differentiable, pushing the pulse's depth back towards none
+    depth = torch.tensor(0.2, requires_grad=True)
+    frame_locked_loss(target * (1 - depth * (frame_pulse(target.shape[-1], 1.0) < 1).float()), target).backward()
+    assert depth.grad is not None and float(depth.grad) > 0
+
+
+def test_frame_rate_modulation_reads_the_pulse_against_the_musics_own_motion() -> None:
+    generator = torch.Generator().manual_seed(1)
+    clean = tone(4.0, generator)[None]
+    assert float(frame_rate_modulation(clean)) < 1.5
+    # a pulse at any phase within the frame shows at the frame rate
+    for phase in (0, 131):
+        assert float(frame_rate_modulation(clean * frame_pulse(clean.shape[-1], 0.1, phase))) > 3
