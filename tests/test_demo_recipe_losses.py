@@ -24,7 +24,8 @@ def recipe_modules() -> tuple:
 
 
 codec_losses, common = recipe_modules()
-frame_locked_loss, frame_rate_modulation = codec_losses.frame_locked_loss, common.frame_rate_modulation
+frame_locked_loss, frame_rate_line_loss = codec_losses.frame_locked_loss, codec_losses.frame_rate_line_loss
+frame_rate_modulation = common.frame_rate_modulation
 HOP, SAMPLE_RATE = common.HOP, common.SAMPLE_RATE
 
 
@@ -57,6 +58,21 @@ def test_frame_locked_loss_sees_the_frame_pulse_and_nothing_else() -> None:
     depth = torch.tensor(0.2, requires_grad=True)
     frame_locked_loss(target * (1 - depth * (frame_pulse(target.shape[-1], 1.0) < 1).float()), target).backward()
     assert depth.grad is not None and float(depth.grad) > 0
+
+
+def test_frame_rate_line_loss_weighs_the_pulse_where_it_is_heard() -> None:
+    generator = torch.Generator().manual_seed(2)
+    steady = torch.stack([tone(1.0, generator), 0.2 * tone(1.0, generator)])
+    assert float(frame_rate_line_loss(steady, steady)) == 0.0
+    depths = (0.001, 0.005, 0.02)
+    losses = [float(frame_rate_line_loss(steady * frame_pulse(steady.shape[-1], depth, 37), steady)) for depth in depths]
+    assert 0 < losses[0] < losses[1] < losses[2]
+    # music whose envelope moves at every frequency (noise bursts) masks the same pulse
+    bursts = steady * (1 + 3 * torch.rand(steady.shape[0], steady.shape[-1] // 24, generator=generator).repeat_interleave(24, -1))
+    assert float(frame_rate_line_loss(bursts * frame_pulse(steady.shape[-1], 0.005, 37), bursts)) < 0.2 * losses[1]
+    # a target that itself moves at the frame rate is not an error to copy
+    tremolo = steady * frame_pulse(steady.shape[-1], 0.02, 37)
+    assert float(frame_rate_line_loss(tremolo, tremolo)) == 0.0
 
 
 def test_frame_rate_modulation_reads_the_pulse_against_the_musics_own_motion() -> None:

@@ -75,6 +75,35 @@ def frame_locked_loss(predicted: torch.Tensor, target: torch.Tensor, block: int 
     return profile.square().mean(-1).add(1e-12).sqrt().mean()
 
 
+def frame_rate_line_loss(predicted: torch.Tensor, target: torch.Tensor, harmonics: tuple[int, ...] = (1, 2),
+                         block: int = SAMPLE_RATE // 1000) -> torch.Tensor:
+    """Mean over rows and frame-rate harmonics of how far the output's envelope line at that harmonic rises above
+    the target's own line or, where the target has none, above the target's envelope spectrum 2-10 Hz either side:
+    relu(log amplitude ratio).
+
+    This is evaluate.py's frame_rate_modulation as a loss, measured against the target rather than against 1. It
+    weighs what the frame-locked term does not: a pulse of half a per cent of the level reads 3x on a sustained solo
+    tone, whose own envelope is nearly still at 50 Hz, and nothing under drums, whose envelope moves at every
+    frequency. Crops start on a frame boundary and last whole frames, so each harmonic falls on one bin."""
+    envelopes, blocks = [], predicted.shape[-1] // block
+    for x in (predicted, target):
+        x = x - x.mean(-1, keepdim=True)
+        envelope = x[..., : blocks * block].reshape(*x.shape[:-1], blocks, block).square().mean(-1).add(1e-10).sqrt()
+        envelope = envelope - envelope.mean(-1, keepdim=True)
+        window = torch.hann_window(blocks, periodic=False, device=x.device)
+        envelopes.append(torch.fft.rfft(envelope * window, dim=-1).abs().square())
+    freqs = torch.fft.rfftfreq(blocks, block / SAMPLE_RATE).to(predicted.device)
+    frame_hz = SAMPLE_RATE / HOP
+    loss = predicted.new_zeros(())
+    for harmonic in harmonics:
+        offset = (freqs - harmonic * frame_hz).abs()
+        line = offset <= 0.2 * harmonic
+        neighbours = (offset >= 2) & (offset <= 10)
+        floor = torch.maximum(envelopes[1][..., line].mean(-1), envelopes[1][..., neighbours].mean(-1)).clamp(min=1e-12)
+        loss = loss + F.relu(0.5 * torch.log(envelopes[0][..., line].mean(-1) / floor + 1e-12)).mean()
+    return loss / len(harmonics)
+
+
 def _spectrum(audio: torch.Tensor, n_fft: int) -> torch.Tensor:
     return torch.stft(audio, n_fft, n_fft // 4, window=torch.hann_window(n_fft, device=audio.device), return_complex=True)
 

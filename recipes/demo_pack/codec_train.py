@@ -22,6 +22,7 @@ from codec_losses import (
     discriminator_loss,
     envelope_loss,
     frame_locked_loss,
+    frame_rate_line_loss,
     generator_losses,
     snr_loss,
     spectral_loss,
@@ -132,7 +133,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--frame-locked", type=float, default=0.0,
                         help="weight of the frame-locked envelope term (codec_losses.frame_locked_loss) against the "
-                             "frame-rate buzz; the bundled decoder's last run used 10")
+                             "frame-rate buzz")
+    parser.add_argument("--frame-rate-line", type=float, default=0.0,
+                        help="weight of the envelope's frame-rate line against the target's (codec_losses."
+                             "frame_rate_line_loss): the buzz where the music is steady enough to hear it")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint (weights, optimizers and step count)")
     parser.add_argument("--adversarial", action="store_true", help="train the multi-scale STFT discriminator beside the codec")
     parser.add_argument("--decoder-only", action="store_true",
@@ -191,8 +195,9 @@ def main() -> None:
         # the SNR term in dB (10 log10): at a tenth of that it was too weak beside the magnitude terms to leave 0 dB
         envelope = envelope_loss(output, audio)
         frame_locked = frame_locked_loss(output, audio)
+        line = frame_rate_line_loss(output, audio)
         loss = magnitude + complex_term + 10 * snr + envelope + 10 * dc_loss(output, audio) + 0.25 * commitment
-        loss = loss + args.frame_locked * frame_locked
+        loss = loss + args.frame_locked * frame_locked + args.frame_rate_line * line
         adversarial = matching = d_loss = torch.zeros(())
         if args.adversarial:
             real = discriminator(audio)
@@ -211,7 +216,7 @@ def main() -> None:
         if step % 50 == 0:
             remaining = (deadline - time.time()) / 60
             print(f"step {step} levels {levels:2d} magnitude {magnitude.item():.3f} complex {complex_term.item():.3f} "
-                  f"error {10 * snr.item():+.1f} dB envelope {envelope.item():.3f} locked {frame_locked.item():.4f} commit {commitment.item():.4f} adv {adversarial.item():.3f} "
+                  f"error {10 * snr.item():+.1f} dB envelope {envelope.item():.3f} locked {frame_locked.item():.4f} line {line.item():.3f} commit {commitment.item():.4f} adv {adversarial.item():.3f} "
                   f"fm {matching.item():.3f} disc {d_loss.item():.3f} ({remaining:.1f} min left)", flush=True)
         if step % 500 == 0:
             si_snr, plain_snr, modulation = held_out_check(data, encoder, quantizer, decoder)
