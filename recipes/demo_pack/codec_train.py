@@ -9,6 +9,7 @@ training wanders between checks, so its last step need not be its best.
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import time
 from pathlib import Path
@@ -137,6 +138,10 @@ def main() -> None:
     parser.add_argument("--frame-rate-line", type=float, default=0.0,
                         help="weight of the envelope's frame-rate line against the target's (codec_losses."
                              "frame_rate_line_loss): the buzz where the music is steady enough to hear it")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="keep an exponential moving average of the decoder's weights with this decay (0.999: about "
+                             "the last 1000 steps) and check, keep and ship it: adversarial training wanders, and the "
+                             "frame-rate buzz moves with it from one checkpoint to the next")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint (weights, optimizers and step count)")
     parser.add_argument("--adversarial", action="store_true", help="train the multi-scale STFT discriminator beside the codec")
     parser.add_argument("--decoder-only", action="store_true",
@@ -173,11 +178,18 @@ def main() -> None:
             for group in optimizer.param_groups:
                 group["lr"] = args.lr
         step = state.get("step", 0)
+        if "decoder_training" in state:  # an --ema run's checkpoint: "decoder" is the average
+            decoder.load_state_dict(state["decoder_training"])
         rng = np.random.default_rng([args.seed, step])  # a resumed run draws new crops
     if args.from_pack:
         load_codec_from_pack(args.from_pack, encoder, quantizer, decoder)
     if args.decoder_only:
         quantizer.eval()
+    # the average starts from the weights the run starts from: a resumed --ema run's "decoder" is its average
+    average = copy.deepcopy(decoder).requires_grad_(False) if args.ema else None
+    if average is not None and args.resume and "decoder_training" in state:
+        average.load_state_dict(state["decoder"])
+    shipped = decoder if average is None else average
     crop = args.crop_frames * HOP
     deadline = time.time() + args.minutes * 60
     first = step
@@ -207,6 +219,10 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         optimizer.step()
+        if average is not None:
+            with torch.no_grad():
+                for kept, trained in zip(average.parameters(), decoder.parameters()):
+                    kept.lerp_(trained, 1 - args.ema)
         if args.adversarial:
             d_loss = discriminator_loss(discriminator(audio), discriminator(output.detach()))
             d_optimizer.zero_grad(set_to_none=True)
@@ -219,13 +235,13 @@ def main() -> None:
                   f"error {10 * snr.item():+.1f} dB envelope {envelope.item():.3f} locked {frame_locked.item():.4f} line {line.item():.3f} commit {commitment.item():.4f} adv {adversarial.item():.3f} "
                   f"fm {matching.item():.3f} disc {d_loss.item():.3f} ({remaining:.1f} min left)", flush=True)
         if step % 500 == 0:
-            si_snr, plain_snr, modulation = held_out_check(data, encoder, quantizer, decoder)
+            si_snr, plain_snr, modulation = held_out_check(data, encoder, quantizer, shipped)
             print(f"step {step} held-out SI-SNR {si_snr:+.2f} dB, SNR {plain_snr:+.2f} dB, frame-rate modulation "
                   f"{modulation:.2f}", flush=True)
-            save(args, step, encoder, quantizer, decoder, discriminator, optimizer, d_optimizer)
+            save(args, step, encoder, quantizer, decoder, average, discriminator, optimizer, d_optimizer)
             best = keep_best(args.out, si_snr, best)
-    save(args, step, encoder, quantizer, decoder, discriminator, optimizer, d_optimizer)
-    si_snr, plain_snr, modulation = held_out_check(data, encoder, quantizer, decoder)
+    save(args, step, encoder, quantizer, decoder, average, discriminator, optimizer, d_optimizer)
+    si_snr, plain_snr, modulation = held_out_check(data, encoder, quantizer, shipped)
     best = keep_best(args.out, si_snr, best)
     print(f"done: {step - first} steps this run, {step} in all; held-out SI-SNR {si_snr:+.2f} dB, SNR {plain_snr:+.2f} dB, "
           f"frame-rate modulation {modulation:.2f}")
@@ -256,13 +272,20 @@ def keep_best(out: Path, si_snr: float, best: float) -> float:
 
 
 def save(args: argparse.Namespace, step: int, encoder: SoundStreamEncoder, quantizer: ResidualVQ, decoder: SoundStreamDecoder,
+         average: SoundStreamDecoder | None,
          discriminator: MultiScaleSTFTDiscriminator, optimizer: torch.optim.Optimizer, d_optimizer: torch.optim.Optimizer) -> None:
+    """With an average (--ema), "decoder" is the average (what is checked and shipped) and "decoder_training" the
+    weights training continues from."""
     with torch.no_grad():
-        decoder.codebooks.copy_(quantizer.codebooks)
+        for module in (decoder, average):
+            if module is not None:
+                module.codebooks.copy_(quantizer.codebooks)
     state = {
-        "encoder": encoder.state_dict(), "quantizer": quantizer.state_dict(), "decoder": decoder.state_dict(),
+        "encoder": encoder.state_dict(), "quantizer": quantizer.state_dict(),
+        "decoder": (decoder if average is None else average).state_dict(),
         "discriminator": discriminator.state_dict(), "optimizer": optimizer.state_dict(),
         "d_optimizer": d_optimizer.state_dict(), "step": step, "decoder_only": args.decoder_only,
+        **({} if average is None else {"decoder_training": decoder.state_dict()}),
     }
     torch.save(state, args.out.with_suffix(".tmp"))
     args.out.with_suffix(".tmp").replace(args.out)  # a run killed mid-save leaves the previous checkpoint whole
