@@ -2,11 +2,11 @@
 # Rebuilds the bundled demo pack from nothing: render -> codec (beside semantic units, MuLan and the semantic stage)
 # -> codes -> coarse and fine stages -> pack -> evaluation.
 # Usage: recipes/demo_pack/run.sh [DATA] [WORK] [PACK]. Budgets are environment variables in minutes: CODEC_MIN,
-# SEMANTIC_MIN, STAGE_MIN, GAN_MIN (the bundled pack's: 100, 60, 55, 75; about 4.3 hours end to end on 2 cores; GAN_MIN=0
-# leaves out the adversarial stage, which fine-tunes the decoder alone with the multi-scale STFT discriminator after
-# the stages are trained, and ships the checkpoint with its best held-out SI-SNR). Each training step checkpoints as
-# it goes; to split one over several runs, call its script again with --resume (codec_train.py --resume WORK/codec.pt,
-# stages_train.py ... --resume).
+# SEMANTIC_MIN, STAGE_MIN, GAN_MIN (100, 60, 55, 75: about 4.3 hours end to end on 2 cores; the bundled pack's decoder
+# had further adversarial runs, README.md). GAN_MIN=0 leaves out the adversarial stage, which fine-tunes the decoder
+# alone with the multi-scale STFT discriminator after the stages are trained and ships the moving average of its
+# weights at the check with the best held-out SI-SNR. Each training step checkpoints as it goes; to split one over
+# several runs, call its script again with --resume (codec_train.py --resume WORK/codec.pt, stages_train.py ... --resume).
 # Needs: apt-get install fluidsynth fluid-soundfont-gm; pip install -e ".[demo]" mido scikit-learn matplotlib.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,7 +33,7 @@ wait
 CODEC=codec.pt
 if [ "$GAN_MIN" != 0 ]; then  # the decoder alone, encoder and RVQ frozen: the codes the stages trained on stay valid
   python codec_train.py "$DATA" "$WORK/codec_gan.pt" --resume "$WORK/codec.pt" --adversarial --decoder-only --lr 5e-4 \
-    --threads 2 --minutes "$GAN_MIN"
+    --frame-locked 20 --ema 0.999 --batch 6 --crop-frames 50 --threads 2 --minutes "$GAN_MIN"
   CODEC=codec_gan.best.pt
 fi
 python build_pack.py "$DATA" "$WORK" "$PACK" --codec "$WORK/$CODEC"
