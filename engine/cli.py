@@ -44,7 +44,7 @@ WAV (or --format) to stdout. --normalize (default loudness) sets the level first
 
 THREADS_HELP = ("torch threads (default: OMP_NUM_THREADS, else torch's choice), or auto: all of them or one, whichever "
                 "steps faster (for hosts shared with other work); audio bytes for a seed repeat exactly at one thread "
-                "count and differ in the last bits between counts")
+                "count and may differ in the last bits between counts")
 
 
 def _threads(text: str) -> int | str:

@@ -1,11 +1,13 @@
 """The process's torch intra-op threads (torch.set_num_threads): a setting of the process, not of an engine.
 
 Tokens are drawn from numbers hashed from seed, window and step, and the stage transformers' logits came out
-identical at 1 and 2 threads in every case tried, so tokens do not move with the thread count. Codec audio does, in
-its last bits: oneDNN's convolutions choose their blocking by the thread count, so the same codes decoded at 1 and at 2
-threads differ by a few float32 ulps (under 1e-5 of full scale; tests/test_threads.py). Bytes are identical between
-runs at the same thread count, which is why `vivace serve --threads` and the Ray replicas' `threads` exist: pin
-them to the count of the reference the served audio is compared with.
+identical at 1 and 2 threads in every case tried, so tokens do not move with the thread count. Codec audio decoded
+by torch's convolutions does, in its last bits: oneDNN chooses its blocking by the thread count, so the same codes
+decoded at 1 and at 2 threads differ by a few float32 ulps (under 1e-5 of full scale); the native causal convolutions
+(a float32 SoundStream stream on a CPU with AVX-512) sum in one order at any count and give the same bytes
+(tests/test_threads.py has both). Bytes are identical between runs at the same thread count, which is why
+`vivace serve --threads` and the Ray replicas' `threads` exist: pin them to the count of the reference the served
+audio is compared with.
 """
 from __future__ import annotations
 
