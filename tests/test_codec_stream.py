@@ -62,6 +62,23 @@ def test_empty_push_changes_nothing(native: bool) -> None:
         assert (torch.cat([head, tail], dim=-1) - codec(codes)).abs().max() <= TOL
 
 
+def test_streams_of_one_backend_share_their_phase_weights() -> None:
+    """A backend's streams copy the transposed convolutions' phase weights once between them, and each stream still
+    decodes its own codes. (Native form forced: where AVX-512 is missing it runs the portable scalar form.)"""
+    codec = random_decoder(OTHER)
+    backend = TorchBackend(codec)
+    assert backend.stream()._phases is backend._phases is backend.stream()._phases
+    codes = torch.randint(0, OTHER.codebook_size, (2, 1, OTHER.num_levels, 20))
+    first = CodecStream(codec, True, backend._phases).push(codes[0])
+    filled = dict(backend._phases)
+    assert len(filled) == len(OTHER.ratios)  # one entry per transposed convolution
+    second = CodecStream(codec, True, backend._phases).push(codes[1])
+    assert all(backend._phases[conv] is filled[conv] for conv in filled)  # the second stream copied nothing
+    with torch.inference_mode():
+        for pcm, clip in ((first, codes[0]), (second, codes[1])):
+            assert (pcm - codec(clip)).abs().max() <= TOL
+
+
 def test_context_stream_and_range_match_the_module(tiny_pack: Path) -> None:
     codec = load_pack(tiny_pack).codec
     backend = TorchBackend(codec)

@@ -104,7 +104,6 @@ def test_fine_chunks_of_different_requests_decode_in_one_batch(engine: Engine) -
     assert max(widths) >= 2
 
 
-
 def test_counters_count_each_requests_work(engine: Engine) -> None:
     """Tokens, KV reads and host time per stage, steps and pipeline time (what /metrics exports) only grow, and
     each request adds to every one of them."""
@@ -121,6 +120,7 @@ def test_counters_count_each_requests_work(engine: Engine) -> None:
         after = counters()
         assert all(after[name] > before[name] for name in before), (before, after)
         before = after
+
 
 def test_abort_returns_every_block_and_leaves_the_others_unchanged(engine: Engine) -> None:
     calls = MUSICLM_CALLS[:3]

@@ -57,7 +57,7 @@ class CodecStream:
     def __init__(self, codec: SoundStreamDecoder, native: bool | None = None,
                  phases: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> None:
         """phases: phase_weights of the transposed convolutions, filled as they are first needed; the streams of one
-        backend share one (about 2 ms of copying per stream for the demo codec otherwise)."""
+        backend share one, so the weights are copied once per backend, not once per stream."""
         self.codec = codec
         self.frames = 0  # frames decoded so far
         # per layer: a causal convolution's last input samples (before its ELU); a transposed one's last inputs

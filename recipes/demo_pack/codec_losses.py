@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from common import HOP, SAMPLE_RATE
+from common import ENVELOPE_BLOCK, HOP, SAMPLE_RATE, block_power, envelope_spectrum, line_and_neighbours
 from torch import nn
 
 from vivace.families.musiclm.semantic_tokenizer import mel_filterbank
@@ -44,29 +44,28 @@ def _mel(n_fft: int) -> torch.Tensor:
     return mel_filterbank(n_fft, n_fft // 16, SAMPLE_RATE)
 
 
-def envelope_loss(predicted: torch.Tensor, target: torch.Tensor, block: int = SAMPLE_RATE // 1000) -> torch.Tensor:
+def envelope_loss(predicted: torch.Tensor, target: torch.Tensor, block: int = ENVELOPE_BLOCK) -> torch.Tensor:
     """L1 between the log RMS envelopes over 1 ms blocks: a decoder that pulses once per codec frame (a few per cent
     of level, but a sharp line at the frame rate in the envelope's spectrum) pays here at every block."""
     length = predicted.shape[-1] // block * block
     # each row's mean removed first: otherwise a DC offset is the cheapest way to raise a quiet block's RMS, and the
     # decoder learns one (measured: offsets of 0.005-0.018 on clips of 0.05 RMS)
     centred = [x[..., :length] - x[..., :length].mean(-1, keepdim=True) for x in (predicted, target)]
-    envelopes = [x.reshape(*x.shape[:-1], -1, block).square().mean(-1) for x in centred]
+    envelopes = [block_power(x, block) for x in centred]
     return F.l1_loss(0.5 * torch.log(envelopes[0] + 1e-7), 0.5 * torch.log(envelopes[1] + 1e-7))
 
 
-def frame_locked_loss(predicted: torch.Tensor, target: torch.Tensor, block: int = SAMPLE_RATE // 1000) -> torch.Tensor:
+def frame_locked_loss(predicted: torch.Tensor, target: torch.Tensor, block: int = ENVELOPE_BLOCK) -> torch.Tensor:
     """Mean over rows of the RMS of the envelope error's frame-locked profile, relative to the row's mean envelope.
 
     The 1 ms RMS envelopes' difference, divided by the target's mean envelope (so soft and loud rows weigh the same),
     is averaged over the crop's codec frames at each of a frame's 1 ms positions, and that profile's mean is
     removed: what is left is the error that repeats with the frame, the buzz at the frame rate and its harmonics
-    (evaluate.py's frame_rate_modulation reads its first harmonic). Crops must start on a frame boundary, as the
+    (common.frame_rate_modulation reads its first harmonic). Crops must start on a frame boundary, as the
     decoder's frames do; error not locked to the frame averages towards zero over the frames."""
     frames = predicted.shape[-1] // HOP
     envelopes = [
-        (x[..., : frames * HOP] - x[..., : frames * HOP].mean(-1, keepdim=True))
-        .reshape(*x.shape[:-1], -1, block).square().mean(-1).add(1e-10).sqrt()
+        block_power(x[..., : frames * HOP] - x[..., : frames * HOP].mean(-1, keepdim=True), block).add(1e-10).sqrt()
         for x in (predicted, target)
     ]
     error = (envelopes[0] - envelopes[1]) / envelopes[1].mean(-1, keepdim=True).clamp(min=1e-5)
@@ -76,31 +75,25 @@ def frame_locked_loss(predicted: torch.Tensor, target: torch.Tensor, block: int 
 
 
 def frame_rate_line_loss(predicted: torch.Tensor, target: torch.Tensor, harmonics: tuple[int, ...] = (1, 2),
-                         block: int = SAMPLE_RATE // 1000) -> torch.Tensor:
+                         block: int = ENVELOPE_BLOCK) -> torch.Tensor:
     """Mean over rows and frame-rate harmonics of how far the output's envelope line at that harmonic rises above
     the target's own line or, where the target has none, above the target's envelope spectrum 2-10 Hz either side:
     relu(log amplitude ratio).
 
-    This is evaluate.py's frame_rate_modulation as a loss, measured against the target rather than against 1. It
-    weighs what the frame-locked term does not: a pulse of half a per cent of the level reads 3x on a sustained solo
-    tone, whose own envelope is nearly still at 50 Hz, and nothing under drums, whose envelope moves at every
+    This is common.frame_rate_modulation as a loss, measured against the target rather than against 1. It
+    weighs what the frame-locked term does not: a pulse too small for that term to tell from other error stands far
+    above the neighbours on a sustained solo tone, whose own envelope is nearly still at 50 Hz, and nothing under drums, whose envelope moves at every
     frequency. Crops start on a frame boundary and last whole frames, so each harmonic falls on one bin."""
-    envelopes, blocks = [], predicted.shape[-1] // block
-    for x in (predicted, target):
-        x = x - x.mean(-1, keepdim=True)
-        envelope = x[..., : blocks * block].reshape(*x.shape[:-1], blocks, block).square().mean(-1).add(1e-10).sqrt()
-        envelope = envelope - envelope.mean(-1, keepdim=True)
-        window = torch.hann_window(blocks, periodic=False, device=x.device)
-        envelopes.append(torch.fft.rfft(envelope * window, dim=-1).abs().square())
-    freqs = torch.fft.rfftfreq(blocks, block / SAMPLE_RATE).to(predicted.device)
-    frame_hz = SAMPLE_RATE / HOP
+    (predicted_power, freqs), (target_power, _) = (
+        envelope_spectrum(block_power(x - x.mean(-1, keepdim=True), block).add(1e-10).sqrt(), block) for x in (predicted, target)
+    )
     loss = predicted.new_zeros(())
     for harmonic in harmonics:
-        offset = (freqs - harmonic * frame_hz).abs()
-        line = offset <= 0.2 * harmonic
-        neighbours = (offset >= 2) & (offset <= 10)
-        floor = torch.maximum(envelopes[1][..., line].mean(-1), envelopes[1][..., neighbours].mean(-1)).clamp(min=1e-12)
-        loss = loss + F.relu(0.5 * torch.log(envelopes[0][..., line].mean(-1) / floor + 1e-12)).mean()
+        hz = harmonic * SAMPLE_RATE / HOP
+        target_line, target_neighbours = line_and_neighbours(target_power, freqs, hz, 0.2 * harmonic)
+        predicted_line, _ = line_and_neighbours(predicted_power, freqs, hz, 0.2 * harmonic)
+        floor = torch.maximum(target_line, target_neighbours).clamp(min=1e-12)
+        loss = loss + F.relu(0.5 * torch.log(predicted_line / floor + 1e-12)).mean()
     return loss / len(harmonics)
 
 

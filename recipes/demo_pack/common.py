@@ -16,6 +16,7 @@ from vivace.families.musiclm.semantic_tokenizer import log_mel as engine_log_mel
 SAMPLE_RATE = 24000
 CODEC = CodecConfig(num_levels=12, codebook_size=256, codebook_dim=64, channels=16, ratios=(8, 5, 4, 3))
 HOP = CODEC.hop_length  # 480 samples: 50 frames/s
+ENVELOPE_BLOCK = SAMPLE_RATE // 1000  # 1 ms: the envelopes the codec's losses and its frame-rate figure read
 SEMANTIC_RATE = 25
 SEMANTIC_VOCAB = 256
 TOKENIZER = SemanticTokenizerConfig(vocab=SEMANTIC_VOCAB, rate=SEMANTIC_RATE)
@@ -63,20 +64,34 @@ def log_mel(audio: torch.Tensor, n_fft: int = 1024, hop: int = 480, n_mels: int 
     return engine_log_mel(audio, SAMPLE_RATE, n_fft, hop, n_mels)
 
 
+def block_power(audio: torch.Tensor, block: int = ENVELOPE_BLOCK) -> torch.Tensor:
+    """Mean square over consecutive blocks of `block` samples, per row: [..., samples] -> [..., samples // block]
+    (a partial last block is dropped). Its square root is the RMS envelope (1 ms blocks: a 1 kHz envelope)."""
+    blocks = audio.shape[-1] // block
+    return audio[..., : blocks * block].reshape(*audio.shape[:-1], blocks, block).square().mean(-1)
+
+
+def envelope_spectrum(envelope: torch.Tensor, block: int = ENVELOPE_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(power spectrum of the envelope, its mean removed and Hann-windowed; the bins' frequencies in Hz)."""
+    envelope = envelope - envelope.mean(-1, keepdim=True)
+    window = torch.hann_window(envelope.shape[-1], periodic=False, device=envelope.device)
+    spectrum = torch.fft.rfft(envelope * window, dim=-1).abs().square()
+    return spectrum, torch.fft.rfftfreq(envelope.shape[-1], block / SAMPLE_RATE, device=envelope.device)
+
+
+def line_and_neighbours(spectrum: torch.Tensor, freqs: torch.Tensor, hz: float, width: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean power within ±width of hz, mean power 2-10 Hz either side of it), per row."""
+    offset = (freqs - hz).abs()
+    return spectrum[..., offset <= width].mean(-1), spectrum[..., (offset >= 2) & (offset <= 10)].mean(-1)
+
+
 def frame_rate_modulation(audio: torch.Tensor, frame_hz: float = SAMPLE_RATE / CODEC.hop_length) -> torch.Tensor:
     """How much the codec's frame rate modulates the loudness, per row: the envelope's spectral amplitude at frame_hz
     (±0.2 Hz) over its average amplitude 40–60 Hz away from it (10 Hz either side, the ±2 Hz around it excluded).
 
     The envelope is the RMS over 1 ms blocks (a 1 kHz envelope), mean removed, Hann-windowed. About 1 for music
     (real clips: see the report); a decoder that pulses once per frame shows a sharp line at frame_hz."""
-    block = SAMPLE_RATE // 1000
-    envelope = audio[..., : audio.shape[-1] // block * block].reshape(*audio.shape[:-1], -1, block).square().mean(-1).sqrt()
-    envelope = envelope - envelope.mean(-1, keepdim=True)
-    spectrum = torch.fft.rfft(envelope * torch.hann_window(envelope.shape[-1], periodic=False), dim=-1).abs().square()
-    freqs = torch.fft.rfftfreq(envelope.shape[-1], 1 / 1000)
-    offset = (freqs - frame_hz).abs()
-    line = spectrum[..., offset <= 0.2].mean(-1)
-    neighbours = spectrum[..., (offset >= 2) & (offset <= 10)].mean(-1)
+    line, neighbours = line_and_neighbours(*envelope_spectrum(block_power(audio).sqrt()), frame_hz)
     return (line / neighbours).sqrt()
 
 
