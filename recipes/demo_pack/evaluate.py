@@ -120,6 +120,24 @@ def held_out_captions(data: Dataset) -> list[str]:
     return list(dict.fromkeys(data.captions[i] for i in data.evaluation_indices))
 
 
+def real_clips(data: Dataset, captions: list[str], seconds: float) -> torch.Tensor:
+    """[captions, samples]: the first seconds of each caption's first held-out piece."""
+    first_piece: dict[str, int] = {}
+    for i in data.evaluation_indices:
+        first_piece.setdefault(data.captions[int(i)], int(i))
+    return torch.stack([data.audio(first_piece[c], 0, int(seconds * SAMPLE_RATE)) for c in captions])
+
+
+@torch.no_grad()
+def load_judge(data: Dataset, work: Path) -> tuple[AudioTower, torch.Tensor]:
+    """WORK/mulan.pt's audio tower and its own text tower's embeddings of the held-out captions: the judge of every
+    pack measured."""
+    tower = AudioTower()
+    tower.load_state_dict(torch.load(work / "mulan.pt", map_location="cpu")["tower"])
+    tower.eval()
+    return tower, trained_text(work).embed(held_out_captions(data))
+
+
 @torch.no_grad()
 def adherence_report(
     data: Dataset, engine: Engine, judge: tuple[AudioTower, torch.Tensor], codec_ceiling: bool, seconds: float,
@@ -130,14 +148,11 @@ def adherence_report(
     Ceilings: the real held-out clips, and the same clips through the codec (encode, decode with the pack's codec)."""
     tower, text = judge
     captions = held_out_captions(data)
-    first_piece: dict[str, int] = {}
-    for i in data.evaluation_indices:
-        first_piece.setdefault(data.captions[i], int(i))
     generated = np.concatenate([
         engine.generate(captions[i : i + batch], duration_s=seconds, seed=1000 + i, **options)
         for i in range(0, len(captions), batch)
     ])
-    real = torch.stack([data.audio(first_piece[c], 0, int(CROP_S * SAMPLE_RATE)) for c in captions])
+    real = real_clips(data, captions, CROP_S)
     generated_emb, real_emb = tower_embeddings(tower, generated), tower_embeddings(tower, real.numpy())
     report = {
         "captions": len(captions),
@@ -237,12 +252,17 @@ def pack_report(data: Dataset, pack: Path, judge: tuple[AudioTower, torch.Tensor
     return report
 
 
+def measure_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every measure of a pack takes: DATA (the held-out clips and captions), WORK (the judge,
+    WORK/mulan.pt), PACK and RESULTS (the JSON written)."""
+    parser = argparse.ArgumentParser(description=description)
+    for name in ("data", "work", "pack", "results"):
+        parser.add_argument(name, type=Path)
+    return parser
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("data", type=Path)
-    parser.add_argument("work", type=Path)
-    parser.add_argument("pack", type=Path)
-    parser.add_argument("results", type=Path)
+    parser = measure_parser(__doc__)
     parser.add_argument("--pictures", type=Path, default=None)
     parser.add_argument("--baseline-pack", type=Path, default=None,
                         help="an earlier pack to measure beside PACK with the same audio tower, captions and seeds")
@@ -257,11 +277,7 @@ def main() -> None:
     args.modes = ("int8",) if args.int8_only else (None, "int8")
     torch.set_num_threads(args.threads)
     data = Dataset.load(args.data)
-    tower = AudioTower()
-    tower.load_state_dict(torch.load(args.work / "mulan.pt", map_location="cpu")["tower"])
-    tower.eval()
-    with torch.no_grad():
-        judge = (tower, trained_text(args.work).embed(held_out_captions(data)))
+    judge = load_judge(data, args.work)
     options = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     results = {
         "date": datetime.date.today().isoformat(),
