@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import CODEC, SAMPLE_RATE, TOKENIZER, Dataset
 from mulan import trained_text
@@ -48,6 +49,19 @@ def check_training_codes(encoder: SoundStreamEncoder, codec: SoundStreamDecoder,
     if agreement < 0.99:
         raise SystemExit(f"the codec's codebooks give {agreement:.1%} of the training codes: not the codec encode.py used")
     print(f"codec codebooks give {agreement:.2%} of the training codes")
+
+
+@torch.no_grad()
+def check_training_tokens(tokenizer: SemanticTokenizer, data: Path, dataset: Dataset, pieces: int = 4) -> None:
+    """The shipped semantic tokenizer, on the engine's audio-prompt path, must give the tokens the semantic and coarse
+    stages were trained on (semantic.npy): a re-made data directory has other k-means units."""
+    semantic = np.load(data / "semantic.npy", mmap_mode="r")
+    indices = dataset.train_indices[:pieces]
+    tokens = np.stack([tokenizer(dataset.audio(int(i))).numpy().reshape(-1)[: semantic.shape[1]] for i in indices])
+    agreement = float((tokens == semantic[indices]).mean())
+    if agreement < 0.99:
+        raise SystemExit(f"the semantic tokenizer gives {agreement:.1%} of the training tokens: not the one semantic.npy came from")
+    print(f"semantic tokenizer gives {agreement:.2%} of the training tokens")
 
 
 def fitted_tokenizer(data: Path) -> SemanticTokenizer:
@@ -104,7 +118,12 @@ def main() -> None:
     parser.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES),
                         help="the stages taken from WORK (default all; fewer needs --base-pack; none, with --base-pack "
                              "and --codec, ships the base pack with the decoder of a decoder-only run over its codec)")
+    parser.add_argument("--base-tokens", action="store_true",
+                        help="the stages from WORK read the base pack's own semantic tokens and caption MT (encode.py "
+                             "DATA BASE --tokens, stages_train.py --from-pack BASE): ship its tokenizer and text tower")
     args = parser.parse_args()
+    if args.base_tokens and args.base_pack is None:
+        raise SystemExit("--base-tokens needs --base-pack")
     if args.base_pack is not None and not args.stages:
         if args.codec is None:
             raise SystemExit("--stages with no stage needs --codec: the decoder that replaces the base pack's")
@@ -113,19 +132,24 @@ def main() -> None:
         raise SystemExit("--stages without all three stages needs --base-pack for the others")
     config = pack_config()
     data = Dataset.load(args.data)
-    tokenizer, text = fitted_tokenizer(args.data), trained_text(args.work)
+    base = None if args.base_pack is None else load_pack(args.base_pack)
+    if base is not None and args.base_tokens:
+        tokenizer, text = base.semantic_tokenizer, base.text
+    else:
+        tokenizer, text = fitted_tokenizer(args.data), trained_text(args.work)
+    if {"semantic", "coarse"} & set(args.stages):
+        check_training_tokens(tokenizer, args.data, data)
     stages = {}
     for name in args.stages:
         stages[name] = StageTransformer(config.stages[name])
         stages[name].load_state_dict(torch.load(args.work / f"{name}.pt", map_location="cpu"))
-    if args.base_pack is None:
+    if base is None:
         codec_state = torch.load(args.codec or args.work / "codec.pt", map_location="cpu")
         codec = SoundStreamDecoder(CODEC)
         codec.load_state_dict(codec_state["decoder"])
         encoder = SoundStreamEncoder(CODEC)
         encoder.load_state_dict(codec_state["encoder"])
     else:
-        base = load_pack(args.base_pack)
         codec, encoder = base.codec, base.codec_encoder
         for name in sorted(set(STAGES) - set(args.stages)):
             if config.stages[name] != base.config.stages[name]:

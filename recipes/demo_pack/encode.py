@@ -1,6 +1,9 @@
 """Encodes every clip with the trained codec's encoder and RVQ: DATA/codes.npy, int16 [pieces, frames, 12]. The codec
 is a codec_train.py checkpoint or a pack directory (its encoder and codebooks: retraining stages over a shipped
-pack's codec)."""
+pack's codec). With a pack and --tokens it also writes the pack's own semantic tokens (its tokenizer) and caption MT
+(its text tower) as DATA/semantic.npy and DATA/mt_text_codes.npy, which a stage trained further from that pack
+(stages_train.py --from-pack PACK --text-share 1) must read: a re-made data directory has other k-means units and other
+MuLan codebooks. The pack has no audio tower, so DATA/mt_codes.npy (the audio tower's MT) is removed, not left stale."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +16,7 @@ from common import CODEC, Dataset
 
 from vivace.codecs.soundstream import rvq_quantize
 from vivace.codecs.soundstream_encoder import SoundStreamEncoder
-from vivace.families.musiclm.pack import load_pack
+from vivace.families.musiclm.pack import Pack, load_pack
 
 
 def load_codec_parts(checkpoint: Path) -> tuple[SoundStreamEncoder, ResidualVQ]:
@@ -40,7 +43,10 @@ def main() -> None:
     parser.add_argument("data", type=Path)
     parser.add_argument("codec", type=Path)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", action="store_true", help="also write the pack's semantic tokens and caption MT")
     args = parser.parse_args()
+    if args.tokens and not args.codec.is_dir():
+        raise SystemExit("--tokens needs a pack directory, not a codec checkpoint")
     torch.set_num_threads(args.threads)
     data = Dataset.load(args.data)
     encoder, quantizer = load_codec_parts(args.codec)
@@ -49,6 +55,23 @@ def main() -> None:
     out = torch.cat(codes).transpose(1, 2).numpy().astype(np.int16)
     np.save(args.data / "codes.npy", out)
     print(f"codes {out.shape}")
+    if args.tokens:
+        write_pack_tokens(data, load_pack(args.codec), args.data)
+
+
+@torch.no_grad()
+def write_pack_tokens(data: Dataset, pack: Pack, out: Path) -> None:
+    clip_tokens = len(pack.semantic_tokenizer(data.audio(0)))
+    # rows written into one array as they come: 2000 kept tokenizer outputs held 24 GB between them here
+    semantic = np.empty((len(data.captions), clip_tokens), dtype=np.int16)
+    for i in range(len(data.captions)):
+        semantic[i] = pack.semantic_tokenizer(data.audio(i)).numpy()
+    np.save(out / "semantic.npy", semantic)
+    # in batches: the text encoder pads a batch to its longest caption and holds attention for all of it at once
+    text = torch.cat([pack.text.tokens(data.captions[i : i + 64]) for i in range(0, len(data.captions), 64)])
+    np.save(out / "mt_text_codes.npy", text.numpy().astype(np.int16))
+    (out / "mt_codes.npy").unlink(missing_ok=True)
+    print(f"semantic tokens {semantic.shape} and caption MT of the pack's tokenizer and text tower")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from common import SEMANTIC_RATE, Dataset, add_run_options, start_run
 from pack_config import CROP_SECONDS, FRAME_RATE, LAYOUT, pack_config
 
+from vivace.families.musiclm.pack import load_pack
 from vivace.model.transformer import StageTransformer
 
 MT_CENTERS_S = np.array([5.0, 7.5, 10.0, 12.5, 15.0])  # centres of the 10 s crops behind mt_codes.npy
@@ -125,17 +126,25 @@ def main() -> None:
     parser.add_argument("--text-share", type=float, default=0.5, help="share of examples conditioned on the caption's MT")
     parser.add_argument("--cond-drop", type=float, default=0.1,
                         help="share of a guided stage's examples whose MT tokens are the null condition")
+    parser.add_argument("--from-pack", type=Path, default=None,
+                        help="start from this pack's weights of the stage (training it further over the pack's own codes, "
+                             "semantic tokens and text MT: encode.py DATA PACK --tokens)")
     add_run_options(parser)
     args = parser.parse_args()
     rng = start_run(args)
     dataset = Dataset.load(args.data)
     semantic = np.load(args.data / "semantic.npy").astype(np.int64)
-    mt = np.load(args.data / "mt_codes.npy").astype(np.int64)
     text_mt = np.load(args.data / "mt_text_codes.npy").astype(np.int64)
+    if args.text_share < 1:
+        mt = np.load(args.data / "mt_codes.npy").astype(np.int64)
+    else:  # the audio tower's MT is never read
+        mt = np.zeros((len(text_mt), len(MT_CENTERS_S), text_mt.shape[1]), dtype=np.int64)
     codes = None if args.stage == "semantic" else np.asarray(dataset.codes, dtype=np.int64)
     train = StageData(args.stage, dataset.train_indices, semantic, mt, text_mt, codes, args.text_share, args.cond_drop)
     test = StageData(args.stage, dataset.test_indices, semantic, mt, text_mt, codes, 1.0)  # as inference conditions
     model = StageTransformer(pack_config().stages[args.stage])
+    if args.from_pack is not None:
+        model.load_state_dict(load_pack(args.from_pack).stages[args.stage].float().state_dict())
     add_dropout(model, args.dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     state_path = args.out.with_suffix(".state")
