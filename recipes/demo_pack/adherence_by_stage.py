@@ -20,19 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import Dataset
-from evaluate import held_out_captions, load_judge, measure_parser, pack_codes, real_clips, tower_embeddings
-from mulan import CROP_S, AudioTower
+from evaluate import caption_ranks, held_out_captions, load_judge, measure_parser, pack_codes, real_clips, tower_embeddings
+from mulan import CROP_S
 from prefill import real_tokens
 
 from vivace import Engine
 REAL_STAGES = ("prompt", "semantic", "coarse")
-
-
-def ranks(tower: AudioTower, text: torch.Tensor, clips: np.ndarray) -> torch.Tensor:
-    """Rank of each clip's true caption (row i belongs to caption i mod len(text)) among the captions, 0 = nearest."""
-    similarity = tower_embeddings(tower, clips) @ text.T
-    own = similarity[torch.arange(len(clips)), torch.arange(len(clips)) % len(text)]
-    return (similarity > own[:, None]).sum(1)
 
 
 def summary(rank: torch.Tensor) -> dict:
@@ -81,12 +74,12 @@ def main() -> None:
                 engine.generate(captions[i : i + args.batch], duration_s=args.seconds, seed=seed + i, **options)
                 for seed in args.seeds for i in range(0, len(captions), args.batch)
             ])
-        report[stage] = summary(ranks(tower, text, clips))
+        report[stage] = summary(caption_ranks(tower_embeddings(tower, clips), text))
         print(stage, {k: v for k, v in report[stage].items() if k != "ranks"}, flush=True)
     decoder = pack.codec.float()
     resynthesised = torch.cat([decoder(codes[i : i + 4]) for i in range(0, len(codes), 4)])
-    report["codec"] = summary(ranks(tower, text, resynthesised.numpy()))
-    report["real"] = summary(ranks(tower, text, real.numpy()))
+    report["codec"] = summary(caption_ranks(tower_embeddings(tower, resynthesised.numpy()), text))
+    report["real"] = summary(caption_ranks(tower_embeddings(tower, real.numpy()), text))
     for row in ("codec", "real"):
         print(row, {k: v for k, v in report[row].items() if k != "ranks"}, flush=True)
     results = {
