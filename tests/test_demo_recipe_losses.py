@@ -2,28 +2,12 @@
 must see a pulse that repeats with the codec frame and not the music's own loudness changes."""
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from demo_recipe import import_recipe
 
 
-def recipe_modules() -> tuple:
-    """The recipe's codec_losses and common, imported the way its scripts import them (from their own folder), then
-    taken off sys.path and sys.modules again so that their generic names shadow nothing for other tests."""
-    folder = str(Path(__file__).resolve().parents[1] / "recipes" / "demo_pack")
-    sys.path.insert(0, folder)
-    try:
-        return importlib.import_module("codec_losses"), importlib.import_module("common")
-    finally:
-        sys.path.remove(folder)
-        for name in ("codec_losses", "common"):
-            sys.modules.pop(name, None)
-
-
-codec_losses, common = recipe_modules()
+codec_losses, common = import_recipe("codec_losses", "common")
 frame_locked_loss, frame_rate_line_loss = codec_losses.frame_locked_loss, codec_losses.frame_rate_line_loss
 frame_rate_modulation = common.frame_rate_modulation
 HOP, SAMPLE_RATE = common.HOP, common.SAMPLE_RATE

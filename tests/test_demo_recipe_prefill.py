@@ -3,37 +3,15 @@ semantic tokens and coarse codes, generate the stages below from exactly those (
 windows started and finished with the tokens given), and the engine is itself again after the block."""
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import numpy as np
-import pytest
+from demo_recipe import import_recipe
 
 from vivace import Engine
 from vivace.events import AudioChunk, WindowFinished
-from vivace.families.musiclm.random_pack import random_pack
 
-
-def recipe_prefill():
-    """The recipe's prefill module, imported from its folder as its scripts import it, then taken off sys.path and
-    sys.modules so that its name shadows nothing for other tests."""
-    folder = str(Path(__file__).resolve().parents[1] / "recipes" / "demo_pack")
-    sys.path.insert(0, folder)
-    try:
-        return importlib.import_module("prefill")
-    finally:
-        sys.path.remove(folder)
-        sys.modules.pop("prefill", None)
-
-
-real_tokens = recipe_prefill().real_tokens
+(prefill,) = import_recipe("prefill")
+real_tokens = prefill.real_tokens
 SECONDS, PROMPT = 2.0, "slow piano"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
-    return Engine.from_pack(random_pack(tmp_path_factory.mktemp("pack") / "tiny"))
 
 
 def run(engine: Engine, prompt: str = PROMPT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import datetime
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 from common import Dataset
-from evaluate import caption_ranks, held_out_captions, load_judge, measure_parser, pack_codes, real_clips, tower_embeddings
+from evaluate import caption_ranks, decode, held_out_captions, load_judge, measure_parser, pack_codes, real_clips, tower_embeddings
 from mulan import CROP_S
 from prefill import real_tokens
 
 from vivace import Engine
-REAL_STAGES = ("prompt", "semantic", "coarse")
+
+ROWS = ("prompt", "semantic", "coarse")
 
 
 def summary(rank: torch.Tensor) -> dict:
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--seconds", type=float, default=CROP_S)
     parser.add_argument("--batch", type=int, default=14)
-    parser.add_argument("--rows", nargs="+", choices=REAL_STAGES, default=list(REAL_STAGES),
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                         help="which of the generated rows to make (the codec and real rows are always measured)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -76,8 +76,7 @@ def main() -> None:
             ])
         report[stage] = summary(caption_ranks(tower_embeddings(tower, clips), text))
         print(stage, {k: v for k, v in report[stage].items() if k != "ranks"}, flush=True)
-    decoder = pack.codec.float()
-    resynthesised = torch.cat([decoder(codes[i : i + 4]) for i in range(0, len(codes), 4)])
+    resynthesised = decode(pack, codes)
     report["codec"] = summary(caption_ranks(tower_embeddings(tower, resynthesised.numpy()), text))
     report["real"] = summary(caption_ranks(tower_embeddings(tower, real.numpy()), text))
     for row in ("codec", "real"):

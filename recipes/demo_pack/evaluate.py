@@ -67,15 +67,21 @@ def pack_codes(pack: Pack, audio: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def decode(pack: Pack, codes: torch.Tensor) -> torch.Tensor:
+    """codes [B, levels, frames] -> PCM [B, samples] through the pack's decoder in float32, four clips at a time."""
+    decoder = pack.codec.float()
+    return torch.cat([decoder(codes[i : i + 4]) for i in range(0, len(codes), 4)])
+
+
+@torch.no_grad()
 def codec_report(data: Dataset, pack_path: Path) -> dict:
     pack = load_pack(pack_path)
-    decoder = pack.codec.float()
     report = {}
     audio = torch.stack([data.audio(int(i)) for i in data.evaluation_indices])
     codes = pack_codes(pack, audio)
     real_modulation = frame_rate_modulation(audio)
     for levels in (4, 8, 12):
-        pcm = torch.cat([decoder(codes[i : i + 4, :levels]) for i in range(0, len(codes), 4)])
+        pcm = decode(pack, codes[:, :levels])
         modulation, snr = frame_rate_modulation(pcm), si_snr(pcm, audio)
         report[f"{levels}_levels"] = {
             "si_snr_db": float(snr.mean()),
@@ -173,9 +179,7 @@ def adherence_report(
         "seconds": seconds,
     }
     if codec_ceiling:
-        decoder = engine.pack.codec.float()
-        codes = pack_codes(engine.pack, real)
-        resynthesised = torch.cat([decoder(codes[i : i + 4]) for i in range(0, len(real), 4)])
+        resynthesised = decode(engine.pack, pack_codes(engine.pack, real))
         resynthesised_emb = tower_embeddings(tower, resynthesised.numpy())
         report["codec_resynthesised_top1"] = retrieval_accuracy(resynthesised_emb, text)
         report["codec_resynthesised_top5"] = top_k_accuracy(resynthesised_emb, text, 5)
